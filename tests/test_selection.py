@@ -1,0 +1,188 @@
+"""Selection rules: counts, scopes, masking, reproducibility and the paper's qualitative claims."""
+
+import math
+
+import pytest
+import torch
+
+from tip.selection import RULES, keep_count, register_rule, select_tokens
+from tip.signals import TokenSignals
+
+ALL_RULES = sorted(RULES)
+
+
+def random_signals(batch=4, length=20, seed=0, pad_from=None):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    lengths = pad_from or [length - 3 * b for b in range(batch)]  # ragged rollouts
+    for b, m in enumerate(lengths):
+        mask[b, m:] = False
+    h = torch.rand(batch, length, generator=g) * mask
+    d = torch.rand(batch, length, generator=g).pow(2) * 3 * mask
+    f = torch.rand(batch, length, generator=g) * 3 * mask
+    return TokenSignals(entropy=h, reverse_kl=d, forward_kl=f, mask=mask)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_registry_has_every_rule_of_the_paper_and_names_them_on_error():
+    expected = {"all", "random", "entropy_sample", "entropy_topk", "div_topk", "q3", "soft_or",
+                "soft_or_bottom", "q1", "q2", "q4"}
+    assert expected <= set(RULES)
+    with pytest.raises(ValueError, match=r"unknown selector 'q5'; known: .*soft_or_bottom"):
+        select_tokens("q5", random_signals(), 0.5)
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.01, float("nan")])
+def test_keep_outside_unit_interval_is_rejected(keep):
+    with pytest.raises(ValueError, match="keep must lie in \\(0, 1\\]"):
+        select_tokens("soft_or", random_signals(), keep)
+
+
+def test_keep_count_rounding():
+    m = torch.tensor([0, 1, 5, 10, 100, 7])
+    assert keep_count(m, 0.1).tolist() == [0, 1, 1, 1, 10, 1]
+    assert keep_count(m, 0.5).tolist() == [0, 1, 2, 5, 50, 3]
+    assert keep_count(torch.tensor([100]), 0.29).tolist() == [29]  # not 28 from 28.999...
+
+
+@pytest.mark.parametrize("rule", [r for r in ALL_RULES if r != "all"])
+@pytest.mark.parametrize("keep", [0.1, 0.25, 0.5, 1.0])
+def test_exact_counts_per_sequence_and_never_invalid(rule, keep):
+    sig = random_signals()
+    kept = select_tokens(rule, sig, keep, scope="sequence", generator=gen())
+    m = sig.mask.sum(-1)
+    assert kept.sum(-1).tolist() == [max(1, math.floor(keep * int(x) + 1e-9)) for x in m]
+    assert not (kept & ~sig.mask).any()
+
+
+@pytest.mark.parametrize("rule", [r for r in ALL_RULES if r != "all"])
+@pytest.mark.parametrize("keep", [0.1, 0.3, 1.0])
+def test_exact_counts_per_batch_and_never_invalid(rule, keep):
+    sig = random_signals()
+    kept = select_tokens(rule, sig, keep, scope="batch", generator=gen())
+    assert int(kept.sum()) == max(1, math.floor(keep * sig.num_valid + 1e-9))
+    assert not (kept & ~sig.mask).any()
+
+
+def test_batch_scope_can_favour_one_rollout_while_sequence_scope_spreads():
+    sig = random_signals(batch=2, length=10, pad_from=[10, 10])
+    hot = TokenSignals(sig.entropy, sig.reverse_kl + torch.tensor([[10.0], [0.0]]), sig.forward_kl, sig.mask)
+    assert select_tokens("div_topk", hot, 0.5, scope="batch").sum(-1).tolist() == [10, 0]
+    assert select_tokens("div_topk", hot, 0.5, scope="sequence").sum(-1).tolist() == [5, 5]
+
+
+def test_empty_rollout_keeps_nothing():
+    sig = random_signals(batch=2, length=6, pad_from=[6, 0])
+    kept = select_tokens("soft_or", sig, 0.5)
+    assert kept.sum(-1).tolist() == [3, 0]
+
+
+def test_all_keeps_every_valid_token():
+    sig = random_signals()
+    assert torch.equal(select_tokens("all", sig, 0.2), sig.mask)
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+@pytest.mark.parametrize("scope", ["sequence", "batch"])
+def test_masked_positions_change_neither_normalisation_nor_selection(rule, scope):
+    sig = random_signals()
+    # Garbage in the padded positions: huge entropy and divergence that would win every top-k
+    # and move every percentile and min/max if they were looked at.
+    junk = (~sig.mask).float() * 1e6
+    noisy = TokenSignals(sig.entropy + junk, sig.reverse_kl + junk, sig.forward_kl + junk, sig.mask)
+    a = select_tokens(rule, sig, 0.3, scope=scope, generator=gen(5))
+    b = select_tokens(rule, noisy, 0.3, scope=scope, generator=gen(5))
+    assert torch.equal(a, b)
+
+
+def test_extra_padding_columns_do_not_change_selection():
+    sig = random_signals()
+    pad = lambda x, v=0.0: torch.cat([x, torch.full((x.shape[0], 7), v, dtype=x.dtype)], dim=1)
+    padded = TokenSignals(pad(sig.entropy, 9.0), pad(sig.reverse_kl, 9.0), pad(sig.forward_kl, 9.0),
+                          pad(sig.mask, False))
+    for rule in ("soft_or", "q3", "entropy_topk", "q4"):
+        assert torch.equal(select_tokens(rule, padded, 0.3)[:, :20], select_tokens(rule, sig, 0.3)), rule
+
+
+@pytest.mark.parametrize("rule", ["random", "entropy_sample"])
+def test_random_rules_reproduce_from_seed_and_vary_across_seeds(rule):
+    sig = random_signals(batch=4, length=60, pad_from=[60] * 4)
+    a = select_tokens(rule, sig, 0.2, generator=gen(11))
+    b = select_tokens(rule, sig, 0.2, generator=gen(11))
+    c = select_tokens(rule, sig, 0.2, generator=gen(12))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_entropy_sampling_inclusion_follows_entropy():
+    # With k = 1 per rollout, inclusion probability must be h_i / sum(h).
+    h = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    sig = TokenSignals(h, torch.zeros_like(h), torch.zeros_like(h), torch.ones_like(h, dtype=torch.bool))
+    g = gen(0)
+    trials = 20_000
+    counts = torch.zeros(4)
+    for _ in range(trials):
+        counts += select_tokens("entropy_sample", sig, 0.25, generator=g)[0].float()
+    freq = counts / trials
+    assert torch.allclose(freq, h[0], atol=0.015), freq  # 4.5 sigma at p = 0.4
+
+
+def test_entropy_sampling_alpha_zero_is_uniform():
+    h = torch.tensor([[0.01, 0.99]])
+    sig = TokenSignals(h, torch.zeros_like(h), torch.zeros_like(h), torch.ones_like(h, dtype=torch.bool))
+    g = gen(1)
+    hits = sum(int(select_tokens("entropy_sample", sig, 0.5, generator=g, entropy_alpha=0.0)[0, 0])
+               for _ in range(4000))
+    assert abs(hits / 4000 - 0.5) < 0.04
+
+
+def test_q3_finds_planted_confident_wrong_tokens_that_entropy_misses():
+    g = gen(7)
+    batch, length = 3, 50
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    h = 0.3 + 0.6 * torch.rand(batch, length, generator=g)  # mostly uncertain
+    fwd = 0.2 * torch.rand(batch, length, generator=g)  # mostly agreeing
+    planted = torch.zeros(batch, length, dtype=torch.bool)
+    planted[:, [4, 17, 33, 41, 47]] = True
+    h[planted] = 0.01  # confident...
+    fwd[planted] = 4.0  # ...and the teacher disagrees strongly
+    sig = TokenSignals(h, fwd * 0.5, fwd, mask)
+    q3 = select_tokens("q3", sig, 0.1)
+    ent = select_tokens("entropy_topk", sig, 0.1)
+    assert torch.equal(q3, planted)
+    assert not (ent & planted).any()
+
+
+def test_soft_or_bottom_is_the_complement_of_top_at_half():
+    sig = random_signals(batch=3, length=30, pad_from=[30, 24, 16])  # even lengths
+    top = select_tokens("soft_or", sig, 0.5)
+    bottom = select_tokens("soft_or_bottom", sig, 0.5)
+    assert not (top & bottom).any()
+    assert torch.equal(top | bottom, sig.mask)
+
+
+def test_soft_or_scores_q3_above_q4_and_q1_highest():
+    # One token per quadrant: (h, delta) = Q1 high/high, Q2 high/low, Q3 low/high, Q4 low/low.
+    h = torch.tensor([[0.9, 0.9, 0.05, 0.05]])
+    d = torch.tensor([[3.0, 0.1, 3.0, 0.1]])
+    sig = TokenSignals(h, d, d, torch.ones_like(h, dtype=torch.bool))
+    kept = select_tokens("soft_or", sig, 0.75)
+    assert kept.tolist() == [[True, True, True, False]]  # Q4 (solved) is the one dropped
+    assert select_tokens("q1", sig, 0.25).tolist() == [[True, False, False, False]]
+    assert select_tokens("q2", sig, 0.25).tolist() == [[False, True, False, False]]
+    assert select_tokens("q4", sig, 0.25).tolist() == [[False, False, False, True]]
+
+
+def test_a_new_rule_is_one_small_function():
+    name = "test_only_last_token"
+    if name not in RULES:
+        @register_rule(name)
+        def _last(x):
+            return torch.arange(x.signals.mask.shape[-1]).float().expand_as(x.signals.mask)
+    sig = random_signals(batch=1, length=10, pad_from=[8])
+    assert select_tokens(name, sig, 0.1).nonzero()[:, 1].tolist() == [7]
+    with pytest.raises(ValueError, match="already registered"):
+        register_rule(name)(lambda x: None)

@@ -1,0 +1,3 @@
+"""tip: token importance in on-policy distillation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,103 @@
+"""The OPD loss: a full-vocabulary divergence averaged over the kept tokens.
+
+L = (1 / D) * sum_{t kept} div(P_S(.|c_t), P_T(.|c_t))
+
+with D the number of kept tokens (``denominator='kept'``, the paper's Eq. 9) or of valid tokens
+(``denominator='all'``, i.e. the all-token mean with dropped tokens contributing 0). Under gradient accumulation
+and data parallelism, pass ``global_count``: the denominator summed over every micro-batch and rank of the
+optimizer step, so that the step's gradient equals that of one big batch. The caller then undoes whatever
+averaging its engine applies (``tip.train`` multiplies by world_size x accumulation steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tip.signals import DIVERGENCES, RowSource, chunks, common_vocab, divergence, log_probs, logits_rows
+
+DENOMINATORS = ("kept", "all")
+
+
+def kept_token_divergence(
+    student: RowSource,
+    teacher: RowSource,
+    rows: torch.Tensor,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """Divergence at each of ``rows`` (flat positions), differentiable through the student's row source.
+
+    Teacher logits are detached. fp32 math; at most ``chunk_size x V`` fp32 log-probs are formed per chunk.
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(DIVERGENCES)}")
+    pieces = []
+    for idx in chunks(rows, chunk_size):
+        s_logits, t_logits = common_vocab(student(idx), teacher(idx).detach())
+        pieces.append(divergence(log_probs(s_logits), log_probs(t_logits), kind, beta))
+    if not pieces:
+        return torch.zeros(0, dtype=torch.float32, device=rows.device)
+    return torch.cat(pieces)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    kept_tokens: int
+    valid_tokens: int
+    divergence_sum: float  # sum of the kept tokens' divergences (for logging a per-token mean)
+
+
+def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denominator: str) -> int:
+    """This micro-batch's contribution to the loss denominator."""
+    if denominator == "kept":
+        return int((keep_mask.bool() & valid_mask.bool()).sum())
+    if denominator == "all":
+        return int(valid_mask.bool().sum())
+    raise ValueError(f"unknown loss denominator {denominator!r}; known: {', '.join(DENOMINATORS)}")
+
+
+def opd_loss(
+    kept_divergences: torch.Tensor,
+    keep_mask: torch.Tensor,
+    valid_mask: torch.Tensor,
+    denominator: str = "kept",
+    global_count: float | None = None,
+) -> LossOutput:
+    """Reduce per-kept-token divergences to the OPD loss.
+
+    kept_divergences: shape (K,), one value per kept valid position
+    global_count:     the step's total denominator over micro-batches and ranks; defaults to this batch's own
+    """
+    keep_mask, valid_mask = keep_mask.bool(), valid_mask.bool()
+    kept = int((keep_mask & valid_mask).sum())
+    if kept != kept_divergences.numel():
+        raise ValueError(f"got {kept_divergences.numel()} divergences for {kept} kept valid tokens")
+    count = loss_denominator(keep_mask, valid_mask, denominator) if global_count is None else float(global_count)
+    total = kept_divergences.sum()
+    loss = total / count if count > 0 else total * 0.0
+    return LossOutput(
+        loss=loss, kept_tokens=kept, valid_tokens=int(valid_mask.sum()), divergence_sum=float(total.detach())
+    )
+
+
+def opd_loss_from_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    keep_mask: torch.Tensor,
+    valid_mask: torch.Tensor,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    denominator: str = "kept",
+    global_count: float | None = None,
+    chunk_size: int = 512,
+) -> LossOutput:
+    """The OPD loss over materialised (B, T, V) logits: divergence at kept valid positions, then ``opd_loss``."""
+    rows = (keep_mask.bool() & valid_mask.bool()).reshape(-1).nonzero(as_tuple=True)[0]
+    divs = kept_token_divergence(
+        logits_rows(student_logits), logits_rows(teacher_logits), rows, kind, beta, chunk_size
+    )
+    return opd_loss(divs, keep_mask, valid_mask, denominator, global_count)

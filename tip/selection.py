@@ -1,0 +1,217 @@
+"""Token-selection rules: which response positions the OPD loss trains on.
+
+Every rule turns ``TokenSignals`` into a per-position score; a shared kernel then keeps the top (or bottom)
+``k`` valid positions per scope:
+
+- ``scope='sequence'``: k = max(1, floor(rho * m)) in each rollout with m valid tokens (the paper's Eq. 8);
+- ``scope='batch'``:    K = max(1, floor(rho * M)) over all M valid tokens of the batch (the release helper).
+
+Stochastic rules draw from the given ``torch.Generator``. Sampling without replacement with p proportional to
+w is done with the Gumbel-top-k trick (top-k of log w + Gumbel noise), which is exactly sequential sampling
+without replacement and works for both scopes.
+
+Adding a rule is one small function decorated with ``@register_rule``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from tip.signals import TokenSignals
+from tip.taxonomy import clipped_minmax_normalise, minmax_normalise
+
+SCOPES = ("sequence", "batch")
+
+
+@dataclass(frozen=True)
+class SelectionInputs:
+    """What a rule's score may use: raw signals, the paper's normalised axes and a random generator."""
+
+    signals: TokenSignals
+    h_hat: torch.Tensor  # entropy clipped at a per-batch quantile, then min-max normalised
+    d_hat: torch.Tensor  # reverse KL, min-max normalised
+    generator: torch.Generator | None
+    entropy_alpha: float
+
+
+ScoreFn = Callable[[SelectionInputs], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    score: ScoreFn  # returns None for "keep every valid token"
+    order: Literal["top", "bottom"]
+    doc: str
+
+
+RULES: dict[str, Rule] = {}
+
+
+def register_rule(name: str, order: Literal["top", "bottom"] = "top"):
+    """Register a score function as a selection rule under ``name``."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        if name in RULES:
+            raise ValueError(f"selection rule {name!r} is already registered")
+        RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def get_rule(name: str) -> Rule:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(f"unknown selector {name!r}; known: {', '.join(sorted(RULES))}") from None
+
+
+def _gumbel(shape: torch.Size, generator: torch.Generator | None, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+@register_rule("all")
+def _all(x: SelectionInputs):
+    """Every valid token (all-token OPD); ignores keep."""
+    return None
+
+
+@register_rule("random")
+def _random(x: SelectionInputs):
+    """Uniformly random tokens, without replacement."""
+    return torch.rand(x.signals.mask.shape, generator=x.generator, device=x.signals.mask.device)
+
+
+@register_rule("entropy_sample")
+def _entropy_sample(x: SelectionInputs):
+    """Sample without replacement with p proportional to h^alpha (h = H/log|V|, floored at 1e-8 as in the
+    release helper); the paper's 'entropy sampling'."""
+    log_w = x.entropy_alpha * torch.log(x.signals.entropy.clamp_min(1e-8))
+    return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
+
+
+@register_rule("entropy_topk")
+def _entropy_topk(x: SelectionInputs):
+    """Deterministic top-k by student entropy h."""
+    return x.signals.entropy
+
+
+@register_rule("div_topk")
+def _div_topk(x: SelectionInputs):
+    """Top-k by reverse KL delta (the paper's Div-only, LATF/AdaKD style)."""
+    return x.signals.reverse_kl
+
+
+@register_rule("q3")
+def _q3(x: SelectionInputs):
+    """Overconfidence score delta_fwd * (1 - h_hat), top-k (paper Sec. 7.3; forward KL used raw)."""
+    return x.signals.forward_kl * (1.0 - x.h_hat)
+
+
+def _soft_or(x: SelectionInputs) -> torch.Tensor:
+    return x.h_hat + x.d_hat - x.h_hat * x.d_hat
+
+
+@register_rule("soft_or")
+def _soft_or_top(x: SelectionInputs):
+    """TIP Soft-OR s = h_hat + d_hat - h_hat*d_hat, top-k."""
+    return _soft_or(x)
+
+
+@register_rule("soft_or_bottom", order="bottom")
+def _soft_or_bottom(x: SelectionInputs):
+    """Soft-OR, bottom-k (the paper's sanity check)."""
+    return _soft_or(x)
+
+
+@register_rule("q1")
+def _q1(x: SelectionInputs):
+    """Quadrant-only Q1 (uncertain and disagreeing): h_hat * d_hat, top-k."""
+    return x.h_hat * x.d_hat
+
+
+@register_rule("q2")
+def _q2(x: SelectionInputs):
+    """Quadrant-only Q2 (uncertain and agreeing): h_hat * (1 - d_hat), top-k."""
+    return x.h_hat * (1.0 - x.d_hat)
+
+
+@register_rule("q4")
+def _q4(x: SelectionInputs):
+    """Quadrant-only Q4 (confident and agreeing, 'solved'): (1 - h_hat) * (1 - d_hat), top-k."""
+    return (1.0 - x.h_hat) * (1.0 - x.d_hat)
+
+
+def keep_count(num_valid: torch.Tensor, keep: float) -> torch.Tensor:
+    """k = max(1, floor(rho * m)) where m > 0, and 0 where m = 0. A tiny epsilon absorbs float error
+    (0.29 * 100 = 28.999...)."""
+    k = torch.floor(num_valid.double() * keep + 1e-9).long().clamp_min(1)
+    return torch.where(num_valid > 0, k, torch.zeros_like(k))
+
+
+def keep_extreme(
+    score: torch.Tensor, mask: torch.Tensor, keep: float, scope: str = "sequence", order: str = "top"
+) -> torch.Tensor:
+    """Boolean mask of the k highest (``order='top'``) or lowest (``'bottom'``) scores among valid positions,
+    with k per scope as in the module docstring. Ties go to the earlier position."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown selection scope {scope!r}; known: {', '.join(SCOPES)}")
+    mask = mask.bool()
+    key = score.float() if order == "top" else -score.float()
+    key = key.masked_fill(~mask, -math.inf)
+    rows = key.reshape(1, -1) if scope == "batch" else key
+    row_mask = mask.reshape(1, -1) if scope == "batch" else mask
+    k = keep_count(row_mask.sum(-1), keep)
+    order_idx = rows.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order_idx)
+    rank.scatter_(-1, order_idx, torch.arange(rows.shape[-1], device=rows.device).expand_as(order_idx))
+    kept = (rank < k[:, None]) & row_mask
+    return kept.reshape(mask.shape)
+
+
+def validate_keep(keep: float) -> float:
+    keep = float(keep)
+    if not (0.0 < keep <= 1.0) or math.isnan(keep):
+        raise ValueError(f"keep must lie in (0, 1], got {keep}")
+    return keep
+
+
+def select_tokens(
+    rule: str,
+    signals: TokenSignals,
+    keep: float,
+    scope: str = "sequence",
+    generator: torch.Generator | None = None,
+    clip_quantile: float = 0.98,
+    norm_scope: str = "batch",
+    entropy_alpha: float = 1.0,
+) -> torch.Tensor:
+    """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on.
+
+    rule:           a registered name (see ``RULES``)
+    keep:           rho in (0, 1]
+    scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
+    clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
+    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or 'sequence'
+    entropy_alpha:  exponent of h in entropy sampling (paper: 1)
+    """
+    spec = get_rule(rule)
+    keep = validate_keep(keep)
+    mask = signals.mask.bool()
+    inputs = SelectionInputs(
+        signals=signals,
+        h_hat=clipped_minmax_normalise(signals.entropy, mask, clip_quantile, norm_scope),
+        d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope),
+        generator=generator,
+        entropy_alpha=entropy_alpha,
+    )
+    score = spec.score(inputs)
+    if score is None:
+        return mask.clone()
+    return keep_extreme(score, mask, keep, scope, spec.order)

@@ -1,0 +1,169 @@
+"""Per-token signals for on-policy distillation: student entropy and teacher-student divergences.
+
+Everything here is a pure tensor function. Math is done in fp32 whatever the input dtype, over the full
+vocabulary, and positions are processed in chunks so that at most ``chunk_size x V`` fp32 values exist at once.
+
+Logits are reached through *row sources*: a callable that maps flat position indices (over ``B*T``) to the
+logits of those positions. ``logits_rows`` wraps materialised logits; ``projected_rows`` computes them from
+hidden states and the output projection on demand, so the full ``N x V`` logits never exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+RowSource = Callable[[torch.Tensor], torch.Tensor]
+"""Maps a 1-D LongTensor of flat positions (indices into B*T) to logits of shape (len(idx), V)."""
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+
+
+def logits_rows(logits: torch.Tensor) -> RowSource:
+    """Row source over materialised logits of shape (B, T, V)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return lambda idx: flat[idx]
+
+
+def projected_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> RowSource:
+    """Row source that projects hidden states (B, T, H) through an output layer (V, H) only for asked rows."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return lambda idx: F.linear(flat[idx], weight, bias)
+
+
+def common_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut both logit sets to the narrower vocabulary.
+
+    Paired models can have output layers of different widths while sharing a tokenizer (Qwen2.5-14B has 152,064
+    rows, Qwen2.5-1.5B 151,936; the extra rows are padding ids no tokenizer emits). The shared leading ids are
+    the same tokens, so the divergence is taken over them. Callers check that the tokenizer fits inside.
+    """
+    width = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    return student_logits[..., :width], teacher_logits[..., :width]
+
+
+def _xlogy_diff(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Sum_i p_i (log p_i - log q_i), with 0 log 0 = 0 (so -inf logits at zero-mass ids are safe)."""
+    term = p * (logp - logq)
+    return torch.where(p > 0, term, torch.zeros_like(term)).sum(-1)
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of each row of log-probabilities (last dim)."""
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    return -plogp.sum(-1)
+
+
+def reverse_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.Tensor:
+    """KL(P_S || P_T) per row: the paper's default OPD loss and its divergence axis delta."""
+    return _xlogy_diff(logp_student.exp(), logp_student, logp_teacher)
+
+
+def forward_kl(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.Tensor:
+    """KL(P_T || P_S) per row: used by the Q3 score and as an alternative loss."""
+    return _xlogy_diff(logp_teacher.exp(), logp_teacher, logp_student)
+
+
+def jsd(logp_student: torch.Tensor, logp_teacher: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence per row.
+
+    Convention (as in TRL's GKD and the OPSD release): M = beta*P_T + (1-beta)*P_S and
+    JSD_beta = beta*KL(P_T || M) + (1-beta)*KL(P_S || M). At beta = 0.5 it is the symmetric JSD, bounded by log 2.
+    The endpoints return the limits of the rescaled divergence: beta = 0 gives KL(P_T || P_S) (the limit of
+    JSD_beta/beta) and beta = 1 gives KL(P_S || P_T) (the limit of JSD_beta/(1-beta)).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must lie in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(logp_student, logp_teacher)
+    if beta == 1.0:
+        return reverse_kl(logp_student, logp_teacher)
+    log_m = torch.logsumexp(
+        torch.stack([logp_teacher + math.log(beta), logp_student + math.log1p(-beta)]), dim=0
+    )
+    kl_teacher_m = _xlogy_diff(logp_teacher.exp(), logp_teacher, log_m)
+    kl_student_m = _xlogy_diff(logp_student.exp(), logp_student, log_m)
+    return beta * kl_teacher_m + (1.0 - beta) * kl_student_m
+
+
+def divergence(logp_student: torch.Tensor, logp_teacher: torch.Tensor, kind: str, beta: float = 0.5) -> torch.Tensor:
+    """Per-row divergence by name: ``reverse_kl``, ``forward_kl`` or ``jsd`` (with ``beta``)."""
+    if kind == "reverse_kl":
+        return reverse_kl(logp_student, logp_teacher)
+    if kind == "forward_kl":
+        return forward_kl(logp_student, logp_teacher)
+    if kind == "jsd":
+        return jsd(logp_student, logp_teacher, beta)
+    raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(DIVERGENCES)}")
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary (the last dim) in at least fp32: bf16/fp16 are upcast, fp64 is kept."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+@dataclass(frozen=True)
+class TokenSignals:
+    """Signals of every position of a (B, T) batch; values at invalid positions are 0.
+
+    entropy:     h = H(P_S) / log|V|, in [0, 1]
+    reverse_kl:  delta = KL(P_S || P_T), nats
+    forward_kl:  delta_fwd = KL(P_T || P_S), nats
+    mask:        bool, the valid (response) positions
+    """
+
+    entropy: torch.Tensor
+    reverse_kl: torch.Tensor
+    forward_kl: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.mask.sum())
+
+
+def chunks(idx: torch.Tensor, chunk_size: int):
+    """Split a 1-D index tensor into consecutive pieces of at most chunk_size."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return idx.split(chunk_size)
+
+
+@torch.no_grad()
+def token_signals(
+    student: RowSource,
+    teacher: RowSource,
+    mask: torch.Tensor,
+    chunk_size: int = 512,
+) -> TokenSignals:
+    """Entropy and both KL directions at every valid position, computed chunk by chunk without gradient.
+
+    ``student``/``teacher`` are row sources (see ``logits_rows``, ``projected_rows``) over the same B*T flat
+    positions as ``mask`` (bool, shape (B, T)). Only valid positions are ever projected or soft-maxed.
+    """
+    mask = mask.bool()
+    flat_valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
+    out = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
+    log_vocab = None
+    for idx in chunks(flat_valid, chunk_size):
+        s_logits, t_logits = common_vocab(student(idx), teacher(idx))
+        logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
+        log_vocab = math.log(logp_s.shape[-1])
+        out[0, idx] = entropy(logp_s) / log_vocab
+        out[1, idx] = reverse_kl(logp_s, logp_t)
+        out[2, idx] = forward_kl(logp_s, logp_t)
+    h, rkl, fkl = (x.view(mask.shape) for x in out)
+    # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
+    return TokenSignals(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask)
+
+
+def signals_from_logits(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, chunk_size: int = 512
+) -> TokenSignals:
+    """``token_signals`` over materialised (B, T, V) logits."""
+    return token_signals(logits_rows(student_logits), logits_rows(teacher_logits), mask, chunk_size)
