@@ -1,0 +1,108 @@
+"""Checks on a composed config, run before any model loads: a wrong value fails with one message naming the key,
+the value and what is allowed. (Unknown config-group options and unknown keys are already refused by Hydra.)"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tip.losses import DENOMINATORS
+from tip.rollout import ROLLOUT_BACKENDS
+from tip.selection import RULES, SCOPES
+from tip.signals import DIVERGENCES
+from tip.taxonomy import NORM_SCOPES
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run."""
+
+
+def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    _need(value in allowed, key, value, "expected one of " + ", ".join(map(str, allowed)))
+
+
+def _number(key: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    _need(ok, key, value, f"expected a number in {interval}")
+
+
+def _integer(key: str, value: Any, lo: int) -> None:
+    _need(isinstance(value, int) and not isinstance(value, bool) and value >= lo, key, value,
+          f"expected an integer >= {lo}")
+
+
+def _threshold(key: str, value: Any) -> None:
+    _need(value == "median" or (isinstance(value, (int, float)) and not isinstance(value, bool)), key, value,
+          "expected 'median' or a number")
+
+
+def check_source(key: str, source: Any) -> None:
+    kind = source.get("kind")
+    _one_of(f"{key}.kind", kind, ("embedded", "jsonl", "hub"))
+    if kind == "jsonl":
+        path = Path(str(source.get("path")))
+        _need(path.is_file(), f"{key}.path", str(path),
+              "no such file; set data_root=<folder holding the JSONL files> or the path itself, "
+              f"or {key}.kind=hub to read the hub copy")
+    if kind == "embedded":
+        _integer(f"{key}.size", source.get("size"), 1)
+
+
+def check_config(cfg: DictConfig) -> None:
+    _number("keep", cfg.keep, 0.0, 1.0, lo_open=True)
+    _one_of("selector", cfg.selector.name, sorted(RULES))
+    _one_of("divergence", cfg.divergence.name, DIVERGENCES)
+    _number("divergence.beta", cfg.divergence.beta, 0.0, 1.0)
+
+    sel = cfg.selection
+    _one_of("selection.scope", sel.scope, SCOPES)
+    _one_of("selection.norm_scope", sel.norm_scope, NORM_SCOPES)
+    _number("selection.clip_quantile", sel.clip_quantile, 0.0, 1.0, lo_open=True)
+    _number("selection.entropy_alpha", sel.entropy_alpha, 0.0, math.inf, hi_open=True)
+    _threshold("selection.quadrant_thresholds.entropy", sel.quadrant_thresholds.entropy)
+    _threshold("selection.quadrant_thresholds.divergence", sel.quadrant_thresholds.divergence)
+
+    tr = cfg.train
+    _integer("train.steps", tr.steps, 0)
+    _integer("train.prompts_per_step", tr.prompts_per_step, 1)
+    _integer("train.micro_batch_size", tr.micro_batch_size, 1)
+    _integer("train.chunk_size", tr.chunk_size, 1)
+    _integer("train.warmup_steps", tr.warmup_steps, 0)
+    _integer("train.eval_every", tr.eval_every, 0)
+    _number("train.lr", tr.lr, 0.0, math.inf, lo_open=True, hi_open=True)
+    _number("train.weight_decay", tr.weight_decay, 0.0, math.inf, hi_open=True)
+    _number("train.grad_clip", tr.grad_clip, 0.0, math.inf, hi_open=True)
+    _one_of("train.lr_schedule", tr.lr_schedule, ("cosine", "constant"))
+    _one_of("train.denominator", tr.denominator, DENOMINATORS)
+
+    ro = cfg.rollout
+    _one_of("rollout.backend", ro.backend, ROLLOUT_BACKENDS)
+    _integer("rollout.n", ro.n, 1)
+    _integer("rollout.max_new_tokens", ro.max_new_tokens, 1)
+    _number("rollout.temperature", ro.temperature, 0.0, math.inf, hi_open=True)
+    _number("rollout.top_p", ro.top_p, 0.0, 1.0, lo_open=True)
+
+    _one_of("engine.stage", cfg.engine.stage, (0, 1, 2, 3))
+    _one_of("engine.offload_optimizer", cfg.engine.offload_optimizer, ("none", "cpu", "nvme"))
+    _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
+    _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))
+
+    check_source("data.source", cfg.data.source)
+    _need(len(cfg.eval.benchmarks) > 0, "eval.benchmarks", dict(cfg.eval.benchmarks), "expected at least one benchmark")
+    for name, bench in cfg.eval.benchmarks.items():
+        check_source(f"eval.benchmarks.{name}.source", bench.source)
+    _integer("eval.samples", cfg.eval.samples, 1)
+    _integer("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
+    _number("eval.temperature", cfg.eval.temperature, 0.0, math.inf, hi_open=True)

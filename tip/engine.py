@@ -1,0 +1,151 @@
+"""DeepSpeed set-up: process environment, the engine config, engines for student and teacher, HF checkpoints.
+
+Training always goes through DeepSpeed (ZeRO-3 by default). On CPU the gloo backend is used and math is fp32
+(these CPUs have no bf16 units: bf16 ran 17-27x slower); on GPU bf16 is the default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_process_env() -> None:
+    """Fill RANK/WORLD_SIZE/... so DeepSpeed needs no launcher for one process (without them it goes looking for
+    MPI), and map SLURM's task variables when srun started us."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if env["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT must be set for multi-process runs (a launcher sets it)")
+        env["MASTER_PORT"] = str(_free_port())
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed() -> DistInfo:
+    prepare_process_env()
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ValueError(f"unknown precision {precision!r}; known: auto, {', '.join(table)}")
+    return table[precision]
+
+
+def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: int, grad_clip: float,
+                     dtype: torch.dtype, train: bool = True) -> dict[str, Any]:
+    """The DeepSpeed JSON for one engine from ``conf/engine/*.yaml`` (its ``deepspeed`` block is that JSON; the
+    batch sizes, clipping and precision are filled here so they cannot disagree with the recipe)."""
+    cfg = {k: v for k, v in dict(engine_cfg["deepspeed"]).items()}
+    zero = dict(cfg.get("zero_optimization", {}))
+    if not train:  # a frozen teacher has no optimizer state to offload
+        zero.pop("offload_optimizer", None)
+    cfg["zero_optimization"] = zero
+    cfg.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=grad_accum,
+        gradient_clipping=grad_clip,
+        bf16={"enabled": dtype == torch.bfloat16},
+        fp16={"enabled": dtype == torch.float16},
+    )
+    return cfg
+
+
+def build_student_engine(model, ds_config: dict, optimizer, scheduler):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def build_teacher_engine(model, ds_config: dict):
+    """A frozen teacher under the same ZeRO stage (so a 70B teacher is sharded too), without optimizer."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    if ds_config["zero_optimization"].get("stage", 0) != 3:
+        return model  # stages 0-2 shard only optimizer state and gradients: a frozen model just sits on the device
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    return engine.module
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """Full student weights on rank 0 (collective under ZeRO-3: every rank must call it)."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if engine.global_rank == 0 else None
+
+
+def atomic_dir(final: Path, write) -> Path:
+    """Write a directory under a temporary name beside ``final``, then rename it into place. Never replaces an
+    existing directory: finished work is not overwritten."""
+    final = Path(final)
+    if final.exists():
+        raise FileExistsError(f"refusing to overwrite {final}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        write(tmp)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def save_hf_checkpoint(engine, tokenizer, out_dir: Path, is_main: bool, prefix: str = "lm.") -> Path | None:
+    """The student in HF format (``from_pretrained`` loads it), written atomically by rank 0. The engine wraps
+    the HF model as ``module.lm`` (see ``HiddenStatesLM``); ``prefix`` is stripped from the weight names."""
+    state = consolidated_state_dict(engine)
+    if not is_main:
+        return None
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+    def write(tmp: Path) -> None:
+        engine.module.lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(out_dir, write)

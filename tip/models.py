@@ -1,0 +1,150 @@
+"""Loading teacher/student pairs and reaching their output heads.
+
+Model references are local directories, hub ids, or ``embedded://teacher`` / ``embedded://student`` (the pair
+the project ships, see ``tip.testbed``). Loading never reaches the network when the hub is unavailable: a hub
+id that is not cached fails with one message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tip.signals import projected_rows
+
+EMBEDDED_SCHEME = "embedded://"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded_pair"
+
+
+class PairError(ValueError):
+    """A teacher/student pair that cannot be used as configured."""
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Map ``embedded://NAME`` to the shipped directory; leave paths and hub ids unchanged."""
+    if ref.startswith(EMBEDDED_SCHEME):
+        name = ref[len(EMBEDDED_SCHEME):]
+        if name not in ("teacher", "student"):
+            raise PairError(f"unknown embedded model {ref!r}; known: embedded://teacher, embedded://student")
+        path = EMBEDDED_DIR / name
+        if not (path / "config.json").exists():
+            raise PairError(
+                f"the embedded pair is missing at {EMBEDDED_DIR}; rebuild it with "
+                f"`python -m tip.testbed.build --out {EMBEDDED_DIR}`"
+            )
+        return str(path)
+    return ref
+
+
+def _load(loader, ref: str, what: str, **kwargs):
+    path = resolve_model_ref(ref)
+    try:
+        return loader(path, **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = (
+            "it is not a local directory, and it is not in the Hugging Face cache"
+            + (" (HF_HUB_OFFLINE is set)" if offline else " or the hub could not be reached")
+            + ". Point the pair at a local HF directory (pair.teacher=/path pair.student=/path), or run where the hub"
+            " is reachable, or pre-download it with `huggingface-cli download`."
+        )
+        raise PairError(f"could not load {what} {ref!r}: {hint}") from err
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    tok = _load(AutoTokenizer.from_pretrained, ref, "tokenizer")
+    if tok.pad_token_id is None:  # Llama-style tokenizers ship without one; rollouts need padding
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(ref: str, dtype: torch.dtype, what: str):
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM.from_pretrained, ref, what, dtype=dtype)
+
+
+def output_width(model) -> int:
+    """Rows of the output layer (under ZeRO-3 the local tensor is a shard; ``ds_shape`` is the full shape)."""
+    weight = model.get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def check_vocab(tokenizer, student_width: int, teacher_width: int, policy: str) -> int:
+    """The vocabulary width the divergence is taken over. Teacher and student output layers may differ in width
+    (Qwen2.5-14B 152,064 vs 1.5B 151,936): ``policy='truncate'`` compares the shared leading ids, which must cover
+    every id the tokenizer can emit; ``policy='error'`` refuses any difference."""
+    if policy not in ("truncate", "error"):
+        raise PairError(f"unknown pair.vocab policy {policy!r}; known: truncate, error")
+    width = min(student_width, teacher_width)
+    if student_width != teacher_width and policy == "error":
+        raise PairError(
+            f"teacher and student output widths differ ({teacher_width} vs {student_width}); "
+            "set pair.vocab=truncate to compare over the shared ids"
+        )
+    if len(tokenizer) > width:
+        raise PairError(
+            f"the tokenizer has {len(tokenizer)} ids but the narrower output layer only {width}: "
+            "the models do not share a vocabulary"
+        )
+    return width
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, H) of a causal LM without running its output head."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+class HiddenStatesLM(torch.nn.Module):
+    """A causal LM whose ``forward`` returns the final hidden states instead of logits.
+
+    The DeepSpeed engine wraps this, so the training forward goes through ``engine.forward`` (ZeRO-3 advances its
+    gradient-accumulation micro-step there: calling the decoder directly makes the second micro-batch overwrite
+    the first one's gradients) while the output head runs only at the kept positions.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return hidden_states(self.lm, input_ids, attention_mask)
+
+
+def _softcap(model):
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+def head_logits(model, hidden_rows: torch.Tensor) -> torch.Tensor:
+    """Logits of some hidden rows (K, H) through the model's own output module: one module call, which under
+    ZeRO-3 is one gather of the head on every rank (callers make the same number of calls on every rank)."""
+    logits = model.get_output_embeddings()(hidden_rows)
+    cap = _softcap(model)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+@contextmanager
+def gathered_head(model):
+    """Yield a row-source factory over the full output weight, gathered once if ZeRO-3 sharded it, so a chunk
+    loop of any length runs no collectives. For passes without gradient."""
+    head = model.get_output_embeddings()
+    params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+    cap = _softcap(model)
+
+    def factory(hidden: torch.Tensor):
+        source = projected_rows(hidden, head.weight, getattr(head, "bias", None))
+        return (lambda idx: cap * torch.tanh(source(idx) / cap)) if cap else source
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield factory
+    else:
+        yield factory

@@ -1,0 +1,107 @@
+"""Student rollouts: sample responses to prompts and lay them out for scoring.
+
+Rollouts come back **right-padded** as ``prompt + response``: every sequence starts at position 0 whatever the
+batch's other prompt lengths, so teacher and student see natural position ids and a rollout scores the same
+in any batch composition (one process or several). ``response_mask`` marks the generated tokens up to and
+including the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROLLOUT_BACKENDS = ("hf",)
+
+
+@dataclass
+class RolloutBatch:
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    response_mask: torch.Tensor  # (B, L) bool, True at response tokens
+    prompt_lengths: list[int]
+    example_index: list[int]  # which prompt each rollout answers
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """(B, L-1) bool: the positions whose next-token distribution predicts a response token. Hidden states
+        ``h[:, :-1]`` at these positions are the ones signals and loss are computed on."""
+        return self.response_mask[:, 1:]
+
+    def responses(self) -> list[list[int]]:
+        return [row[m].tolist() for row, m in zip(self.input_ids, self.response_mask)]
+
+    def to(self, device) -> "RolloutBatch":
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
+                            self.prompt_lengths, self.example_index)
+
+    def split(self, size: int) -> list["RolloutBatch"]:
+        """Micro-batches of ``size`` rollouts."""
+        out = []
+        for i in range(0, self.input_ids.shape[0], size):
+            sl = slice(i, i + size)
+            width = int(self.attention_mask[sl].sum(-1).max())  # trim right padding no row of this slice needs
+            out.append(RolloutBatch(self.input_ids[sl, :width], self.attention_mask[sl, :width],
+                                    self.response_mask[sl, :width], self.prompt_lengths[sl], self.example_index[sl]))
+        return out
+
+
+def encode_prompts(tokenizer, prompts: list[str], used_chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt. Chat templates already contain their special tokens, so none are added then."""
+    return [tokenizer(p, add_special_tokens=not used_chat_template)["input_ids"] for p in prompts]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int], pad_id: int) -> RolloutBatch:
+    """Right-padded prompt+response rows with their masks."""
+    rows = [p + r for p, r in zip(prompt_ids, responses)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        att[i, : len(p) + len(r)] = 1
+        resp[i, len(p): len(p) + len(r)] = True
+    return RolloutBatch(ids, att, resp, [len(p) for p in prompt_ids], example_index)
+
+
+@torch.no_grad()
+def hf_generate(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 64,
+    synced_gpus: bool = False,
+) -> RolloutBatch:
+    """``n`` rollouts per prompt with transformers' ``generate`` (temperature 0 = greedy)."""
+    device = next(iter(model.parameters())).device
+    pad_id = tokenizer.pad_token_id
+    width = max(map(len, prompt_ids))
+    repeated = [p for p in prompt_ids for _ in range(n)]
+    ids = torch.full((len(repeated), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(repeated):  # left-pad for generation
+        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id, synced_gpus=synced_gpus, **sampling,
+    )
+    stops = eos_ids(model, tokenizer)
+    responses = []
+    for row in out[:, width:].tolist():
+        cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+        responses.append(row[:cut])
+    return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], pad_id)

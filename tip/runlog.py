@@ -1,0 +1,64 @@
+"""Run logging: metrics.jsonl (always), a printed step line and quadrant table, and optional W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on GPU, peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def quadrant_table(stats: dict[str, float]) -> str:
+    """Printable per-quadrant table: token share, mean h, mean delta, fraction kept, share of the kept."""
+    lines = ["      frac     mean_h  mean_delta   kept  of_kept"]
+    names = {"q1": "Q1 uncertain+disagree", "q2": "Q2 uncertain+agree", "q3": "Q3 confident+disagree",
+             "q4": "Q4 confident+agree"}
+    for q in ("q1", "q2", "q3", "q4"):
+        lines.append(f"  {q.upper()}  {stats[f'{q}/frac']:5.3f}  {stats[f'{q}/mean_h']:9.3g}  "
+                     f"{stats[f'{q}/mean_delta']:10.3g}  {stats[f'{q}/kept']:5.3f}  {stats[f'{q}/of_kept']:7.3f}"
+                     f"   {names[q]}")
+    return "\n".join(lines)
+
+
+class RunLogger:
+    """Writes one JSON object per line to ``metrics.jsonl``; only the main rank writes or prints."""
+
+    def __init__(self, run_dir: Path, enabled: bool, print_quadrants: bool = True, wandb_run=None):
+        self.enabled = enabled
+        self.print_quadrants = print_quadrants
+        self.wandb_run = wandb_run
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._fh = self.path.open("a", encoding="utf-8") if enabled else None
+        self.t0 = time.time()
+
+    def log(self, record: dict[str, Any], quiet: bool = False) -> None:
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record.setdefault("time_s", round(time.time() - self.t0, 3))
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self.wandb_run is not None:
+            step = record.get("step")
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        if not quiet and record.get("kind") == "train":
+            print(f"step {record['step']:4d}  loss {record['loss']:.4f}  kept {record['kept_frac']:.3f}  "
+                  f"h {record['mean_h']:.3g}  delta {record['mean_delta']:.3g}  "
+                  f"{record['tokens_per_s']:.0f} tok/s  peak {record['peak_mem_mb']:.0f} MB", flush=True)
+            if self.print_quadrants:
+                print(quadrant_table(record), flush=True)
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()

@@ -1,0 +1,248 @@
+"""On-policy distillation with token selection: ``python -m tip.train selector=q3 keep=0.1``.
+
+Each step: rollout (student samples) -> teacher (scores the same tokens) -> signals (entropy, divergences) ->
+select (keep a fraction of tokens) -> loss (divergence over kept tokens) -> DeepSpeed step -> eval / log.
+
+The step runs in two passes. A scoring pass without gradient computes every response token's signals chunk by
+chunk, with the output head gathered once; the selection is then made over the rank's whole batch. A gradient
+pass runs the student to hidden states and projects only the kept positions, so the logits held for backward
+scale with the kept tokens, not with all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as tdist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tip.config import ConfigError, check_config
+from tip.data import format_prompt, load_examples
+from tip.engine import (build_student_engine, build_teacher_engine, deepspeed_config, init_distributed,
+                        resolve_precision, save_hf_checkpoint)
+from tip.evaluate import Benchmark, evaluate
+from tip.losses import kept_token_divergence, loss_denominator, opd_loss
+from tip.models import (HiddenStatesLM, check_vocab, gathered_head, head_logits, hidden_states, load_model,
+                        load_tokenizer, output_width)
+from tip.rollout import RolloutBatch, encode_prompts, hf_generate
+from tip.runlog import RunLogger, peak_memory_mb
+from tip.selection import select_tokens
+from tip.signals import TokenSignals, token_signals
+from tip.taxonomy import quadrant_labels, quadrant_sums, summarise_quadrants
+
+
+def all_reduce_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        tdist.all_reduce(x)
+    return x
+
+
+def lr_lambda(cfg: DictConfig):
+    steps, warmup = max(1, cfg.train.steps), cfg.train.warmup_steps
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if cfg.train.lr_schedule == "constant":
+            return ramp
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / steps)))
+
+    return factor
+
+
+def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
+    """Concatenate (b_i, t_i) tensors along the batch after right-padding them to ``width``."""
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+
+@torch.no_grad()
+def score(student, teacher, micro: RolloutBatch, chunk_size: int):
+    """Signals at every response position, and the teacher's hidden states for the gradient pass."""
+    t_hidden = hidden_states(teacher, micro.input_ids, micro.attention_mask)[:, :-1]
+    s_hidden = hidden_states(student, micro.input_ids, micro.attention_mask)[:, :-1]
+    with gathered_head(student) as student_rows, gathered_head(teacher) as teacher_rows:
+        signals = token_signals(student_rows(s_hidden), teacher_rows(t_hidden), micro.target_mask, chunk_size)
+    return signals, t_hidden
+
+
+def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator) -> dict:
+    """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one."""
+    micros = rollouts.split(micro_size)
+    policy = student.module.lm
+    scored = [score(policy, teacher, m, cfg.train.chunk_size) for m in micros]
+
+    # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), then back to micro-batches.
+    width = max(s.mask.shape[1] for s, _ in scored)
+    sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _ in scored], width)
+                         for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
+    sel = cfg.selection
+    keep = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
+                         sel.norm_scope, sel.entropy_alpha)
+    labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
+                             sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence)
+
+    # The loss is normalised by the step's global count, and the engine's averaging over accumulation steps and
+    # ranks is undone, so the step's gradient is that of one batch holding every rank's rollouts.
+    global_count = float(all_reduce_sum(torch.tensor([float(loss_denominator(keep, sig.mask, cfg.train.denominator))]),
+                                        dist.world_size))
+    undo_engine_mean = dist.world_size * len(micros)
+    loss_sum, offset = 0.0, 0
+    for micro, (s, t_hidden) in zip(micros, scored):
+        rows_in_batch = slice(offset, offset + s.mask.shape[0])
+        offset += s.mask.shape[0]
+        keep_m = keep[rows_in_batch, : s.mask.shape[1]]
+        rows = keep_m.reshape(-1).nonzero(as_tuple=True)[0]
+        s_hidden = student(micro.input_ids, micro.attention_mask)[:, :-1]  # through the engine's forward
+        s_logits = head_logits(policy, s_hidden.reshape(-1, s_hidden.shape[-1])[rows])
+        with torch.no_grad():
+            t_logits = head_logits(teacher, t_hidden.reshape(-1, t_hidden.shape[-1])[rows])
+        compact = torch.arange(len(rows))
+        divs = kept_token_divergence(lambda i: s_logits[i], lambda i: t_logits[i], compact,
+                                     cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size)
+        out = opd_loss(divs, keep_m, s.mask, cfg.train.denominator, global_count)
+        # Keep the graph connected when this rank kept nothing, so every rank runs the same backward hooks.
+        loss = out.loss + 0.0 * s_logits.sum()
+        student.backward(loss * undo_engine_mean)
+        student.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
+        loss_sum += float(out.loss.detach())
+
+    quad = all_reduce_sum(quadrant_sums(labels, sig.entropy, sig.reverse_kl, keep), dist.world_size)
+    totals = all_reduce_sum(torch.tensor([
+        float(sig.mask.sum()), float(keep.sum()), float(sig.entropy[sig.mask].sum()),
+        float(sig.reverse_kl[sig.mask].sum()), float(sig.forward_kl[sig.mask].sum()), loss_sum,
+    ], dtype=torch.float64), dist.world_size)
+    valid = max(float(totals[0]), 1.0)
+    return {
+        "loss": float(totals[5]), "valid_tokens": int(totals[0]), "kept_tokens": int(totals[1]),
+        "kept_frac": float(totals[1]) / valid, "mean_h": float(totals[2]) / valid,
+        "mean_delta": float(totals[3]) / valid, "mean_delta_fwd": float(totals[4]) / valid,
+        "grad_norm": _as_float(student.get_global_grad_norm()),  # before clipping
+        **summarise_quadrants(quad),
+    }
+
+
+def _as_float(x) -> float:
+    return float(x.item() if torch.is_tensor(x) else x) if x is not None else float("nan")
+
+
+def rank_prompts(cfg, examples, tokenizer, step: int, dist, chat_template) -> tuple[list[list[int]], list]:
+    """This rank's share of the step's prompts: a fixed walk through the training set, the same for any world
+    size (rank r takes every world_size-th prompt of the step)."""
+    per_step = cfg.train.prompts_per_step
+    chosen = [examples[(step * per_step + i) % len(examples)] for i in range(per_step)][dist.rank::dist.world_size]
+    texts = [format_prompt(tokenizer, e.problem, cfg.data.prompt_template, chat_template) for e in chosen]
+    used_chat = bool(texts) and texts[0] != cfg.data.prompt_template.replace("{problem}", chosen[0].problem)
+    return encode_prompts(tokenizer, texts, used_chat), chosen
+
+
+def quiet_library_noise() -> None:
+    """DeepSpeed's collectives warn on every call about torch's renamed functions, and its op probes log each gcc
+    command at INFO under Hydra's logging: neither says anything about the run."""
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
+    for name in ("compilers.C.base", "distutils", "setuptools", "DeepSpeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    check_config(cfg)
+    quiet_library_noise()
+    dist = init_distributed()
+    if cfg.train.prompts_per_step % dist.world_size:
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not allowed: it must be a "
+                          f"multiple of the number of processes ({dist.world_size})")
+    if dist.is_main and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(cfg.seed)
+    dtype = resolve_precision(cfg.precision, dist.device)
+
+    tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
+    train_examples = load_examples(cfg.data.source, "train")
+    benchmarks = [Benchmark(name, load_examples(b.source, "test"), b.prompt_template)
+                  for name, b in cfg.eval.benchmarks.items()]
+
+    rollouts_per_rank = cfg.train.prompts_per_step // dist.world_size * cfg.rollout.n
+    micro_size = min(cfg.train.micro_batch_size, rollouts_per_rank)
+    grad_accum = math.ceil(rollouts_per_rank / micro_size)
+    ds_cfg = deepspeed_config(cfg.engine, micro_size, grad_accum, cfg.train.grad_clip, dtype)
+    zero3 = cfg.engine.stage == 3
+    if zero3:  # models load straight into ZeRO-3 shards (zero.Init): a 70B teacher never sits whole on one GPU
+        from transformers.integrations import HfDeepSpeedConfig
+        hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (must stay alive while models load)
+    student_model = load_model(cfg.pair.student, dtype, "student")
+    teacher_model = load_model(cfg.pair.teacher, dtype, "teacher")
+    check_vocab(tokenizer, output_width(student_model), output_width(teacher_model), cfg.pair.vocab)
+
+    optimizer = torch.optim.AdamW(student_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    student = build_student_engine(HiddenStatesLM(student_model), ds_cfg, optimizer, scheduler)
+    policy = student.module.lm
+    teacher = build_teacher_engine(teacher_model.to(dist.device), deepspeed_config(
+        cfg.engine, micro_size, grad_accum, cfg.train.grad_clip, dtype, train=False))
+    synced = zero3 and dist.world_size > 1
+    eval_kwargs = dict(samples=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                       top_k=cfg.eval.top_k, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                       chat_template=cfg.pair.chat_template, rank=dist.rank, world_size=dist.world_size,
+                       synced_gpus=synced)
+
+    logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants)
+    results: dict = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
+    logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
+    if dist.is_main:
+        print("held-out before training: " + _fmt_eval(results["before"]), flush=True)
+
+    selection_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + dist.rank)
+    for step in range(cfg.train.steps):
+        t0 = time.time()
+        prompt_ids, _ = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + dist.rank)  # sampling stream of this step and rank
+        ro = cfg.rollout
+        rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+                               top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                               synced_gpus=synced).to(dist.device)
+        t_gen = time.time() - t0
+        stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng)
+        elapsed = time.time() - t0
+        logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
+                    "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
+                    "tokens_per_s": stats["valid_tokens"] / max(elapsed, 1e-9),
+                    "peak_mem_mb": peak_memory_mb(dist.device)})
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+            mid = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
+            logger.log({"kind": "eval", "step": step + 1, "when": "during", **mid})
+
+    results["after"] = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
+    logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
+    if cfg.train.save_final:
+        save_hf_checkpoint(student, tokenizer, run_dir / "checkpoints" / "final", dist.is_main)
+    if dist.is_main:
+        print("held-out after training:  " + _fmt_eval(results["after"]), flush=True)
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"run directory: {run_dir}", flush=True)
+    logger.close()
+    return results
+
+
+def _fmt_eval(metrics: dict) -> str:
+    return "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy"))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    # The sweep's objective: mean held-out accuracy after training.
+    after = [v for k, v in results["after"].items() if k.endswith("/accuracy")]
+    return sum(after) / len(after)
+
+
+if __name__ == "__main__":
+    main()
