@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.rollout import ROLLOUT_BACKENDS
 from tip.selection import RULES, SCOPES
@@ -100,9 +101,18 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))
 
     check_source("data.source", cfg.data.source)
-    _need(len(cfg.eval.benchmarks) > 0, "eval.benchmarks", dict(cfg.eval.benchmarks), "expected at least one benchmark")
-    for name, bench in cfg.eval.benchmarks.items():
+    check_eval(cfg.eval)
+
+
+def check_eval(ev) -> None:
+    """The ``eval`` node: benchmarks and the sampling protocol."""
+    _need(len(ev.benchmarks) > 0, "eval.benchmarks", dict(ev.benchmarks), "expected at least one benchmark")
+    for name, bench in ev.benchmarks.items():
         check_source(f"eval.benchmarks.{name}.source", bench.source)
-    _integer("eval.samples", cfg.eval.samples, 1)
-    _integer("eval.max_new_tokens", cfg.eval.max_new_tokens, 1)
-    _number("eval.temperature", cfg.eval.temperature, 0.0, math.inf, hi_open=True)
+        _one_of(f"eval.benchmarks.{name}.grader", bench.get("grader", "math_verify"), GRADERS)
+    _integer("eval.samples", ev.samples, 1)
+    _integer("eval.max_new_tokens", ev.max_new_tokens, 1)
+    _integer("eval.batch_size", ev.batch_size, 1)
+    _integer("eval.top_k", ev.top_k, 0)
+    _number("eval.temperature", ev.temperature, 0.0, math.inf, hi_open=True)
+    _number("eval.top_p", ev.top_p, 0.0, 1.0, lo_open=True)

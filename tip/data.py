@@ -73,8 +73,8 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     """Examples of one dataset config.
 
     ``source`` keys: ``kind`` (embedded | jsonl | hub); for embedded ``size`` and ``seed``; for jsonl ``path``
-    (or ``paths`` by split); for hub ``hub_id``, ``subset``, ``split``; optional ``fields`` renaming columns and
-    ``limit`` keeping the first N.
+    for hub ``hub_id``, ``subset``, ``split`` and ``answer_after`` (keep the text after this marker as the
+    answer); optional ``fields`` renaming columns and ``limit`` keeping the first N.
     """
     kind = source.get("kind")
     fields = source.get("fields") or {}
@@ -87,6 +87,10 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
         examples = _from_hub(source["hub_id"], source.get("subset"), source.get("split", split), fields)
     else:
         raise DataError(f"unknown data kind {kind!r}; known: embedded, jsonl, hub")
+    marker = source.get("answer_after")
+    if marker and kind == "hub":  # e.g. GSM8K's hub column holds the worked solution, then '#### 72'
+        examples = [Example(e.id, e.problem, e.answer.split(marker)[-1].strip().replace(",", ""), e.answer)
+                    for e in examples]
     limit = source.get("limit")
     return examples[: int(limit)] if limit else examples
 

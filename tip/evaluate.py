@@ -1,18 +1,27 @@
-"""Accuracy of a policy on benchmarks, sharded over data-parallel ranks (used before, during and after training).
+"""Evaluation on benchmarks: generate n samples per problem, grade them, and summarise.
 
-Metric: mean@n, the average over problems of the fraction of n samples graded correct (the paper's mean@16).
+Used inside training (before, during and after) and by ``python -m tip.eval``. Generation goes through the same
+rollout code the trainer uses, sharded over data-parallel ranks.
+
+Metrics per benchmark (``{name}/...``):
+- ``accuracy``: mean@n, the mean over problems of the fraction of the n samples graded correct (the paper's
+  "mean@16"), with ``accuracy_std`` the standard deviation of that per-problem fraction over problems;
+- ``pass@k``: the unbiased estimator 1 - C(n-c, k)/C(n, k) averaged over problems (Chen et al., 2021);
+- ``maj@k``: the most frequent extracted answer among the first k samples (ties: the earliest) is correct;
+- ``n`` problems and ``samples`` per problem.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
 from tip.data import Example, format_prompt
-from tip.grading import boxed_answer, simple_equal
+from tip.grading import Grade, grade_many, normalise_answer
 from tip.rollout import encode_prompts, hf_generate
 
 
@@ -21,41 +30,141 @@ class Benchmark:
     name: str
     examples: list[Example]
     prompt_template: str
+    grader: str = "math_verify"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+
+def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
+    """Benchmarks of an ``eval`` config node (``limit``: only the first N problems of each)."""
+    from tip.data import load_examples
+
+    out = []
+    for name, b in eval_cfg.benchmarks.items():
+        examples = load_examples(b.source, "test")
+        out.append(Benchmark(name, examples[:limit] if limit else examples, b.prompt_template,
+                             b.get("grader", "math_verify")))
+    return out
+
+
+def sampling_of(eval_cfg) -> Sampling:
+    return Sampling(samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
+                    top_k=eval_cfg.top_k, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority_correct(grades: list[Grade], k: int) -> bool:
+    """Whether the most common extracted answer among the first k samples is a correct one."""
+    votes = [(normalise_answer(g.extracted), g.correct) for g in grades[:k] if g.extracted is not None]
+    if not votes:
+        return False
+    counts = Counter(v for v, _ in votes)
+    top = max(counts.values())
+    winner = next(v for v, _ in votes if counts[v] == top)  # earliest among the tied
+    return any(ok for v, ok in votes if v == winner)
+
+
+def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None) -> dict[str, float]:
+    """Benchmark metrics from per-problem lists of grades (all of the same length n)."""
+    n = len(grades[0]) if grades else 0
+    per_problem = [sum(g.correct for g in gs) / n for gs in grades]
+    mean = sum(per_problem) / len(per_problem)
+    var = sum((x - mean) ** 2 for x in per_problem) / max(1, len(per_problem) - 1)
+    out = {f"{name}/accuracy": mean, f"{name}/accuracy_std": math.sqrt(var), f"{name}/n": len(grades),
+           f"{name}/samples": n}
+    for k in ks if ks is not None else sorted({1, n} | ({4, 8, 16} & set(range(1, n + 1)))):
+        out[f"{name}/pass@{k}"] = sum(pass_at_k(n, sum(g.correct for g in gs), k) for gs in grades) / len(grades)
+        out[f"{name}/maj@{k}"] = sum(majority_correct(gs, k) for gs in grades) / len(grades)
+    return out
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, benchmarks: list[Benchmark], *, samples: int, temperature: float, top_p: float,
-             top_k: int, max_new_tokens: int, batch_size: int, chat_template="auto", rank: int = 0,
-             world_size: int = 1, synced_gpus: bool = False,
-             grade: Callable[[str | None, str], bool] = simple_equal) -> dict[str, float]:
-    """``{name}/accuracy`` (mean@n) and ``{name}/n`` per benchmark. Every rank must call this (generation is
-    collective under ZeRO-3); each grades its shard and the counts are summed."""
+def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling, chat_template="auto",
+                         rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
+                         progress: bool = False) -> dict[int, list[str]]:
+    """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: under ZeRO-3
+    generation is collective, so every rank runs the same number of generate calls)."""
+    from tqdm.auto import tqdm
+
+    indices = list(range(rank, len(bench.examples), world_size))
+    per_rank = math.ceil(len(bench.examples) / world_size)
+    out: dict[int, list[str]] = {}
+    starts = range(0, per_rank, sampling.batch_size)
+    for start in tqdm(starts, desc=f"generating {bench.name}", disable=not progress):
+        part = indices[start:start + sampling.batch_size]
+        placeholder = not part  # this rank is out of problems but must still join the collective call
+        part = part or [0]
+        examples = [bench.examples[i] for i in part]
+        prompts = [format_prompt(tokenizer, e.problem, bench.prompt_template, chat_template) for e in examples]
+        used_chat = prompts[0] != bench.prompt_template.replace("{problem}", examples[0].problem)
+        batch = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts, used_chat), n=sampling.samples,
+                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus)
+        if placeholder:
+            continue
+        texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
+        for text, j in zip(texts, batch.example_index):
+            out.setdefault(part[j], []).append(text)
+    return out
+
+
+def grade_completions(bench: Benchmark, completions: dict[int, list[str]], workers: int = 2,
+                      timeout_s: float = 10.0, progress: bool = False) -> dict[int, list[Grade]]:
+    flat = [(i, c) for i in sorted(completions) for c in completions[i]]
+    grades = grade_many([(c, bench.examples[i].answer) for i, c in flat], bench.grader, workers, timeout_s, progress)
+    out: dict[int, list[Grade]] = {}
+    for (i, _), g in zip(flat, grades):
+        out.setdefault(i, []).append(g)
+    return out
+
+
+def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades: dict[int, list[Grade]]):
+    """One JSON-able record per problem: id, answer, completions, extracted answers, verdicts and reasons."""
+    for i in sorted(completions):
+        ex = bench.examples[i]
+        yield {"id": ex.id, "answer": ex.answer, "completions": completions[i],
+               "extracted": [g.extracted for g in grades[i]], "correct": [g.correct for g in grades[i]],
+               "reasons": [g.reason for g in grades[i]]}
+
+
+def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, chat_template="auto",
+             rank: int = 0, world_size: int = 1, synced_gpus: bool = False, workers: int = 2,
+             timeout_s: float = 10.0, progress: bool = False,
+             records: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+    """Metrics of every benchmark, gathered over ranks. ``records``, if given, receives the per-problem records
+    (on every rank, for the problems of all ranks)."""
     was_training = model.training
     model.eval()
-    out: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
     for bench in benchmarks:
-        shard = bench.examples[rank::world_size]
-        per_rank = math.ceil(len(bench.examples) / world_size)
-        correct = torch.zeros(1, dtype=torch.float64)
-        for start in range(0, per_rank, batch_size):
-            part = shard[start:start + batch_size]
-            # Every rank runs the same number of generate calls; a rank out of problems generates for a
-            # placeholder and scores nothing.
-            placeholder = not part
-            part = part or bench.examples[:1]
-            prompts = [format_prompt(tokenizer, e.problem, bench.prompt_template, chat_template) for e in part]
-            used_chat = prompts[0] != bench.prompt_template.replace("{problem}", part[0].problem)
-            batch = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts, used_chat), n=samples,
-                                temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                                synced_gpus=synced_gpus)
-            if placeholder:
-                continue
-            texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
-            for text, idx in zip(texts, batch.example_index):
-                correct += float(grade(boxed_answer(text), part[idx].answer)) / samples
+        completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank, world_size,
+                                           synced_gpus, progress)
+        grades = grade_completions(bench, completions, workers, timeout_s, progress)
+        local = list(problem_records(bench, completions, grades))
         if world_size > 1:
-            torch.distributed.all_reduce(correct)
-        out[f"{bench.name}/accuracy"] = float(correct) / len(bench.examples)
-        out[f"{bench.name}/n"] = len(bench.examples)
+            gathered: list = [None] * world_size
+            torch.distributed.all_gather_object(gathered, local)
+            local = [r for part in gathered for r in part]
+        all_grades = [[Grade(c, e, r) for c, e, r in zip(rec["correct"], rec["extracted"], rec["reasons"])]
+                      for rec in local]
+        metrics.update(summarise(bench.name, all_grades))
+        if records is not None:
+            records[bench.name] = local
     model.train(was_training)
-    return out
+    return metrics

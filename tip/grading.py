@@ -1,28 +1,68 @@
-"""Answer extraction and equivalence.
+"""Answer extraction and equivalence checking for math benchmarks.
 
-The extraction takes the last \\boxed{...} (brace-matched) or \\fbox{...}. Equivalence here is a normalised string
-match with a numeric comparison; ``tip.eval`` adds symbolic checking with math-verify.
+Extraction: the content of the last ``\\boxed{...}`` (brace-matched) or ``\\fbox{...}``; failing that, the text after
+the last "the answer is". Equivalence: math-verify (symbolic and numeric) on the extracted answer against the
+reference, falling back to a normalised string match when math-verify cannot parse either side.
+
+math-verify bounds its own work with SIGALRM timeouts, which only work in a process's main thread, and sympy
+can still hang or blow up on adversarial LaTeX. ``grade_many`` therefore grades in worker processes with a hard
+per-item timeout: a worker that overruns is killed and the item is graded incorrect with the reason recorded.
+A malformed completion never crashes or hangs the caller.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
 
 from tip.testbed.grading_simple import boxed_answer
 
-__all__ = ["boxed_answer", "normalise_answer", "simple_equal"]
+MAX_ANSWER_CHARS = 1000  # an "answer" longer than this is not an answer; never hand it to sympy
+GRADERS = ("math_verify", "exact")
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    extracted: str | None
+    reason: str  # how the verdict was reached: "math_verify", "string", "no_answer", "timeout", ...
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE | re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion, or None."""
+    boxed = boxed_answer(text)
+    if boxed is not None:
+        return boxed.strip()
+    matches = _ANSWER_IS.findall(text[-2000:])
+    if matches:
+        return matches[-1].strip().strip("$").strip()
+    return None
 
 
 def normalise_answer(text: str) -> str:
+    """A canonical string form: no spaces, no $, no \\left/\\right, \\dfrac -> \\frac, \\text{x} -> x, no trailing '.',
+    and a bare integer without leading zeros or wrapping parentheses ('(073)' -> '73')."""
     s = text.strip().strip("$").strip()
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\ ", "").replace(" ", "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\left", "").replace("\\right", "")
-    s = s.rstrip(".")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\dfrac", "\\frac"),
+                     ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("^\\circ", ""), ("^{\\circ}", "")):
+        s = s.replace(old, new)
+    s = s.replace(" ", "").rstrip(".")
+    plain_int = re.fullmatch(r"\(?(\d+)\)?", s)  # AoPS styles AIME answers as \textbf{(073)}
+    if plain_int:
+        s = str(int(plain_int.group(1)))
     return s
 
 
 def simple_equal(prediction: str | None, reference: str) -> bool:
+    """Normalised string equality, or equal as plain numbers."""
     if prediction is None:
         return False
     a, b = normalise_answer(prediction), normalise_answer(reference)
@@ -32,3 +72,66 @@ def simple_equal(prediction: str | None, reference: str) -> bool:
         return abs(float(a.replace(",", "")) - float(b.replace(",", ""))) < 1e-9
     except ValueError:
         return False
+
+
+def _math_verify_equal(prediction: str, reference: str, timeout_s: int) -> bool | None:
+    """math-verify's verdict, or None when either side does not parse."""
+    from math_verify import parse, verify
+
+    gold = parse(f"${reference}$", parsing_timeout=timeout_s)
+    pred = parse(f"\\boxed{{{prediction}}}", parsing_timeout=timeout_s)
+    if not gold or not pred:
+        return None
+    return bool(verify(gold, pred, timeout_seconds=timeout_s))
+
+
+def grade_one(completion: str, reference: str, grader: str = "math_verify", timeout_s: int = 5) -> Grade:
+    """Grade one completion in this process (use ``grade_many`` for untrusted text: it adds a hard timeout)."""
+    if grader not in GRADERS:
+        raise ValueError(f"unknown grader {grader!r}; known: {', '.join(GRADERS)}")
+    extracted = extract_answer(completion)
+    if extracted is None:
+        return Grade(False, None, "no_answer")
+    if len(extracted) > MAX_ANSWER_CHARS:
+        return Grade(False, extracted[:100] + "...", "answer_too_long")
+    if simple_equal(extracted, reference):
+        return Grade(True, extracted, "string")
+    if grader == "exact":
+        return Grade(False, extracted, "string")
+    try:
+        verdict = _math_verify_equal(extracted, reference, timeout_s)
+    except Exception as err:  # math-verify raises on some malformed input despite raise_on_error=False
+        return Grade(False, extracted, f"math_verify_error:{type(err).__name__}")
+    if verdict is None:
+        return Grade(False, extracted, "unparsed")
+    return Grade(verdict, extracted, "math_verify")
+
+
+def grade_many(items: Iterable[tuple[str, str]], grader: str = "math_verify", workers: int = 2,
+               timeout_s: float = 10.0, progress: bool = False, grade_fn: Callable[..., Grade] = grade_one
+               ) -> list[Grade]:
+    """Grade (completion, reference) pairs in ``workers`` processes, each item under a hard ``timeout_s``.
+
+    ``grader='exact'`` (normalised string match) runs in-process: it cannot hang. ``grade_fn(completion,
+    reference, grader, inner_timeout_s)`` is the per-item grader run in the workers.
+    """
+    items = list(items)
+    if grader == "exact" or not items:
+        return [grade_one(c, r, "exact") for c, r in items]
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from pebble import ProcessPool
+    from tqdm.auto import tqdm
+
+    inner = max(1, int(timeout_s) // 2)  # math-verify's own alarms fire first; the pool's kill is the backstop
+    out: list[Grade] = []
+    with ProcessPool(max_workers=max(1, workers)) as pool:
+        futures = [pool.schedule(grade_fn, args=(c, r, grader, inner), timeout=timeout_s) for c, r in items]
+        for fut, (completion, _) in zip(tqdm(futures, desc="grading", disable=not progress), items):
+            try:
+                out.append(fut.result())
+            except FutureTimeout:
+                out.append(Grade(False, extract_answer(completion[-5000:]), "timeout"))
+            except Exception as err:  # a worker that died (memory, recursion) grades its item incorrect
+                out.append(Grade(False, None, f"worker_error:{type(err).__name__}"))
+    return out

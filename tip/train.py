@@ -28,7 +28,7 @@ from tip.config import ConfigError, check_config
 from tip.data import format_prompt, load_examples
 from tip.engine import (build_student_engine, build_teacher_engine, deepspeed_config, init_distributed,
                         resolve_precision, save_hf_checkpoint)
-from tip.evaluate import Benchmark, evaluate
+from tip.evaluate import evaluate, load_benchmarks, sampling_of
 from tip.losses import kept_token_divergence, loss_denominator, opd_loss
 from tip.models import (HiddenStatesLM, check_vocab, gathered_head, head_logits, hidden_states, load_model,
                         load_tokenizer, output_width)
@@ -167,8 +167,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
     train_examples = load_examples(cfg.data.source, "train")
-    benchmarks = [Benchmark(name, load_examples(b.source, "test"), b.prompt_template)
-                  for name, b in cfg.eval.benchmarks.items()]
+    benchmarks = load_benchmarks(cfg.eval)
 
     rollouts_per_rank = cfg.train.prompts_per_step // dist.world_size * cfg.rollout.n
     micro_size = min(cfg.train.micro_batch_size, rollouts_per_rank)
@@ -189,10 +188,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     teacher = build_teacher_engine(teacher_model.to(dist.device), deepspeed_config(
         cfg.engine, micro_size, grad_accum, cfg.train.grad_clip, dtype, train=False))
     synced = zero3 and dist.world_size > 1
-    eval_kwargs = dict(samples=cfg.eval.samples, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                       top_k=cfg.eval.top_k, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                       chat_template=cfg.pair.chat_template, rank=dist.rank, world_size=dist.world_size,
-                       synced_gpus=synced)
+    eval_kwargs = dict(sampling=sampling_of(cfg.eval), chat_template=cfg.pair.chat_template, rank=dist.rank,
+                       world_size=dist.world_size, synced_gpus=synced)
 
     logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants)
     results: dict = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}

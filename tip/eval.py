@@ -1,0 +1,78 @@
+"""Standalone evaluation: ``python -m tip.eval model=<dir | hub id | embedded://student> eval=math500``.
+
+Several benchmarks at once: ``eval=[math500,aime24,aime25]`` (or ``eval=math``); the sampling protocol is a
+preset: ``protocol=paper`` (n=16, T=1.0, top-p 1.0; default), ``protocol=opsd`` (n=16, T=0.7, top-p 0.8,
+top-k 20) or ``protocol=greedy``. Writes ``metrics.json`` and one ``<benchmark>.jsonl`` of per-problem records
+(completions, extracted answers, verdicts, reasons) into the run directory, and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tip.config import ConfigError, check_eval
+from tip.engine import atomic_dir, resolve_precision
+from tip.evaluate import evaluate, load_benchmarks, sampling_of
+from tip.models import load_model, load_tokenizer
+
+
+def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
+    check_eval(cfg.eval)
+    if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
+        raise ConfigError(f"limit={cfg.limit!r} is not allowed: expected null or an integer >= 1")
+    for name in ("metrics.json", *(f"{b}.jsonl" for b in cfg.eval.benchmarks)):
+        if (run_dir / name).exists():
+            raise FileExistsError(f"{run_dir / name} exists; choose another hydra.run.dir")
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = load_model(cfg.model, resolve_precision(cfg.precision, device), "model").to(device)
+    benchmarks = load_benchmarks(cfg.eval, cfg.limit)
+    records: dict[str, list[dict]] = {}
+    metrics = evaluate(model, tokenizer, benchmarks, sampling_of(cfg.eval), cfg.chat_template,
+                       workers=cfg.grading.workers, timeout_s=cfg.grading.timeout_s, progress=True, records=records)
+    result = {"model": cfg.model, "protocol": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics}
+
+    # Records and metrics land together or not at all: written under a temporary name, then moved into place.
+    def write(tmp: Path) -> None:
+        for name, rows in records.items():
+            with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (tmp / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    staged = atomic_dir(run_dir / ".results", write)
+    for f in staged.iterdir():
+        f.rename(run_dir / f.name)
+    staged.rmdir()
+    print(format_table(metrics), flush=True)
+    print(f"results: {run_dir}", flush=True)
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    names = sorted({k.split("/")[0] for k in metrics})
+    cols = ["accuracy", "accuracy_std", "pass@1", "maj@1", "n", "samples"]
+    extra = sorted({k.split("/")[1] for k in metrics if k.split("/")[1] not in cols})
+    head = ["benchmark", *cols, *extra]
+    rows = [head] + [[n, *(_fmt(metrics.get(f"{n}/{c}")) for c in cols + extra)] for n in names]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
