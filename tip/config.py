@@ -100,6 +100,13 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))
 
+    _one_of("teacher.mode", cfg.teacher.mode, ("separate", "self_privileged"))
+    if cfg.teacher.mode == "self_privileged":
+        _one_of("teacher.weights", cfg.teacher.weights, ("snapshot", "live"))
+        _integer("teacher.refresh_every", cfg.teacher.refresh_every, 1)
+        _need("{solution}" in cfg.teacher.context_template, "teacher.context_template", cfg.teacher.context_template,
+              "it must contain {solution} (the privileged context)")
+
     check_source("data.source", cfg.data.source)
     check_eval(cfg.eval)
 

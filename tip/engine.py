@@ -112,6 +112,19 @@ def build_teacher_engine(model, ds_config: dict):
     return engine.module
 
 
+@torch.no_grad()
+def copy_weights(src_module, dst_module) -> None:
+    """Copy parameters one at a time. Under ZeRO-3 both models are sharded alike (same shapes, same ranks), so each
+    rank copies its own shard: no parameter is ever gathered whole."""
+    dst = dict(dst_module.named_parameters())
+    for name, p in src_module.named_parameters():
+        q = dst[name]
+        if hasattr(p, "ds_tensor"):
+            q.ds_tensor.data.copy_(p.ds_tensor.data)
+        else:
+            q.data.copy_(p.data)
+
+
 def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """Full student weights on rank 0 (collective under ZeRO-3: every rank must call it)."""
     if engine.zero_optimization_partition_weights():

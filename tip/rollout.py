@@ -47,6 +47,24 @@ class RolloutBatch:
         return out
 
 
+def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) -> RolloutBatch:
+    """The same responses after other prompts (one per rollout): the privileged teacher's view of a batch."""
+    return pack(prompt_ids, batch.responses(), batch.example_index, pad_id)
+
+
+def aligned_targets(student: RolloutBatch, teacher: RolloutBatch) -> torch.Tensor:
+    """Map every flat target position of the student batch, over B x (L_s - 1), to the flat target position of the
+    teacher batch, over B x (L_t - 1), whose next-token distribution predicts the same response token; -1 where
+    the student position is no target. Both batches hold the same responses after prompts of any lengths."""
+    s_mask, t_mask = student.target_mask, teacher.target_mask
+    if not torch.equal(s_mask.sum(-1), t_mask.sum(-1)):
+        raise ValueError("student and teacher batches do not hold the same number of response tokens per row")
+    index = torch.full((s_mask.numel(),), -1, dtype=torch.long, device=s_mask.device)
+    # nonzero() walks rows in order and positions in order within a row, on both sides alike.
+    index[s_mask.reshape(-1).nonzero(as_tuple=True)[0]] = t_mask.reshape(-1).nonzero(as_tuple=True)[0]
+    return index
+
+
 def encode_prompts(tokenizer, prompts: list[str], used_chat_template: bool) -> list[list[int]]:
     """Token ids of each prompt. Chat templates already contain their special tokens, so none are added then."""
     return [tokenizer(p, add_special_tokens=not used_chat_template)["input_ids"] for p in prompts]

@@ -26,13 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from tip.config import ConfigError, check_config
 from tip.data import format_prompt, load_examples
-from tip.engine import (build_student_engine, build_teacher_engine, deepspeed_config, init_distributed,
-                        resolve_precision, save_hf_checkpoint)
+from tip.engine import (build_student_engine, build_teacher_engine, copy_weights, deepspeed_config,
+                        init_distributed, resolve_precision, save_hf_checkpoint)
 from tip.evaluate import evaluate, load_benchmarks, sampling_of
 from tip.losses import kept_token_divergence, loss_denominator, opd_loss
 from tip.models import (HiddenStatesLM, check_vocab, gathered_head, head_logits, hidden_states, load_model,
                         load_tokenizer, output_width)
-from tip.rollout import RolloutBatch, encode_prompts, hf_generate
+from tip.rollout import RolloutBatch, aligned_targets, encode_prompts, hf_generate, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
 from tip.selection import select_tokens
 from tip.signals import TokenSignals, token_signals
@@ -63,24 +63,37 @@ def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(student, teacher, micro: RolloutBatch, chunk_size: int):
-    """Signals at every response position, and the teacher's hidden states for the gradient pass."""
-    t_hidden = hidden_states(teacher, micro.input_ids, micro.attention_mask)[:, :-1]
+def score(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int):
+    """Signals at every response position of ``micro``. The teacher reads ``teacher_batch`` (the same responses,
+    possibly after a privileged prompt); ``index`` maps student target positions to the teacher's."""
+    index = aligned_targets(micro, teacher_batch)
+    t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
     s_hidden = hidden_states(student, micro.input_ids, micro.attention_mask)[:, :-1]
-    with gathered_head(student) as student_rows, gathered_head(teacher) as teacher_rows:
-        signals = token_signals(student_rows(s_hidden), teacher_rows(t_hidden), micro.target_mask, chunk_size)
-    return signals, t_hidden
+    with gathered_head(student) as student_rows:
+        if teacher is student:  # the live self-teacher: one gathered head serves both
+            signals = token_signals(student_rows(s_hidden), lambda i: student_rows(t_hidden)(index[i]),
+                                    micro.target_mask, chunk_size)
+        else:
+            with gathered_head(teacher) as teacher_rows:
+                t_rows = teacher_rows(t_hidden)
+                signals = token_signals(student_rows(s_hidden), lambda i: t_rows(index[i]), micro.target_mask,
+                                        chunk_size)
+    return signals, t_hidden, index
 
 
-def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator) -> dict:
-    """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one."""
+def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator,
+                 teacher_prompts: list[list[int]] | None, pad_id: int) -> dict:
+    """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one.
+    ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view."""
     micros = rollouts.split(micro_size)
     policy = student.module.lm
-    scored = [score(policy, teacher, m, cfg.train.chunk_size) for m in micros]
+    views = [m if teacher_prompts is None else
+             with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
+    scored = [score(policy, teacher, m, v, cfg.train.chunk_size) for m, v in zip(micros, views)]
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), then back to micro-batches.
-    width = max(s.mask.shape[1] for s, _ in scored)
-    sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _ in scored], width)
+    width = max(s.mask.shape[1] for s, _, _ in scored)
+    sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _, _ in scored], width)
                          for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
     sel = cfg.selection
     keep = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
@@ -94,7 +107,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
                                         dist.world_size))
     undo_engine_mean = dist.world_size * len(micros)
     loss_sum, offset = 0.0, 0
-    for micro, (s, t_hidden) in zip(micros, scored):
+    for micro, (s, t_hidden, index) in zip(micros, scored):
         rows_in_batch = slice(offset, offset + s.mask.shape[0])
         offset += s.mask.shape[0]
         keep_m = keep[rows_in_batch, : s.mask.shape[1]]
@@ -102,7 +115,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         s_hidden = student(micro.input_ids, micro.attention_mask)[:, :-1]  # through the engine's forward
         s_logits = head_logits(policy, s_hidden.reshape(-1, s_hidden.shape[-1])[rows])
         with torch.no_grad():
-            t_logits = head_logits(teacher, t_hidden.reshape(-1, t_hidden.shape[-1])[rows])
+            t_logits = head_logits(teacher, t_hidden.reshape(-1, t_hidden.shape[-1])[index[rows]])
         compact = torch.arange(len(rows))
         divs = kept_token_divergence(lambda i: s_logits[i], lambda i: t_logits[i], compact,
                                      cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size)
@@ -150,6 +163,20 @@ def quiet_library_noise() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
+    """The self-teacher's prompts: the problem with its reference solution (OPSD's privileged context)."""
+    out = []
+    for e in chosen:
+        if not e.solution:
+            raise ConfigError(f"teacher=self_privileged needs reference solutions, but {cfg.data.name!r} example "
+                              f"{e.id!r} has none")
+        text = cfg.teacher.context_template.replace("{problem}", e.problem).replace("{solution}", e.solution)
+        out.append(format_prompt(tokenizer, text, "{problem}", cfg.pair.chat_template))
+    used_chat = bool(out) and out[0] != cfg.teacher.context_template.replace("{problem}", chosen[0].problem) \
+        .replace("{solution}", chosen[0].solution)
+    return encode_prompts(tokenizer, out, used_chat)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     check_config(cfg)
     quiet_library_noise()
@@ -177,16 +204,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if zero3:  # models load straight into ZeRO-3 shards (zero.Init): a 70B teacher never sits whole on one GPU
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (must stay alive while models load)
+    self_teacher = cfg.teacher.mode == "self_privileged"
     student_model = load_model(cfg.pair.student, dtype, "student")
-    teacher_model = load_model(cfg.pair.teacher, dtype, "teacher")
-    check_vocab(tokenizer, output_width(student_model), output_width(teacher_model), cfg.pair.vocab)
+    teacher_model = None
+    if not self_teacher or cfg.teacher.weights == "snapshot":  # a snapshot starts as a second copy of the student
+        teacher_model = load_model(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype, "teacher")
+        check_vocab(tokenizer, output_width(student_model), output_width(teacher_model), cfg.pair.vocab)
 
     optimizer = torch.optim.AdamW(student_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     student = build_student_engine(HiddenStatesLM(student_model), ds_cfg, optimizer, scheduler)
     policy = student.module.lm
-    teacher = build_teacher_engine(teacher_model.to(dist.device), deepspeed_config(
-        cfg.engine, micro_size, grad_accum, cfg.train.grad_clip, dtype, train=False))
+    if teacher_model is None:  # the live self-teacher: the student's current weights, read without gradient
+        teacher = policy
+    else:
+        teacher = build_teacher_engine(teacher_model.to(dist.device), deepspeed_config(
+            cfg.engine, micro_size, grad_accum, cfg.train.grad_clip, dtype, train=False))
     synced = zero3 and dist.world_size > 1
     eval_kwargs = dict(sampling=sampling_of(cfg.eval), chat_template=cfg.pair.chat_template, rank=dist.rank,
                        world_size=dist.world_size, synced_gpus=synced)
@@ -200,14 +233,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     selection_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + dist.rank)
     for step in range(cfg.train.steps):
         t0 = time.time()
-        prompt_ids, _ = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
+        prompt_ids, chosen = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
+        teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
+        if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
+            copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
         torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + dist.rank)  # sampling stream of this step and rank
         ro = cfg.rollout
         rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
                                top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
                                synced_gpus=synced).to(dist.device)
         t_gen = time.time() - t0
-        stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng)
+        stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng, teacher_prompts,
+                             tokenizer.pad_token_id)
         elapsed = time.time() - t0
         logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
                     "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
