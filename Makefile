@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN := PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu}
-EXTRAS ?= dev,logging,sweeps,datasets
+EXTRAS ?= dev,logging,sweeps,datasets,gguf
 
 .PHONY: install train test test-fast lint clean-pair
 

@@ -73,7 +73,7 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     """Examples of one dataset config.
 
     ``source`` keys: ``kind`` (embedded | jsonl | hub); for embedded ``size`` and ``seed``; for jsonl ``path``
-    for hub ``hub_id``, ``subset``, ``split`` and ``answer_after`` (keep the text after this marker as the
+    for hub ``hub_id``, ``subset``, ``split``, ``hub_fields`` (column renames of the hub copy) and ``answer_after`` (keep the text after this marker as the
     answer); optional ``fields`` renaming columns and ``limit`` keeping the first N.
     """
     kind = source.get("kind")
@@ -84,7 +84,8 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     elif kind == "jsonl":
         examples = _from_jsonl(Path(str(source["path"])), fields)
     elif kind == "hub":
-        examples = _from_hub(source["hub_id"], source.get("subset"), source.get("split", split), fields)
+        examples = _from_hub(source["hub_id"], source.get("subset"), source.get("split", split),
+                             source.get("hub_fields") or fields)
     else:
         raise DataError(f"unknown data kind {kind!r}; known: embedded, jsonl, hub")
     marker = source.get("answer_after")

@@ -24,7 +24,15 @@ class PairError(ValueError):
 
 
 def resolve_model_ref(ref: str) -> str:
-    """Map ``embedded://NAME`` to the shipped directory; leave paths and hub ids unchanged."""
+    """Map ``embedded://NAME`` to the shipped directory and ``pypi-gguf://NAME`` to the converted cache
+    (``tip.pairs``); leave paths and hub ids unchanged."""
+    if ref.startswith("pypi-gguf://"):
+        from tip import pairs
+
+        try:
+            return pairs.resolve(ref)
+        except (ValueError, FileNotFoundError) as err:
+            raise PairError(str(err)) from None
     if ref.startswith(EMBEDDED_SCHEME):
         name = ref[len(EMBEDDED_SCHEME):]
         if name not in ("teacher", "student"):
