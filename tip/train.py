@@ -16,6 +16,7 @@ import logging
 import math
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -69,15 +70,12 @@ def score(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, ch
     index = aligned_targets(micro, teacher_batch)
     t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
     s_hidden = hidden_states(student, micro.input_ids, micro.attention_mask)[:, :-1]
-    with gathered_head(student) as student_rows:
-        if teacher is student:  # the live self-teacher: one gathered head serves both
-            signals = token_signals(student_rows(s_hidden), lambda i: student_rows(t_hidden)(index[i]),
-                                    micro.target_mask, chunk_size)
-        else:
-            with gathered_head(teacher) as teacher_rows:
-                t_rows = teacher_rows(t_hidden)
-                signals = token_signals(student_rows(s_hidden), lambda i: t_rows(index[i]), micro.target_mask,
-                                        chunk_size)
+    with ExitStack() as stack:
+        student_rows = stack.enter_context(gathered_head(student))
+        # The live self-teacher is the student itself: its one gathered head serves both sides.
+        teacher_rows = student_rows if teacher is student else stack.enter_context(gathered_head(teacher))
+        t_rows = teacher_rows(t_hidden)
+        signals = token_signals(student_rows(s_hidden), lambda i: t_rows(index[i]), micro.target_mask, chunk_size)
     return signals, t_hidden, index
 
 
