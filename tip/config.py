@@ -99,6 +99,9 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))
+    _one_of("logger", cfg.logger.name, ("jsonl", "none", "wandb"))
+    if cfg.logger.name == "wandb":
+        _one_of("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
 
     _one_of("teacher.mode", cfg.teacher.mode, ("separate", "self_privileged"))
     if cfg.teacher.mode == "self_privileged":

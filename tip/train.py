@@ -37,6 +37,7 @@ from tip.rollout import RolloutBatch, aligned_targets, encode_prompts, hf_genera
 from tip.runlog import RunLogger, peak_memory_mb
 from tip.selection import select_tokens
 from tip.signals import TokenSignals, token_signals
+from tip.wandb_logging import start_run
 from tip.taxonomy import quadrant_labels, quadrant_sums, summarise_quadrants
 
 
@@ -187,6 +188,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    wandb_run = start_run(cfg, run_dir) if dist.is_main else None
+    logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants, wandb_run)
+    try:
+        return run_training(cfg, run_dir, dist, logger)
+    except BaseException:
+        if wandb_run is not None:  # a failed cell still ends its W&B run, marked failed
+            wandb_run.finish(exit_code=1)
+            wandb_run = None
+        raise
+    finally:
+        logger.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+
+
+def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger) -> dict:
+    """Load the pair, evaluate, train for cfg.train.steps, evaluate again, save the student."""
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, dist.device)
 
@@ -232,56 +250,56 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                            gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
                            log_path=run_dir / f"vllm_worker_rank{dist.rank}.log")
 
-    logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants)
-    results: dict = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
-    logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
-    if dist.is_main:
-        print("held-out before training: " + _fmt_eval(results["before"]), flush=True)
+    try:
+        results: dict = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
+        logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
+        if dist.is_main:
+            print("held-out before training: " + _fmt_eval(results["before"]), flush=True)
 
-    selection_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + dist.rank)
-    for step in range(cfg.train.steps):
-        t0 = time.time()
-        prompt_ids, chosen = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
-        teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
-        if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
-            copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
-        sample_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # sampling stream of this step and rank
-        torch.manual_seed(sample_seed)
-        if vllm is not None:
-            rollouts = vllm.generate(tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=sample_seed,
-                                     model=policy).to(dist.device)
-        else:
-            rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
-                                   top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                   synced_gpus=synced).to(dist.device)
-        t_gen = time.time() - t0
-        stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng, teacher_prompts,
-                             tokenizer.pad_token_id)
-        if vllm is not None:
-            t_sync = time.time()
-            vllm.load_weights(policy)  # the next rollouts come from the updated student
-            stats["weight_sync_s"] = round(time.time() - t_sync, 3)
-        elapsed = time.time() - t0
-        logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
-                    "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
-                    "tokens_per_s": stats["valid_tokens"] / max(elapsed, 1e-9),
-                    "peak_mem_mb": peak_memory_mb(dist.device)})
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-            mid = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
-            logger.log({"kind": "eval", "step": step + 1, "when": "during", **mid})
+        selection_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + dist.rank)
+        for step in range(cfg.train.steps):
+            t0 = time.time()
+            prompt_ids, chosen = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
+            teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
+            if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
+                copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
+            sample_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # sampling stream of this step and rank
+            torch.manual_seed(sample_seed)
+            if vllm is not None:
+                rollouts = vllm.generate(tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
+                                         top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=sample_seed,
+                                         model=policy).to(dist.device)
+            else:
+                rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+                                       top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                                       synced_gpus=synced).to(dist.device)
+            t_gen = time.time() - t0
+            stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng, teacher_prompts,
+                                 tokenizer.pad_token_id)
+            if vllm is not None:
+                t_sync = time.time()
+                vllm.load_weights(policy)  # the next rollouts come from the updated student
+                stats["weight_sync_s"] = round(time.time() - t_sync, 3)
+            elapsed = time.time() - t0
+            logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
+                        "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
+                        "tokens_per_s": stats["valid_tokens"] / max(elapsed, 1e-9),
+                        "peak_mem_mb": peak_memory_mb(dist.device)})
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+                mid = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
+                logger.log({"kind": "eval", "step": step + 1, "when": "during", **mid})
 
-    results["after"] = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
-    logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
-    if cfg.train.save_final:
-        save_hf_checkpoint(student, tokenizer, run_dir / "checkpoints" / "final", dist.is_main)
-    if dist.is_main:
-        print("held-out after training:  " + _fmt_eval(results["after"]), flush=True)
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"run directory: {run_dir}", flush=True)
-    logger.close()
-    if vllm is not None:
-        vllm.close()
+        results["after"] = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
+        logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
+        if cfg.train.save_final:
+            save_hf_checkpoint(student, tokenizer, run_dir / "checkpoints" / "final", dist.is_main)
+        if dist.is_main:
+            print("held-out after training:  " + _fmt_eval(results["after"]), flush=True)
+            (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(f"run directory: {run_dir}", flush=True)
+    finally:
+        if vllm is not None:
+            vllm.close()
     return results
 
 

@@ -1,0 +1,54 @@
+"""logger=wandb: offline runs that hold the logged metrics and config, finished even when the run fails."""
+
+import pytest
+
+from conftest import compose_config
+from tip.train import train
+from tip.wandb_logging import resolve_mode
+from wandb_records import config, exit_code, history
+
+
+@pytest.fixture
+def no_wandb_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key either
+    (tmp_path / "home").mkdir()
+
+
+def run_file(run_dir):
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return path
+
+
+def test_without_an_api_key_the_run_is_offline_and_holds_metrics_and_config(tmp_path, no_wandb_key):
+    cfg = compose_config("experiment=smoke", "logger=wandb", "selector=q3", "keep=0.2", "train.save_final=false")
+    train(cfg, tmp_path / "run")
+    path = run_file(tmp_path / "run")
+    rows = history(path)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for key in ("kept_frac", "q3/frac", "q3/kept", "mean_delta", "tokens_per_s", "peak_mem_mb", "grad_norm"):
+        assert key in train_rows[0], key
+    assert any("embedded/accuracy" in r for r in rows)
+    cfg_logged = config(path)
+    assert cfg_logged["selector"]["name"] == "q3" and cfg_logged["keep"] == 0.2
+    assert exit_code(path) == 0
+
+
+def test_a_failing_run_still_finishes_its_wandb_run_marked_failed(tmp_path, no_wandb_key):
+    cfg = compose_config("experiment=smoke", "logger=wandb", "pair.teacher=/nonexistent/teacher")
+    with pytest.raises(Exception, match="could not load teacher '/nonexistent/teacher'"):
+        train(cfg, tmp_path / "run")
+    assert exit_code(run_file(tmp_path / "run")) == 1
+
+
+def test_mode_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("disabled") == "disabled"
+    with pytest.raises(ValueError, match="logger.mode='cloud' is not allowed"):
+        resolve_mode("cloud")
