@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tip.data import BOXED_INSTRUCTION, format_prompt, load_examples
+from tip.data import BOXED_INSTRUCTION, load_examples, prompt_token_ids
 from tip.models import load_model, load_tokenizer, resolve_model_ref
 from tip.rollout import hf_generate
 from tip.testbed.arith import sample_problems
@@ -28,7 +28,7 @@ def tokens(batch) -> int:
 def run(name, ref, prompts_text, n, max_new, vllm_python, max_model_len):
     tok = load_tokenizer(ref)
     model = load_model(ref, torch.float32, name)
-    ids = [tok(format_prompt(tok, p, "{problem}"), add_special_tokens=False)["input_ids"] for p in prompts_text]
+    ids = prompt_token_ids(tok, prompts_text, "{problem}")
     hf_generate(model, tok, ids[:1], n=1, max_new_tokens=4)  # warm-up
     t0 = time.perf_counter()
     hf = hf_generate(model, tok, ids, n=n, temperature=1.0, max_new_tokens=max_new)

@@ -96,12 +96,25 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     return examples[: int(limit)] if limit else examples
 
 
+def uses_chat_template(tokenizer, chat_template: str | bool = "auto") -> bool:
+    """Whether prompts go through the tokenizer's chat template: when it has one ('auto'), or as forced."""
+    return bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto" else bool(chat_template)
+
+
+def prompt_token_ids(tokenizer, problems: list[str], template: str,
+                     chat_template: str | bool = "auto") -> list[list[int]]:
+    """Token ids of each formatted prompt. A chat template already holds its special tokens, so none are added
+    then; plain prompts get the tokenizer's own (e.g. BOS)."""
+    add_special = not uses_chat_template(tokenizer, chat_template)
+    return [tokenizer(format_prompt(tokenizer, p, template, chat_template), add_special_tokens=add_special)["input_ids"]
+            for p in problems]
+
+
 def format_prompt(tokenizer, problem: str, template: str, chat_template: str | bool = "auto") -> str:
     """The prompt text for one problem: ``template`` with ``{problem}`` replaced, through the tokenizer's chat template
     when it has one (``chat_template='auto'``) or when forced (True)."""
     text = template.replace("{problem}", problem)  # not str.format: templates contain \boxed{}
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto" else bool(chat_template)
-    if use_chat:
+    if uses_chat_template(tokenizer, chat_template):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )

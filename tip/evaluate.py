@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from tip.data import Example, format_prompt
+from tip.data import Example, prompt_token_ids
 from tip.grading import Grade, grade_many, normalise_answer
-from tip.rollout import encode_prompts, hf_generate
+from tip.rollout import hf_generate
 
 
 @dataclass
@@ -111,9 +111,8 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
         placeholder = not part  # this rank is out of problems but must still join the collective call
         part = part or [0]
         examples = [bench.examples[i] for i in part]
-        prompts = [format_prompt(tokenizer, e.problem, bench.prompt_template, chat_template) for e in examples]
-        used_chat = prompts[0] != bench.prompt_template.replace("{problem}", examples[0].problem)
-        batch = hf_generate(model, tokenizer, encode_prompts(tokenizer, prompts, used_chat), n=sampling.samples,
+        prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template, chat_template)
+        batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                             max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus)
         if placeholder:

@@ -65,11 +65,6 @@ def aligned_targets(student: RolloutBatch, teacher: RolloutBatch) -> torch.Tenso
     return index
 
 
-def encode_prompts(tokenizer, prompts: list[str], used_chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt. Chat templates already contain their special tokens, so none are added then."""
-    return [tokenizer(p, add_special_tokens=not used_chat_template)["input_ids"] for p in prompts]
-
-
 def eos_ids(model, tokenizer) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = ids if isinstance(ids, (list, tuple)) else [ids]

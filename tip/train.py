@@ -26,14 +26,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tip.config import ConfigError, check_config
-from tip.data import format_prompt, load_examples
+from tip.data import load_examples, prompt_token_ids
 from tip.engine import (build_student_engine, build_teacher_engine, copy_weights, deepspeed_config,
                         init_distributed, resolve_precision, save_hf_checkpoint)
 from tip.evaluate import evaluate, load_benchmarks, sampling_of
 from tip.losses import kept_token_divergence, loss_denominator, opd_loss
 from tip.models import (HiddenStatesLM, check_vocab, gathered_head, head_logits, hidden_states, load_model,
                         load_tokenizer, output_width)
-from tip.rollout import RolloutBatch, aligned_targets, encode_prompts, hf_generate, with_prompts
+from tip.rollout import RolloutBatch, aligned_targets, hf_generate, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
 from tip.selection import select_tokens
 from tip.signals import TokenSignals, token_signals
@@ -149,9 +149,7 @@ def rank_prompts(cfg, examples, tokenizer, step: int, dist, chat_template) -> tu
     size (rank r takes every world_size-th prompt of the step)."""
     per_step = cfg.train.prompts_per_step
     chosen = [examples[(step * per_step + i) % len(examples)] for i in range(per_step)][dist.rank::dist.world_size]
-    texts = [format_prompt(tokenizer, e.problem, cfg.data.prompt_template, chat_template) for e in chosen]
-    used_chat = bool(texts) and texts[0] != cfg.data.prompt_template.replace("{problem}", chosen[0].problem)
-    return encode_prompts(tokenizer, texts, used_chat), chosen
+    return prompt_token_ids(tokenizer, [e.problem for e in chosen], cfg.data.prompt_template, chat_template), chosen
 
 
 def quiet_library_noise() -> None:
@@ -164,16 +162,13 @@ def quiet_library_noise() -> None:
 
 def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
     """The self-teacher's prompts: the problem with its reference solution (OPSD's privileged context)."""
-    out = []
     for e in chosen:
         if not e.solution:
             raise ConfigError(f"teacher=self_privileged needs reference solutions, but {cfg.data.name!r} example "
                               f"{e.id!r} has none")
-        text = cfg.teacher.context_template.replace("{problem}", e.problem).replace("{solution}", e.solution)
-        out.append(format_prompt(tokenizer, text, "{problem}", cfg.pair.chat_template))
-    used_chat = bool(out) and out[0] != cfg.teacher.context_template.replace("{problem}", chosen[0].problem) \
-        .replace("{solution}", chosen[0].solution)
-    return encode_prompts(tokenizer, out, used_chat)
+    texts = [cfg.teacher.context_template.replace("{problem}", e.problem).replace("{solution}", e.solution)
+             for e in chosen]
+    return prompt_token_ids(tokenizer, texts, "{problem}", cfg.pair.chat_template)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
