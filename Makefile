@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUN := PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu}
-EXTRAS ?= dev,logging,sweeps,datasets,gguf
+EXTRAS ?= dev,logging,sweeps,datasets,gguf,bench
 
 .PHONY: install train test test-fast lint vllm-env
 

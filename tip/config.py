@@ -60,6 +60,26 @@ def check_source(key: str, source: Any) -> None:
         _integer(f"{key}.size", source.get("size"), 1)
 
 
+def apply_cell(cfg: DictConfig) -> None:
+    """``cell=<selector>@<keep>`` (e.g. ``q3@0.1``) or ``cell=untrained`` (the student as loaded: no training
+    steps) sets the selector, keep and steps at once: sweeps whose cells are not a grid list them this way."""
+    cell = cfg.get("cell")
+    if cell is None:
+        return
+    allowed = "expected '<selector>@<keep>' (e.g. q3@0.1, all@1.0) or 'untrained'"
+    if cell == "untrained":
+        cfg.selector.name, cfg.keep, cfg.train.steps = "all", 1.0, 0
+        return
+    rule, sep, keep = str(cell).partition("@")
+    _need(bool(sep), "cell", cell, allowed)
+    _one_of("cell selector", rule, sorted(RULES))
+    try:
+        cfg.keep = float(keep)
+    except ValueError:
+        raise ConfigError(f"cell={cell!r} is not allowed: {keep!r} is not a number; {allowed}") from None
+    cfg.selector.name = rule
+
+
 def check_config(cfg: DictConfig) -> None:
     _number("keep", cfg.keep, 0.0, 1.0, lo_open=True)
     _one_of("selector", cfg.selector.name, sorted(RULES))
@@ -81,11 +101,14 @@ def check_config(cfg: DictConfig) -> None:
     _integer("train.chunk_size", tr.chunk_size, 1)
     _integer("train.warmup_steps", tr.warmup_steps, 0)
     _integer("train.eval_every", tr.eval_every, 0)
+    _need(isinstance(tr.eval_before, bool), "train.eval_before", tr.eval_before, "expected true or false")
     _number("train.lr", tr.lr, 0.0, math.inf, lo_open=True, hi_open=True)
     _number("train.weight_decay", tr.weight_decay, 0.0, math.inf, hi_open=True)
     _number("train.grad_clip", tr.grad_clip, 0.0, math.inf, hi_open=True)
     _one_of("train.lr_schedule", tr.lr_schedule, ("cosine", "constant"))
     _one_of("train.denominator", tr.denominator, DENOMINATORS)
+    _integer("train.checkpoint_every", tr.checkpoint_every, 0)
+    _integer("train.keep_checkpoints", tr.keep_checkpoints, 1)
 
     ro = cfg.rollout
     _one_of("rollout.backend", ro.backend, ROLLOUT_BACKENDS)
@@ -107,6 +130,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.teacher.mode == "self_privileged":
         _one_of("teacher.weights", cfg.teacher.weights, ("snapshot", "live"))
         _integer("teacher.refresh_every", cfg.teacher.refresh_every, 1)
+        # A resumed snapshot is rebuilt from the student at a refresh step, so checkpoints must fall on one.
+        if cfg.teacher.weights == "snapshot" and tr.checkpoint_every:
+            _need(tr.checkpoint_every % cfg.teacher.refresh_every == 0, "train.checkpoint_every", tr.checkpoint_every,
+                  f"with teacher.weights=snapshot it must be a multiple of teacher.refresh_every "
+                  f"({cfg.teacher.refresh_every}), so a resumed run rebuilds the same snapshot")
         _need("{solution}" in cfg.teacher.context_template, "teacher.context_template", cfg.teacher.context_template,
               "it must contain {solution} (the privileged context)")
 

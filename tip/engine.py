@@ -37,8 +37,14 @@ def _free_port() -> int:
 
 def prepare_process_env() -> None:
     """Fill RANK/WORLD_SIZE/... so DeepSpeed needs no launcher for one process (without them it goes looking for
-    MPI), and map SLURM's task variables when srun started us."""
+    MPI), and take them from submitit's job environment or SLURM's task variables when those started us."""
     env = os.environ
+    if "RANK" not in env and "SUBMITIT_EXECUTOR" in env:  # a job of hydra/launcher=slurm: one task per GPU
+        from submitit.helpers import TorchDistributedEnvironment
+
+        # Rank, world size, local rank, the first node as master and a port derived from the job id. Devices
+        # stay visible: the local rank picks its GPU.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
     if "RANK" not in env:

@@ -11,9 +11,11 @@ averaging its engine applies (``tip.train`` multiplies by world_size x accumulat
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tip.signals import DIVERGENCES, RowSource, chunks, common_vocab, divergence, log_probs, logits_rows
 
@@ -41,6 +43,86 @@ def kept_token_divergence(
     if not pieces:
         return torch.zeros(0, dtype=torch.float32, device=rows.device)
     return torch.cat(pieces)
+
+
+def _chunk_divergence(logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float,
+                      softcap: float | None) -> torch.Tensor:
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    s_logits, t_logits = common_vocab(logits, teacher_logits.detach())
+    return divergence(log_probs(s_logits), log_probs(t_logits), kind, beta)
+
+
+class _RecomputedHeadDivergence(torch.autograd.Function):
+    """Divergence of kept rows through the student's output layer, chunk by chunk. Forward keeps no logits; backward
+    recomputes each chunk's logits, takes the divergence's gradient w.r.t. them (autograd over chunk x V), and
+    folds it into the hidden-state and weight gradients at once. The weight gradient is accumulated across chunks
+    and handed to autograd once, so a ZeRO-3 parameter receives one gradient per backward on every rank."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_rows, kind, beta, chunk_size, softcap, gather):
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.args = (teacher_rows, kind, beta, chunk_size, softcap, gather)
+        pieces = []
+        with gather():
+            for idx in chunks(torch.arange(hidden.shape[0], device=hidden.device), chunk_size):
+                logits = F.linear(hidden[idx], weight, bias)
+                pieces.append(_chunk_divergence(logits, teacher_rows(idx), kind, beta, softcap))
+        if not pieces:
+            return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias = ctx.saved_tensors
+        teacher_rows, kind, beta, chunk_size, softcap, gather = ctx.args
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        with gather():
+            # Inside gather() a ZeRO-3 weight is whole again; its gradient takes the weight's full shape.
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+            if bias is not None and ctx.needs_input_grad[2]:
+                grad_bias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+            for idx in chunks(torch.arange(hidden.shape[0], device=hidden.device), chunk_size):
+                h = hidden[idx]
+                with torch.enable_grad():
+                    logits = F.linear(h, weight, bias).detach().requires_grad_()
+                    div = _chunk_divergence(logits, teacher_rows(idx), kind, beta, softcap)
+                    (grad_logits,) = torch.autograd.grad(div, logits, grad_out[idx].to(div.dtype))
+                grad_logits = grad_logits.to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[idx] = grad_logits @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.t(), h.to(weight.dtype))
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0).to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def recomputed_kept_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher: RowSource,
+    kind: str = "reverse_kl",
+    beta: float = 0.5,
+    chunk_size: int = 512,
+    softcap: float | None = None,
+    gather=contextlib.nullcontext,
+) -> torch.Tensor:
+    """Divergence at each kept row, from the student's hidden states ``hidden`` (K, H) and output layer
+    (``weight`` (V, H), ``bias``, optional final-logit ``softcap``), differentiable w.r.t. hidden, weight and bias.
+
+    Equal to ``kept_token_divergence`` over ``F.linear(hidden, weight, bias)``, but what autograd holds for
+    backward is ``hidden`` itself: logits exist only one chunk (``chunk_size`` x V) at a time, in forward and again
+    in backward. ``teacher(idx)`` returns the teacher's logits of kept rows ``idx`` (detached; called in both
+    passes). ``gather`` is a context-manager factory entered once in forward and once in backward, around every
+    use of ``weight`` and ``teacher`` (ZeRO-3 gathers sharded output layers there).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(DIVERGENCES)}")
+    return _RecomputedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size, softcap, gather)
 
 
 @dataclass(frozen=True)

@@ -125,15 +125,41 @@ class HiddenStatesLM(torch.nn.Module):
         return hidden_states(self.lm, input_ids, attention_mask)
 
 
-def _softcap(model):
+def final_logit_softcap(model) -> float | None:
     return getattr(model.config, "final_logit_softcapping", None)
 
 
-def head_logits(model, hidden_rows: torch.Tensor) -> torch.Tensor:
-    """Logits of some hidden rows (K, H) through the model's own output module: one module call, which under
-    ZeRO-3 is one gather of the head on every rank (callers make the same number of calls on every rank)."""
-    logits = model.get_output_embeddings()(hidden_rows)
-    cap = _softcap(model)
+def _head_params(model) -> list:
+    head = model.get_output_embeddings()
+    return [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+
+
+@contextmanager
+def gathered_heads(*models):
+    """The output layers of ``models`` whole for the duration (one ZeRO-3 gather each; a model given twice, as
+    the live self-teacher is, is gathered once). Outside ZeRO-3 it does nothing."""
+    params, seen = [], set()
+    for model in models:
+        for p in _head_params(model):
+            if id(p) not in seen and hasattr(p, "ds_id"):
+                seen.add(id(p))
+                params.append(p)
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def head_logits_raw(model, hidden_rows: torch.Tensor) -> torch.Tensor:
+    """Logits through the output layer's weight directly, without a module call (so no ZeRO-3 hooks): inside
+    ``gathered_heads`` only, when the layer may be sharded. Detached: for the frozen side."""
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(hidden_rows, head.weight, getattr(head, "bias", None))
+    cap = final_logit_softcap(model)
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
@@ -143,7 +169,7 @@ def gathered_head(model):
     loop of any length runs no collectives. For passes without gradient."""
     head = model.get_output_embeddings()
     params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-    cap = _softcap(model)
+    cap = final_logit_softcap(model)
 
     def factory(hidden: torch.Tensor):
         source = projected_rows(hidden, head.weight, getattr(head, "bias", None))

@@ -23,16 +23,19 @@ import hydra
 import torch
 import torch.distributed as tdist
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tip.config import ConfigError, check_config
+from tip.checkpoint import (Resume, failure_status, load_training_checkpoint, plan_attempt, read_status,
+                            save_training_checkpoint, set_aside_metrics, write_status)
+from tip.config import ConfigError, apply_cell, check_config
 from tip.data import load_examples, prompt_token_ids
 from tip.engine import (build_student_engine, build_teacher_engine, copy_weights, deepspeed_config,
                         init_distributed, resolve_precision, save_hf_checkpoint)
 from tip.evaluate import evaluate, load_benchmarks, sampling_of
-from tip.losses import kept_token_divergence, loss_denominator, opd_loss
-from tip.models import (HiddenStatesLM, check_vocab, gathered_head, head_logits, hidden_states, load_model,
-                        load_tokenizer, output_width)
+from tip.losses import loss_denominator, opd_loss, recomputed_kept_divergence
+from tip.models import (HiddenStatesLM, check_vocab, final_logit_softcap, gathered_head, gathered_heads,
+                        head_logits_raw, hidden_states, load_model, load_tokenizer, output_width)
 from tip.rollout import RolloutBatch, aligned_targets, hf_generate, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
 from tip.selection import select_tokens
@@ -112,15 +115,18 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         keep_m = keep[rows_in_batch, : s.mask.shape[1]]
         rows = keep_m.reshape(-1).nonzero(as_tuple=True)[0]
         s_hidden = student(micro.input_ids, micro.attention_mask)[:, :-1]  # through the engine's forward
-        s_logits = head_logits(policy, s_hidden.reshape(-1, s_hidden.shape[-1])[rows])
-        with torch.no_grad():
-            t_logits = head_logits(teacher, t_hidden.reshape(-1, t_hidden.shape[-1])[index[rows]])
-        compact = torch.arange(len(rows))
-        divs = kept_token_divergence(lambda i: s_logits[i], lambda i: t_logits[i], compact,
-                                     cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size)
+        kept_hidden = s_hidden.reshape(-1, s_hidden.shape[-1])[rows]
+        t_kept = t_hidden.reshape(-1, t_hidden.shape[-1])[index[rows]]
+        # The output layer runs only on kept rows, chunk by chunk, and again in backward: no kept-rows x V logits
+        # are held for backward (tip.losses.recomputed_kept_divergence).
+        head = policy.get_output_embeddings()
+        divs = recomputed_kept_divergence(
+            kept_hidden, head.weight, head.bias, lambda i: head_logits_raw(teacher, t_kept[i]),
+            cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size, softcap=final_logit_softcap(policy),
+            gather=lambda: gathered_heads(policy, teacher))
         out = opd_loss(divs, keep_m, s.mask, cfg.train.denominator, global_count)
-        # Keep the graph connected when this rank kept nothing, so every rank runs the same backward hooks.
-        loss = out.loss + 0.0 * s_logits.sum()
+        # divs is in the graph even when this rank kept nothing, so every rank runs the same backward (and gathers).
+        loss = out.loss
         student.backward(loss * undo_engine_mean)
         student.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
         loss_sum += float(out.loss.detach())
@@ -171,35 +177,64 @@ def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
     return prompt_token_ids(tokenizer, texts, "{problem}", cfg.pair.chat_template)
 
 
+def barrier_of(dist):
+    return tdist.barrier if dist.world_size > 1 else (lambda: None)
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    check_config(cfg)
+    """One training run in ``run_dir``; a rerun in the same directory resumes an unfinished run of the same config
+    (from its last checkpoint, or from the start) and refuses a finished one. ``status.json`` says how it ended."""
+    run_dir = Path(run_dir)
     quiet_library_noise()
     dist = init_distributed()
-    if cfg.train.prompts_per_step % dist.world_size:
-        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not allowed: it must be a "
-                          f"multiple of the number of processes ({dist.world_size})")
-    if dist.is_main and (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir")
+    try:
+        apply_cell(cfg)
+        check_config(cfg)
+        if cfg.train.prompts_per_step % dist.world_size:
+            raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not allowed: it must be a "
+                              f"multiple of the number of processes ({dist.world_size})")
+    except ConfigError as exc:
+        if dist.is_main and not (run_dir / "metrics.jsonl").exists() and read_status(run_dir) is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            failure_status(run_dir, exc)  # the sweep report shows the cell as failed, with this message
+        raise
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    plan = plan_attempt(run_dir, config_text)  # every rank reads before rank 0 changes anything
+    barrier_of(dist)()
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    wandb_run = start_run(cfg, run_dir) if dist.is_main else None
-    logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants, wandb_run)
+        if plan.prior_attempt:
+            set_aside_metrics(run_dir, plan.step if plan.checkpoint else None)
+        (run_dir / "config.yaml").write_text(config_text)
+        write_status(run_dir, "running")
+    barrier_of(dist)()
+    wandb_run = logger = None
     try:
-        return run_training(cfg, run_dir, dist, logger)
-    except BaseException:
+        wandb_run = start_run(cfg, run_dir) if dist.is_main else None
+        logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants, wandb_run)
+        results = run_training(cfg, run_dir, dist, logger, plan)
+        if dist.is_main:
+            write_status(run_dir, "completed")
+        return results
+    except BaseException as exc:
+        if dist.is_main and isinstance(exc, (SystemExit, KeyboardInterrupt)):  # preempted (SLURM) or stopped
+            write_status(run_dir, "interrupted")
+        elif dist.is_main:
+            failure_status(run_dir, exc)
         if wandb_run is not None:  # a failed cell still ends its W&B run, marked failed
             wandb_run.finish(exit_code=1)
             wandb_run = None
         raise
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         if wandb_run is not None:
             wandb_run.finish()
 
 
-def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger) -> dict:
-    """Load the pair, evaluate, train for cfg.train.steps, evaluate again, save the student."""
+def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: Resume | None = None) -> dict:
+    """Load the pair, evaluate, train for cfg.train.steps (from the checkpoint in ``plan`` if any), evaluate again,
+    save the student."""
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, dist.device)
 
@@ -246,13 +281,24 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger) -> dic
                            log_path=run_dir / f"vllm_worker_rank{dist.rank}.log")
 
     try:
-        results: dict = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
-        logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
-        if dist.is_main:
-            print("held-out before training: " + _fmt_eval(results["before"]), flush=True)
+        start = 0
+        if plan is not None and plan.checkpoint is not None:
+            client = load_training_checkpoint(student, plan.checkpoint)
+            start, results = client["step"], {"before": client["before"]}
+            if vllm is not None:
+                vllm.load_weights(policy)
+            logger.log({"kind": "resume", "step": start, "checkpoint": str(plan.checkpoint)})
+            if dist.is_main:
+                print(f"resumed from {plan.checkpoint} (step {start} of {cfg.train.steps})", flush=True)
+        elif cfg.train.eval_before:
+            results = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
+            logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
+            if dist.is_main:
+                print("held-out before training: " + _fmt_eval(results["before"]), flush=True)
+        else:
+            results = {"before": None}
 
-        selection_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + dist.rank)
-        for step in range(cfg.train.steps):
+        for step in range(start, cfg.train.steps):
             t0 = time.time()
             prompt_ids, chosen = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
             teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
@@ -260,6 +306,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger) -> dic
                 copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
             sample_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # sampling stream of this step and rank
             torch.manual_seed(sample_seed)
+            # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
+            selection_rng = torch.Generator().manual_seed(sample_seed + 2**40)
             if vllm is not None:
                 rollouts = vllm.generate(tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
                                          top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=sample_seed,
@@ -283,11 +331,17 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger) -> dic
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
                 mid = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
                 logger.log({"kind": "eval", "step": step + 1, "when": "during", **mid})
+            if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
+                save_training_checkpoint(student, run_dir, step + 1, {"step": step + 1, "before": results["before"]},
+                                         dist.is_main, cfg.train.keep_checkpoints, barrier_of(dist))
 
         results["after"] = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
         logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
-        if cfg.train.save_final:
-            save_hf_checkpoint(student, tokenizer, run_dir / "checkpoints" / "final", dist.is_main)
+        final_dir = run_dir / "checkpoints" / "final"
+        if cfg.train.save_final and final_dir.exists():  # saved by an attempt that died just after
+            print(f"keeping the final checkpoint already at {final_dir}", flush=True)
+        elif cfg.train.save_final:
+            save_hf_checkpoint(student, tokenizer, final_dir, dist.is_main)
         if dist.is_main:
             print("held-out after training:  " + _fmt_eval(results["after"]), flush=True)
             (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -304,6 +358,10 @@ def _fmt_eval(metrics: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    if hc.runtime.choices.get("sweeps") and hc.mode != RunMode.MULTIRUN:
+        raise ConfigError(f"sweeps={hc.runtime.choices['sweeps']} is a multirun: add -m "
+                          f"(python -m tip.train -m sweeps={hc.runtime.choices['sweeps']} ...)")
     results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     # The sweep's objective: mean held-out accuracy after training.
     after = [v for k, v in results["after"].items() if k.endswith("/accuracy")]

@@ -4,6 +4,7 @@ the sweep, with the resolved config. ``python -m wandb sync <dir>`` uploads offl
 from __future__ import annotations
 
 import netrc
+import secrets
 import os
 from pathlib import Path
 
@@ -48,8 +49,13 @@ def start_run(cfg: DictConfig, run_dir: Path):
     import wandb
 
     name, group = run_identity(run_dir)
-    return wandb.init(
+    # A resumed run (a requeued SLURM job) continues the same W&B run.
+    id_file = Path(run_dir) / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    run = wandb.init(
         project=lg.project, entity=lg.entity, group=lg.group or group, name=lg.name_run or name,
-        tags=list(lg.tags), mode=resolve_mode(lg.mode), dir=str(run_dir),
+        tags=list(lg.tags), mode=resolve_mode(lg.mode), dir=str(run_dir), id=run_id, resume="allow",
         config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
     )
+    id_file.write_text(run_id)
+    return run

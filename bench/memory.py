@@ -1,0 +1,222 @@
+"""Peak memory and time of one OPD training step, by loss path: ``python bench/memory.py``.
+
+Every variant runs in a fresh subprocess on the same Qwen3-shaped student and teacher (the real 151,936-token
+vocabulary, a small hidden size) and the same batch of response tokens (reverse KL, AdamW):
+
+- ``base``: the TIP release's style: the student's forward returns logits at every position (N x V, kept for
+  backward), the teacher's too, and the loss is computed over all tokens in chunks of positions;
+- ``tip@rho``: tip.train's path: a scoring pass without gradient (signals chunk by chunk from hidden states),
+  Soft-OR selection of rho N tokens (rho = 1: all tokens), then the student to hidden states and the output
+  layer only at kept rows, chunked, recomputed in backward (tip.losses.recomputed_kept_divergence);
+- ``trl``: TRL's GKDTrainer loss (generalized_jsd_loss, beta = 1: reverse KL; lmbda = 1 only says the
+  rollouts are the student's own) over full student and teacher logits, when TRL is installed.
+
+Peak memory is the process's peak RSS during the measured step above its RSS before it (Linux VmHWM after
+resetting it through /proc/self/clear_refs), and the whole process's peak; on a GPU (--device cuda) CUDA's max
+allocated. One warm-up step (it allocates AdamW's state) precedes the measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ["base", "tip@1.0", "tip@0.5", "tip@0.2", "tip@0.1", "trl"]
+
+
+def build_models(args, device):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    def model(hidden, layers, seed):
+        torch.manual_seed(seed)
+        cfg = Qwen3Config(vocab_size=151_936, hidden_size=hidden, intermediate_size=3 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                          tie_word_embeddings=False, max_position_embeddings=args.prompt + args.response + 8)
+        return Qwen3ForCausalLM(cfg).to(device)
+
+    student = model(args.hidden, args.layers, 1)
+    teacher = model(args.hidden * 2, args.layers, 2).requires_grad_(False).eval()
+    return student, teacher
+
+
+def batch(args, device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 151_000, (args.batch, args.prompt + args.response), generator=g).to(device)
+    attention = torch.ones_like(ids)
+    target_mask = torch.zeros(args.batch, ids.shape[1] - 1, dtype=torch.bool, device=device)
+    target_mask[:, args.prompt - 1:] = True  # logits at position t predict token t+1: the response tokens
+    return ids, attention, target_mask
+
+
+def step_base(student, teacher, ids, attention, target_mask, chunk):
+    """Full logits from both models, loss over all response tokens in chunks of positions."""
+    import torch
+
+    from tip.losses import kept_token_divergence, opd_loss
+
+    logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    s_flat, t_flat = logits.reshape(-1, logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1])
+    rows = target_mask.reshape(-1).nonzero(as_tuple=True)[0]
+    divs = kept_token_divergence(lambda i: s_flat[i], lambda i: t_flat[i], rows, "reverse_kl", chunk_size=chunk)
+    return opd_loss(divs, target_mask, target_mask).loss, 0.0
+
+
+def step_tip(student, teacher, ids, attention, target_mask, chunk, keep):
+    import torch
+
+    from tip.losses import opd_loss, recomputed_kept_divergence
+    from tip.models import hidden_states, head_logits_raw
+    from tip.selection import select_tokens
+    from tip.signals import projected_rows, token_signals
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        t_hidden = hidden_states(teacher, ids, attention)[:, :-1]
+        s_hidden = hidden_states(student, ids, attention)[:, :-1]
+        s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+        signals = token_signals(projected_rows(s_hidden, s_head.weight), projected_rows(t_hidden, t_head.weight),
+                                target_mask, chunk)
+        kept = select_tokens("all" if keep >= 1 else "soft_or", signals, keep)
+    select_s = time.perf_counter() - t0
+    rows = kept.reshape(-1).nonzero(as_tuple=True)[0]
+    t_kept = t_hidden.reshape(-1, t_hidden.shape[-1])[rows]
+    del s_hidden
+    hidden = hidden_states(student, ids, attention)[:, :-1]
+    kept_hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+    divs = recomputed_kept_divergence(kept_hidden, s_head.weight, None, lambda i: head_logits_raw(teacher, t_kept[i]),
+                                      "reverse_kl", chunk_size=chunk)
+    return opd_loss(divs, kept, target_mask).loss, select_s
+
+
+def step_trl(student, teacher, ids, attention, target_mask, chunk):
+    import torch
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    labels = torch.where(target_mask, ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+    return GKDTrainer.generalized_jsd_loss(logits, t_logits, labels=labels, beta=1.0), 0.0
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_variant(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    student, teacher = build_models(args, device)
+    ids, attention, target_mask = batch(args, device)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    name = args.variant
+    if name == "trl":
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            return {"variant": name, "skipped": "TRL is not installed (pip install trl)"}
+
+    def one_step():
+        opt.zero_grad(set_to_none=True)
+        if name == "base":
+            loss, sel = step_base(student, teacher, ids, attention, target_mask, args.chunk)
+        elif name == "trl":
+            loss, sel = step_trl(student, teacher, ids, attention, target_mask, args.chunk)
+        else:
+            loss, sel = step_tip(student, teacher, ids, attention, target_mask, args.chunk, float(name.split("@")[1]))
+        loss.backward()
+        opt.step()
+        return float(loss), sel
+
+    one_step()  # warm-up: AdamW state, allocator pools
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = _rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    loss, select_s = one_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        process_peak = peak
+    else:
+        peak = _rss_mb("VmHWM")
+        import resource
+        process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    elapsed = time.perf_counter() - t0
+    return {"variant": name, "loss": loss, "step_s": elapsed, "select_s": select_s, "before_mb": before,
+            "peak_mb": peak, "step_mb": peak - before, "process_peak_mb": process_peak,
+            "tokens": int(target_mask.sum())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--response", type=int, default=1024, help="response tokens per sequence")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return 0
+
+    results = []
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", variant] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+        if proc.returncode == -9:
+            results.append({"variant": variant, "skipped": "killed by the kernel (out of memory)"})
+        elif proc.returncode:
+            results.append({"variant": variant, "skipped": f"failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"})
+        else:
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  {variant} done", file=sys.stderr, flush=True)
+
+    base = next((r for r in results if r["variant"] == "base" and "skipped" not in r), None)
+    tokens = next((r["tokens"] for r in results if "tokens" in r), 0)
+    unit = "CUDA max allocated" if args.device.startswith("cuda") else "RSS"
+    print(f"\nOne OPD step, Qwen3-shaped pair (V = 151,936, student hidden {args.hidden}, teacher "
+          f"{2 * args.hidden}, {args.layers} layers), {tokens} response tokens, chunk {args.chunk}, {args.device}")
+    print(f"memory: {unit}; 'step' = peak during the step above the memory before it")
+    print(f"{'variant':<9} {'step MB':>9} {'peak MB':>9} {'step s':>8} {'score+select':>13} "
+          f"{'step/base':>10} {'peak/base':>10} {'time/base':>10}")
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['variant']:<9} skipped: {r['skipped']}")
+            continue
+        ratios = ("", "", "")
+        if base:
+            ratios = (f"{r['step_mb'] / base['step_mb']:.2f}x", f"{r['peak_mb'] / base['peak_mb']:.2f}x",
+                      f"{r['step_s'] / base['step_s']:.2f}x")
+        share = f"{100 * r['select_s'] / r['step_s']:.0f}%" if r["select_s"] else "—"
+        print(f"{r['variant']:<9} {r['step_mb']:9.0f} {r['peak_mb']:9.0f} {r['step_s']:8.2f} {share:>13} "
+              f"{ratios[0]:>10} {ratios[1]:>10} {ratios[2]:>10}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

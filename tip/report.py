@@ -1,0 +1,394 @@
+"""The paper-style table and plot of a sweep: ``python -m tip.report <multirun dir>``.
+
+Reads every cell directory of a Hydra multirun (finished, failed or never finished), groups cells that differ only
+in their seed, and writes into ``<multirun dir>/report/``:
+
+- ``table.md`` / ``table.csv``: rule x keep ratio x benchmark, held-out accuracy mean ± std over seeds, with the
+  kept-token fraction, peak memory and step time; then every cell with its status (and error if it failed);
+- ``cells.csv``: one row per cell;
+- ``accuracy_vs_tokens.png``: accuracy against kept-token fraction per rule, the all-token baseline (and the
+  untrained student, when the sweep has it) as reference lines.
+
+When the cells logged to W&B (``logger=wandb``), the table and the plot are also logged to the sweep's W&B group.
+The report is derived data: running it again (e.g. after more cells finish) rewrites it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
+# otherwise identical rules.
+GRID_KEYS = ("cell", "selector", "keep", "seed")
+RULE_ORDER = ("untrained", "all", "entropy_sample", "entropy_topk", "soft_or", "soft_or_bottom", "q3", "div_topk",
+              "random", "q1", "q2", "q4")
+
+
+@dataclass
+class Cell:
+    path: Path
+    overrides: list[str]
+    status: str                      # completed | failed | interrupted | unfinished (killed, or still running) | not started
+    rule: str
+    keep: float
+    seed: int | None
+    variant: str                     # the non-grid overrides, e.g. "divergence=jsd"
+    error: str = ""
+    accuracy: dict[str, float] = field(default_factory=dict)  # benchmark -> held-out accuracy after training
+    kept_frac: float | None = None   # mean over training steps
+    peak_mem_mb: float | None = None
+    step_s: float | None = None
+    quadrants: dict[str, float] = field(default_factory=dict)  # mean over steps of q*/frac and q*/of_kept
+    logger: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.rule if self.rule == "untrained" else f"{self.rule}@{self.keep:g}"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            pass
+    return out
+
+
+def _cell_config(path: Path) -> dict:
+    """The cell's config: tip.train's resolved copy when it got that far, else what Hydra composed."""
+    for candidate in (path / "config.yaml", path / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text()) or {}
+    return {}
+
+
+def _rule_and_keep(cfg: dict, overrides: dict[str, str]) -> tuple[str, float]:
+    cell = overrides.get("cell", cfg.get("cell"))
+    steps = (cfg.get("train") or {}).get("steps")
+    if cell == "untrained" or steps == 0:
+        return "untrained", 0.0
+    if cell and "@" in str(cell):
+        rule, _, keep = str(cell).partition("@")
+    else:
+        rule, keep = (cfg.get("selector") or {}).get("name", "?"), cfg.get("keep", float("nan"))
+    try:
+        keep = float(keep)
+    except (TypeError, ValueError):
+        keep = float("nan")
+    return rule, 1.0 if rule == "all" else keep
+
+
+def read_cell(path: Path) -> Cell:
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
+    pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    cfg = _cell_config(path)
+    rule, keep = _rule_and_keep(cfg, pairs)
+    seed = pairs.get("seed", cfg.get("seed"))
+    variant = ",".join(o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in GRID_KEYS
+                       and not o.startswith("hydra."))
+    status_file = path / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    cell = Cell(path, overrides, status.get("status", "not started"), rule, keep,
+                int(seed) if seed is not None else None, variant, error=status.get("error", ""),
+                logger=cfg.get("logger") or {})
+    if cell.status == "running":
+        cell.status = "unfinished"  # killed, preempted without requeue, or still running
+    evals = path / "eval.json"
+    if cell.status == "completed" and evals.is_file():
+        after = json.loads(evals.read_text())["after"]
+        cell.accuracy = {k.split("/")[0]: v for k, v in after.items() if k.endswith("/accuracy")}
+    steps = [r for r in _read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
+    if steps:
+        cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
+        cell.peak_mem_mb = max(r["peak_mem_mb"] for r in steps)
+        cell.step_s = statistics.fmean(r["step_s"] for r in steps)
+        for key in steps[0]:
+            if key[:2] in ("q1", "q2", "q3", "q4") and key.endswith(("/frac", "/of_kept")):
+                values = [r[key] for r in steps if r.get(key) is not None]
+                if values:
+                    cell.quadrants[key] = statistics.fmean(values)
+    elif rule == "untrained":
+        cell.kept_frac = 0.0
+    return cell
+
+
+def find_cells(sweep_dir: Path) -> list[Cell]:
+    dirs = [d for d in Path(sweep_dir).iterdir()
+            if d.is_dir() and ((d / ".hydra").is_dir() or (d / "status.json").is_file())]
+    if not dirs:
+        raise SystemExit(f"{sweep_dir} holds no sweep cells (no <n>/.hydra folders): pass a multirun directory, "
+                         "e.g. outputs/sweeps/table5_main_<date>")
+    dirs.sort(key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
+    cells = [read_cell(d) for d in dirs]
+    # Overrides that every cell shares (pair=..., experiment=...) describe the sweep, not a variant.
+    shared = set.intersection(*(set(c.variant.split(",")) for c in cells))
+    for c in cells:
+        c.variant = ",".join(o for o in c.variant.split(",") if o and o not in shared)
+    return cells
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _rule_rank(rule: str) -> int:
+    return RULE_ORDER.index(rule) if rule in RULE_ORDER else len(RULE_ORDER)
+
+
+def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
+    """One row per (rule, keep, variant): mean and std over the completed seeds of each benchmark's accuracy."""
+    benchmarks = sorted({b for c in cells for b in c.accuracy})
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.rule, c.keep, c.variant), []).append(c)
+    rows = []
+    for (rule, keep, variant), members in sorted(groups.items(), key=lambda kv: (
+            kv[0][2], _rule_rank(kv[0][0]), kv[0][0], -kv[0][1] if not math.isnan(kv[0][1]) else 0)):
+        done = [c for c in members if c.status == "completed"]
+        row = {"rule": rule, "keep": keep, "variant": variant, "seeds": len(done),
+               "failed": sum(c.status == "failed" for c in members),
+               "unfinished": sum(c.status not in ("completed", "failed") for c in members)}
+        row["kept_frac"], row["kept_frac_std"] = _mean_std([c.kept_frac for c in done if c.kept_frac is not None])
+        for b in benchmarks:
+            row[f"{b}/accuracy"], row[f"{b}/accuracy_std"] = _mean_std([c.accuracy[b] for c in done
+                                                                        if b in c.accuracy])
+        row["peak_mem_mb"], _ = _mean_std([c.peak_mem_mb for c in done if c.peak_mem_mb is not None])
+        row["step_s"], _ = _mean_std([c.step_s for c in done if c.step_s is not None])
+        for q in ("q1", "q2", "q3", "q4"):
+            for part in ("frac", "of_kept"):
+                row[f"{q}/{part}"], _ = _mean_std([c.quadrants[f"{q}/{part}"] for c in done
+                                                   if f"{q}/{part}" in c.quadrants])
+        rows.append(row)
+    return rows, benchmarks
+
+
+def _pct(mean: float, std: float) -> str:
+    return "—" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _num(x: float, fmt: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: list[Cell]) -> str:
+    head = ["rule", "keep", "tokens kept"] + [f"{b} (%)" for b in benchmarks] + ["seeds", "peak MB", "step s"]
+    lines = [f"# Sweep {Path(sweep_dir).name}", "",
+             "Held-out accuracy after training, mean ± std over seeds (sample std; 0 with one seed). "
+             "`tokens kept`: mean fraction of valid response tokens in the loss.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        rule = r["rule"] + (f" ({r['variant']})" if r["variant"] else "")
+        seeds = str(r["seeds"]) + (f" (+{r['failed']} failed)" if r["failed"] else "") + \
+            (f" (+{r['unfinished']} unfinished)" if r["unfinished"] else "")
+        keep = "—" if r["rule"] == "untrained" else f"{r['keep']:g}"
+        cols = [rule, keep, _num(r["kept_frac"], ".3f")]
+        cols += [_pct(r[f"{b}/accuracy"], r[f"{b}/accuracy_std"]) for b in benchmarks]
+        cols += [seeds, _num(r["peak_mem_mb"], ".0f"), _num(r["step_s"], ".2f")]
+        lines.append("| " + " | ".join(cols) + " |")
+    quad_rows = [r for r in rows if not math.isnan(r["q1/frac"])]
+    if quad_rows:
+        lines += ["", "Token share of each quadrant and each quadrant's share of the kept tokens (means over steps):",
+                  "", "| rule | keep | " + " | ".join(f"{q} share" for q in ("Q1", "Q2", "Q3", "Q4")) + " | " +
+                  " | ".join(f"{q} of kept" for q in ("Q1", "Q2", "Q3", "Q4")) + " |", "|" + "---|" * 10]
+        for r in quad_rows:
+            lines.append(f"| {r['rule']} | {r['keep']:g} | " +
+                         " | ".join(_num(r[f'{q}/frac'], '.3f') for q in ("q1", "q2", "q3", "q4")) + " | " +
+                         " | ".join(_num(r[f'{q}/of_kept'], '.3f') for q in ("q1", "q2", "q3", "q4")) + " |")
+    lines += ["", "## Cells", "", "| dir | overrides | status | " + " | ".join(benchmarks) + " | error |",
+              "|" + "---|" * (4 + len(benchmarks))]
+    for c in cells:
+        accs = [_num(c.accuracy.get(b), ".3f") for b in benchmarks]
+        error = c.error.splitlines()[0][:160].replace("|", "\\|") if c.error else ""
+        lines.append(f"| {c.path.name} | {' '.join(c.overrides)} | {c.status} | " + " | ".join(accs) +
+                     f" | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+# The paper's claims, checked when a sweep has the cells they compare (sweeps=testbed_reproduction has all).
+# kind: "gt" (A above B), "close" (A close to B); a pair of cells is (rule, keep).
+CLAIMS = [
+    ("Soft-OR 50% >= all-token", "gt", ("soft_or", 0.5), ("all", 1.0)),
+    ("Soft-OR top-50% well above bottom-50%", "gt", ("soft_or", 0.5), ("soft_or_bottom", 0.5)),
+    ("Q3 at 10% close to all-token", "close", ("q3", 0.1), ("all", 1.0)),
+    ("Q3 at 10% above divergence-only at 10%", "gt", ("q3", 0.1), ("div_topk", 0.1)),
+    ("Q4-only helps least (below Q1-only)", "gt", ("q1", 0.2), ("q4", 0.2)),
+    ("Q4-only helps least (below Q2-only)", "gt", ("q2", 0.2), ("q4", 0.2)),
+    ("Q4-only helps least (below Q3-only)", "gt", ("q3", 0.2), ("q4", 0.2)),
+]
+
+
+def verdict(kind: str, a: dict, b: dict, metric: str) -> tuple[float, float, str]:
+    """d = mean(A) - mean(B) over seeds, SE = sqrt(sA^2/nA + sB^2/nB); the decision rule in the README."""
+    d = a[metric] - b[metric]
+    se = math.sqrt(a[f"{metric}_std"] ** 2 / max(a["seeds"], 1) + b[f"{metric}_std"] ** 2 / max(b["seeds"], 1))
+    if kind == "gt":
+        word = "reproduced" if d > 2 * se else "not reproduced" if d < -2 * se else "inconclusive"
+    else:
+        word = ("reproduced" if abs(d) < 2 * se and abs(d) < 0.02 else
+                "not reproduced" if abs(d) > 2 * se else "inconclusive")
+    return d, se, word
+
+
+def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
+    by_cell = {(r["rule"], r["keep"]): r for r in rows if not r["variant"] and r["seeds"]}
+    lines = []
+    for bench in benchmarks:
+        metric = f"{bench}/accuracy"
+        for text, kind, a, b in CLAIMS:
+            if a in by_cell and b in by_cell:
+                d, se, word = verdict(kind, by_cell[a], by_cell[b], metric)
+                lines.append(f"| {text} | {bench} | {a[0]}@{a[1]:g} − {b[0]}@{b[1]:g} | {100 * d:+.1f} | "
+                             f"{100 * se:.1f} | {word} |")
+    entropy = [r for r in rows if r["rule"] in ("entropy_sample", "entropy_topk") and not math.isnan(r["q3/of_kept"])]
+    if not lines and not entropy:
+        return ""
+    out = ["", "## The paper's claims", "",
+           "d: difference of means over seeds (points); SE = √(s₁²/n₁ + s₂²/n₂). Reproduced when d > 2·SE (for "
+           "\"close\": |d| < 2·SE and |d| < 2 points), not reproduced when d < −2·SE (\"close\": |d| > 2·SE), "
+           "else inconclusive.", "",
+           "| claim | benchmark | cells | d | SE | verdict |", "|---|---|---|---|---|---|", *lines]
+    if entropy:
+        out += ["", "Entropy-only rules and Q3 tokens (Q3's share of all tokens vs of the kept tokens, means over "
+                "seeds and steps):", "", "| rule | keep | Q3 share of tokens | Q3 share of kept |", "|---|---|---|---|"]
+        out += [f"| {r['rule']} | {r['keep']:g} | {r['q3/frac']:.3f} | {r['q3/of_kept']:.3f} |" for r in entropy]
+    return "\n".join(out) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def cell_rows(cells: list[Cell], benchmarks: list[str]) -> list[dict]:
+    return [{"dir": c.path.name, "overrides": " ".join(c.overrides), "status": c.status, "rule": c.rule,
+             "keep": c.keep, "seed": c.seed, "variant": c.variant, "kept_frac": c.kept_frac,
+             **{f"{b}/accuracy": c.accuracy.get(b) for b in benchmarks}, "peak_mem_mb": c.peak_mem_mb,
+             "step_s": c.step_s, "error": c.error.splitlines()[0] if c.error else ""} for c in cells]
+
+
+def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> None:
+    """Accuracy against kept-token fraction, one line per rule; baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(benchmarks)), figsize=(5.5 * max(1, len(benchmarks)), 4.2),
+                             squeeze=False)
+    for ax, bench in zip(axes[0], benchmarks or ["(no finished cell)"]):
+        acc, std = f"{bench}/accuracy", f"{bench}/accuracy_std"
+        for r in rows:
+            if r["rule"] in ("all", "untrained") and not math.isnan(r.get(acc, math.nan)):
+                style = ("--", "tab:gray") if r["rule"] == "all" else (":", "black")
+                name = "all tokens (baseline)" if r["rule"] == "all" else "untrained student"
+                ax.axhline(100 * r[acc], ls=style[0], color=style[1], label=name + (f" {r['variant']}" if r["variant"]
+                                                                                      else ""))
+                if r["rule"] == "all" and r[std] > 0:
+                    ax.axhspan(100 * (r[acc] - r[std]), 100 * (r[acc] + r[std]), color=style[1], alpha=0.12)
+        lines: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["rule"] not in ("all", "untrained") and not math.isnan(r.get(acc, math.nan)):
+                lines.setdefault((r["rule"], r["variant"]), []).append(r)
+        for (rule, variant), pts in lines.items():
+            pts.sort(key=lambda r: r["kept_frac"])
+            ax.errorbar([r["kept_frac"] for r in pts], [100 * r[acc] for r in pts],
+                        yerr=[100 * r[std] for r in pts], marker="o", capsize=3,
+                        label=rule + (f" {variant}" if variant else ""))
+        ax.set_xlabel("fraction of response tokens in the loss")
+        ax.set_ylabel(f"{bench} accuracy (%)")
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell], mode: str | None):
+    """A "report" run in the sweep's W&B group, holding the table and the plot. Returns the run's directory."""
+    import wandb
+
+    from tip.wandb_logging import resolve_mode
+
+    lg = next((c.logger for c in cells if c.logger.get("name") == "wandb"), {})
+    run = wandb.init(project=lg.get("project", "tip"), entity=lg.get("entity"),
+                     group=lg.get("group") or Path(sweep_dir).name, name="report", job_type="report",
+                     mode=mode or resolve_mode(lg.get("mode", "auto")), dir=str(out), reinit="finish_previous")
+    columns = list(rows[0]) if rows else []
+    run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+             "accuracy_vs_tokens": wandb.Image(str(out / "accuracy_vs_tokens.png"))})
+    run_dir = Path(run.dir).parent
+    run.finish()
+    return run_dir
+
+
+def report(sweep_dir: Path, wandb_mode: str = "auto") -> Path:
+    """Write the report of ``sweep_dir`` into ``sweep_dir/report``; returns that folder."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SystemExit(f"no such sweep directory: {sweep_dir}")
+    cells = find_cells(sweep_dir)
+    rows, benchmarks = aggregate(cells)
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    text = markdown(sweep_dir, rows, benchmarks, cells)
+    claims = claims_markdown(rows, benchmarks)
+    if claims:  # before the per-cell list
+        head, sep, tail = text.partition("\n## Cells\n")
+        text = head + claims + sep + tail
+    _write(out / "table.md", text)
+    _write(out / "table.csv", _csv(rows))
+    _write(out / "cells.csv", _csv(cell_rows(cells, benchmarks)))
+    plot(rows, benchmarks, sweep_dir.name, out / "accuracy_vs_tokens.png")
+    use_wandb = wandb_mode in ("online", "offline") or (
+        wandb_mode == "auto" and any(c.logger.get("name") == "wandb" for c in cells))
+    if use_wandb:
+        log_to_wandb(sweep_dir, out, rows, cells, None if wandb_mode == "auto" else wandb_mode)
+    print(text, end="")
+    print(f"report: {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tip.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
+    parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
+                        help="auto: log to W&B when the cells did (logger=wandb), in their mode")
+    args = parser.parse_args(argv)
+    report(args.sweep_dir, args.wandb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
