@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from tip.signals import projected_rows
 
 EMBEDDED_SCHEME = "embedded://"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded_pair"
@@ -161,24 +160,3 @@ def head_logits_raw(model, hidden_rows: torch.Tensor) -> torch.Tensor:
         logits = torch.nn.functional.linear(hidden_rows, head.weight, getattr(head, "bias", None))
     cap = final_logit_softcap(model)
     return cap * torch.tanh(logits / cap) if cap else logits
-
-
-@contextmanager
-def gathered_head(model):
-    """Yield a row-source factory over the full output weight, gathered once if ZeRO-3 sharded it, so a chunk
-    loop of any length runs no collectives. For passes without gradient."""
-    head = model.get_output_embeddings()
-    params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-    cap = final_logit_softcap(model)
-
-    def factory(hidden: torch.Tensor):
-        source = projected_rows(hidden, head.weight, getattr(head, "bias", None))
-        return (lambda idx: cap * torch.tanh(source(idx) / cap)) if cap else source
-
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield factory
-    else:
-        yield factory

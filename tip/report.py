@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from tip.checkpoint import write_atomic
+
 # Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
 # otherwise identical rules.
 GRID_KEYS = ("cell", "selector", "keep", "seed")
@@ -329,12 +331,6 @@ def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> Non
     os.replace(tmp, path)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell], mode: str | None):
     """A "report" run in the sweep's W&B group, holding the table and the plot. Returns the run's directory."""
     import wandb
@@ -367,9 +363,9 @@ def report(sweep_dir: Path, wandb_mode: str = "auto") -> Path:
     if claims:  # before the per-cell list
         head, sep, tail = text.partition("\n## Cells\n")
         text = head + claims + sep + tail
-    _write(out / "table.md", text)
-    _write(out / "table.csv", _csv(rows))
-    _write(out / "cells.csv", _csv(cell_rows(cells, benchmarks)))
+    write_atomic(out / "table.md", text)
+    write_atomic(out / "table.csv", _csv(rows))
+    write_atomic(out / "cells.csv", _csv(cell_rows(cells, benchmarks)))
     plot(rows, benchmarks, sweep_dir.name, out / "accuracy_vs_tokens.png")
     use_wandb = wandb_mode in ("online", "offline") or (
         wandb_mode == "auto" and any(c.logger.get("name") == "wandb" for c in cells))

@@ -16,7 +16,6 @@ import logging
 import math
 import time
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -34,7 +33,7 @@ from tip.engine import (build_student_engine, build_teacher_engine, copy_weights
                         init_distributed, resolve_precision, save_hf_checkpoint)
 from tip.evaluate import evaluate, load_benchmarks, sampling_of
 from tip.losses import loss_denominator, opd_loss, recomputed_kept_divergence
-from tip.models import (HiddenStatesLM, check_vocab, final_logit_softcap, gathered_head, gathered_heads,
+from tip.models import (HiddenStatesLM, check_vocab, final_logit_softcap, gathered_heads,
                         head_logits_raw, hidden_states, load_model, load_tokenizer, output_width)
 from tip.rollout import RolloutBatch, aligned_targets, hf_generate, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
@@ -74,12 +73,11 @@ def score(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, ch
     index = aligned_targets(micro, teacher_batch)
     t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
     s_hidden = hidden_states(student, micro.input_ids, micro.attention_mask)[:, :-1]
-    with ExitStack() as stack:
-        student_rows = stack.enter_context(gathered_head(student))
-        # The live self-teacher is the student itself: its one gathered head serves both sides.
-        teacher_rows = student_rows if teacher is student else stack.enter_context(gathered_head(teacher))
-        t_rows = teacher_rows(t_hidden)
-        signals = token_signals(student_rows(s_hidden), lambda i: t_rows(index[i]), micro.target_mask, chunk_size)
+    s_flat, t_flat = (h.reshape(-1, h.shape[-1]) for h in (s_hidden, t_hidden))
+    # One gather of each output layer (one for the live self-teacher, which is the student) for the whole chunk loop.
+    with gathered_heads(student, teacher):
+        signals = token_signals(lambda i: head_logits_raw(student, s_flat[i]),
+                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), micro.target_mask, chunk_size)
     return signals, t_hidden, index
 
 
