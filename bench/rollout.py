@@ -17,7 +17,7 @@ import torch
 
 from tip.data import BOXED_INSTRUCTION, load_examples, prompt_token_ids
 from tip.models import load_model, load_tokenizer, resolve_model_ref
-from tip.rollout import hf_generate
+from tip.rollout import hf_generate, prompt_seeds
 from tip.testbed.arith import sample_problems
 
 
@@ -43,7 +43,8 @@ def run(name, ref, prompts_text, n, max_new, vllm_python, max_model_len):
     try:
         eng.generate(tok, ids[:1], n=1, max_new_tokens=4, model=model)  # warm-up
         t0 = time.perf_counter()
-        vl = eng.generate(tok, ids, n=n, temperature=1.0, max_new_tokens=max_new, seed=0, model=model)
+        vl = eng.generate(tok, ids, n=n, temperature=1.0, max_new_tokens=max_new,
+                          seeds=prompt_seeds(0, 0, list(range(len(ids)))), model=model)
         vl_rate = tokens(vl) / (time.perf_counter() - t0)
     finally:
         eng.close()

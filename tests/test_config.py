@@ -54,6 +54,9 @@ def test_engine_variants_are_deepspeed_json():
     ("selection.quadrant_thresholds.entropy=mean", r"expected 'median' or a number"),
     ("train.denominator=tokens", r"train.denominator='tokens' is not allowed: expected one of kept, all"),
     ("rollout.temperature=-1", r"rollout.temperature=-1 is not allowed"),
+    ("rollout.temperature=0.7", r"rollout.temperature=0.7 is not allowed: expected 1.0 \(signals and loss are those "
+                                r"of P_S at temperature 1"),
+    ("rollout=vllm rollout.max_model_len=0", r"rollout.max_model_len=0 is not allowed: expected an integer >= 2"),
     ("train.steps=1.5", r"train.steps=1.5 is not allowed: expected an integer"),
     ("data=gsm8k data_root=/nonexistent", r"data.source.path='/nonexistent/gsm8k_train.jsonl' is not allowed: no such file"),
 ])

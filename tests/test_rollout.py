@@ -34,3 +34,49 @@ def test_hf_generate_cuts_at_eos_and_is_reproducible_greedy():
     text = tok.decode(a.responses()[0], skip_special_tokens=True)
     assert text.startswith("12+34=46;") and "\\boxed{" in text
     assert resolve_model_ref("/some/dir") == "/some/dir"
+
+
+def instruct_like(model):
+    """The model with an Instruct-style generation_config (as Qwen2.5-Instruct's, with harsher values so any
+    leak shows): a repetition penalty, an n-gram ban, top-k 1, a low temperature and a minimum length."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.generation_config.bos_token_id, eos_token_id=model.generation_config.eos_token_id,
+        repetition_penalty=3.0, no_repeat_ngram_size=2, top_k=1, top_p=0.5, temperature=0.1, min_new_tokens=30,
+        do_sample=True)
+    return model
+
+
+def test_rollouts_ignore_the_models_generation_config():
+    """Rollouts are samples of P_S: the processors an Instruct model's generation_config switches on (repetition
+    penalty, ...) and transformers' default top-k of 50 must not act. Same seed, same tokens, whatever the
+    model's generation_config says; and the config is restored afterwards."""
+    tok = load_tokenizer("embedded://student")
+    plain = load_model("embedded://student", torch.float32, "student")
+    dressed = instruct_like(load_model("embedded://student", torch.float32, "student"))
+    prompts = [tok(p)["input_ids"] for p in ("12+34-5=", "7+8-9=", "61-19+3=")]
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(7)
+        a = hf_generate(plain, tok, prompts, n=3, temperature=temperature, max_new_tokens=40)
+        torch.manual_seed(7)
+        b = hf_generate(dressed, tok, prompts, n=3, temperature=temperature, max_new_tokens=40)
+        assert a.responses() == b.responses(), temperature
+    assert dressed.generation_config.repetition_penalty == 3.0
+
+
+def test_sampled_rollouts_follow_the_students_distribution():
+    """The first sampled token's frequencies match softmax(logits) at temperature 1 (no top-k 50, no penalties):
+    a model with a flat first step over many tokens would be cut to 50 by transformers' default top-k."""
+    tok = load_tokenizer("embedded://student")
+    model = instruct_like(load_model("embedded://student", torch.float32, "student"))
+    prompt = tok("12+34-5=")["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].double(), -1)
+    torch.manual_seed(0)
+    batch = hf_generate(model, tok, [prompt], n=4000, temperature=1.0, max_new_tokens=1)
+    first = torch.tensor([r[0] for r in batch.responses()])
+    freq = torch.bincount(first, minlength=probs.numel()).double() / first.numel()
+    top = probs.argsort(descending=True)[:3]
+    # Binomial standard error at n=4000 is <= 0.008; 0.03 is ~4 SE.
+    torch.testing.assert_close(freq[top], probs[top], atol=0.03, rtol=0)

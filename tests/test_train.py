@@ -119,7 +119,7 @@ def _free_port():
 def _launch(nproc: int, run_dir: Path):
     """The same global batch: 4 prompts x 1 greedy rollout per step; micro-batches of 2 rollouts, so one process
     accumulates 2 micro-batches where each of two processes runs 1."""
-    overrides = ["experiment=smoke", "selector=soft_or", "keep=0.5", "selection.norm_scope=sequence",
+    overrides = ["experiment=smoke", "selector=soft_or", "keep=0.5",  # norm_scope=batch: global statistics
                  "rollout.temperature=0", "rollout.n=1", "train.prompts_per_step=4", "train.micro_batch_size=2",
                  "train.steps=3", "train.lr=1e-5", "train.warmup_steps=0", "train.save_final=false", "logger=none",
                  f"data_root={DATA_ROOT}", f"hydra.run.dir={run_dir}"]
@@ -135,8 +135,13 @@ def _launch(nproc: int, run_dir: Path):
 
 
 def test_two_process_zero3_matches_one_process(tmp_path):
+    """With the default norm_scope=batch the clip, min-max and median statistics are those of the step's global
+    batch (gathered over ranks): taken per rank, they made 2 processes keep other tokens than 1."""
     one = _launch(1, tmp_path / "one")
     two = _launch(2, tmp_path / "two")
+    # The same tokens kept in every quadrant, step by step.
+    for key in ("kept_tokens", *(f"q{i}/of_kept" for i in range(1, 5)), *(f"q{i}/frac" for i in range(1, 5))):
+        torch.testing.assert_close([r[key] for r in two], [r[key] for r in one], rtol=1e-9, atol=1e-9, msg=key)
     # Step 1 sees the same weights and tokens: loss and gradient norm (before clipping) must agree up to float
     # summation order. The gradient norm is what exposes a wrong normalisation over micro-batches or ranks
     # (a factor of 2 would show here; Adam's first, sign-like update would hide it).

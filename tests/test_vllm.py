@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, compose_config
 from tip.models import load_model, load_tokenizer, resolve_model_ref
-from tip.rollout import hf_generate
+from tip.rollout import hf_generate, prompt_seeds
 from tip.testbed.arith import sample_problems
 from tip.train import train
 
@@ -68,9 +68,22 @@ def test_greedy_rollouts_agree_after_weight_updates(engine):
     assert hf.responses() == vl.responses()
 
 
+def test_each_prompt_draws_from_its_own_random_stream(engine):
+    """The same prompt twice in one request batch, as two prompts of a step: with one seed for the whole batch
+    (as before) vLLM gave the j-th sample of both the same random numbers, so the two lists were identical."""
+    tok = load_tokenizer("embedded://student")
+    model = load_model("embedded://student", torch.float32, "student")
+    (prompt,) = prompts(tok, 1)
+    batch = engine.generate(tok, [prompt, prompt], n=16, temperature=1.0, max_new_tokens=40,
+                            seeds=prompt_seeds(0, 3, [0, 1]), model=model)
+    first, second = batch.responses()[:16], batch.responses()[16:]
+    assert len(set(map(tuple, first + second))) > 1  # the policy does sample different responses here
+    assert first != second
+
+
 def test_training_with_vllm_rollouts_syncs_every_step(tmp_path):
     cfg = compose_config("experiment=smoke", "rollout=vllm", f"rollout.vllm_python={VLLM_PYTHON}",
-                         "rollout.max_model_len=128", "rollout.n=2", "logger=none", "train.save_final=false")
+                         "rollout.n=2", "logger=none", "train.save_final=false")
     train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "train"]

@@ -114,7 +114,11 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("rollout.backend", ro.backend, ROLLOUT_BACKENDS)
     _integer("rollout.n", ro.n, 1)
     _integer("rollout.max_new_tokens", ro.max_new_tokens, 1)
-    _number("rollout.temperature", ro.temperature, 0.0, math.inf, hi_open=True)
+    _need(ro.temperature in (0, 1), "rollout.temperature", ro.temperature,
+          "expected 1.0 (signals and loss are those of P_S at temperature 1, so rollouts must be its samples) "
+          "or 0 (greedy, for deterministic tests)")
+    if ro.backend == "vllm" and ro.max_model_len is not None:
+        _integer("rollout.max_model_len", ro.max_model_len, 2)
     _number("rollout.top_p", ro.top_p, 0.0, 1.0, lo_open=True)
 
     _one_of("engine.stage", cfg.engine.stage, (0, 1, 2, 3))

@@ -101,21 +101,25 @@ def uses_chat_template(tokenizer, chat_template: str | bool = "auto") -> bool:
     return bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto" else bool(chat_template)
 
 
-def prompt_token_ids(tokenizer, problems: list[str], template: str,
-                     chat_template: str | bool = "auto") -> list[list[int]]:
+def prompt_token_ids(tokenizer, problems: list[str], template: str, chat_template: str | bool = "auto",
+                     chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
     """Token ids of each formatted prompt. A chat template already holds its special tokens, so none are added
     then; plain prompts get the tokenizer's own (e.g. BOS)."""
     add_special = not uses_chat_template(tokenizer, chat_template)
-    return [tokenizer(format_prompt(tokenizer, p, template, chat_template), add_special_tokens=add_special)["input_ids"]
+    return [tokenizer(format_prompt(tokenizer, p, template, chat_template, chat_template_kwargs),
+                      add_special_tokens=add_special)["input_ids"]
             for p in problems]
 
 
-def format_prompt(tokenizer, problem: str, template: str, chat_template: str | bool = "auto") -> str:
+def format_prompt(tokenizer, problem: str, template: str, chat_template: str | bool = "auto",
+                  chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
     """The prompt text for one problem: ``template`` with ``{problem}`` replaced, through the tokenizer's chat template
-    when it has one (``chat_template='auto'``) or when forced (True)."""
+    when it has one (``chat_template='auto'``) or when forced (True). ``chat_template_kwargs`` are the template's
+    own arguments (Qwen3: ``enable_thinking``)."""
     text = template.replace("{problem}", problem)  # not str.format: templates contain \boxed{}
     if uses_chat_template(tokenizer, chat_template):
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            **dict(chat_template_kwargs or {}),
         )
     return text

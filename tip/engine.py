@@ -10,23 +10,12 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+from tip.distributed import DistInfo
 
 
 def _free_port() -> int:
@@ -96,6 +85,10 @@ def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: i
         bf16={"enabled": dtype == torch.bfloat16},
         fp16={"enabled": dtype == torch.float16},
     )
+    if dtype != torch.float32 and zero.get("stage", 0) >= 1:
+        # Half-precision weights, but gradients are reduce-scattered and summed over micro-batches in fp32 (by
+        # default DeepSpeed does both in the weights' dtype, rounding every partial sum to bf16's 8 bits).
+        cfg.update(communication_data_type="fp32", data_types={"grad_accum_dtype": "fp32"})
     return cfg
 
 

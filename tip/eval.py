@@ -36,7 +36,8 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     benchmarks = load_benchmarks(cfg.eval, cfg.limit)
     records: dict[str, list[dict]] = {}
     metrics = evaluate(model, tokenizer, benchmarks, sampling_of(cfg.eval), cfg.chat_template,
-                       workers=cfg.grading.workers, timeout_s=cfg.grading.timeout_s, progress=True, records=records)
+                       workers=cfg.grading.workers, timeout_s=cfg.grading.timeout_s, progress=True, records=records,
+                       chat_template_kwargs=cfg.chat_template_kwargs)
     result = {"model": cfg.model, "protocol": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics}
 
     # Records and metrics land together or not at all: written under a temporary name, then moved into place.

@@ -97,7 +97,7 @@ def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None)
 @torch.no_grad()
 def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling, chat_template="auto",
                          rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
-                         progress: bool = False) -> dict[int, list[str]]:
+                         progress: bool = False, chat_template_kwargs=None) -> dict[int, list[str]]:
     """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: under ZeRO-3
     generation is collective, so every rank runs the same number of generate calls)."""
     from tqdm.auto import tqdm
@@ -111,7 +111,8 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
         placeholder = not part  # this rank is out of problems but must still join the collective call
         part = part or [0]
         examples = [bench.examples[i] for i in part]
-        prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template, chat_template)
+        prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template, chat_template,
+                                   chat_template_kwargs)
         batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                             max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus)
@@ -145,7 +146,7 @@ def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades:
 def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, chat_template="auto",
              rank: int = 0, world_size: int = 1, synced_gpus: bool = False, workers: int = 2,
              timeout_s: float = 10.0, progress: bool = False,
-             records: dict[str, list[dict]] | None = None) -> dict[str, Any]:
+             records: dict[str, list[dict]] | None = None, chat_template_kwargs=None) -> dict[str, Any]:
     """Metrics of every benchmark, gathered over ranks. ``records``, if given, receives the per-problem records
     (on every rank, for the problems of all ranks)."""
     was_training = model.training
@@ -153,7 +154,7 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, 
     metrics: dict[str, Any] = {}
     for bench in benchmarks:
         completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank, world_size,
-                                           synced_gpus, progress)
+                                           synced_gpus, progress, chat_template_kwargs)
         grades = grade_completions(bench, completions, workers, timeout_s, progress)
         local = list(problem_records(bench, completions, grades))
         if world_size > 1:

@@ -78,25 +78,29 @@ class _RecomputedHeadDivergence(torch.autograd.Function):
         teacher_rows, kind, beta, chunk_size, softcap, gather = ctx.args
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
+        # Weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the weight's dtype
+        # once: in bf16 every chunk's partial sum would be rounded to 8 bits.
+        acc = torch.promote_types(weight.dtype, torch.float32)
         with gather():
             # Inside gather() a ZeRO-3 weight is whole again; its gradient takes the weight's full shape.
             if ctx.needs_input_grad[1]:
-                grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+                grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             if bias is not None and ctx.needs_input_grad[2]:
-                grad_bias = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+                grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device)
             for idx in chunks(torch.arange(hidden.shape[0], device=hidden.device), chunk_size):
                 h = hidden[idx]
                 with torch.enable_grad():
                     logits = F.linear(h, weight, bias).detach().requires_grad_()
                     div = _chunk_divergence(logits, teacher_rows(idx), kind, beta, softcap)
                     (grad_logits,) = torch.autograd.grad(div, logits, grad_out[idx].to(div.dtype))
-                grad_logits = grad_logits.to(weight.dtype)
                 if grad_hidden is not None:
-                    grad_hidden[idx] = grad_logits @ weight
+                    grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.t(), h.to(weight.dtype))
+                    grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0).to(bias.dtype)
+                    grad_bias += grad_logits.sum(0).to(acc)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 

@@ -8,6 +8,8 @@ including the first end-of-sequence token.
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,18 +73,50 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
+def prompt_seeds(run_seed: int, step: int, prompt_indices: list[int]) -> list[int]:
+    """One sampling seed per prompt, from (run seed, step, the prompt's index in the step's global batch): draws
+    are independent across prompts, steps and ranks, and a prompt's seed does not depend on the number of
+    ranks. Hashed to 62 bits, so the seed + j that vLLM gives a prompt's j-th sample never meets another's."""
+    out = []
+    for i in prompt_indices:
+        digest = hashlib.blake2b(f"{run_seed}/{step}/{i}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") >> 2)
+    return out
+
+
 def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int], pad_id: int) -> RolloutBatch:
     """Right-padded prompt+response rows with their masks."""
     rows = [p + r for p, r in zip(prompt_ids, responses)]
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width), dtype=torch.bool)
+    # Built on the host from Python lists; the trainer moves the batch to its device in one copy.
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    att = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
+    resp = torch.zeros((len(rows), width), dtype=torch.bool, device="cpu")
     for i, (p, r) in enumerate(zip(prompt_ids, responses)):
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long, device="cpu")
         att[i, : len(p) + len(r)] = 1
         resp[i, len(p): len(p) + len(r)] = True
     return RolloutBatch(ids, att, resp, [len(p) for p in prompt_ids], example_index)
+
+
+@contextmanager
+def plain_sampling(model):
+    """Generation from P_S itself: while inside, ``model.generation_config`` holds only the special-token ids.
+
+    transformers fills every generation option left unset from the model's ``generation_config`` (Instruct
+    models ship repetition penalties, top-k/top-p and temperatures there) and then from its global defaults
+    (top-k 50). Rollouts must be samples of the student's distribution, which the signals and the loss
+    describe, so no processor but the temperature / top-p / top-k passed explicitly may act."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                "decoder_start_token_id")}
+    model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 @torch.no_grad()
@@ -97,22 +131,25 @@ def hf_generate(
     max_new_tokens: int = 64,
     synced_gpus: bool = False,
 ) -> RolloutBatch:
-    """``n`` rollouts per prompt with transformers' ``generate`` (temperature 0 = greedy)."""
+    """``n`` rollouts per prompt with transformers' ``generate`` (temperature 0 = greedy), sampled from the model's
+    distribution with only these options (see ``plain_sampling``)."""
     device = next(iter(model.parameters())).device
     pad_id = tokenizer.pad_token_id
     width = max(map(len, prompt_ids))
     repeated = [p for p in prompt_ids for _ in range(n)]
-    ids = torch.full((len(repeated), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(repeated), width), pad_id, dtype=torch.long, device="cpu")
     att = torch.zeros_like(ids)
     for i, p in enumerate(repeated):  # left-pad for generation
-        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p), 1
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id, synced_gpus=synced_gpus, **sampling,
-    )
+        ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p, device="cpu"), 1
     stops = eos_ids(model, tokenizer)
+    # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its top-k of 50).
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+        else dict(do_sample=False)
+    with plain_sampling(model):
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id, eos_token_id=sorted(stops), synced_gpus=synced_gpus, **sampling,
+        )
     responses = []
     for row in out[:, width:].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))

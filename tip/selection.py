@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import torch
 
 from tip.signals import TokenSignals
-from tip.taxonomy import clipped_minmax_normalise, minmax_normalise
+from tip.taxonomy import BatchStats, clipped_minmax_normalise, minmax_normalise
 
 SCOPES = ("sequence", "batch")
 
@@ -164,14 +164,14 @@ def keep_extreme(
         raise ValueError(f"unknown selection scope {scope!r}; known: {', '.join(SCOPES)}")
     mask = mask.bool()
     key = score.float() if order == "top" else -score.float()
-    key = key.masked_fill(~mask, -math.inf)
+    key = key.masked_fill(mask.logical_not(), -math.inf)
     rows = key.reshape(1, -1) if scope == "batch" else key
     row_mask = mask.reshape(1, -1) if scope == "batch" else mask
     k = keep_count(row_mask.sum(-1), keep)
     order_idx = rows.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order_idx)
     rank.scatter_(-1, order_idx, torch.arange(rows.shape[-1], device=rows.device).expand_as(order_idx))
-    kept = (rank < k[:, None]) & row_mask
+    kept = (rank < k.unsqueeze(-1)) & row_mask
     return kept.reshape(mask.shape)
 
 
@@ -191,6 +191,7 @@ def select_tokens(
     clip_quantile: float = 0.98,
     norm_scope: str = "batch",
     entropy_alpha: float = 1.0,
+    stats: BatchStats | None = None,
 ) -> torch.Tensor:
     """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on.
 
@@ -200,14 +201,20 @@ def select_tokens(
     clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
     norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or 'sequence'
     entropy_alpha:  exponent of h in entropy sampling (paper: 1)
+    stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes the global
+                    batch's, gathered over ranks); default: those of the valid positions of ``signals``
+    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
     """
+    if generator is not None and generator.device.type != signals.mask.device.type:
+        raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
+                         f"{signals.mask.device}: make it with torch.Generator(device=<the signals' device>)")
     spec = get_rule(rule)
     keep = validate_keep(keep)
     mask = signals.mask.bool()
     inputs = SelectionInputs(
         signals=signals,
-        h_hat=clipped_minmax_normalise(signals.entropy, mask, clip_quantile, norm_scope),
-        d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope),
+        h_hat=clipped_minmax_normalise(signals.entropy, mask, clip_quantile, norm_scope, stats),
+        d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope, stats),
         generator=generator,
         entropy_alpha=entropy_alpha,
     )

@@ -29,24 +29,19 @@ from tip.checkpoint import (Resume, failure_status, load_training_checkpoint, pl
                             save_training_checkpoint, set_aside_metrics, write_status)
 from tip.config import ConfigError, apply_cell, check_config
 from tip.data import load_examples, prompt_token_ids
+from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from tip.engine import (build_student_engine, build_teacher_engine, copy_weights, deepspeed_config,
                         init_distributed, resolve_precision, save_hf_checkpoint)
 from tip.evaluate import evaluate, load_benchmarks, sampling_of
 from tip.losses import loss_denominator, opd_loss, recomputed_kept_divergence
 from tip.models import (HiddenStatesLM, check_vocab, final_logit_softcap, gathered_heads,
                         head_logits_raw, hidden_states, load_model, load_tokenizer, output_width)
-from tip.rollout import RolloutBatch, aligned_targets, hf_generate, with_prompts
+from tip.rollout import RolloutBatch, aligned_targets, hf_generate, prompt_seeds, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
 from tip.selection import select_tokens
 from tip.signals import TokenSignals, token_signals
 from tip.wandb_logging import start_run
-from tip.taxonomy import quadrant_labels, quadrant_sums, summarise_quadrants
-
-
-def all_reduce_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        tdist.all_reduce(x)
-    return x
+from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
 
 
 def lr_lambda(cfg: DictConfig):
@@ -91,22 +86,25 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
              with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
     scored = [score(policy, teacher, m, v, cfg.train.chunk_size) for m, v in zip(micros, views)]
 
-    # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), then back to micro-batches.
+    # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
+    # of the step's global batch, then back to micro-batches.
     width = max(s.mask.shape[1] for s, _, _ in scored)
     sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _, _ in scored], width)
                          for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
     sel = cfg.selection
+    stats = global_batch_stats(sig, sel.clip_quantile, dist)
     keep = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
-                         sel.norm_scope, sel.entropy_alpha)
+                         sel.norm_scope, sel.entropy_alpha, stats)
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
-                             sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence)
+                             sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence, stats)
 
     # The loss is normalised by the step's global count, and the engine's averaging over accumulation steps and
     # ranks is undone, so the step's gradient is that of one batch holding every rank's rollouts.
-    global_count = float(all_reduce_sum(torch.tensor([float(loss_denominator(keep, sig.mask, cfg.train.denominator))]),
-                                        dist.world_size))
+    local_count = torch.tensor([float(loss_denominator(keep, sig.mask, cfg.train.denominator))],
+                               dtype=torch.float64, device=dist.device)
+    global_count = float(all_reduce_sum(local_count, dist))
     undo_engine_mean = dist.world_size * len(micros)
-    loss_sum, offset = 0.0, 0
+    loss_sum, offset = torch.zeros((), dtype=torch.float64, device=dist.device), 0
     for micro, (s, t_hidden, index) in zip(micros, scored):
         rows_in_batch = slice(offset, offset + s.mask.shape[0])
         offset += s.mask.shape[0]
@@ -127,33 +125,61 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         loss = out.loss
         student.backward(loss * undo_engine_mean)
         student.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
-        loss_sum += float(out.loss.detach())
+        loss_sum += out.loss.detach().double()
 
-    quad = all_reduce_sum(quadrant_sums(labels, sig.entropy, sig.reverse_kl, keep), dist.world_size)
-    totals = all_reduce_sum(torch.tensor([
-        float(sig.mask.sum()), float(keep.sum()), float(sig.entropy[sig.mask].sum()),
-        float(sig.reverse_kl[sig.mask].sum()), float(sig.forward_kl[sig.mask].sum()), loss_sum,
-    ], dtype=torch.float64), dist.world_size)
-    valid = max(float(totals[0]), 1.0)
+    sums, quad = reduce_step_sums(sig, keep, labels, loss_sum, dist)
+    totals = dict(zip(STEP_SUMS, sums.tolist()))
+    valid = max(totals["valid_tokens"], 1.0)
     return {
-        "loss": float(totals[5]), "valid_tokens": int(totals[0]), "kept_tokens": int(totals[1]),
-        "kept_frac": float(totals[1]) / valid, "mean_h": float(totals[2]) / valid,
-        "mean_delta": float(totals[3]) / valid, "mean_delta_fwd": float(totals[4]) / valid,
+        "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
+        "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
+        "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
+        "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
         "grad_norm": _as_float(student.get_global_grad_norm()),  # before clipping
         **summarise_quadrants(quad),
     }
+
+
+def global_batch_stats(sig: TokenSignals, clip_quantile: float, dist: DistInfo) -> BatchStats:
+    """Batch statistics (entropy cap, min/max, medians) of the step's global batch: every rank's valid h and delta
+    are gathered, so the tokens selected from the same rollouts do not depend on the number of processes."""
+    h = all_gather_rows(sig.entropy[sig.mask].float(), dist)
+    d = all_gather_rows(sig.reverse_kl[sig.mask].float(), dist)
+    return BatchStats.of(h, d, clip_quantile)
+
+
+STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "loss")
+
+
+def reduce_step_sums(sig: TokenSignals, keep: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor,
+                     dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``. Device
+    tensors throughout (what NCCL needs), with no host synchronisation."""
+    m = sig.mask.bool()
+    local = torch.stack([m.sum().double(), (keep.bool() & m).sum().double(),
+                         *(torch.where(m, x, 0.0).double().sum() for x in (sig.entropy, sig.reverse_kl, sig.forward_kl)),
+                         loss_sum.double()])
+    quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, keep)
+    return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
 
 
 def _as_float(x) -> float:
     return float(x.item() if torch.is_tensor(x) else x) if x is not None else float("nan")
 
 
-def rank_prompts(cfg, examples, tokenizer, step: int, dist, chat_template) -> tuple[list[list[int]], list]:
+def rank_prompts(cfg, examples, tokenizer, step: int, dist) -> tuple[list[list[int]], list, list[int]]:
     """This rank's share of the step's prompts: a fixed walk through the training set, the same for any world
-    size (rank r takes every world_size-th prompt of the step)."""
+    size (rank r takes every world_size-th prompt of the step). Also returns each prompt's index in the step's
+    global batch (what its sampling seed derives from)."""
     per_step = cfg.train.prompts_per_step
-    chosen = [examples[(step * per_step + i) % len(examples)] for i in range(per_step)][dist.rank::dist.world_size]
-    return prompt_token_ids(tokenizer, [e.problem for e in chosen], cfg.data.prompt_template, chat_template), chosen
+    indices = list(range(per_step))[dist.rank::dist.world_size]
+    chosen = [examples[(step * per_step + i) % len(examples)] for i in indices]
+    return training_prompt_ids(cfg, tokenizer, chosen), chosen, indices
+
+
+def training_prompt_ids(cfg, tokenizer, examples) -> list[list[int]]:
+    return prompt_token_ids(tokenizer, [e.problem for e in examples], cfg.data.prompt_template,
+                            cfg.pair.chat_template, cfg.pair.chat_template_kwargs)
 
 
 def quiet_library_noise() -> None:
@@ -172,7 +198,22 @@ def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
                               f"{e.id!r} has none")
     texts = [cfg.teacher.context_template.replace("{problem}", e.problem).replace("{solution}", e.solution)
              for e in chosen]
-    return prompt_token_ids(tokenizer, texts, "{problem}", cfg.pair.chat_template)
+    return prompt_token_ids(tokenizer, texts, "{problem}", cfg.pair.chat_template, cfg.pair.chat_template_kwargs)
+
+
+def vllm_max_model_len(cfg, tokenizer, examples) -> int:
+    """The vLLM engine's context: ``rollout.max_model_len``, or (null) the longest training prompt plus
+    ``rollout.max_new_tokens``. A set value too small for some prompt is refused here, before the engine
+    starts: vLLM would otherwise end those requests early without an error and train on cut rollouts."""
+    longest = max(map(len, training_prompt_ids(cfg, tokenizer, examples)))
+    needed = longest + cfg.rollout.max_new_tokens
+    if cfg.rollout.max_model_len is None:
+        return needed
+    if cfg.rollout.max_model_len < needed:
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is not allowed: the longest training "
+                          f"prompt has {longest} tokens and rollout.max_new_tokens={cfg.rollout.max_new_tokens}, so "
+                          f"it must be at least {needed} (or null, to derive it)")
+    return cfg.rollout.max_model_len
 
 
 def barrier_of(dist):
@@ -235,10 +276,15 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
     save the student."""
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, dist.device)
+    if dtype != torch.float32 and cfg.engine.stage == 0:
+        raise ConfigError(f"engine={cfg.engine.name} is not allowed with {dtype} weights: DeepSpeed accumulates "
+                          "gradients in fp32 only at ZeRO stages 1-3; use engine=zero2 or zero3, or precision=fp32")
 
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
     train_examples = load_examples(cfg.data.source, "train")
     benchmarks = load_benchmarks(cfg.eval)
+    if cfg.rollout.backend == "vllm":  # checked before any model loads
+        max_model_len = vllm_max_model_len(cfg, tokenizer, train_examples)
 
     rollouts_per_rank = cfg.train.prompts_per_step // dist.world_size * cfg.rollout.n
     micro_size = min(cfg.train.micro_batch_size, rollouts_per_rank)
@@ -265,7 +311,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
         teacher = build_teacher_engine(teacher_model.to(dist.device), deepspeed_config(
             cfg.engine, micro_size, grad_accum, cfg.train.grad_clip, dtype, train=False))
     synced = zero3 and dist.world_size > 1
-    eval_kwargs = dict(sampling=sampling_of(cfg.eval), chat_template=cfg.pair.chat_template, rank=dist.rank,
+    eval_kwargs = dict(sampling=sampling_of(cfg.eval), chat_template=cfg.pair.chat_template,
+                       chat_template_kwargs=cfg.pair.chat_template_kwargs, rank=dist.rank,
                        world_size=dist.world_size, synced_gpus=synced)
 
     ro = cfg.rollout
@@ -274,7 +321,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
         from tip.models import resolve_model_ref
         from tip.vllm_rollout import VllmRollout
         vllm = VllmRollout(resolve_model_ref(cfg.pair.student), python=ro.vllm_python,
-                           dtype="float32" if dtype == torch.float32 else "bfloat16", max_model_len=ro.max_model_len,
+                           dtype="float32" if dtype == torch.float32 else "bfloat16",
+                           max_model_len=max_model_len,
                            gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
                            log_path=run_dir / f"vllm_worker_rank{dist.rank}.log")
 
@@ -298,17 +346,18 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
 
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            prompt_ids, chosen = rank_prompts(cfg, train_examples, tokenizer, step, dist, cfg.pair.chat_template)
+            prompt_ids, chosen, prompt_indices = rank_prompts(cfg, train_examples, tokenizer, step, dist)
             teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
             if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
                 copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
             sample_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # sampling stream of this step and rank
             torch.manual_seed(sample_seed)
             # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
-            selection_rng = torch.Generator().manual_seed(sample_seed + 2**40)
+            selection_rng = torch.Generator(device=dist.device).manual_seed(sample_seed + 2**40)
             if vllm is not None:
                 rollouts = vllm.generate(tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                                         top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seed=sample_seed,
+                                         top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                                         seeds=prompt_seeds(cfg.seed, step, prompt_indices),
                                          model=policy).to(dist.device)
             else:
                 rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,

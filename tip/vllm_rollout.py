@@ -42,6 +42,7 @@ class VllmRollout:
                  gpu_memory_utilization: float = 0.3, seed: int = 0, start_timeout_s: float = 900.0,
                  log_path: Path | None = None):
         self.python = python or sys.executable
+        self.max_model_len = max_model_len
         authkey = secrets.token_bytes(16)
         self._tmp = tempfile.TemporaryDirectory(prefix="tip-vllm-")
         self.listener = Listener(address=os.path.join(self._tmp.name, "socket"), family="AF_UNIX", authkey=authkey)
@@ -98,12 +99,22 @@ class VllmRollout:
         return payload
 
     def generate(self, tokenizer, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64, seed: int | None = None,
+                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64, seeds: list[int] | None = None,
                  model=None) -> RolloutBatch:
-        """Rollouts in the same layout as ``tip.rollout.hf_generate`` (right-padded, cut after the first EOS)."""
+        """Rollouts in the same layout as ``tip.rollout.hf_generate`` (right-padded, cut after the first EOS).
+
+        ``seeds``: one per prompt (``tip.rollout.prompt_seeds``), so each prompt draws from its own stream; one
+        seed shared by all prompts would give every prompt's j-th sample the same random numbers."""
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompt_ids)} prompts")
+        longest = max(map(len, prompt_ids))
+        if longest + max_new_tokens > self.max_model_len:
+            raise VllmError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the engine's "
+                            f"max_model_len={self.max_model_len}: vLLM would cut the response silently; raise "
+                            "rollout.max_model_len (or leave it null to derive it from the data)")
         sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                        max_tokens=max_new_tokens, seed=seed, stop_token_ids=sorted(eos_ids(model, tokenizer)))
-        outs = self._call("generate", prompt_ids, sampling)
+                        max_tokens=max_new_tokens, stop_token_ids=sorted(eos_ids(model, tokenizer)))
+        outs = self._call("generate", prompt_ids, sampling, seeds or [None] * len(prompt_ids))
         stops = eos_ids(model, tokenizer)
         responses = []
         for completions in outs:

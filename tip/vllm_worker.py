@@ -3,7 +3,8 @@
     <python with vllm> tip/vllm_worker.py --address ADDR --authkey HEX --model DIR [--dtype float32 ...]
 
 It holds one in-process ``vllm.LLM`` and answers requests from the trainer over a local socket:
-``("generate", prompts, sampling)`` -> token ids of every completion; ``("load_weights", name, tensor)`` loads one
+``("generate", prompts, sampling, seeds)`` (one seed per prompt) -> token ids of every completion;
+``("load_weights", name, tensor)`` loads one
 parameter into the running engine (no restart; the prefix cache is reset after each batch of weights);
 ``("shutdown",)``. The worker imports nothing from tip: its environment needs only vllm and torch (the same torch
 version as the trainer's, since tensors travel pickled).
@@ -99,8 +100,9 @@ def main() -> None:
             break
         try:
             if kind == "generate":
-                _, prompts, sampling = msg
-                params = SamplingParams(**sampling)
+                _, prompts, sampling, seeds = msg
+                # One request per prompt with its own seed (vLLM gives its j-th sample seed + j).
+                params = [SamplingParams(**sampling, seed=seed) for seed in seeds]
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
                 send(conn, ("ok", [[list(c.token_ids) for c in o.outputs] for o in outs]))
             elif kind == "load_weights":

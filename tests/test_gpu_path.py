@@ -1,0 +1,105 @@
+"""What the GPU path needs that a CPU run does not show: chat-template arguments (Qwen3's thinking switch), the
+vLLM engine's context length, statistics over more values than torch.quantile takes, and an installable
+`gpu` extra."""
+
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import torch
+
+from conftest import ROOT, compose_config
+from tip.config import ConfigError
+from tip.data import format_prompt, load_examples
+from tip.models import load_tokenizer
+from tip.taxonomy import BatchStats, quantile
+from tip.train import training_prompt_ids, vllm_max_model_len
+
+# Qwen3's template emits an empty think block when enable_thinking is false; this one marks it with digits,
+# which the embedded character tokenizer knows.
+THINKING_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                     "{% if enable_thinking is defined and enable_thinking is false %}00{% else %}11{% endif %}")
+
+
+@pytest.mark.parametrize("pair", ["qwen3_8b_to_4b", "qwen3_14b_to_1p7b", "qwen3_32b_to_1p7b"])
+def test_qwen3_pairs_turn_thinking_off_for_math(pair):
+    assert compose_config(f"pair={pair}").pair.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_chat_template_arguments_reach_the_template():
+    tok = load_tokenizer("embedded://student")
+    tok.chat_template = THINKING_TEMPLATE
+    assert format_prompt(tok, "1+2=", "{problem}").endswith("1+2=11")
+    assert format_prompt(tok, "1+2=", "{problem}", chat_template_kwargs={"enable_thinking": False}).endswith("1+2=00")
+    # The trainer's prompts follow the pair's setting.
+    cfg = compose_config("+pair.chat_template_kwargs.enable_thinking=false")
+    examples = load_examples(cfg.data.source, "train")[:2]
+    for ids, ex in zip(training_prompt_ids(cfg, tok, examples), examples):
+        assert tok.decode(ids).endswith(ex.problem + "00")
+
+
+def test_vllm_context_is_derived_from_the_data_or_refused_when_too_short():
+    cfg = compose_config("rollout=vllm")
+    tok = load_tokenizer("embedded://student")
+    examples = load_examples(cfg.data.source, "train")
+    longest = max(map(len, training_prompt_ids(cfg, tok, examples)))
+    assert cfg.rollout.max_model_len is None
+    assert vllm_max_model_len(cfg, tok, examples) == longest + cfg.rollout.max_new_tokens
+    cfg.rollout.max_model_len = longest + cfg.rollout.max_new_tokens - 1
+    with pytest.raises(ConfigError, match=rf"rollout.max_model_len={longest + cfg.rollout.max_new_tokens - 1} is "
+                                          rf"not allowed: the longest training prompt has {longest} tokens"):
+        vllm_max_model_len(cfg, tok, examples)
+
+
+def test_quantile_takes_more_values_than_torch_quantile():
+    """norm_scope=batch over a global batch of 8 GPUs x 16 rollouts x 16k tokens passes 2^24 values."""
+    x = torch.rand(2**24 + 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(x, 0.98)
+    q = quantile(x, 0.98)
+    pos = 0.98 * (x.numel() - 1)
+    ordered = x.sort().values
+    expected = ordered[int(pos)] + (ordered[int(pos) + 1] - ordered[int(pos)]) * (pos - int(pos))
+    torch.testing.assert_close(q, expected)
+    stats = BatchStats.of(x, x)
+    assert float(stats.entropy_cap) == pytest.approx(0.98, abs=1e-3)
+    small = torch.rand(1001, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(quantile(small, 0.98), torch.quantile(small, 0.98))
+
+
+@pytest.mark.slow
+def test_the_gpu_extra_resolves_beside_the_pinned_torch(tmp_path):
+    """`pip install -e .[gpu]` must resolve with torch==2.13.0: vllm 0.33 requires torch 2.14, 0.32.0 takes 2.13.0.
+    Asks the package registry (a dry run: nothing is installed)."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert any(re.fullmatch(r"vllm==0\.32\.0", req.replace(" ", "")) for req in extra), extra
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", "-",
+                           "--disable-pip-version-check", "--ignore-installed", "-c", str(ROOT / "constraints.txt"),
+                           "torch==2.13.0", *extra], capture_output=True, text=True, timeout=900)
+    if proc.returncode and re.search(r"(?i)connection|network|resolve host|temporary failure", proc.stderr):
+        pytest.skip(f"the package registry cannot be reached: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(proc.stdout)["install"]}
+    assert chosen["vllm"] == "0.32.0" and chosen["torch"].split("+")[0] == "2.13.0", chosen
+
+
+def test_a_prompts_sampling_seed_does_not_depend_on_the_number_of_ranks():
+    from tip.distributed import DistInfo
+    from tip.rollout import prompt_seeds
+    from tip.train import rank_prompts
+
+    cfg = compose_config("train.prompts_per_step=8")
+    tok = load_tokenizer("embedded://student")
+    examples = load_examples(cfg.data.source, "train")
+    cpu = torch.device("cpu")
+    one = rank_prompts(cfg, examples, tok, 5, DistInfo(0, 1, 0, cpu))
+    seeds_one = dict(zip(one[2], prompt_seeds(cfg.seed, 5, one[2])))
+    for rank in range(4):
+        ids, chosen, indices = rank_prompts(cfg, examples, tok, 5, DistInfo(rank, 4, rank, cpu))
+        assert [one[1][i] for i in indices] == chosen
+        assert prompt_seeds(cfg.seed, 5, indices) == [seeds_one[i] for i in indices]
+    assert len(set(seeds_one.values())) == 8
