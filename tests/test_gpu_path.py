@@ -103,3 +103,53 @@ def test_a_prompts_sampling_seed_does_not_depend_on_the_number_of_ranks():
         assert [one[1][i] for i in indices] == chosen
         assert prompt_seeds(cfg.seed, 5, indices) == [seeds_one[i] for i in indices]
     assert len(set(seeds_one.values())) == 8
+
+
+def test_each_ranks_vllm_worker_gets_its_own_gpu():
+    """A worker inheriting every visible GPU starts on cuda:0: with 8 ranks per node, 8 engines on GPU 0."""
+    from tip.vllm_rollout import VllmError, worker_visible_devices
+
+    assert [worker_visible_devices(None, r, 4) for r in range(4)] == ["0", "1", "2", "3"]
+    assert worker_visible_devices("4,5,6,7", 2, 4) == "6"  # the parent's own list, not 0..n
+    assert worker_visible_devices("GPU-aa11, GPU-bb22", 1, 2) == "GPU-bb22"
+    with pytest.raises(VllmError, match="local rank 2 has no GPU of its own"):
+        worker_visible_devices("0,1", 2, 2)
+
+
+def test_cells_side_by_side_are_refused_on_a_gpu_machine():
+    from tip.config import check_launcher
+
+    with pytest.raises(ConfigError, match="hydra/launcher='parallel' is not allowed: on a GPU machine"):
+        check_launcher("parallel", cuda_available=True)
+    check_launcher("parallel", cuda_available=False)
+    check_launcher("slurm", cuda_available=True)
+    check_launcher(None, cuda_available=True)
+
+
+def test_gpu_speed_settings_default_to_gpu_values_on_gpus_and_keep_the_cpu_path():
+    from tip.engine import deepspeed_config
+    from tip.train import vllm_speed_settings
+
+    ro = compose_config("rollout=vllm").rollout
+    assert vllm_speed_settings(ro, torch.device("cuda", 0)) == {"enforce_eager": False, "sleep": True,
+                                                                "sync_bucket_mb": 0}
+    assert vllm_speed_settings(ro, torch.device("cpu")) == {"enforce_eager": True, "sleep": False, "sync_bucket_mb": 0}
+    engine = compose_config("engine=zero3").engine
+    threshold = lambda on_gpu: deepspeed_config(engine, 1, 1, 1.0, torch.bfloat16, on_gpu=on_gpu)[  # noqa: E731
+        "zero_optimization"]["stage3_param_persistence_threshold"]
+    assert (threshold(True), threshold(False)) == (100_000, 0)
+
+
+def test_gpu_check_skips_every_cuda_part_here_and_its_commands_run_on_cpu():
+    """`make gpu-check` on a CPU-only machine: every part skipped, with the reason. With --on-cpu the same
+    commands run here (fp32, gloo), which checks the harness itself; the quick parts only."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TIP_VLLM_PYTHON"}
+    proc = subprocess.run([sys.executable, "-m", "tip.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
+    assert len(lines) == 6 and all(line.startswith("SKIP") and "no CUDA device" in line for line in lines), lines
+    proc = subprocess.run([sys.executable, "-m", "tip.gpu_check", "--on-cpu", "--only", "tip.eval",
+                           "--only", "sweep"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS  tip.eval" in proc.stdout and "PASS  sweep of 2 cells in one process" in proc.stdout, proc.stdout

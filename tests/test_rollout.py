@@ -80,3 +80,19 @@ def test_sampled_rollouts_follow_the_students_distribution():
     top = probs.argsort(descending=True)[:3]
     # Binomial standard error at n=4000 is <= 0.008; 0.03 is ~4 SE.
     torch.testing.assert_close(freq[top], probs[top], atol=0.03, rtol=0)
+
+
+def test_generation_is_split_into_calls_of_at_most_max_seqs():
+    """One generate call holds the KV cache of all its sequences: paper evaluation (16 problems x 16 samples)
+    and a rank's rollouts went to one call. Capped calls give the same greedy rollouts."""
+    tok = load_tokenizer("embedded://student")
+    model = load_model("embedded://student", torch.float32, "student")
+    prompts = [tok(p)["input_ids"] for p in ("12+34-5=", "7+8-9=", "61-19+3=", "50-25+5=", "9+9-9=")]
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    capped = hf_generate(model, tok, prompts, n=2, temperature=0.0, max_new_tokens=40, max_seqs_per_call=4)
+    assert max(batch_sizes) == 4 and 2 in batch_sizes  # 5 prompts x 2 = 10 sequences: 4 + 4 + 2
+    hook.remove()
+    whole = hf_generate(model, tok, prompts, n=2, temperature=0.0, max_new_tokens=40)
+    assert capped.responses() == whole.responses() and capped.example_index == whole.example_index

@@ -42,7 +42,14 @@ def _embedded_batch():
 
 def test_signals_with_a_privileged_view_equal_slicing_the_teachers_logits_by_hand():
     _, model, student_view, teacher_view = _embedded_batch()
-    signals, _, _ = score(model, model, student_view, teacher_view, chunk_size=5)
+    signals, teacher_rows = score(model, model, student_view, teacher_view, chunk_size=5)
+    # Only the teacher's hidden states at response positions are kept for the gradient pass (no prompt, no
+    # padding rows), in the order of the student's valid positions.
+    assert teacher_rows.shape == (int(student_view.target_mask.sum()), model.config.hidden_size)
+    with torch.no_grad():
+        t_hidden = model.model(input_ids=teacher_view.input_ids,
+                               attention_mask=teacher_view.attention_mask).last_hidden_state[:, :-1]
+    torch.testing.assert_close(teacher_rows, t_hidden[teacher_view.target_mask])
     with torch.no_grad():
         s_logits = model(input_ids=student_view.input_ids, attention_mask=student_view.attention_mask).logits
         t_logits = model(input_ids=teacher_view.input_ids, attention_mask=teacher_view.attention_mask).logits
@@ -58,7 +65,7 @@ def test_signals_with_a_privileged_view_equal_slicing_the_teachers_logits_by_han
 
 def test_a_self_teacher_with_the_students_own_view_agrees_everywhere():
     _, model, student_view, _ = _embedded_batch()
-    signals, _, _ = score(model, model, student_view, student_view, chunk_size=7)
+    signals, _ = score(model, model, student_view, student_view, chunk_size=7)
     assert signals.reverse_kl[student_view.target_mask].abs().max() < 1e-6
 
 

@@ -134,6 +134,36 @@ def _launch(nproc: int, run_dir: Path):
     return read_metrics(run_dir, "train")
 
 
+def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkeypatch):
+    """Only rank 0 used to write status.json; a failure on rank 1 left it 'running' while rank 0 waited in a
+    collective (on NCCL, until the watchdog killed it) and the W&B run was never finished."""
+    import time
+
+    from wandb_records import exit_code
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    run_dir = tmp_path / "run"
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(var, None)
+    start = time.time()
+    proc = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                           str(ROOT / "tests" / "failing_rank.py"), "experiment=smoke", "logger=wandb",
+                           "train.eval_before=false", "dist_timeout_s=900", f"data_root={DATA_ROOT}",
+                           f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert time.time() - start < 300  # not the process-group timeout (900 s)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["rank"] == 1, status
+    assert "injected failure on rank 1" in status["error"]
+    assert "injected failure on rank 1" in json.loads((run_dir / "failures" / "rank1.json").read_text())["error"]
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    assert exit_code(wandb_file) == 1  # rank 0's W&B run is finished, marked failed
+
+
 def test_two_process_zero3_matches_one_process(tmp_path):
     """With the default norm_scope=batch the clip, min-max and median statistics are those of the step's global
     batch (gathered over ranks): taken per rank, they made 2 processes keep other tokens than 1."""
@@ -153,3 +183,22 @@ def test_two_process_zero3_matches_one_process(tmp_path):
     assert [r["valid_tokens"] for r in one] == [r["valid_tokens"] for r in two]
     assert [r["kept_tokens"] for r in one] == [r["kept_tokens"] for r in two]
     torch.testing.assert_close([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-3, atol=1e-6)
+
+
+def test_a_finished_cell_frees_its_models(tmp_path):
+    """A sweep runs its cells one after another in one process (hydra's basic launcher): what a cell built must
+    be freed when it returns. ZeRO-3 kept every root module on DeepSpeed's global forward-module stack, so both
+    models of every finished cell stayed alive (on GPUs the second cell ran out of memory)."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    def live_models():
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+
+    before = live_models()
+    cfg = compose_config("experiment=smoke", "train.steps=1", "logger=none", "train.save_final=false",
+                         "train.eval_before=false", "eval.benchmarks.embedded.source.size=4")
+    train(cfg, tmp_path / "cell")
+    assert live_models() - before == set()

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.skipif(
 def engine():
     from tip.vllm_rollout import VllmRollout
 
-    eng = VllmRollout(resolve_model_ref("embedded://student"), python=VLLM_PYTHON, max_model_len=128)
+    # Weights go in buckets of 0.25 MB (several parameters per message); training below uses one per message.
+    eng = VllmRollout(resolve_model_ref("embedded://student"), python=VLLM_PYTHON, max_model_len=128,
+                      sync_bucket_mb=0.25)
     yield eng
     eng.close()
 

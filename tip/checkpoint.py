@@ -32,9 +32,57 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
     write_atomic(Path(run_dir) / STATUS_FILE, json.dumps({"status": status, **extra}, indent=1) + "\n")
 
 
-def failure_status(run_dir: Path, exc: BaseException) -> None:
+FAILURES_DIR = "failures"
+
+
+def failure_status(run_dir: Path, exc: BaseException, rank: int | None = None) -> None:
+    """Mark the run failed with ``exc`` (raised on ``rank``). Another rank's failure recorded earlier stays the
+    stated cause: a rank blocked in a collective by it fails only as a consequence."""
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    write_status(run_dir, "failed", error=f"{type(exc).__name__}: {exc}", traceback="".join(lines[-20:]))
+    record = {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-20:])}
+    first = first_rank_failure(run_dir)
+    if first is not None and first.get("rank") != rank:
+        write_status(run_dir, "failed", **first, also=record["error"])
+    else:
+        write_status(run_dir, "failed", **record)
+
+
+def record_rank_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
+    """Any rank: ``failures/rank<r>.json`` with the error, and the run's status marked failed at once (rank 0
+    may be stuck in a collective waiting for this rank, and never get to write it)."""
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    folder = Path(run_dir) / FAILURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"rank{rank}.json", json.dumps(
+        {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-20:])}, indent=1) + "\n")
+    failure_status(run_dir, exc, rank)
+
+
+def watch_peer_failures(run_dir: Path, own_rank: int, on_failure, poll_s: float = 1.0):
+    """A daemon thread that waits for another rank's failure record and then calls ``on_failure(record)``.
+    Rank 0 runs it: when another rank fails, rank 0 is usually blocked inside a collective that will only return
+    at the process-group timeout (or never, if the launcher kills it first), so the thread finishes the run's
+    bookkeeping (W&B run) and ends the process. Returns a function that stops the watch."""
+    import threading
+
+    stop = threading.Event()
+    folder = Path(run_dir) / FAILURES_DIR
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            others = [f for f in folder.glob("rank*.json") if f.name != f"rank{own_rank}.json"]
+            if others:
+                on_failure(json.loads(sorted(others, key=lambda f: f.stat().st_mtime)[0].read_text()))
+                return
+
+    threading.Thread(target=watch, name="tip-peer-failure-watch", daemon=True).start()
+    return stop.set
+
+
+def first_rank_failure(run_dir: Path) -> dict | None:
+    """The earliest recorded failure of any rank (by file time), or None."""
+    files = sorted((Path(run_dir) / FAILURES_DIR).glob("rank*.json"), key=lambda f: f.stat().st_mtime)
+    return json.loads(files[0].read_text()) if files else None
 
 
 def read_status(run_dir: Path) -> dict | None:

@@ -117,14 +117,21 @@ def check_config(cfg: DictConfig) -> None:
     _need(ro.temperature in (0, 1), "rollout.temperature", ro.temperature,
           "expected 1.0 (signals and loss are those of P_S at temperature 1, so rollouts must be its samples) "
           "or 0 (greedy, for deterministic tests)")
-    if ro.backend == "vllm" and ro.max_model_len is not None:
-        _integer("rollout.max_model_len", ro.max_model_len, 2)
+    if ro.backend == "hf":
+        _integer("rollout.max_seqs_per_generate", ro.max_seqs_per_generate, 1)
+    if ro.backend == "vllm":
+        if ro.max_model_len is not None:
+            _integer("rollout.max_model_len", ro.max_model_len, 2)
+        for key in ("enforce_eager", "sleep"):
+            _need(ro[key] in ("auto", True, False), f"rollout.{key}", ro[key], "expected auto, true or false")
+        _number("rollout.sync_bucket_mb", ro.sync_bucket_mb, 0.0, math.inf, hi_open=True)
     _number("rollout.top_p", ro.top_p, 0.0, 1.0, lo_open=True)
 
     _one_of("engine.stage", cfg.engine.stage, (0, 1, 2, 3))
     _one_of("engine.offload_optimizer", cfg.engine.offload_optimizer, ("none", "cpu", "nvme"))
     _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
     _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    _number("dist_timeout_s", cfg.dist_timeout_s, 0.0, math.inf, lo_open=True, hi_open=True)
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))
     _one_of("logger", cfg.logger.name, ("jsonl", "none", "wandb"))
     if cfg.logger.name == "wandb":
@@ -146,6 +153,14 @@ def check_config(cfg: DictConfig) -> None:
     check_eval(cfg.eval)
 
 
+def check_launcher(launcher: str | None, cuda_available: bool) -> None:
+    """hydra/launcher=parallel runs cells side by side, one process each, on one node: on GPUs every cell's
+    process would take cuda:0."""
+    _need(not (launcher == "parallel" and cuda_available), "hydra/launcher", launcher,
+          "on a GPU machine cells side by side would all take cuda:0; use hydra/launcher=slurm (one task per GPU "
+          "per cell) or basic (cells one after another, each with every GPU of its launcher)")
+
+
 def check_eval(ev) -> None:
     """The ``eval`` node: benchmarks and the sampling protocol."""
     _need(len(ev.benchmarks) > 0, "eval.benchmarks", dict(ev.benchmarks), "expected at least one benchmark")
@@ -155,6 +170,7 @@ def check_eval(ev) -> None:
     _integer("eval.samples", ev.samples, 1)
     _integer("eval.max_new_tokens", ev.max_new_tokens, 1)
     _integer("eval.batch_size", ev.batch_size, 1)
+    _integer("eval.max_seqs_per_generate", ev.max_seqs_per_generate, 1)
     _integer("eval.top_k", ev.top_k, 0)
     _number("eval.temperature", ev.temperature, 0.0, math.inf, hi_open=True)
     _number("eval.top_p", ev.top_p, 0.0, 1.0, lo_open=True)

@@ -6,7 +6,9 @@ Training always goes through DeepSpeed (ZeRO-3 by default). On CPU the gloo back
 
 from __future__ import annotations
 
+import gc
 import os
+from datetime import timedelta
 import shutil
 import socket
 import tempfile
@@ -24,35 +26,87 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def slurm_hostnames(node_list: str) -> list[str]:
+    """Expand SLURM's compressed node list: ``gpu[07-08,10],login1`` -> gpu07, gpu08, gpu10, login1."""
+    hosts, i = [], 0
+    while i < len(node_list):
+        j = i
+        while j < len(node_list) and node_list[j] not in ",[":
+            j += 1
+        prefix = node_list[i:j]
+        if j < len(node_list) and node_list[j] == "[":
+            end = node_list.index("]", j)
+            for part in node_list[j + 1:end].split(","):
+                lo, _, hi = part.partition("-")
+                hosts += [f"{prefix}{n:0{len(lo)}d}" for n in range(int(lo), int(hi or lo) + 1)]
+            j = end + 1
+        elif prefix:
+            hosts.append(prefix)
+        i = j + 1
+    return hosts
+
+
+def slurm_master_port(job_id: str) -> int:
+    """A port that every task of a SLURM job derives alike from the job id, in 20000-59999."""
+    return 20000 + int(job_id) % 40000
+
+
 def prepare_process_env() -> None:
-    """Fill RANK/WORLD_SIZE/... so DeepSpeed needs no launcher for one process (without them it goes looking for
-    MPI), and take them from submitit's job environment or SLURM's task variables when those started us."""
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT: for one process (so
+    DeepSpeed needs no launcher; without them it goes looking for MPI), and from SLURM when it started us,
+    through submitit (hydra/launcher=slurm) or a plain ``srun``. A launcher's own values (torchrun, deepspeed)
+    are kept."""
     env = os.environ
     if "RANK" not in env and "SUBMITIT_EXECUTOR" in env:  # a job of hydra/launcher=slurm: one task per GPU
         from submitit.helpers import TorchDistributedEnvironment
 
-        # Rank, world size, local rank, the first node as master and a port derived from the job id. Devices
-        # stay visible: the local rank picks its GPU.
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+        # Rank, world size, local rank, the first node as master and a port derived from the job id. The job's
+        # values win over MASTER_* or LOCAL_WORLD_SIZE inherited from the submitting shell (which submitit
+        # refuses without overwrite). Devices stay visible: the local rank picks its GPU.
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, without submitit
+        tasks = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+                   LOCAL_WORLD_SIZE=str(tasks // nodes))
+        node_list = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if "MASTER_ADDR" not in env and node_list:
+            env["MASTER_ADDR"] = slurm_hostnames(node_list)[0]
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+            env["MASTER_PORT"] = str(slurm_master_port(env["SLURM_JOB_ID"]))
     if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    world = int(env["WORLD_SIZE"])
+    if "MASTER_ADDR" not in env:
+        if world > int(env.get("LOCAL_WORLD_SIZE", world)):
+            raise RuntimeError(f"MASTER_ADDR is not set for a run over several nodes ({world} processes, "
+                               f"{env['LOCAL_WORLD_SIZE']} per node): each node would rendezvous with itself. Launch "
+                               "with srun, torchrun --rdzv-endpoint or deepspeed --hostfile, or export MASTER_ADDR")
+        env["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
-        if env["WORLD_SIZE"] != "1":
+        if world != 1:
             raise RuntimeError("MASTER_PORT must be set for multi-process runs (a launcher sets it)")
         env["MASTER_PORT"] = str(_free_port())
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
+    """The process group (NCCL on GPUs, gloo on CPU). ``timeout_s`` bounds how long a collective waits for a
+    rank that never joins (None: DeepSpeed's default, 30 minutes); the first call in a process sets it."""
     prepare_process_env()
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    if os.environ["WORLD_SIZE"] == "1" and not torch.distributed.is_initialized():
+        # One process meets only itself: a file store, so no TCP port is taken (a free port picked earlier can
+        # be taken by another process before the store binds it).
+        store = tempfile.NamedTemporaryFile(prefix="tip-process-group-", delete=False)
+        store.close()
+        os.unlink(store.name)
+        kwargs.update(init_method=f"file://{store.name}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -70,13 +124,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: int, grad_clip: float,
-                     dtype: torch.dtype, train: bool = True) -> dict[str, Any]:
+                     dtype: torch.dtype, train: bool = True, on_gpu: bool | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for one engine from ``conf/engine/*.yaml`` (its ``deepspeed`` block is that JSON; the
     batch sizes, clipping and precision are filled here so they cannot disagree with the recipe)."""
     cfg = {k: v for k, v in dict(engine_cfg["deepspeed"]).items()}
     zero = dict(cfg.get("zero_optimization", {}))
     if not train:  # a frozen teacher has no optimizer state to offload
         zero.pop("offload_optimizer", None)
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        zero["stage3_param_persistence_threshold"] = 100_000 if on_gpu else 0
     cfg["zero_optimization"] = zero
     cfg.update(
         train_micro_batch_size_per_gpu=micro_batch,
@@ -109,6 +166,26 @@ def build_teacher_engine(model, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
+
+
+def release_engines(*engines) -> None:
+    """Free what a run's engines hold, so a sweep's next cell in the same process starts with the memory of the
+    first. DeepSpeed's ZeRO-3 keeps every root module on a global forward-module stack that nothing clears, and
+    its hooks and optimizer keep references to the engine: after a cell, both models would stay alive."""
+    from deepspeed.runtime.zero import parameter_offload
+
+    ours: set[int] = set()
+    for engine in engines:
+        if engine is None:
+            continue
+        module = getattr(engine, "module", engine)
+        ours.update(id(m) for m in module.modules())
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()

