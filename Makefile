@@ -43,5 +43,6 @@ $(VLLM_VENV)/bin/.installed:
 
 vllm-env: $(VLLM_VENV)/bin/.installed
 
+# ruff (configured in pyproject.toml): pyflakes, pycodestyle, import order, bugbear, pyupgrade. CI runs it.
 lint: install
-	$(BIN)/python -m compileall -q tip tests
+	$(BIN)/ruff check tip tests bench

@@ -75,7 +75,7 @@ def step_tip(student, teacher, ids, attention, target_mask, chunk, keep):
     import torch
 
     from tip.losses import opd_loss, recomputed_kept_divergence
-    from tip.models import hidden_states, head_logits_raw
+    from tip.models import head_logits_raw, hidden_states
     from tip.selection import select_tokens
     from tip.signals import projected_rows, token_signals
 

@@ -3,7 +3,8 @@
     python bench/rollout.py [--vllm-python .venv-vllm/bin/python] [--real]
 
 Each backend samples the same prompts at temperature 1.0 (each completion runs to its end or max_new_tokens);
-prints generated tokens/s per backend and the ratio vLLM/HF. --real adds Qwen2.5-Coder-0.5B-Instruct (`python -m tip.pairs fetch qwen2.5-coder-0.5b-instruct` first).
+prints generated tokens/s per backend and the ratio vLLM/HF. --real adds Qwen2.5-Coder-0.5B-Instruct
+(`python -m tip.pairs fetch qwen2.5-coder-0.5b-instruct` first).
 """
 
 from __future__ import annotations

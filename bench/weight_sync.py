@@ -4,7 +4,8 @@
 
 Sends ``--mb`` of bf16 tensors shaped like a Qwen3-4B decoder layer's parameters to a receiving process that
 unpickles them, for each bucket size (0: one parameter per message, the CPU default of rollout.sync_bucket_mb),
-and prints GB/s (median of the repeats, sizes alternating) and the ratio to one parameter per message. It measures pickling and the socket
+and prints GB/s (median of the repeats, sizes alternating) and the ratio to one parameter per message. It
+measures pickling and the socket
 only: the GPU-to-host copy (PCIe, ~20 GB/s pinned) and the worker's load into vLLM are not in it. Seconds per
 step for a student of P parameters: 2P bytes / the printed rate.
 """

@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from conftest import compose_config
 from tip.config import ConfigError
 from tip.engine import deepspeed_config
 from tip.losses import kept_token_divergence, recomputed_kept_divergence
 from tip.signals import logits_rows
 from tip.train import train
+
+from support import compose_config
 
 
 def output_layer_gradients(dtype, custom: bool, chunk: int):

@@ -6,15 +6,22 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config
 from tip.config import ConfigError, check_config
 from tip.selection import RULES
 
-GROUPS = ["pair", "selector", "divergence", "data", "eval", "engine", "rollout", "logger", "experiment"]
+from support import CONF_DIR, compose_config
+
+# Every config group in conf/ (hydra/launcher and sweeps are composed in test_sweeps.py).
+GROUPS = sorted(d.name for d in Path(CONF_DIR).iterdir() if d.is_dir() and d.name not in ("hydra", "sweeps", "local")
+                and any(d.glob("*.yaml")))
 
 
 def options(group):
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_every_group_is_composed_here():
+    assert {"teacher", "protocol", "pair", "selector", "engine", "rollout"} <= set(GROUPS)
 
 
 def test_every_selector_rule_has_a_config_and_back():
@@ -58,7 +65,8 @@ def test_engine_variants_are_deepspeed_json():
                                 r"of P_S at temperature 1"),
     ("rollout=vllm rollout.max_model_len=0", r"rollout.max_model_len=0 is not allowed: expected an integer >= 2"),
     ("train.steps=1.5", r"train.steps=1.5 is not allowed: expected an integer"),
-    ("data=gsm8k data_root=/nonexistent", r"data.source.path='/nonexistent/gsm8k_train.jsonl' is not allowed: no such file"),
+    ("data=gsm8k data_root=/nonexistent",
+     r"data.source.path='/nonexistent/gsm8k_train.jsonl' is not allowed: no such file"),
 ])
 def test_bad_values_give_one_clear_error(override, message):
     cfg = compose_config(*override.split())

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import DATA_ROOT, ROOT
+from support import DATA_ROOT, ROOT
 
 
 def run_eval(run_dir, *overrides, check=True):

@@ -5,17 +5,18 @@ vLLM engine's context length, statistics over more values than torch.quantile ta
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import torch
 
-from conftest import ROOT, compose_config
 from tip.config import ConfigError
 from tip.data import format_prompt, load_examples
 from tip.models import load_tokenizer
 from tip.taxonomy import BatchStats, quantile
 from tip.train import training_prompt_ids, vllm_max_model_len
+
+from support import ROOT, compose_config
 
 # Qwen3's template emits an empty think block when enable_thinking is false; this one marks it with digits,
 # which the embedded character tokenizer knows.

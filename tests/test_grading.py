@@ -4,11 +4,12 @@ import json
 import time
 
 import pytest
+from hanging_grader import hang_on_marker
+
+from tip.benchmarks import majority_correct, pass_at_k, summarise
+from tip.grading import Grade, extract_answer, grade_many, grade_one
 
 from equivalence_cases import NEGATIVE, POSITIVE
-from hanging_grader import hang_on_marker
-from tip.evaluate import majority_correct, pass_at_k, summarise
-from tip.grading import Grade, extract_answer, grade_many, grade_one
 
 
 @pytest.mark.parametrize("text,want", [

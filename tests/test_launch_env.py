@@ -3,7 +3,7 @@ tasks), without a cluster: the environment is what a launcher hands a process.""
 
 import pytest
 
-from tip.engine import prepare_process_env, slurm_hostnames, slurm_master_port
+from tip.distributed import prepare_process_env, slurm_hostnames, slurm_master_port
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "SUBMITIT_EXECUTOR", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NUM_NODES",

@@ -38,7 +38,8 @@ def test_kept_mean_and_all_mean_denominators():
 def test_keep_outside_valid_is_ignored():
     s, t, valid, keep = batch()
     polluted = keep | ~valid  # claim to keep padding too
-    torch.testing.assert_close(opd_loss_from_logits(s, t, polluted, valid).loss, opd_loss_from_logits(s, t, keep, valid).loss)
+    torch.testing.assert_close(opd_loss_from_logits(s, t, polluted, valid).loss,
+                               opd_loss_from_logits(s, t, keep, valid).loss)
 
 
 def test_micro_batches_with_global_count_equal_one_big_batch():

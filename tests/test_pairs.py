@@ -9,9 +9,10 @@ import zipfile
 
 import pytest
 
-from conftest import DATA_ROOT, ROOT
 from tip import pairs
 from tip.models import PairError, resolve_model_ref
+
+from support import DATA_ROOT, ROOT
 
 
 def make_wheel(path, member, payload, extra=()):

@@ -77,7 +77,8 @@ def test_gradcheck():
     teacher = torch.randn(6, 9, generator=g, dtype=torch.float64)
     for kind, beta in KINDS:
         assert torch.autograd.gradcheck(
-            lambda h, w, bb: recomputed_kept_divergence(h, w, bb, lambda i: teacher[i], kind, beta, chunk_size=4),
+            lambda h, w, bb, kind=kind, beta=beta: recomputed_kept_divergence(h, w, bb, lambda i: teacher[i], kind,
+                                                                              beta, chunk_size=4),
             (hidden, weight, b))
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from tip.models import resolve_model_ref, load_model, load_tokenizer
+from tip.models import load_model, load_tokenizer, resolve_model_ref
 from tip.rollout import hf_generate, pack
 
 

@@ -84,8 +84,10 @@ def test_jsd_symmetric_at_half_and_bounded_by_log2():
     ls, lt = log_probs(s), log_probs(t)
     torch.testing.assert_close(jsd(ls, lt, 0.5), jsd(lt, ls, 0.5))
     # Disjoint supports reach the bound: two one-hot distributions on different ids.
-    a = torch.full((1, 4), -1e4); a[0, 0] = 0.0
-    b = torch.full((1, 4), -1e4); b[0, 3] = 0.0
+    a = torch.full((1, 4), -1e4)
+    a[0, 0] = 0.0
+    b = torch.full((1, 4), -1e4)
+    b[0, 3] = 0.0
     bound = jsd(log_probs(a), log_probs(b), 0.5)
     assert (jsd(ls, lt, 0.5) <= math.log(2) + 1e-6).all()
     assert abs(float(bound) - math.log(2)) < 1e-5

@@ -7,10 +7,10 @@ import time
 
 import pytest
 import yaml
+from test_sweeps import tip_env
 
 import slurm_cluster
-from conftest import DATA_ROOT, ROOT
-from test_sweeps import tip_env
+from support import DATA_ROOT, ROOT
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from matplotlib.image import imread
 
-from conftest import CONF_DIR, DATA_ROOT, ROOT, compose_config
 from tip.config import ConfigError, apply_cell, check_config
 from tip.report import report
 from tip.train import train
+
+from support import CONF_DIR, DATA_ROOT, ROOT, compose_config
 from wandb_records import history, records
 
 SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "sweeps").glob("*.yaml"))
@@ -102,11 +103,17 @@ def test_untrained_cell_is_the_student_without_steps():
     assert cfg.train.steps == 0 and cfg.selector.name == "all"
 
 
-def test_a_sweep_file_without_multirun_is_refused_with_the_fix(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tip.train", "sweeps=table4_q3", f"hydra.run.dir={tmp_path}"],
-                          cwd=ROOT, env=tip_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "sweeps=table4_q3 is a multirun: add -m" in proc.stderr
+def test_a_sweep_file_is_a_multirun_without_m_from_any_working_directory(tmp_path):
+    """Sweep files declare hydra.mode=MULTIRUN; conf/ and sweeps/ are found from the checkout, not the cwd."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "tip.train", "sweeps=table4_q3", "cell=all@1.0,q3@0.2", "seed=0",
+                           "logger=none", *FAST, f"hydra.sweep.dir={sweep}"],
+                          cwd=elsewhere, env=tip_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert all(json.loads((sweep / n / "status.json").read_text())["status"] == "completed" for n in "01")
 
 
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
@@ -144,7 +151,8 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_the_report_reaches_wandb(tmp
     assert "keep=1.5 is not allowed" in proc.stderr
     assert json.loads((sweep / "1" / "status.json").read_text())["status"] == "completed"
     failed = json.loads((sweep / "0" / "status.json").read_text())
-    assert failed["status"] == "failed" and "keep=1.5 is not allowed: expected a number in (0.0, 1.0]" in failed["error"]
+    assert failed["status"] == "failed"
+    assert "keep=1.5 is not allowed: expected a number in (0.0, 1.0]" in failed["error"]
 
     old_home = os.environ.get("HOME")
     os.environ["HOME"] = str(tmp_path / "home")
@@ -171,7 +179,7 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_the_report_reaches_wandb(tmp
 
 
 RESUMABLE = ["experiment=smoke", "selector=entropy_sample", "keep=0.5", "train.steps=6", "train.checkpoint_every=2",
-             "train.keep_checkpoints=2", "logger=none", "train.save_final=false"]
+             "train.max_checkpoints=2", "logger=none", "train.save_final=false"]
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_one(tmp_path):

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip.models import EMBEDDED_DIR, PairError, resolve_model_ref
 from tip.testbed.arith import make_problem, sample_problems, subtract_without_borrow
-from tip.testbed.build import build_tokenizer, main as build_main
+from tip.testbed.build import build_tokenizer
+from tip.testbed.build import main as build_main
 from tip.testbed.grading_simple import boxed_answer
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose_config
 from tip.models import load_model, load_tokenizer, resolve_model_ref
 from tip.rollout import hf_generate, prompt_seeds
 from tip.testbed.arith import sample_problems
 from tip.train import train
+
+from support import ROOT, compose_config
 
 VLLM_PYTHON = os.environ.get("TIP_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
 pytestmark = pytest.mark.skipif(

@@ -2,9 +2,10 @@
 
 import pytest
 
-from conftest import compose_config
 from tip.train import train
 from tip.wandb_logging import resolve_mode
+
+from support import compose_config
 from wandb_records import config, exit_code, history
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,26 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_dir(final: Path, write, replace: bool = False) -> Path:
+    """Write a directory under a temporary name beside ``final``, then rename it into place: a crash never leaves
+    a half-written one. An existing ``final`` is refused (finished work is not overwritten), unless ``replace``
+    (a rebuild of something derived, like the embedded pair)."""
+    final = Path(final)
+    if final.exists() and not replace:
+        raise FileExistsError(f"refusing to overwrite {final}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
@@ -140,7 +161,7 @@ def set_aside_metrics(run_dir: Path, keep_through_step: int | None) -> None:
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def save_training_checkpoint(engine, run_dir: Path, step: int, client_state: dict, is_main: bool, keep: int,
+def save_training_checkpoint(engine, run_dir: Path, step: int, client_state: dict, is_main: bool, retain: int,
                              barrier) -> Path:
     """Every rank calls this (DeepSpeed's save is collective). The optimizer, scheduler and ZeRO partitions go
     into ``checkpoints/step_<n>``; ``latest`` moves only once that directory is complete."""
@@ -159,7 +180,7 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, client_state: dic
             shutil.rmtree(final)
         os.rename(tmp, final)
         write_atomic(root / "latest", final.name)
-        for old in sorted(root.glob("step_*"))[:-keep]:
+        for old in sorted(root.glob("step_*"))[:-retain]:
             shutil.rmtree(old)
     barrier()
     return final

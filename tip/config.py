@@ -9,16 +9,30 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tip.engine import PRECISIONS
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.rollout import ROLLOUT_BACKENDS
 from tip.selection import RULES, SCOPES
 from tip.signals import DIVERGENCES
 from tip.taxonomy import NORM_SCOPES
+from tip.wandb_logging import LOGGER_MODES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"  # every config group; conf/sweeps links to the top-level sweeps/
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot run."""
+
+
+def require_conf_dir() -> str:
+    """The config directory of the checkout tip runs from. tip is used from a checkout, installed in place
+    (``pip install -e .``): a plain wheel has no conf/ beside the package."""
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise SystemExit(f"tip's configs are not at {CONF_DIR}: tip runs from a checkout of its repository, installed "
+                         "in place (`make install`, or `pip install -e .`); a plain wheel install has no conf/")
+    return str(CONF_DIR)
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -60,6 +74,16 @@ def check_source(key: str, source: Any) -> None:
         _integer(f"{key}.size", source.get("size"), 1)
 
 
+def parse_cell(cell: str) -> tuple[str, float]:
+    """``'<selector>@<keep>'`` -> (selector, keep); keep is NaN when it is not a number (unchecked: the report
+    labels even cells that failed on a bad value)."""
+    rule, _, keep = cell.partition("@")
+    try:
+        return rule, float(keep)
+    except ValueError:
+        return rule, float("nan")
+
+
 def apply_cell(cfg: DictConfig) -> None:
     """``cell=<selector>@<keep>`` (e.g. ``q3@0.1``) or ``cell=untrained`` (the student as loaded: no training
     steps) sets the selector, keep and steps at once: sweeps whose cells are not a grid list them this way."""
@@ -70,14 +94,11 @@ def apply_cell(cfg: DictConfig) -> None:
     if cell == "untrained":
         cfg.selector.name, cfg.keep, cfg.train.steps = "all", 1.0, 0
         return
-    rule, sep, keep = str(cell).partition("@")
-    _need(bool(sep), "cell", cell, allowed)
+    _need("@" in str(cell), "cell", cell, allowed)
+    rule, keep = parse_cell(str(cell))
     _one_of("cell selector", rule, sorted(RULES))
-    try:
-        cfg.keep = float(keep)
-    except ValueError:
-        raise ConfigError(f"cell={cell!r} is not allowed: {keep!r} is not a number; {allowed}") from None
-    cfg.selector.name = rule
+    _need(keep == keep, "cell", cell, f"{str(cell).partition('@')[2]!r} is not a number; {allowed}")
+    cfg.keep, cfg.selector.name = keep, rule
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -108,7 +129,7 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("train.lr_schedule", tr.lr_schedule, ("cosine", "constant"))
     _one_of("train.denominator", tr.denominator, DENOMINATORS)
     _integer("train.checkpoint_every", tr.checkpoint_every, 0)
-    _integer("train.keep_checkpoints", tr.keep_checkpoints, 1)
+    _integer("train.max_checkpoints", tr.max_checkpoints, 1)
 
     ro = cfg.rollout
     _one_of("rollout.backend", ro.backend, ROLLOUT_BACKENDS)
@@ -130,12 +151,12 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("engine.stage", cfg.engine.stage, (0, 1, 2, 3))
     _one_of("engine.offload_optimizer", cfg.engine.offload_optimizer, ("none", "cpu", "nvme"))
     _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
-    _one_of("precision", cfg.precision, ("auto", "fp32", "bf16", "fp16"))
+    _one_of("precision", cfg.precision, PRECISIONS)
     _number("dist_timeout_s", cfg.dist_timeout_s, 0.0, math.inf, lo_open=True, hi_open=True)
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))
     _one_of("logger", cfg.logger.name, ("jsonl", "none", "wandb"))
     if cfg.logger.name == "wandb":
-        _one_of("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+        _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
 
     _one_of("teacher.mode", cfg.teacher.mode, ("separate", "self_privileged"))
     if cfg.teacher.mode == "self_privileged":

@@ -7,9 +7,10 @@ benchmarks (../shared/data in this project); a hub dataset id through ``datasets
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from tip.testbed.arith import sample_problems
 
@@ -39,7 +40,14 @@ def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg} at column {err.colno}); each line "
+                                "must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with the fields "
+                                f"{sorted(set(fields.values()) or {'problem', 'answer'})}")
             try:
                 out.append(Example(
                     id=str(row.get(fields.get("id", "id"), lineno)),
@@ -72,9 +80,10 @@ def _from_hub(hub_id: str, subset: str | None, split: str, fields: Mapping[str, 
 def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Example]:
     """Examples of one dataset config.
 
-    ``source`` keys: ``kind`` (embedded | jsonl | hub); for embedded ``size`` and ``seed``; for jsonl ``path``
-    for hub ``hub_id``, ``subset``, ``split``, ``hub_fields`` (column renames of the hub copy) and ``answer_after`` (keep the text after this marker as the
-    answer); optional ``fields`` renaming columns and ``limit`` keeping the first N.
+    ``source`` keys: ``kind`` (embedded | jsonl | hub); for embedded ``size`` and ``seed``; for jsonl ``path``;
+    for hub ``hub_id``, ``subset``, ``split``, ``hub_fields`` (column renames of the hub copy) and
+    ``answer_after`` (keep the text after this marker as the answer); optional ``fields`` renaming columns and
+    ``limit`` keeping the first N.
     """
     kind = source.get("kind")
     fields = source.get("fields") or {}
@@ -83,6 +92,9 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
         examples = [Example(p.id, p.problem, p.answer, p.solution) for p in probs]
     elif kind == "jsonl":
         examples = _from_jsonl(Path(str(source["path"])), fields)
+        if not examples:
+            raise DataError(f"data file {str(source['path'])!r} holds no examples (it is empty); expected one JSON "
+                            "object per line")
     elif kind == "hub":
         examples = _from_hub(source["hub_id"], source.get("subset"), source.get("split", split),
                              source.get("hub_fields") or fields)

@@ -1,4 +1,6 @@
-"""Standalone evaluation: ``python -m tip.eval model=<dir | hub id | embedded://student> eval=math500``.
+"""The evaluation command line (its library is tip/benchmarks.py):
+
+    python -m tip.eval model=<dir | hub id | embedded://student> eval=math500``.
 
 Several benchmarks at once: ``eval=[math500,aime24,aime25]`` (or ``eval=math``); the sampling protocol is a
 preset: ``protocol=paper`` (n=16, T=1.0, top-p 1.0; default), ``protocol=opsd`` (n=16, T=0.7, top-p 0.8,
@@ -16,9 +18,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tip.config import ConfigError, check_eval
-from tip.engine import atomic_dir, resolve_precision
-from tip.evaluate import evaluate, load_benchmarks, sampling_of
+from tip.benchmarks import evaluate, load_benchmarks, sampling_of
+from tip.checkpoint import atomic_dir
+from tip.config import ConfigError, check_eval, require_conf_dir
+from tip.engine import resolve_precision
 from tip.models import load_model, load_tokenizer
 
 
@@ -70,7 +73,7 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=require_conf_dir(), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -13,8 +13,8 @@ A malformed completion never crashes or hangs the caller.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 from tip.testbed.grading_simple import boxed_answer
 

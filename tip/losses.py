@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tip.signals import DIVERGENCES, RowSource, chunks, common_vocab, divergence, log_probs, logits_rows
+from tip.signals import RowSource, chunks, common_vocab, divergence, log_probs, logits_rows, softcap
 
 DENOMINATORS = ("kept", "all")
 
@@ -34,8 +34,6 @@ def kept_token_divergence(
 
     Teacher logits are detached. fp32 math; at most ``chunk_size x V`` fp32 log-probs are formed per chunk.
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(DIVERGENCES)}")
     pieces = []
     for idx in chunks(rows, chunk_size):
         s_logits, t_logits = common_vocab(student(idx), teacher(idx).detach())
@@ -46,9 +44,8 @@ def kept_token_divergence(
 
 
 def _chunk_divergence(logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float,
-                      softcap: float | None) -> torch.Tensor:
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+                      cap: float | None) -> torch.Tensor:
+    logits = softcap(logits, cap)
     s_logits, t_logits = common_vocab(logits, teacher_logits.detach())
     return divergence(log_probs(s_logits), log_probs(t_logits), kind, beta)
 
@@ -124,8 +121,6 @@ def recomputed_kept_divergence(
     passes). ``gather`` is a context-manager factory entered once in forward and once in backward, around every
     use of ``weight`` and ``teacher`` (ZeRO-3 gathers sharded output layers there).
     """
-    if kind not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(DIVERGENCES)}")
     return _RecomputedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size, softcap, gather)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tip.signals import softcap
 
 EMBEDDED_SCHEME = "embedded://"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded_pair"
@@ -158,5 +159,4 @@ def head_logits_raw(model, hidden_rows: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     with torch.no_grad():
         logits = torch.nn.functional.linear(hidden_rows, head.weight, getattr(head, "bias", None))
-    cap = final_logit_softcap(model)
-    return cap * torch.tanh(logits / cap) if cap else logits
+    return softcap(logits, final_logit_softcap(model))

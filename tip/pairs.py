@@ -148,7 +148,7 @@ def convert_to_hf(gguf: Path, out: Path) -> None:
     """Dequantise through transformers and save a plain HF directory (bf16 weights, loaded as fp32 on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tip.engine import atomic_dir
+    from tip.checkpoint import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -29,6 +29,8 @@ from pathlib import Path
 import yaml
 
 from tip.checkpoint import write_atomic
+from tip.config import parse_cell
+from tip.taxonomy import QUADRANTS
 
 # Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
 # otherwise identical rules.
@@ -41,7 +43,8 @@ RULE_ORDER = ("untrained", "all", "entropy_sample", "entropy_topk", "soft_or", "
 class Cell:
     path: Path
     overrides: list[str]
-    status: str                      # completed | failed | interrupted | unfinished (killed, or still running) | not started
+    # completed | failed | interrupted | unfinished (killed, or still running) | not started
+    status: str
     rule: str
     keep: float
     seed: int | None
@@ -85,7 +88,7 @@ def _rule_and_keep(cfg: dict, overrides: dict[str, str]) -> tuple[str, float]:
     if cell == "untrained" or steps == 0:
         return "untrained", 0.0
     if cell and "@" in str(cell):
-        rule, _, keep = str(cell).partition("@")
+        rule, keep = parse_cell(str(cell))
     else:
         rule, keep = (cfg.get("selector") or {}).get("name", "?"), cfg.get("keep", float("nan"))
     try:
@@ -121,7 +124,7 @@ def read_cell(path: Path) -> Cell:
         cell.peak_mem_mb = max(r["peak_mem_mb"] for r in steps)
         cell.step_s = statistics.fmean(r["step_s"] for r in steps)
         for key in steps[0]:
-            if key[:2] in ("q1", "q2", "q3", "q4") and key.endswith(("/frac", "/of_kept")):
+            if key.split("/")[0] in QUADRANTS and key.endswith(("/frac", "/of_kept")):
                 values = [r[key] for r in steps if r.get(key) is not None]
                 if values:
                     cell.quadrants[key] = statistics.fmean(values)
@@ -174,7 +177,7 @@ def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
                                                                         if b in c.accuracy])
         row["peak_mem_mb"], _ = _mean_std([c.peak_mem_mb for c in done if c.peak_mem_mb is not None])
         row["step_s"], _ = _mean_std([c.step_s for c in done if c.step_s is not None])
-        for q in ("q1", "q2", "q3", "q4"):
+        for q in QUADRANTS:
             for part in ("frac", "of_kept"):
                 row[f"{q}/{part}"], _ = _mean_std([c.quadrants[f"{q}/{part}"] for c in done
                                                    if f"{q}/{part}" in c.quadrants])
@@ -208,12 +211,12 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
     quad_rows = [r for r in rows if not math.isnan(r["q1/frac"])]
     if quad_rows:
         lines += ["", "Token share of each quadrant and each quadrant's share of the kept tokens (means over steps):",
-                  "", "| rule | keep | " + " | ".join(f"{q} share" for q in ("Q1", "Q2", "Q3", "Q4")) + " | " +
-                  " | ".join(f"{q} of kept" for q in ("Q1", "Q2", "Q3", "Q4")) + " |", "|" + "---|" * 10]
+                  "", "| rule | keep | " + " | ".join(f"{q.upper()} share" for q in QUADRANTS) + " | " +
+                  " | ".join(f"{q.upper()} of kept" for q in QUADRANTS) + " |", "|" + "---|" * 10]
         for r in quad_rows:
             lines.append(f"| {r['rule']} | {r['keep']:g} | " +
-                         " | ".join(_num(r[f'{q}/frac'], '.3f') for q in ("q1", "q2", "q3", "q4")) + " | " +
-                         " | ".join(_num(r[f'{q}/of_kept'], '.3f') for q in ("q1", "q2", "q3", "q4")) + " |")
+                         " | ".join(_num(r[f'{q}/frac'], '.3f') for q in QUADRANTS) + " | " +
+                         " | ".join(_num(r[f'{q}/of_kept'], '.3f') for q in QUADRANTS) + " |")
     lines += ["", "## Cells", "", "| dir | overrides | status | " + " | ".join(benchmarks) + " | error |",
               "|" + "---|" * (4 + len(benchmarks))]
     for c in cells:

@@ -34,11 +34,11 @@ class RolloutBatch:
     def responses(self) -> list[list[int]]:
         return [row[m].tolist() for row, m in zip(self.input_ids, self.response_mask)]
 
-    def to(self, device) -> "RolloutBatch":
+    def to(self, device) -> RolloutBatch:
         return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
                             self.prompt_lengths, self.example_index)
 
-    def split(self, size: int) -> list["RolloutBatch"]:
+    def split(self, size: int) -> list[RolloutBatch]:
         """Micro-batches of ``size`` rollouts."""
         out = []
         for i in range(0, self.input_ids.shape[0], size):
@@ -84,7 +84,8 @@ def prompt_seeds(run_seed: int, step: int, prompt_indices: list[int]) -> list[in
     return out
 
 
-def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int], pad_id: int) -> RolloutBatch:
+def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int],
+         pad_id: int) -> RolloutBatch:
     """Right-padded prompt+response rows with their masks."""
     rows = [p + r for p, r in zip(prompt_ids, responses)]
     width = max(map(len, rows))
@@ -149,6 +150,27 @@ def hf_generate(
                                     synced_gpus, sampling)
     repeated = [p for p in prompt_ids for _ in range(n)]
     return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], tokenizer.pad_token_id)
+
+
+class HFRollout:
+    """rollout=hf: transformers ``generate`` on the policy itself. Nothing to keep in sync; each step samples
+    from one stream per rank, seeded by the step's seed."""
+
+    def __init__(self, policy, tokenizer, rollout_cfg, synced_gpus: bool):
+        self.policy, self.tokenizer, self.cfg, self.synced_gpus = policy, tokenizer, rollout_cfg, synced_gpus
+
+    def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int]) -> RolloutBatch:
+        ro = self.cfg
+        torch.manual_seed(step_seed)
+        return hf_generate(self.policy, self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
+                           top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, synced_gpus=self.synced_gpus,
+                           max_seqs_per_call=ro.max_seqs_per_generate)
+
+    def sync(self) -> None:
+        """The policy is the model: nothing to send."""
+
+    def close(self) -> None:
+        pass
 
 
 def _generate_once(model, tokenizer, prompt_ids, n, max_new_tokens, stops, synced_gpus, sampling) -> list[list[int]]:

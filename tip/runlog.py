@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated on GPU, peak resident set size of this process on CPU."""
@@ -22,12 +24,10 @@ def peak_memory_mb(device: torch.device) -> float:
 def quadrant_table(stats: dict[str, float]) -> str:
     """Printable per-quadrant table: token share, mean h, mean delta, fraction kept, share of the kept."""
     lines = ["      frac     mean_h  mean_delta   kept  of_kept"]
-    names = {"q1": "Q1 uncertain+disagree", "q2": "Q2 uncertain+agree", "q3": "Q3 confident+disagree",
-             "q4": "Q4 confident+agree"}
-    for q in ("q1", "q2", "q3", "q4"):
+    for q in QUADRANTS:
         lines.append(f"  {q.upper()}  {stats[f'{q}/frac']:5.3f}  {stats[f'{q}/mean_h']:9.3g}  "
                      f"{stats[f'{q}/mean_delta']:10.3g}  {stats[f'{q}/kept']:5.3f}  {stats[f'{q}/of_kept']:7.3f}"
-                     f"   {names[q]}")
+                     f"   {q.upper()} {QUADRANT_NAMES[q]}")
     return "\n".join(lines)
 
 

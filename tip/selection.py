@@ -16,8 +16,9 @@ Adding a rule is one small function decorated with ``@register_rule``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

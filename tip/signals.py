@@ -11,8 +11,8 @@ hidden states and the output projection on demand, so the full ``N x V`` logits 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,11 @@ def divergence(logp_student: torch.Tensor, logp_teacher: torch.Tensor, kind: str
     if kind == "jsd":
         return jsd(logp_student, logp_teacher, beta)
     raise ValueError(f"unknown divergence {kind!r}; known: {', '.join(DIVERGENCES)}")
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-style final-logit soft-capping, cap * tanh(logits / cap); identity when ``cap`` is None or 0."""
+    return cap * torch.tanh(logits / cap) if cap else logits
 
 
 def log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,15 @@ tokens never move a threshold. ``scope='batch'`` pools all valid tokens of the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 NORM_SCOPES = ("batch", "sequence")
-QUADRANTS = ("q1", "q2", "q3", "q4")
+QUADRANTS = ("q1", "q2", "q3", "q4")  # labels 1..4, in this order
+QUADRANT_NAMES = {"q1": "uncertain+disagree", "q2": "uncertain+agree", "q3": "confident+disagree",
+                  "q4": "confident+agree"}
 
 
 def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -46,7 +48,7 @@ class BatchStats:
     divergence_median: torch.Tensor
 
     @classmethod
-    def of(cls, entropy: torch.Tensor, divergence: torch.Tensor, clip_quantile: float = 0.98) -> "BatchStats":
+    def of(cls, entropy: torch.Tensor, divergence: torch.Tensor, clip_quantile: float = 0.98) -> BatchStats:
         """From the 1-D valid values of h and delta (empty: every statistic is 0)."""
         _check_clip(clip_quantile)
         if entropy.numel() == 0:
@@ -155,7 +157,7 @@ def quadrant_sums(
     Sums add across micro-batches and ranks (all-reduce them), then ``summarise_quadrants`` turns them into rates.
     """
     rows = []
-    for q in range(1, 5):
+    for q in range(1, len(QUADRANTS) + 1):
         in_q = labels == q
         rows.append(
             torch.stack(

@@ -25,27 +25,52 @@ import hydra
 import torch
 import torch.distributed as tdist
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from tip.checkpoint import (Resume, failure_status, first_rank_failure, load_training_checkpoint, plan_attempt,
-                            read_status, record_rank_failure, save_training_checkpoint, set_aside_metrics,
-                            watch_peer_failures, write_status)
-from tip.config import ConfigError, apply_cell, check_config, check_launcher
+from tip.benchmarks import evaluate, load_benchmarks, sampling_of
+from tip.checkpoint import (
+    Resume,
+    failure_status,
+    first_rank_failure,
+    load_training_checkpoint,
+    plan_attempt,
+    read_status,
+    record_rank_failure,
+    save_training_checkpoint,
+    set_aside_metrics,
+    watch_peer_failures,
+    write_status,
+)
+from tip.config import ConfigError, apply_cell, check_config, check_launcher, require_conf_dir
 from tip.data import load_examples, prompt_token_ids
-from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
-from tip.engine import (build_student_engine, build_teacher_engine, copy_weights, deepspeed_config,
-                        init_distributed, release_engines, resolve_precision, save_hf_checkpoint)
-from tip.evaluate import evaluate, load_benchmarks, sampling_of
+from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum, init_distributed
+from tip.engine import (
+    build_student_engine,
+    build_teacher_engine,
+    copy_weights,
+    deepspeed_config,
+    release_engines,
+    resolve_precision,
+    save_hf_checkpoint,
+)
 from tip.losses import loss_denominator, opd_loss, recomputed_kept_divergence
-from tip.models import (HiddenStatesLM, check_vocab, final_logit_softcap, gathered_heads,
-                        head_logits_raw, hidden_states, load_model, load_tokenizer, output_width)
-from tip.rollout import RolloutBatch, aligned_targets, hf_generate, prompt_seeds, with_prompts
+from tip.models import (
+    HiddenStatesLM,
+    check_vocab,
+    final_logit_softcap,
+    gathered_heads,
+    head_logits_raw,
+    hidden_states,
+    load_model,
+    load_tokenizer,
+    output_width,
+)
+from tip.rollout import HFRollout, RolloutBatch, aligned_targets, prompt_seeds, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
 from tip.selection import select_tokens
 from tip.signals import TokenSignals, token_signals
-from tip.wandb_logging import start_run
 from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
+from tip.wandb_logging import start_run
 
 
 def lr_lambda(cfg: DictConfig):
@@ -66,7 +91,7 @@ def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int):
+def signals_and_teacher_rows(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int):
     """Signals at every response position of ``micro``, and the teacher's final hidden states at those positions
     only (valid rows in flat order; prompt and padding rows are dropped here). The teacher reads
     ``teacher_batch`` (the same responses, possibly after a privileged prompt)."""
@@ -89,7 +114,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     policy = student.module.lm
     views = [m if teacher_prompts is None else
              with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
-    scored = [score(policy, teacher, m, v, cfg.train.chunk_size) for m, v in zip(micros, views)]
+    scored = [signals_and_teacher_rows(policy, teacher, m, v, cfg.train.chunk_size) for m, v in zip(micros, views)]
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
@@ -98,14 +123,14 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
                          for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
     sel = cfg.selection
     stats = global_batch_stats(sig, sel.clip_quantile, dist)
-    keep = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
+    kept = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
                          sel.norm_scope, sel.entropy_alpha, stats)
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
                              sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence, stats)
 
     # The loss is normalised by the step's global count, and the engine's averaging over accumulation steps and
     # ranks is undone, so the step's gradient is that of one batch holding every rank's rollouts.
-    local_count = torch.tensor([float(loss_denominator(keep, sig.mask, cfg.train.denominator))],
+    local_count = torch.tensor([float(loss_denominator(kept, sig.mask, cfg.train.denominator))],
                                dtype=torch.float64, device=dist.device)
     global_count = float(all_reduce_sum(local_count, dist))
     undo_engine_mean = dist.world_size * len(micros)
@@ -113,32 +138,32 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     kept_masks, teacher_kept = [], []
     offset = 0
     for s, teacher_rows in scored:
-        keep_m = keep[offset: offset + s.mask.shape[0], : s.mask.shape[1]]
+        kept_m = kept[offset: offset + s.mask.shape[0], : s.mask.shape[1]]
         offset += s.mask.shape[0]
-        kept_masks.append(keep_m)
-        teacher_kept.append(teacher_rows[keep_m[s.mask]])
+        kept_masks.append(kept_m)
+        teacher_kept.append(teacher_rows[kept_m[s.mask]])
     masks = [s.mask for s, _ in scored]
     del scored
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    for micro, keep_m, valid_m, t_kept in zip(micros, kept_masks, masks, teacher_kept):
-        rows = keep_m.reshape(-1).nonzero(as_tuple=True)[0]
+    for micro, kept_m, valid_m, t_kept in zip(micros, kept_masks, masks, teacher_kept):
+        rows = kept_m.reshape(-1).nonzero(as_tuple=True)[0]
         s_hidden = student(micro.input_ids, micro.attention_mask)[:, :-1]  # through the engine's forward
         kept_hidden = s_hidden.reshape(-1, s_hidden.shape[-1])[rows]
         # The output layer runs only on kept rows, chunk by chunk, and again in backward: no kept-rows x V logits
         # are held for backward (tip.losses.recomputed_kept_divergence).
         head = policy.get_output_embeddings()
         divs = recomputed_kept_divergence(
-            kept_hidden, head.weight, head.bias, lambda i: head_logits_raw(teacher, t_kept[i]),
+            kept_hidden, head.weight, head.bias, lambda i, t_kept=t_kept: head_logits_raw(teacher, t_kept[i]),
             cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size, softcap=final_logit_softcap(policy),
             gather=lambda: gathered_heads(policy, teacher))
-        out = opd_loss(divs, keep_m, valid_m, cfg.train.denominator, global_count)
+        out = opd_loss(divs, kept_m, valid_m, cfg.train.denominator, global_count)
         # divs is in the graph even when this rank kept nothing, so every rank runs the same backward (and gathers).
         loss = out.loss
         student.backward(loss * undo_engine_mean)
         student.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
         loss_sum += out.loss.detach().double()
 
-    sums, quad = reduce_step_sums(sig, keep, labels, loss_sum, dist)
+    sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     valid = max(totals["valid_tokens"], 1.0)
     return {
@@ -162,15 +187,16 @@ def global_batch_stats(sig: TokenSignals, clip_quantile: float, dist: DistInfo) 
 STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "loss")
 
 
-def reduce_step_sums(sig: TokenSignals, keep: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor,
+def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor,
                      dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``. Device
     tensors throughout (what NCCL needs), with no host synchronisation."""
     m = sig.mask.bool()
-    local = torch.stack([m.sum().double(), (keep.bool() & m).sum().double(),
-                         *(torch.where(m, x, 0.0).double().sum() for x in (sig.entropy, sig.reverse_kl, sig.forward_kl)),
+    local = torch.stack([m.sum().double(), (kept.bool() & m).sum().double(),
+                         *(torch.where(m, x, 0.0).double().sum()
+                           for x in (sig.entropy, sig.reverse_kl, sig.forward_kl)),
                          loss_sum.double()])
-    quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, keep)
+    quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept)
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
 
 
@@ -225,6 +251,24 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
                           f"prompt has {longest} tokens and rollout.max_new_tokens={cfg.rollout.max_new_tokens}, so "
                           f"it must be at least {needed} (or null, to derive it)")
     return cfg.rollout.max_model_len
+
+
+def build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir: Path, synced_gpus: bool,
+                  max_model_len: int | None):
+    """The rollout backend: ``generate(prompt_ids, step_seed, prompt_seeds)``, ``sync()`` after each optimizer
+    step, ``close()``. rollout=hf samples with the policy itself; rollout=vllm with a worker per rank."""
+    ro = cfg.rollout
+    if ro.backend == "hf":
+        return HFRollout(policy, tokenizer, ro, synced_gpus)
+    from tip.models import resolve_model_ref
+    from tip.vllm_rollout import VllmRollout, VllmRolloutBackend
+
+    engine = VllmRollout(resolve_model_ref(cfg.pair.student), python=ro.vllm_python,
+                         dtype="float32" if dtype == torch.float32 else "bfloat16", max_model_len=max_model_len,
+                         gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
+                         local_rank=dist.local_rank, log_path=run_dir / f"vllm_worker_rank{dist.rank}.log",
+                         **vllm_speed_settings(ro, dist.device))
+    return VllmRolloutBackend(engine, policy, tokenizer, ro)
 
 
 def vllm_speed_settings(ro, device: torch.device) -> dict:
@@ -363,25 +407,15 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                        chat_template_kwargs=cfg.pair.chat_template_kwargs, rank=dist.rank,
                        world_size=dist.world_size, synced_gpus=synced)
 
-    ro = cfg.rollout
-    vllm = None
-    if ro.backend == "vllm":  # a vLLM worker per rank, kept in step with the student after every update
-        from tip.models import resolve_model_ref
-        from tip.vllm_rollout import VllmRollout
-        vllm = VllmRollout(resolve_model_ref(cfg.pair.student), python=ro.vllm_python,
-                           dtype="float32" if dtype == torch.float32 else "bfloat16",
-                           max_model_len=max_model_len,
-                           gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
-                           local_rank=dist.local_rank, log_path=run_dir / f"vllm_worker_rank{dist.rank}.log",
-                           **vllm_speed_settings(ro, dist.device))
+    rollout = build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir, synced,
+                            max_model_len if cfg.rollout.backend == "vllm" else None)
 
     try:
         start = 0
         if plan is not None and plan.checkpoint is not None:
             client = load_training_checkpoint(student, plan.checkpoint)
             start, results = client["step"], {"before": client["before"]}
-            if vllm is not None:
-                vllm.load_weights(policy)
+            rollout.sync()
             logger.log({"kind": "resume", "step": start, "checkpoint": str(plan.checkpoint)})
             if dist.is_main:
                 print(f"resumed from {plan.checkpoint} (step {start} of {cfg.train.steps})", flush=True)
@@ -399,27 +433,16 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             teacher_prompts = privileged_prompts(cfg, chosen, tokenizer) if self_teacher else None
             if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
                 copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
-            sample_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # sampling stream of this step and rank
-            torch.manual_seed(sample_seed)
-            # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
-            selection_rng = torch.Generator(device=dist.device).manual_seed(sample_seed + 2**40)
-            if vllm is not None:
-                rollouts = vllm.generate(tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                                         top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                         seeds=prompt_seeds(cfg.seed, step, prompt_indices),
-                                         model=policy).to(dist.device)
-            else:
-                rollouts = hf_generate(policy, tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
-                                       top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                                       synced_gpus=synced, max_seqs_per_call=ro.max_seqs_per_generate
-                                       ).to(dist.device)
+            step_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # this step's stream on this rank
+            rollouts = rollout.generate(prompt_ids, step_seed, prompt_seeds(cfg.seed, step, prompt_indices))
             t_gen = time.time() - t0
-            stats = distill_step(cfg, student, teacher, rollouts, micro_size, dist, selection_rng, teacher_prompts,
-                                 tokenizer.pad_token_id)
-            if vllm is not None:
-                t_sync = time.time()
-                vllm.load_weights(policy)  # the next rollouts come from the updated student
-                stats["weight_sync_s"] = round(time.time() - t_sync, 3)
+            # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
+            selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
+            stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), micro_size, dist, selection_rng,
+                                 teacher_prompts, tokenizer.pad_token_id)
+            sync_s = rollout.sync()  # the next rollouts come from the updated student
+            if sync_s is not None:
+                stats["weight_sync_s"] = sync_s
             elapsed = time.time() - t0
             logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
                         "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
@@ -430,7 +453,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                 logger.log({"kind": "eval", "step": step + 1, "when": "during", **mid})
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                 save_training_checkpoint(student, run_dir, step + 1, {"step": step + 1, "before": results["before"]},
-                                         dist.is_main, cfg.train.keep_checkpoints, barrier_of(dist))
+                                         dist.is_main, cfg.train.max_checkpoints, barrier_of(dist))
 
         results["after"] = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
         logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
@@ -444,8 +467,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             print(f"run directory: {run_dir}", flush=True)
     finally:
-        if vllm is not None:
-            vllm.close()
+        rollout.close()
         release_engines(student, None if teacher is policy else teacher)
     return results
 
@@ -454,12 +476,9 @@ def _fmt_eval(metrics: dict) -> str:
     return "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy"))
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=require_conf_dir(), config_name="config")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
-    if hc.runtime.choices.get("sweeps") and hc.mode != RunMode.MULTIRUN:
-        raise ConfigError(f"sweeps={hc.runtime.choices['sweeps']} is a multirun: add -m "
-                          f"(python -m tip.train -m sweeps={hc.runtime.choices['sweeps']} ...)")
     check_launcher(hc.runtime.choices.get("hydra/launcher"), torch.cuda.is_available())
     results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     # The sweep's objective: mean held-out accuracy after training.

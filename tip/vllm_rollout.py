@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import nullcontext
 from multiprocessing.connection import Listener
 from pathlib import Path
@@ -35,6 +36,29 @@ def _gathered(param):
 
         return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
     return nullcontext()
+
+
+class VllmRolloutBackend:
+    """rollout=vllm for the trainer: a worker (``VllmRollout``) sampling with one seed per prompt, and the
+    policy's weights sent to it after every optimizer step (``sync``)."""
+
+    def __init__(self, engine: VllmRollout, policy, tokenizer, rollout_cfg):
+        self.engine, self.policy, self.tokenizer, self.cfg = engine, policy, tokenizer, rollout_cfg
+
+    def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int]) -> RolloutBatch:
+        ro = self.cfg
+        return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
+                                    top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
+                                    model=self.policy)
+
+    def sync(self) -> float:
+        """Send the policy's current weights; returns the seconds it took."""
+        start = time.time()
+        self.engine.load_weights(self.policy)
+        return round(time.time() - start, 3)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def worker_visible_devices(parent_visible: str | None, local_rank: int, device_count: int) -> str:

@@ -4,7 +4,8 @@
 
 It holds one in-process ``vllm.LLM`` and answers requests from the trainer over a local socket:
 ``("generate", prompts, sampling, seeds)`` (one seed per prompt) -> token ids of every completion;
-``("load_weights", [(name, tensor), ...])`` loads parameters into the running engine (no restart; the prefix cache is reset after each batch of weights);
+``("load_weights", [(name, tensor), ...])`` loads parameters into the running engine (no restart; the prefix
+cache is reset after each batch of weights);
 ``("shutdown",)``. The worker imports nothing from tip: its environment needs only vllm and torch (the same torch
 version as the trainer's, since tensors travel pickled).
 

@@ -4,8 +4,8 @@ the sweep, with the resolved config. ``python -m wandb sync <dir>`` uploads offl
 from __future__ import annotations
 
 import netrc
-import secrets
 import os
+import secrets
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,9 +20,12 @@ def api_key_configured() -> bool:
         return False
 
 
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+
+
 def resolve_mode(mode: str) -> str:
-    if mode not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={mode!r} is not allowed: expected one of auto, online, offline, disabled")
+    if mode not in LOGGER_MODES:
+        raise ValueError(f"logger.mode={mode!r} is not allowed: expected one of {', '.join(LOGGER_MODES)}")
     if mode != "auto":
         return mode
     return "online" if api_key_configured() else "offline"

@@ -24,8 +24,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from tip.checkpoint import atomic_dir
 from tip.testbed.arith import sample_problems
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -102,8 +101,8 @@ def sft_batch(tok, problems) -> dict[str, torch.Tensor]:
     ids = torch.full((len(rows), width), tok.pad_token_id)
     lab = torch.full((len(rows), width), -100)
     att = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, l) in enumerate(zip(rows, labels)):
-        ids[i, : len(r)], lab[i, : len(l)], att[i, : len(r)] = torch.tensor(r), torch.tensor(l), 1
+    for i, (r, lb) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], lab[i, : len(lb)], att[i, : len(r)] = torch.tensor(r), torch.tensor(lb), 1
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
@@ -162,20 +161,6 @@ def greedy_accuracy(model, tok, n: int = 256, seed: int = 1) -> float:
     return sum(boxed_answer(t) == p.answer for t, p in zip(texts, problems)) / n
 
 
-def save_atomically(out: Path, writer) -> None:
-    """Write into a temporary sibling, then rename: a crash never leaves a half-written pair."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
-        writer(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build(out: Path, seed: int = 0, batch_size: int = 128, teacher: ModelSpec = TEACHER,
           student: StudentSpec = STUDENT) -> dict:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -201,7 +186,7 @@ def build(out: Path, seed: int = 0, batch_size: int = 128, teacher: ModelSpec = 
             tok.save_pretrained(tmp / name)
         (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    save_atomically(out, write)
+    atomic_dir(out, write, replace=True)  # a rebuild replaces the pair
     return report
 
 

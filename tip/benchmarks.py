@@ -1,6 +1,7 @@
-"""Evaluation on benchmarks: generate n samples per problem, grade them, and summarise.
+"""Benchmarks: load them, generate n samples per problem, grade them, and summarise.
 
-Used inside training (before, during and after) and by ``python -m tip.eval``. Generation goes through the same
+The evaluation library, used inside training (before, during and after) and by the command line
+``python -m tip.eval`` (tip/eval.py). Generation goes through the same
 rollout code the trainer uses, sharded over data-parallel ranks.
 
 Metrics per benchmark (``{name}/...``):

@@ -1,0 +1,20 @@
+"""Paths and the compose helper the tests share (imported as a module; pytest fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from tip.config import CONF_DIR as _CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(_CONF_DIR)
+DATA_ROOT = Path(os.environ.get("TIP_DATA_ROOT", ROOT.parent / "shared" / "data")).resolve()
+
+
+def compose_config(*overrides: str):
+    """The training config as `python -m tip.train <overrides>` composes it (data_root: the shared data)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"data_root={DATA_ROOT}", *overrides])

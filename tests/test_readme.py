@@ -1,0 +1,125 @@
+"""Every command and config key the README shows is real: training and evaluation commands compose through Hydra
+(with every override they name), modules, scripts and make targets exist, and the keys its tables list are in
+the config."""
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from support import CONF_DIR, DATA_ROOT, ROOT, compose_config
+
+README = (ROOT / "README.md").read_text()
+
+
+def code_lines() -> list[str]:
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def first_value(value: str) -> str:
+    """The first value of a sweep list ``a,b`` (not inside brackets)."""
+    depth, out = 0, ""
+    for ch in value:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            break
+        out += ch
+    return out
+
+
+def overrides_of(tokens: list[str]) -> list[str]:
+    out = []
+    for tok in tokens:
+        if "=" not in tok or tok.startswith("-") or "<" in tok:
+            continue
+        key, value = tok.split("=", 1)
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue  # Hydra's own settings; launchers are checked below
+        out.append(f"{key}={first_value(value)}")
+    return out
+
+
+def launcher_of(tokens: list[str]) -> str | None:
+    return next((t.split("=", 1)[1] for t in tokens if t.startswith("hydra/launcher=")), None)
+
+
+COMMANDS = code_lines()
+TRAIN = [c for c in COMMANDS if re.search(r"(-m|--module) tip\.train|make train", c)]
+EVAL = [c for c in COMMANDS if "-m tip.eval" in c]
+
+
+def test_the_readme_shows_commands():
+    assert len(TRAIN) >= 15 and len(EVAL) >= 3
+
+
+@pytest.mark.parametrize("command", TRAIN)
+def test_every_training_command_composes(command):
+    tokens = shlex.split(command.replace('ARGS="', "").replace('"', ""))
+    cfg = compose_config(*overrides_of(tokens))
+    assert cfg.selector.name
+    launcher = launcher_of(tokens)
+    if launcher and launcher != "basic":
+        assert (Path(CONF_DIR) / "hydra" / "launcher" / f"{launcher}.yaml").is_file(), launcher
+
+
+@pytest.mark.parametrize("command", EVAL)
+def test_every_evaluation_command_composes(command):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("evaluate", overrides=[f"data_root={DATA_ROOT}", *overrides_of(shlex.split(command))])
+    assert cfg.eval.benchmarks
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in TRAIN and c not in EVAL])
+def test_every_other_command_names_something_that_exists(command):
+    tokens = shlex.split(command)
+    if tokens[0] == "make":
+        assert re.search(rf"(?m)^{re.escape(tokens[1])}:", (ROOT / "Makefile").read_text()), command
+    elif tokens[:2] == ["python", "-m"]:
+        assert importlib.util.find_spec(tokens[2]) is not None, command
+    elif tokens[0] == "python":
+        assert (ROOT / tokens[1]).is_file(), command
+    elif tokens[0] in ("cat", "wandb", ".", "pip"):
+        pass
+    else:
+        raise AssertionError(f"a README command this test does not know how to check: {command}")
+
+
+def table_keys() -> list[str]:
+    """Keys of the README's option tables: `group.*` rows list their sub-keys; `a.b` cells name keys."""
+    keys = []
+    for row in re.findall(r"(?m)^\| `([a-z_]+)\.\*` \| (.*) \|$", README):
+        prefix, cells = row
+        keys += [f"{prefix}.{k}" for k in re.findall(r"`([a-z_.{},]+)`", cells)]
+    keys += re.findall(r"`((?:train|rollout|selection|eval|teacher|logger|pair|engine|divergence)\.[a-z_]+)`", README)
+    return sorted(k for k in set(keys) if not k.endswith((".json", ".py", ".yaml", ".md")))
+
+
+# Keys that only exist under one option of their group.
+UNDER = {"logger.": "logger=wandb", "teacher.": "teacher=self_privileged",
+         **{f"rollout.{k}": "rollout=vllm" for k in ("vllm_python", "max_model_len", "enforce_eager", "sleep",
+                                                    "sync_bucket_mb", "gpu_memory_utilization")}}
+
+
+def expand(key: str) -> list[str]:
+    match = re.fullmatch(r"(.*)\{(.*)\}", key)
+    return [f"{match[1]}{k}" for k in match[2].split(",")] if match else [key]
+
+
+@pytest.mark.parametrize("key", table_keys())
+def test_every_key_the_readme_names_exists(key):
+    cfg = compose_config(*[option for prefix, option in UNDER.items() if key.startswith(prefix)])
+    for full in expand(key):
+        node = cfg
+        for part in full.split("."):
+            assert part in node, f"README names {full}, which the config does not have"
+            node = node[part]
