@@ -19,7 +19,9 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -363,9 +365,25 @@ def end_after_peer_failure(record: dict, wandb_run, logger) -> None:
         os._exit(1)
 
 
-def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: Resume | None = None) -> dict:
-    """Load the pair, evaluate, train for cfg.train.steps (from the checkpoint in ``plan`` if any), evaluate again,
-    save the student."""
+@dataclass
+class TrainingSetup:
+    """What the loop needs, built once: data, the student engine and its policy, the teacher, the scheduler, the
+    rollout backend and the evaluation settings."""
+    tokenizer: Any
+    train_examples: list
+    benchmarks: list
+    student: Any  # the DeepSpeed engine
+    policy: Any  # the student's HF model (student.module.lm)
+    teacher: Any  # a frozen model, or the policy itself (the live self-teacher)
+    scheduler: Any
+    rollout: Any  # HFRollout | VllmRolloutBackend
+    micro_size: int
+    self_teacher: bool
+    eval_kwargs: dict
+
+
+def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
+    """Data first (bad data fails before any model loads), then the pair, the engines and the rollout backend."""
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, dist.device)
     if dtype != torch.float32 and cfg.engine.stage == 0:
@@ -409,7 +427,17 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
 
     rollout = build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir, synced,
                             max_model_len if cfg.rollout.backend == "vllm" else None)
+    return TrainingSetup(tokenizer, train_examples, benchmarks, student, policy, teacher, scheduler, rollout,
+                         micro_size, self_teacher, eval_kwargs)
 
+
+def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: Resume | None = None) -> dict:
+    """Set up, evaluate, train for cfg.train.steps (from the checkpoint in ``plan`` if any), evaluate again, save
+    the student. The loop: rollout -> teacher -> signals -> select -> loss -> step -> eval/log."""
+    run = set_up(cfg, dist, run_dir)
+    tokenizer, train_examples, benchmarks = run.tokenizer, run.train_examples, run.benchmarks
+    student, policy, teacher, rollout = run.student, run.policy, run.teacher, run.rollout
+    eval_kwargs, self_teacher = run.eval_kwargs, run.self_teacher
     try:
         start = 0
         if plan is not None and plan.checkpoint is not None:
@@ -438,13 +466,13 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             t_gen = time.time() - t0
             # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
             selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
-            stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), micro_size, dist, selection_rng,
+            stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), run.micro_size, dist, selection_rng,
                                  teacher_prompts, tokenizer.pad_token_id)
             sync_s = rollout.sync()  # the next rollouts come from the updated student
             if sync_s is not None:
                 stats["weight_sync_s"] = sync_s
             elapsed = time.time() - t0
-            logger.log({"kind": "train", "step": step + 1, **stats, "lr": scheduler.get_last_lr()[0],
+            logger.log({"kind": "train", "step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0],
                         "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
                         "tokens_per_s": stats["valid_tokens"] / max(elapsed, 1e-9),
                         "peak_mem_mb": peak_memory_mb(dist.device)})
