@@ -55,8 +55,13 @@ def test_outputs_are_complete_and_a_run_directory_is_never_reused(tmp_path):
     assert [e["when"] for e in evals] == ["before", "after"]
     train_rows = read_metrics(run_dir, "train")
     for key in ("loss", "kept_frac", "q3/frac", "q3/kept", "q3/of_kept", "mean_h", "mean_delta", "tokens_per_s",
-                "peak_mem_mb"):
+                "peak_mem_mb", "rollout_s", "scoring_s", "selection_s", "gradient_s", "optimizer_s",
+                "rollout_tokens_per_s", "trained_tokens_per_s"):
         assert key in train_rows[0], key
+    # The phases measured inside the step fit in the step's wall time.
+    row = train_rows[0]
+    parts = sum(row[k] for k in ("rollout_s", "scoring_s", "selection_s", "gradient_s", "optimizer_s"))
+    assert 0 < parts <= row["step_s"] + 1e-3
     final = run_dir / "checkpoints" / "final"
     model = AutoModelForCausalLM.from_pretrained(final)
     tok = AutoTokenizer.from_pretrained(final)

@@ -21,6 +21,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+STEP_PHASES = ("rollout_s", "scoring_s", "selection_s", "gradient_s", "optimizer_s", "weight_sync_s")
+
+
+def throughput_line(record: dict[str, Any]) -> str:
+    """Where a step's time went, and how fast tokens were generated and trained (rank 0's clock)."""
+    phases = "  ".join(f"{p[:-2]} {record[p]:.2f}s" for p in STEP_PHASES if record.get(p) is not None)
+    return (f"      time: {phases}  |  rollout {record.get('rollout_tokens_per_s', 0):.0f} tok/s, "
+            f"trained {record.get('trained_tokens_per_s', 0):.0f} kept tok/s")
+
+
 def quadrant_table(stats: dict[str, float]) -> str:
     """Printable per-quadrant table: token share, mean h, mean delta, fraction kept, share of the kept."""
     lines = ["      frac     mean_h  mean_delta   kept  of_kept"]
@@ -56,6 +66,7 @@ class RunLogger:
             print(f"step {record['step']:4d}  loss {record['loss']:.4f}  kept {record['kept_frac']:.3f}  "
                   f"h {record['mean_h']:.3g}  delta {record['mean_delta']:.3g}  "
                   f"{record['tokens_per_s']:.0f} tok/s  peak {record['peak_mem_mb']:.0f} MB", flush=True)
+            print(throughput_line(record), flush=True)
             if self.print_quadrants:
                 print(quadrant_table(record), flush=True)
 

@@ -112,11 +112,13 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
                  teacher_prompts: list[list[int]] | None, pad_id: int) -> dict:
     """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one.
     ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view."""
+    clock = StepClock(dist.device)
     micros = rollouts.split(micro_size)
     policy = student.module.lm
     views = [m if teacher_prompts is None else
              with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
     scored = [signals_and_teacher_rows(policy, teacher, m, v, cfg.train.chunk_size) for m, v in zip(micros, views)]
+    clock.lap("scoring_s")
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
@@ -132,6 +134,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
 
     # The loss is normalised by the step's global count, and the engine's averaging over accumulation steps and
     # ranks is undone, so the step's gradient is that of one batch holding every rank's rollouts.
+    clock.lap("selection_s")
     local_count = torch.tensor([float(loss_denominator(kept, sig.mask, cfg.train.denominator))],
                                dtype=torch.float64, device=dist.device)
     global_count = float(all_reduce_sum(local_count, dist))
@@ -162,7 +165,9 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         # divs is in the graph even when this rank kept nothing, so every rank runs the same backward (and gathers).
         loss = out.loss
         student.backward(loss * undo_engine_mean)
+        clock.lap("gradient_s")
         student.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
+        clock.lap("optimizer_s")
         loss_sum += out.loss.detach().double()
 
     sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
@@ -174,8 +179,27 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
         "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
         "grad_norm": _as_float(student.get_global_grad_norm()),  # before clipping
-        **summarise_quadrants(quad),
+        "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0), 1e-9),
+        **clock.rounded(), **summarise_quadrants(quad),
     }
+
+
+class StepClock:
+    """Wall time of a step's phases, summed per phase. On GPUs the device is synchronised at each lap, so a
+    phase is charged with its own kernels (a few synchronisations per micro-batch)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.totals, self.last = device, {}, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.totals.items()}
 
 
 def global_batch_stats(sig: TokenSignals, clip_quantile: float, dist: DistInfo) -> BatchStats:
@@ -474,6 +498,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             elapsed = time.time() - t0
             logger.log({"kind": "train", "step": step + 1, **stats, "lr": run.scheduler.get_last_lr()[0],
                         "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
+                        # every rank's response tokens over this rank's rollout time (ranks roll out together)
+                        "rollout_tokens_per_s": stats["valid_tokens"] / max(t_gen, 1e-9),
                         "tokens_per_s": stats["valid_tokens"] / max(elapsed, 1e-9),
                         "peak_mem_mb": peak_memory_mb(dist.device)})
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
