@@ -79,3 +79,22 @@ def test_unknown_selector_and_unknown_key_are_refused_by_hydra_with_the_options(
         compose_config("selector=q5")
     with pytest.raises(ConfigCompositionException, match="kep"):
         compose_config("kep=0.1")
+
+
+PAPER_PAIRS = {"qwen3_8b_to_4b": 1e-6, "llama70b_to_8b": 3e-7, "qwen25_14b_to_1p5b": 1e-6,
+               "qwen3_14b_to_1p7b": 1e-6, "qwen3_32b_to_1p7b": 1e-6}
+
+
+@pytest.mark.parametrize("pair,lr", PAPER_PAIRS.items())
+def test_paper_overlays_hold_the_papers_settings(pair, lr, needs_shared_data):
+    cfg = compose_config(f"experiment=paper_{pair}")
+    check_config(cfg)
+    assert cfg.pair.name == pair and cfg.train.lr == lr and cfg.data.name == "dapo_math"
+    ro = cfg.rollout
+    assert (ro.backend, ro.n, ro.temperature, ro.max_new_tokens) == ("vllm", 16, 1.0, 8192)
+    assert sorted(cfg.eval.benchmarks) == ["aime24", "aime25", "math500"]
+    assert (cfg.eval.samples, cfg.eval.temperature, cfg.precision, cfg.train.chunk_size) == (16, 1.0, "bf16", 512)
+    if pair.startswith("qwen3"):
+        assert cfg.pair.chat_template_kwargs == {"enable_thinking": False}
+    header = (Path(CONF_DIR) / "experiment" / f"paper_{pair}.yaml").read_text().splitlines()[:4]
+    assert any(line.startswith("# GPUs in the paper:") for line in header)

@@ -50,3 +50,60 @@ def test_bad_data_stops_a_run_before_any_model_loads(tmp_path, where):
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "failed" and "bad.jsonl:2" in status["error"]
     assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def dapo_row(i: int) -> dict:
+    """A row in DAPO-Math-17k's hub schema."""
+    from tip.data import DAPO_PREFIX, DAPO_SUFFIX
+
+    return {"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": f"id-{i}"},
+            "prompt": [{"role": "user", "content": f"{DAPO_PREFIX}What is {i} + {i}?{DAPO_SUFFIX}"}],
+            "reward_model": {"ground_truth": str(2 * i), "style": "rule-lean"}}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_dapo_math_is_prepared_as_the_papers_release_does(tmp_path, suffix):
+    import pandas as pd
+
+    rows = [dapo_row(i) for i in range(20)]
+    path = tmp_path / f"dapo{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    cfg = compose_config("data=dapo_math", f"data.source.path={path}")
+    train_set = load_examples(cfg.data.source, "train")
+    cfg.data.source.split = "validation"
+    val_set = load_examples(cfg.data.source, "train")  # the source's own split wins
+    assert (len(train_set), len(val_set)) == (16, 4)  # 80 / 20
+    assert {e.id for e in train_set}.isdisjoint(e.id for e in val_set)
+    assert sorted(e.id for e in train_set + val_set) == sorted(f"dapo-id-{i}" for i in range(20))
+    for e in train_set + val_set:
+        i = int(e.id.split("-")[-1])
+        assert e.problem == f"What is {i} + {i}?" and e.answer == str(2 * i)  # instruction stripped
+    # Shuffled with seed 42: the order is the release's, not the file's.
+    import random
+
+    order = list(range(20))
+    random.Random(42).shuffle(order)
+    assert [e.id for e in train_set] == [f"dapo-id-{i}" for i in order[:16]]
+    prompt = cfg.data.prompt_template.replace("{problem}", train_set[0].problem)
+    assert prompt.endswith("Let's think step by step and output the final answer within \\boxed{}.")
+
+
+def test_dapo_math_without_a_local_copy_and_without_the_hub_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    cfg = compose_config("data=dapo_math", f"data_root={tmp_path}")
+    with pytest.raises(DataError, match=r"could not load 'BytedTsinghua-SIA/DAPO-Math-17k': .*dapo_math_17k.parquet "
+                                        r"does not exist.*set data.source.path"):
+        load_examples(cfg.data.source, "train")
+
+
+def test_a_dapo_row_in_another_schema_is_named(tmp_path):
+    path = tmp_path / "dapo.jsonl"
+    path.write_text(json.dumps(dapo_row(0)) + "\n" + json.dumps({"problem": "x", "answer": "1"}) + "\n")
+    cfg = compose_config("data=dapo_math", f"data.source.path={path}")
+    with pytest.raises(DataError, match=r"DAPO-Math row 1 is not in the hub's schema"):
+        load_examples(cfg.data.source, "train")

@@ -96,3 +96,16 @@ def test_generation_is_split_into_calls_of_at_most_max_seqs():
     hook.remove()
     whole = hf_generate(model, tok, prompts, n=2, temperature=0.0, max_new_tokens=40)
     assert capped.responses() == whole.responses() and capped.example_index == whole.example_index
+
+
+def test_rollouts_of_a_checkpointed_model_in_training_mode_are_its_greedy_answers():
+    """With activation checkpointing in training mode transformers drops the KV cache and then feeds the model
+    only its newest token: rollouts were 40 tokens of garbage. Generation runs in eval mode."""
+    tok = load_tokenizer("embedded://student")
+    model = load_model("embedded://student", torch.float32, "student")
+    prompts = [tok(p)["input_ids"] for p in ("12+34-5=", "7+8-9=", "61-19+3=")]
+    plain = hf_generate(model, tok, prompts, temperature=0.0, max_new_tokens=40).responses()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert hf_generate(model, tok, prompts, temperature=0.0, max_new_tokens=40).responses() == plain
+    assert model.training  # restored

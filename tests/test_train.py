@@ -155,11 +155,15 @@ def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkey
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(var, None)
+    overrides = ["experiment=smoke", "logger=wandb", "train.eval_before=false", "train.save_final=false",
+                 "dist_timeout_s=900", f"data_root={DATA_ROOT}", f"hydra.run.dir={run_dir}"]
+
+    def torchrun(*target):
+        return subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                               *target, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
     start = time.time()
-    proc = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                           str(ROOT / "tests" / "failing_rank.py"), "experiment=smoke", "logger=wandb",
-                           "train.eval_before=false", "dist_timeout_s=900", f"data_root={DATA_ROOT}",
-                           f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun(str(ROOT / "tests" / "failing_rank.py"))
     assert proc.returncode != 0
     assert time.time() - start < 300  # not the process-group timeout (900 s)
     status = json.loads((run_dir / "status.json").read_text())
@@ -168,6 +172,12 @@ def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkey
     assert "injected failure on rank 1" in json.loads((run_dir / "failures" / "rank1.json").read_text())["error"]
     (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     assert exit_code(wandb_file) == 1  # rank 0's W&B run is finished, marked failed
+    # Running it again in the same directory starts a new attempt: the old failure records are set aside (kept),
+    # so rank 0's watch does not mistake them for this attempt's.
+    proc = torchrun("-m", "tip.train")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert (run_dir / "failures.attempt-1" / "rank1.json").is_file() and not (run_dir / "failures").exists()
 
 
 def test_two_process_zero3_matches_one_process(tmp_path):
@@ -208,3 +218,17 @@ def test_a_finished_cell_frees_its_models(tmp_path):
                          "train.eval_before=false", "eval.benchmarks.embedded.source.size=4")
     train(cfg, tmp_path / "cell")
     assert live_models() - before == set()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tmp_path):
+    """Activation checkpointing under ZeRO-3, with the kept-rows loss path: the same step, same numbers."""
+    base = ["experiment=smoke", "selector=soft_or", "keep=0.5", "rollout.temperature=0", "rollout.n=1",
+            "train.prompts_per_step=4", "train.micro_batch_size=2", "train.steps=1", "train.eval_before=false",
+            "train.save_final=false", "eval.benchmarks.embedded.source.size=4", "logger=none"]
+    rows = {}
+    for flag in ("false", "true"):
+        train(compose_config(*base, f"train.gradient_checkpointing={flag}"), tmp_path / flag)
+        (rows[flag],) = read_metrics(tmp_path / flag, "train")
+    assert rows["true"]["kept_tokens"] == rows["false"]["kept_tokens"]
+    torch.testing.assert_close(rows["true"]["loss"], rows["false"]["loss"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(rows["true"]["grad_norm"], rows["false"]["grad_norm"], rtol=1e-5, atol=1e-9)

@@ -79,6 +79,17 @@ def record_rank_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
     failure_status(run_dir, exc, rank)
 
 
+def set_aside_failures(run_dir: Path) -> None:
+    """Move an earlier attempt's ``failures/`` to ``failures.attempt-<n>/`` (kept, never deleted)."""
+    folder = Path(run_dir) / FAILURES_DIR
+    if not folder.is_dir():
+        return
+    n = 1
+    while (aside := folder.with_name(f"{FAILURES_DIR}.attempt-{n}")).exists():
+        n += 1
+    os.rename(folder, aside)
+
+
 def watch_peer_failures(run_dir: Path, own_rank: int, on_failure, poll_s: float = 1.0):
     """A daemon thread that waits for another rank's failure record and then calls ``on_failure(record)``.
     Rank 0 runs it: when another rank fails, rank 0 is usually blocked inside a collective that will only return

@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tip.data import DATA_KINDS
 from tip.engine import PRECISIONS
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
@@ -64,7 +65,7 @@ def _threshold(key: str, value: Any) -> None:
 
 def check_source(key: str, source: Any) -> None:
     kind = source.get("kind")
-    _one_of(f"{key}.kind", kind, ("embedded", "jsonl", "hub"))
+    _one_of(f"{key}.kind", kind, DATA_KINDS)
     if kind == "jsonl":
         path = Path(str(source.get("path")))
         _need(path.is_file(), f"{key}.path", str(path),
@@ -123,6 +124,8 @@ def check_config(cfg: DictConfig) -> None:
     _integer("train.warmup_steps", tr.warmup_steps, 0)
     _integer("train.eval_every", tr.eval_every, 0)
     _need(isinstance(tr.eval_before, bool), "train.eval_before", tr.eval_before, "expected true or false")
+    _need(isinstance(tr.gradient_checkpointing, bool), "train.gradient_checkpointing", tr.gradient_checkpointing,
+          "expected true or false")
     _number("train.lr", tr.lr, 0.0, math.inf, lo_open=True, hi_open=True)
     _number("train.weight_decay", tr.weight_decay, 0.0, math.inf, hi_open=True)
     _number("train.grad_clip", tr.grad_clip, 0.0, math.inf, hi_open=True)

@@ -7,6 +7,7 @@ benchmarks (../shared/data in this project); a hub dataset id through ``datasets
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,14 @@ from typing import Any
 from tip.testbed.arith import sample_problems
 
 BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+DATA_KINDS = ("embedded", "jsonl", "hub", "dapo")
+
+# DAPO-Math-17k wraps every problem in its own answer-format instruction; the paper's release strips it (and
+# appends the boxed instruction through the prompt template).
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the "
+               "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+DAPO_SPLITS = ("train", "validation")
 
 
 class DataError(ValueError):
@@ -29,13 +38,8 @@ class Example:
     solution: str | None = None
 
 
-def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
-    if not path.is_file():
-        raise DataError(
-            f"data file {str(path)!r} does not exist; set data_root=<folder> (or the file's own path option), "
-            "or use a hub dataset id"
-        )
-    out = []
+def _jsonl_rows(path: Path):
+    """(line number, object) for every non-blank line; a line that is not a JSON object names file and line."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -46,17 +50,27 @@ def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg} at column {err.colno}); each line "
                                 "must be one JSON object") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object with the fields "
-                                f"{sorted(set(fields.values()) or {'problem', 'answer'})}")
-            try:
-                out.append(Example(
-                    id=str(row.get(fields.get("id", "id"), lineno)),
-                    problem=row[fields.get("problem", "problem")],
-                    answer=str(row[fields.get("answer", "answer")]),
-                    solution=row.get(fields.get("solution", "solution")),
-                ))
-            except KeyError as err:
-                raise DataError(f"{path}:{lineno} has no field {err.args[0]!r} (fields: {sorted(row)})") from None
+                raise DataError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object")
+            yield lineno, row
+
+
+def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
+    if not path.is_file():
+        raise DataError(
+            f"data file {str(path)!r} does not exist; set data_root=<folder> (or the file's own path option), "
+            "or use a hub dataset id"
+        )
+    out = []
+    for lineno, row in _jsonl_rows(path):
+        try:
+            out.append(Example(
+                id=str(row.get(fields.get("id", "id"), lineno)),
+                problem=row[fields.get("problem", "problem")],
+                answer=str(row[fields.get("answer", "answer")]),
+                solution=row.get(fields.get("solution", "solution")),
+            ))
+        except KeyError as err:
+            raise DataError(f"{path}:{lineno} has no field {err.args[0]!r} (fields: {sorted(row)})") from None
     return out
 
 
@@ -77,10 +91,61 @@ def _from_hub(hub_id: str, subset: str | None, split: str, fields: Mapping[str, 
     ]
 
 
+def dapo_rows(source: Mapping[str, Any]) -> list[dict]:
+    """DAPO-Math-17k rows (its hub schema: ``prompt`` = [{"role": "user", "content": ...}], ``reward_model`` =
+    {"ground_truth": ...}) from ``source.path`` (JSONL or Parquet in that schema) when it exists, else the hub."""
+    path = Path(str(source.get("path"))) if source.get("path") else None
+    if path is not None and path.is_file():
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict("records")
+        return [row for _, row in _jsonl_rows(path)]
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError("data=dapo_math reads the hub through `datasets`: pip install -e .[datasets]") from err
+    try:
+        return list(datasets.load_dataset(source["hub_id"], split="train"))
+    except Exception as err:
+        where = f"{path} does not exist, and " if path is not None else ""
+        raise DataError(f"could not load {source['hub_id']!r}: {where}the hub could not be read ({err}). Download "
+                        f"it where the hub is reachable and set data.source.path to the file (JSONL or Parquet "
+                        f"in the hub's schema)") from err
+
+
+def prepare_dapo(rows: list[dict], split: str, seed: int = 42, train_fraction: float = 0.8) -> list[Example]:
+    """The paper's release preparation of DAPO-Math-17k: the instruction prefix and suffix stripped from each
+    prompt, the ground truth from ``reward_model``, shuffled with ``seed`` and split ``train_fraction`` train /
+    the rest validation (disjoint by construction)."""
+    if split not in DAPO_SPLITS:
+        raise DataError(f"DAPO-Math has the splits {', '.join(DAPO_SPLITS)}; got {split!r}")
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            text = row["prompt"][0]["content"]
+            answer = str(row["reward_model"]["ground_truth"])
+        except (KeyError, IndexError, TypeError):
+            raise DataError(f"DAPO-Math row {i} is not in the hub's schema (prompt[0].content, "
+                            f"reward_model.ground_truth): {str(row)[:200]}") from None
+        problem = text.removeprefix(DAPO_PREFIX).removesuffix(DAPO_SUFFIX).strip()
+        index = (row.get("extra_info") or {}).get("index", i)
+        examples.append(Example(id=f"dapo-{index}", problem=problem, answer=answer))
+    if not examples:
+        raise DataError("DAPO-Math holds no rows")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    cut = int(len(order) * train_fraction)
+    chosen = order[:cut] if split == "train" else order[cut:]
+    return [examples[i] for i in chosen]
+
+
 def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Example]:
     """Examples of one dataset config.
 
-    ``source`` keys: ``kind`` (embedded | jsonl | hub); for embedded ``size`` and ``seed``; for jsonl ``path``;
+    ``source`` keys: ``kind`` (embedded | jsonl | hub | dapo); for dapo ``path`` (a local copy, else the hub),
+    ``hub_id``, ``split`` (train | validation), ``seed``, ``train_fraction``; for embedded ``size`` and ``seed``;
+    for jsonl ``path``;
     for hub ``hub_id``, ``subset``, ``split``, ``hub_fields`` (column renames of the hub copy) and
     ``answer_after`` (keep the text after this marker as the answer); optional ``fields`` renaming columns and
     ``limit`` keeping the first N.
@@ -95,11 +160,14 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
         if not examples:
             raise DataError(f"data file {str(source['path'])!r} holds no examples (it is empty); expected one JSON "
                             "object per line")
+    elif kind == "dapo":
+        examples = prepare_dapo(dapo_rows(source), source.get("split", split), int(source.get("seed", 42)),
+                                float(source.get("train_fraction", 0.8)))
     elif kind == "hub":
         examples = _from_hub(source["hub_id"], source.get("subset"), source.get("split", split),
                              source.get("hub_fields") or fields)
     else:
-        raise DataError(f"unknown data kind {kind!r}; known: embedded, jsonl, hub")
+        raise DataError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
     marker = source.get("answer_after")
     if marker and kind == "hub":  # e.g. GSM8K's hub column holds the worked solution, then '#### 72'
         examples = [Example(e.id, e.problem, e.answer.split(marker)[-1].strip().replace(",", ""), e.answer)

@@ -102,7 +102,8 @@ def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index:
 
 @contextmanager
 def plain_sampling(model):
-    """Generation from P_S itself: while inside, ``model.generation_config`` holds only the special-token ids.
+    """Generation from P_S itself: while inside, ``model.generation_config`` holds only the special-token ids
+    and the model is in eval mode.
 
     transformers fills every generation option left unset from the model's ``generation_config`` (Instruct
     models ship repetition penalties, top-k/top-p and temperatures there) and then from its global defaults
@@ -110,14 +111,18 @@ def plain_sampling(model):
     describe, so no processor but the temperature / top-p / top-k passed explicitly may act."""
     from transformers import GenerationConfig
 
-    saved = model.generation_config
+    saved, was_training = model.generation_config, model.training
     ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
                                                 "decoder_start_token_id")}
     model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
+    # Eval mode: in training mode a model with activation checkpointing generates without its KV cache, and
+    # transformers then feeds it only the newest token (garbage rollouts).
+    model.eval()
     try:
         yield
     finally:
         model.generation_config = saved
+        model.train(was_training)
 
 
 @torch.no_grad()

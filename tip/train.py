@@ -39,6 +39,7 @@ from tip.checkpoint import (
     read_status,
     record_rank_failure,
     save_training_checkpoint,
+    set_aside_failures,
     set_aside_metrics,
     watch_peer_failures,
     write_status,
@@ -338,6 +339,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan.prior_attempt:
             set_aside_metrics(run_dir, plan.step if plan.checkpoint else None)
+        set_aside_failures(run_dir)  # an earlier attempt's rank failures are not this attempt's
         (run_dir / "config.yaml").write_text(config_text)
         write_status(run_dir, "running")
     barrier_of(dist)()
@@ -430,6 +432,11 @@ def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (must stay alive while models load)
     self_teacher = cfg.teacher.mode == "self_privileged"
     student_model = load_model(cfg.pair.student, dtype, "student")
+    if cfg.train.gradient_checkpointing:
+        # Decoder layers keep only their inputs for backward and recompute the rest; HF applies it in training
+        # mode only (the paper's models have no dropout, so the mode changes nothing else).
+        student_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        student_model.train()
     teacher_model = None
     if not self_teacher or cfg.teacher.weights == "snapshot":  # a snapshot starts as a second copy of the student
         teacher_model = load_model(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype, "teacher")
