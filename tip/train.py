@@ -4,9 +4,9 @@ Each step: rollout (student samples) -> teacher (scores the same tokens) -> sign
 select (keep a fraction of tokens) -> loss (divergence over kept tokens) -> DeepSpeed step -> eval / log.
 
 The step runs in two passes. A scoring pass without gradient computes every response token's signals chunk by
-chunk, with the output head gathered once; the selection is then made over the rank's whole batch. A gradient
-pass runs the student to hidden states and projects only the kept positions, so the logits held for backward
-scale with the kept tokens, not with all of them.
+chunk, with the output head gathered once; the selection is then made over the rank's whole batch, with the
+batch statistics of the step's global batch. A gradient pass runs the student to hidden states and projects only
+the kept positions, so the logits held for backward scale with the kept tokens, not with all of them.
 """
 
 from __future__ import annotations
