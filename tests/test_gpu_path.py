@@ -141,6 +141,7 @@ def test_gpu_speed_settings_default_to_gpu_values_on_gpus_and_keep_the_cpu_path(
     assert (threshold(True), threshold(False)) == (100_000, 0)
 
 
+@pytest.mark.slow
 def test_gpu_check_skips_every_cuda_part_here_and_its_commands_run_on_cpu():
     """`make gpu-check` on a CPU-only machine: every part skipped, with the reason. With --on-cpu the same
     commands run here (fp32, gloo), which checks the harness itself; the quick parts only."""

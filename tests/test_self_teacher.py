@@ -90,6 +90,7 @@ def test_snapshot_refresh_copies_zero3_shards_one_parameter_at_a_time():
     del keep
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["live", "snapshot"])
 def test_self_privileged_training_runs(weights, tmp_path):
     cfg = compose_config("experiment=smoke", "teacher=self_privileged", f"teacher.weights={weights}",

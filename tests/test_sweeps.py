@@ -142,6 +142,7 @@ def test_a_2x2_multirun_and_its_report(launcher, tmp_path):
     assert len(table_rows(out / "cells.csv")) == 4
 
 
+@pytest.mark.slow
 def test_a_failing_cell_does_not_stop_the_sweep_and_the_report_reaches_wandb(tmp_path):
     sweep = tmp_path / "sweep"
     # keep=1.5 fails its config check; it runs first, and the cell after it still runs.
@@ -182,6 +183,7 @@ RESUMABLE = ["experiment=smoke", "selector=entropy_sample", "keep=0.5", "train.s
              "train.max_checkpoints=2", "logger=none", "train.save_final=false"]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_one(tmp_path):
     whole = train(compose_config(*RESUMABLE), tmp_path / "whole")
 

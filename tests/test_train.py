@@ -140,6 +140,7 @@ def _launch(nproc: int, run_dir: Path):
     return read_metrics(run_dir, "train")
 
 
+@pytest.mark.slow
 def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkeypatch):
     """Only rank 0 used to write status.json; a failure on rank 1 left it 'running' while rank 0 waited in a
     collective (on NCCL, until the watchdog killed it) and the W&B run was never finished."""
@@ -180,6 +181,7 @@ def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkey
     assert (run_dir / "failures.attempt-1" / "rank1.json").is_file() and not (run_dir / "failures").exists()
 
 
+@pytest.mark.slow
 def test_two_process_zero3_matches_one_process(tmp_path):
     """With the default norm_scope=batch the clip, min-max and median statistics are those of the step's global
     batch (gathered over ranks): taken per rank, they made 2 processes keep other tokens than 1."""
@@ -201,6 +203,7 @@ def test_two_process_zero3_matches_one_process(tmp_path):
     torch.testing.assert_close([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_finished_cell_frees_its_models(tmp_path):
     """A sweep runs its cells one after another in one process (hydra's basic launcher): what a cell built must
     be freed when it returns. ZeRO-3 kept every root module on DeepSpeed's global forward-module stack, so both
@@ -220,6 +223,7 @@ def test_a_finished_cell_frees_its_models(tmp_path):
     assert live_models() - before == set()
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tmp_path):
     """Activation checkpointing under ZeRO-3, with the kept-rows loss path: the same step, same numbers."""
     base = ["experiment=smoke", "selector=soft_or", "keep=0.5", "rollout.temperature=0", "rollout.n=1",

