@@ -155,9 +155,7 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, 
              timeout_s: float = 10.0, progress: bool = False,
              records: dict[str, list[dict]] | None = None, chat_template_kwargs=None) -> dict[str, Any]:
     """Metrics of every benchmark, gathered over ranks. ``records``, if given, receives the per-problem records
-    (on every rank, for the problems of all ranks)."""
-    was_training = model.training
-    model.eval()
+    (on every rank, for the problems of all ranks). Generation runs in eval mode (``tip.rollout.hf_generate``)."""
     metrics: dict[str, Any] = {}
     for bench in benchmarks:
         completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank, world_size,
@@ -173,5 +171,4 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, 
         metrics.update(summarise(bench.name, all_grades))
         if records is not None:
             records[bench.name] = local
-    model.train(was_training)
     return metrics

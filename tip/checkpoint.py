@@ -56,11 +56,15 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
 FAILURES_DIR = "failures"
 
 
+def _failure_record(exc: BaseException, rank: int | None) -> dict:
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-20:])}
+
+
 def failure_status(run_dir: Path, exc: BaseException, rank: int | None = None) -> None:
     """Mark the run failed with ``exc`` (raised on ``rank``). Another rank's failure recorded earlier stays the
     stated cause: a rank blocked in a collective by it fails only as a consequence."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    record = {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-20:])}
+    record = _failure_record(exc, rank)
     first = first_rank_failure(run_dir)
     if first is not None and first.get("rank") != rank:
         write_status(run_dir, "failed", **first, also=record["error"])
@@ -71,11 +75,9 @@ def failure_status(run_dir: Path, exc: BaseException, rank: int | None = None) -
 def record_rank_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
     """Any rank: ``failures/rank<r>.json`` with the error, and the run's status marked failed at once (rank 0
     may be stuck in a collective waiting for this rank, and never get to write it)."""
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     folder = Path(run_dir) / FAILURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / f"rank{rank}.json", json.dumps(
-        {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-20:])}, indent=1) + "\n")
+    write_atomic(folder / f"rank{rank}.json", json.dumps(_failure_record(exc, rank), indent=1) + "\n")
     failure_status(run_dir, exc, rank)
 
 
@@ -98,22 +100,26 @@ def watch_peer_failures(run_dir: Path, own_rank: int, on_failure, poll_s: float 
     import threading
 
     stop = threading.Event()
-    folder = Path(run_dir) / FAILURES_DIR
 
     def watch() -> None:
         while not stop.wait(poll_s):
-            others = [f for f in folder.glob("rank*.json") if f.name != f"rank{own_rank}.json"]
+            others = [f for f in _failure_files(run_dir) if f.name != f"rank{own_rank}.json"]
             if others:
-                on_failure(json.loads(sorted(others, key=lambda f: f.stat().st_mtime)[0].read_text()))
+                on_failure(json.loads(others[0].read_text()))
                 return
 
     threading.Thread(target=watch, name="tip-peer-failure-watch", daemon=True).start()
     return stop.set
 
 
+def _failure_files(run_dir: Path) -> list[Path]:
+    """This attempt's rank failure records, earliest first."""
+    return sorted((Path(run_dir) / FAILURES_DIR).glob("rank*.json"), key=lambda f: f.stat().st_mtime)
+
+
 def first_rank_failure(run_dir: Path) -> dict | None:
-    """The earliest recorded failure of any rank (by file time), or None."""
-    files = sorted((Path(run_dir) / FAILURES_DIR).glob("rank*.json"), key=lambda f: f.stat().st_mtime)
+    """The earliest recorded failure of any rank, or None."""
+    files = _failure_files(run_dir)
     return json.loads(files[0].read_text()) if files else None
 
 

@@ -27,13 +27,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot run."""
 
 
-def require_conf_dir() -> str:
-    """The config directory of the checkout tip runs from. tip is used from a checkout, installed in place
-    (``pip install -e .``): a plain wheel has no conf/ beside the package."""
+def require_conf_dir() -> None:
+    """Stop a command line when the checkout's config directory is missing. tip is used from a checkout,
+    installed in place (``pip install -e .``): a plain wheel has no conf/ beside the package."""
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"tip's configs are not at {CONF_DIR}: tip runs from a checkout of its repository, installed "
                          "in place (`make install`, or `pip install -e .`); a plain wheel install has no conf/")
-    return str(CONF_DIR)
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:

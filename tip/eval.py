@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tip.benchmarks import evaluate, load_benchmarks, sampling_of
 from tip.checkpoint import atomic_dir
-from tip.config import ConfigError, check_eval, require_conf_dir
+from tip.config import CONF_DIR, ConfigError, check_eval, require_conf_dir
 from tip.engine import resolve_precision
 from tip.models import load_model, load_tokenizer
 
@@ -73,9 +73,15 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
-@hydra.main(version_base="1.3", config_path=require_conf_dir(), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def hydra_main(cfg: DictConfig) -> None:
     run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    """``python -m tip.eval``: checked for its configs at run time (importing tip.eval never exits)."""
+    require_conf_dir()
+    hydra_main()
 
 
 if __name__ == "__main__":

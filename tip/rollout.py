@@ -150,9 +150,10 @@ def hf_generate(
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
         else dict(do_sample=False)
     responses = []
-    for start in range(0, len(prompt_ids), per_call):
-        responses += _generate_once(model, tokenizer, prompt_ids[start:start + per_call], n, max_new_tokens, stops,
-                                    synced_gpus, sampling)
+    with plain_sampling(model):
+        for start in range(0, len(prompt_ids), per_call):
+            responses += _generate_once(model, tokenizer, prompt_ids[start:start + per_call], n, max_new_tokens,
+                                        stops, synced_gpus, sampling)
     repeated = [p for p in prompt_ids for _ in range(n)]
     return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], tokenizer.pad_token_id)
 
@@ -187,11 +188,10 @@ def _generate_once(model, tokenizer, prompt_ids, n, max_new_tokens, stops, synce
     att = torch.zeros_like(ids)
     for i, p in enumerate(repeated):  # left-pad for generation
         ids[i, width - len(p):], att[i, width - len(p):] = torch.tensor(p, device="cpu"), 1
-    with plain_sampling(model):
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id, eos_token_id=sorted(stops), synced_gpus=synced_gpus, **sampling,
-        )
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id, eos_token_id=sorted(stops), synced_gpus=synced_gpus, **sampling,
+    )
     responses = []
     for row in out[:, width:].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))

@@ -44,7 +44,7 @@ from tip.checkpoint import (
     watch_peer_failures,
     write_status,
 )
-from tip.config import ConfigError, apply_cell, check_config, check_launcher, require_conf_dir
+from tip.config import CONF_DIR, ConfigError, apply_cell, check_config, check_launcher, require_conf_dir
 from tip.data import load_examples, prompt_token_ids
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum, init_distributed
 from tip.engine import (
@@ -537,14 +537,20 @@ def _fmt_eval(metrics: dict) -> str:
     return "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy"))
 
 
-@hydra.main(version_base="1.3", config_path=require_conf_dir(), config_name="config")
-def main(cfg: DictConfig) -> float:
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     check_launcher(hc.runtime.choices.get("hydra/launcher"), torch.cuda.is_available())
     results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     # The sweep's objective: mean held-out accuracy after training.
     after = [v for k, v in results["after"].items() if k.endswith("/accuracy")]
     return sum(after) / len(after)
+
+
+def main() -> None:
+    """``python -m tip.train``: checked for its configs at run time (importing tip.train never exits)."""
+    require_conf_dir()
+    hydra_main()
 
 
 if __name__ == "__main__":
