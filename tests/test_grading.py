@@ -94,6 +94,16 @@ def test_majority_vote_and_summary():
     assert m["b/accuracy"] == pytest.approx(0.5) and m["b/n"] == 3 and m["b/samples"] == 2
     assert m["b/accuracy_std"] == pytest.approx(0.5)  # per-problem 1, .5, 0
     assert m["b/pass@2"] == pytest.approx(2 / 3) and m["b/pass@1"] == pytest.approx(0.5)
+    assert not any("@" in k.split("/")[1] and not k.split("/")[1].startswith(("pass", "maj")) for k in m)
+
+
+def test_summary_reports_accuracy_per_tag():
+    g = lambda ok: Grade(ok, "1", "x")
+    grades = [[g(True), g(True)], [g(True), g(False)], [g(False), g(False)], [g(True), g(False)]]
+    m = summarise("b", grades, tags=[("carry",), ("carry", "borrow"), ("borrow",), ()])
+    assert m["b/accuracy@carry"] == pytest.approx(0.75) and m["b/n@carry"] == 2  # problems 1 and 2
+    assert m["b/accuracy@borrow"] == pytest.approx(0.25) and m["b/n@borrow"] == 2
+    assert m["b/accuracy"] == pytest.approx(0.5)
 
 
 def _reference_grades(path):

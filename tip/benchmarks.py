@@ -9,7 +9,10 @@ Metrics per benchmark (``{name}/...``):
   "mean@16"), with ``accuracy_std`` the standard deviation of that per-problem fraction over problems;
 - ``pass@k``: the unbiased estimator 1 - C(n-c, k)/C(n, k) averaged over problems (Chen et al., 2021);
 - ``maj@k``: the most frequent extracted answer among the first k samples (ties: the earliest) is correct;
-- ``n`` problems and ``samples`` per problem.
+- ``n`` problems and ``samples`` per problem;
+- ``accuracy@<tag>`` and ``n@<tag>``: accuracy (mean@n) and count over the problems carrying a tag, where the data
+  tags its problems (the embedded task tags each problem with the student error types it exercises, so a sweep
+  shows which error a rule fixes).
 """
 
 from __future__ import annotations
@@ -83,14 +86,19 @@ def majority_correct(grades: list[Grade], k: int) -> bool:
     return any(ok for v, ok in votes if v == winner)
 
 
-def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None) -> dict[str, float]:
-    """Benchmark metrics from per-problem lists of grades (all of the same length n)."""
+def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None,
+              tags: list[tuple[str, ...]] | None = None) -> dict[str, float]:
+    """Benchmark metrics from per-problem lists of grades (all of the same length n); ``tags``, one tuple per
+    problem, adds the accuracy over the problems of each tag."""
     n = len(grades[0]) if grades else 0
     per_problem = [sum(g.correct for g in gs) / n for gs in grades]
     mean = sum(per_problem) / len(per_problem)
     var = sum((x - mean) ** 2 for x in per_problem) / max(1, len(per_problem) - 1)
     out = {f"{name}/accuracy": mean, f"{name}/accuracy_std": math.sqrt(var), f"{name}/n": len(grades),
            f"{name}/samples": n}
+    for tag in sorted({t for ts in tags or [] for t in ts}):
+        scores = [x for x, ts in zip(per_problem, tags) if tag in ts]
+        out[f"{name}/accuracy@{tag}"], out[f"{name}/n@{tag}"] = sum(scores) / len(scores), len(scores)
     for k in ks if ks is not None else sorted({1, n} | ({4, 8, 16} & set(range(1, n + 1)))):
         out[f"{name}/pass@{k}"] = sum(pass_at_k(n, sum(g.correct for g in gs), k) for gs in grades) / len(grades)
         out[f"{name}/maj@{k}"] = sum(majority_correct(gs, k) for gs in grades) / len(grades)
@@ -145,7 +153,7 @@ def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades:
     """One JSON-able record per problem: id, answer, completions, extracted answers, verdicts and reasons."""
     for i in sorted(completions):
         ex = bench.examples[i]
-        yield {"id": ex.id, "answer": ex.answer, "completions": completions[i],
+        yield {"id": ex.id, "answer": ex.answer, "tags": list(ex.tags), "completions": completions[i],
                "extracted": [g.extracted for g in grades[i]], "correct": [g.correct for g in grades[i]],
                "reasons": [g.reason for g in grades[i]]}
 
@@ -168,7 +176,7 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, 
             local = [r for part in gathered for r in part]
         all_grades = [[Grade(c, e, r) for c, e, r in zip(rec["correct"], rec["extracted"], rec["reasons"])]
                       for rec in local]
-        metrics.update(summarise(bench.name, all_grades))
+        metrics.update(summarise(bench.name, all_grades, tags=[tuple(rec["tags"]) for rec in local]))
         if records is not None:
             records[bench.name] = local
     return metrics

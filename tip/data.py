@@ -1,6 +1,6 @@
 """Problems for training prompts and evaluation: the embedded task, JSONL files, or hub datasets.
 
-Every source yields ``Example(id, problem, answer, solution)``. JSONL files are the default for the real
+Every source yields ``Example(id, problem, answer, solution, tags)``. JSONL files are the default for the real
 benchmarks (../shared/data in this project); a hub dataset id through ``datasets`` serves where files are absent.
 """
 
@@ -36,6 +36,7 @@ class Example:
     problem: str
     answer: str
     solution: str | None = None
+    tags: tuple[str, ...] = ()  # groups evaluation reports accuracy for (the embedded task: its error types)
 
 
 def _jsonl_rows(path: Path):
@@ -154,7 +155,7 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     fields = source.get("fields") or {}
     if kind == "embedded":
         probs = sample_problems(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
-        examples = [Example(p.id, p.problem, p.answer, p.solution) for p in probs]
+        examples = [Example(p.id, p.problem, p.answer, p.solution, p.tags) for p in probs]
     elif kind == "jsonl":
         examples = _from_jsonl(Path(str(source["path"])), fields)
         if not examples:

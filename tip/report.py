@@ -31,6 +31,7 @@ import yaml
 from tip.checkpoint import write_atomic
 from tip.config import parse_cell
 from tip.taxonomy import QUADRANTS
+from tip.testbed.arith import CONFIDENT_ERROR, INCONSISTENT_ERROR
 
 # Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
 # otherwise identical rules.
@@ -117,7 +118,9 @@ def read_cell(path: Path) -> Cell:
     evals = path / "eval.json"
     if cell.status == "completed" and evals.is_file():
         after = json.loads(evals.read_text())["after"]
-        cell.accuracy = {k.split("/")[0]: v for k, v in after.items() if k.endswith("/accuracy")}
+        # "embedded/accuracy" -> "embedded"; "embedded/accuracy@carry" (problems tagged carry) -> "embedded@carry"
+        cell.accuracy = {k.split("/")[0] + k.split("/accuracy", 1)[1]: v for k, v in after.items()
+                         if k.split("/")[-1].split("@")[0] == "accuracy"}
     steps = [r for r in _read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
     if steps:
         cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
@@ -228,15 +231,20 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
 
 
 # The paper's claims, checked when a sweep has the cells they compare (sweeps=testbed_reproduction has all).
-# kind: "gt" (A above B), "close" (A close to B); a pair of cells is (rule, keep).
+# kind: "gt" (A above B), "close" (A close to B); a pair of cells is (rule, keep); the last field names the
+# problems compared: "" all of them, "@<tag>" those tagged so (the embedded task's error types).
 CLAIMS = [
-    ("Soft-OR 50% >= all-token", "gt", ("soft_or", 0.5), ("all", 1.0)),
-    ("Soft-OR top-50% well above bottom-50%", "gt", ("soft_or", 0.5), ("soft_or_bottom", 0.5)),
-    ("Q3 at 10% close to all-token", "close", ("q3", 0.1), ("all", 1.0)),
-    ("Q3 at 10% above divergence-only at 10%", "gt", ("q3", 0.1), ("div_topk", 0.1)),
-    ("Q4-only helps least (below Q1-only)", "gt", ("q1", 0.2), ("q4", 0.2)),
-    ("Q4-only helps least (below Q2-only)", "gt", ("q2", 0.2), ("q4", 0.2)),
-    ("Q4-only helps least (below Q3-only)", "gt", ("q3", 0.2), ("q4", 0.2)),
+    ("Soft-OR 50% >= all-token", "gt", ("soft_or", 0.5), ("all", 1.0), ""),
+    ("Soft-OR top-50% well above bottom-50%", "gt", ("soft_or", 0.5), ("soft_or_bottom", 0.5), ""),
+    ("Q3 at 10% close to all-token", "close", ("q3", 0.1), ("all", 1.0), ""),
+    ("Q3 at 10% above divergence-only at 10%", "gt", ("q3", 0.1), ("div_topk", 0.1), ""),
+    ("Q4-only helps least (below Q1-only)", "gt", ("q1", 0.2), ("q4", 0.2), ""),
+    ("Q4-only helps least (below Q2-only)", "gt", ("q2", 0.2), ("q4", 0.2), ""),
+    ("Q4-only helps least (below Q3-only)", "gt", ("q3", 0.2), ("q4", 0.2), ""),
+    ("entropy sampling at 10% leaves the confident error unfixed", "close", ("entropy_sample", 0.1),
+     ("untrained", 0.0), f"@{CONFIDENT_ERROR}"),
+    ("Q3 at 10% fixes the confident error more than entropy sampling at 10%", "gt", ("q3", 0.1),
+     ("entropy_sample", 0.1), f"@{CONFIDENT_ERROR}"),
 ]
 
 
@@ -247,27 +255,38 @@ def verdict(kind: str, a: dict, b: dict, metric: str) -> tuple[float, float, str
     if kind == "gt":
         word = "reproduced" if d > 2 * se else "not reproduced" if d < -2 * se else "inconclusive"
     else:
-        word = ("reproduced" if abs(d) < 2 * se and abs(d) < 0.02 else
+        word = ("reproduced" if abs(d) <= 2 * se and abs(d) < 0.02 else
                 "not reproduced" if abs(d) > 2 * se else "inconclusive")
     return d, se, word
 
 
+def _claim_readings(bench: str, benchmarks: list[str]):
+    """Each claim on the problems it names; a claim on all problems is also read on those of the inconsistent error
+    type where the benchmark tags them (on the embedded testbed the only error a dozen steps can fix)."""
+    for text, kind, a, b, problems in CLAIMS:
+        readings = [problems]
+        if not problems and f"{bench}@{INCONSISTENT_ERROR}" in benchmarks:
+            readings.append(f"@{INCONSISTENT_ERROR}")
+        for p in readings:
+            yield text, kind, a, b, p, f"{bench}{p}/accuracy"
+
+
 def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
     by_cell = {(r["rule"], r["keep"]): r for r in rows if not r["variant"] and r["seeds"]}
+    cell_name = lambda c: c[0] if c[0] == "untrained" else f"{c[0]}@{c[1]:g}"
     lines = []
-    for bench in benchmarks:
-        metric = f"{bench}/accuracy"
-        for text, kind, a, b in CLAIMS:
-            if a in by_cell and b in by_cell:
+    for bench in (b for b in benchmarks if "@" not in b):
+        for text, kind, a, b, problems, metric in _claim_readings(bench, benchmarks):
+            if a in by_cell and b in by_cell and metric in by_cell[a] and metric in by_cell[b]:
                 d, se, word = verdict(kind, by_cell[a], by_cell[b], metric)
-                lines.append(f"| {text} | {bench} | {a[0]}@{a[1]:g} − {b[0]}@{b[1]:g} | {100 * d:+.1f} | "
+                lines.append(f"| {text} | {bench}{problems} | {cell_name(a)} − {cell_name(b)} | {100 * d:+.1f} | "
                              f"{100 * se:.1f} | {word} |")
     entropy = [r for r in rows if r["rule"] in ("entropy_sample", "entropy_topk") and not math.isnan(r["q3/of_kept"])]
     if not lines and not entropy:
         return ""
     out = ["", "## The paper's claims", "",
            "d: difference of means over seeds (points); SE = √(s₁²/n₁ + s₂²/n₂). Reproduced when d > 2·SE (for "
-           "\"close\": |d| < 2·SE and |d| < 2 points), not reproduced when d < −2·SE (\"close\": |d| > 2·SE), "
+           "\"close\": |d| ≤ 2·SE and |d| < 2 points), not reproduced when d < −2·SE (\"close\": |d| > 2·SE), "
            "else inconclusive.", "",
            "| claim | benchmark | cells | d | SE | verdict |", "|---|---|---|---|---|---|", *lines]
     if entropy:

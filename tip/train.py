@@ -534,7 +534,14 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
 
 
 def _fmt_eval(metrics: dict) -> str:
-    return "  ".join(f"{k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy"))
+    """``embedded 0.617 (carry 0.420, borrow 0.700)``: each benchmark's accuracy, then that of its tags."""
+    parts = []
+    for k, v in metrics.items():
+        if k.endswith("/accuracy"):
+            name = k.split("/")[0]
+            tags = [f"{t.split('@', 1)[1]} {x:.3f}" for t, x in metrics.items() if t.startswith(f"{name}/accuracy@")]
+            parts.append(f"{name} {v:.3f}" + (f" ({', '.join(tags)})" if tags else ""))
+    return "  ".join(parts)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

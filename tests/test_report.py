@@ -1,0 +1,47 @@
+"""`tip.report` on cells written as `tip.train` writes them: accuracy per error type and the claims read on it."""
+
+import json
+
+import yaml
+
+from tip.report import aggregate, claims_markdown, find_cells
+
+
+def _cell(root, name, cell, seed, after):
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"cell={cell}", f"seed={seed}"]))
+    (d / "config.yaml").write_text(yaml.safe_dump({"cell": cell, "seed": seed, "train": {"steps": 12}}))
+    (d / "status.json").write_text(json.dumps({"status": "completed"}))
+    (d / "eval.json").write_text(json.dumps({"before": {}, "after": after}))
+
+
+def test_accuracy_per_error_type_reaches_the_table_and_the_claims_on_the_confident_error(tmp_path):
+    runs = {  # cell -> (overall, @carry, @borrow) per seed
+        "untrained": [(0.30, 0.0, 0.25), (0.30, 0.0, 0.25)],
+        "entropy_sample@0.1": [(0.50, 0.0, 0.80), (0.52, 0.0, 0.84)],
+        "q3@0.1": [(0.60, 0.30, 0.70), (0.62, 0.34, 0.72)],
+        "all@1.0": [(0.61, 0.31, 0.90), (0.61, 0.33, 0.94)],
+    }
+    for i, (cell, seeds) in enumerate(runs.items()):
+        for seed, (acc, carry, borrow) in enumerate(seeds):
+            _cell(tmp_path, f"{i}{seed}", cell, seed,
+                  {"embedded/accuracy": acc, "embedded/accuracy@carry": carry, "embedded/accuracy@borrow": borrow,
+                   "embedded/n@carry": 10, "embedded/accuracy_std": 0.4})
+    rows, benchmarks = aggregate(find_cells(tmp_path))
+    assert benchmarks == ["embedded", "embedded@borrow", "embedded@carry"]
+    q3 = next(r for r in rows if r["rule"] == "q3")
+    assert abs(q3["embedded@carry/accuracy"] - 0.32) < 1e-9 and abs(q3["embedded@borrow/accuracy"] - 0.71) < 1e-9
+    md = claims_markdown(rows, benchmarks)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
+    unfixed = lines["entropy sampling at 10% leaves the confident error unfixed"]
+    assert "embedded@carry" in unfixed and "entropy_sample@0.1 − untrained" in unfixed and unfixed.endswith(
+        "| reproduced |")
+    more = lines["Q3 at 10% fixes the confident error more than entropy sampling at 10%"]
+    assert "+32.0" in more and more.endswith("| reproduced |")
+    # A claim on all problems is read on the overall accuracy and on the inconsistent error's problems.
+    close = [line for line in md.splitlines() if line.startswith("| Q3 at 10% close to all-token")]
+    assert len(close) == 2
+    assert "| embedded |" in close[0] and close[0].endswith("| reproduced |")  # 61.0 vs 61.0
+    assert "| embedded@borrow |" in close[1] and "| -21.0 |" in close[1] and close[1].endswith("| not reproduced |")
+    assert not any(line.startswith("| Soft-OR") for line in md.splitlines())  # its cells are absent
