@@ -127,7 +127,13 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _ in scored], width)
                          for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
     sel = cfg.selection
-    stats = global_batch_stats(sig, sel.clip_quantile, dist)
+    # Batch statistics of the step's global batch: every rank's valid h and delta are gathered, so the tokens
+    # selected from the same rollouts do not depend on the number of processes.
+    h_all, d_all = (all_gather_rows(x[sig.mask].float(), dist) for x in (sig.entropy, sig.reverse_kl))
+    cause = nonfinite_signals(h_all, d_all)  # every rank sees the same gathered values: all skip together
+    if cause:
+        return {"skipped": cause, **clock.rounded()}
+    stats = BatchStats.of(h_all, d_all, sel.clip_quantile)
     kept = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
                          sel.norm_scope, sel.entropy_alpha, stats)
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
@@ -174,12 +180,21 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     valid = max(totals["valid_tokens"], 1.0)
+    grad_norm = _as_float(student.get_global_grad_norm())  # before clipping
+    if not math.isfinite(totals["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
+        what = "loss" if not math.isfinite(totals["loss"]) else "gradient norm"
+        if not student.was_step_applied():  # DeepSpeed discarded the update (ZeRO-1/2 in bf16 check for this)
+            return {"skipped": f"the {what} of the gradient pass ({totals['loss']}, grad norm {grad_norm}); "
+                               "DeepSpeed discarded the update", **clock.rounded()}
+        raise NonFiniteStep(f"the {what} of the gradient pass went non-finite (loss {totals['loss']}, grad norm "
+                            f"{grad_norm}) after finite signals, and the engine applied the update, so the weights "
+                            "may hold NaN/inf; stopping here (checkpoints saved before this step are intact)")
     return {
         "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
         "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
         "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
-        "grad_norm": _as_float(student.get_global_grad_norm()),  # before clipping
+        "grad_norm": grad_norm,
         "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0), 1e-9),
         **clock.rounded(), **summarise_quadrants(quad),
     }
@@ -203,12 +218,22 @@ class StepClock:
         return {k: round(v, 4) for k, v in self.totals.items()}
 
 
-def global_batch_stats(sig: TokenSignals, clip_quantile: float, dist: DistInfo) -> BatchStats:
-    """Batch statistics (entropy cap, min/max, medians) of the step's global batch: every rank's valid h and delta
-    are gathered, so the tokens selected from the same rollouts do not depend on the number of processes."""
-    h = all_gather_rows(sig.entropy[sig.mask].float(), dist)
-    d = all_gather_rows(sig.reverse_kl[sig.mask].float(), dist)
-    return BatchStats.of(h, d, clip_quantile)
+class NonFiniteStep(RuntimeError):
+    """Training cannot go on: non-finite values that no skipped step can keep out of the weights."""
+
+
+def nonfinite_signals(entropy: torch.Tensor, divergence: torch.Tensor) -> str:
+    """Why a step's signals (the scoring pass's valid h and delta) make its loss non-finite, or '' if they are
+    all finite. h comes from the student alone, delta from both models, so a non-finite delta beside finite h
+    points at the teacher."""
+    bad_h = int((~torch.isfinite(entropy)).sum())
+    bad_d = int((~torch.isfinite(divergence)).sum())
+    if bad_h:
+        return f"the student's logits (scoring pass: entropy non-finite at {bad_h} of {entropy.numel()} tokens)"
+    if bad_d:
+        return (f"the teacher's logits (scoring pass: divergence non-finite at {bad_d} of {divergence.numel()} "
+                "tokens where the student's entropy is finite)")
+    return ""
 
 
 STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "loss")
@@ -486,6 +511,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
         else:
             results = {"before": None}
 
+        skipped_in_a_row = 0
         for step in range(start, cfg.train.steps):
             t0 = time.time()
             prompt_ids, chosen, prompt_indices = rank_prompts(cfg, train_examples, tokenizer, step, dist)
@@ -499,6 +525,20 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
             stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), run.micro_size, dist, selection_rng,
                                  teacher_prompts, tokenizer.pad_token_id)
+            if "skipped" in stats:  # nothing was applied: the student, the optimizer and the schedule are as before
+                skipped_in_a_row += 1
+                logger.log({"kind": "skipped", "step": step + 1, "cause": stats["skipped"],
+                            "skipped_in_a_row": skipped_in_a_row, "step_s": round(time.time() - t0, 3)}, quiet=True)
+                if dist.is_main:
+                    print(f"step {step + 1:4d}  SKIPPED ({skipped_in_a_row} in a row): non-finite values from "
+                          f"{stats['skipped']}", flush=True)
+                if skipped_in_a_row > cfg.train.max_skipped_steps:
+                    raise NonFiniteStep(f"{skipped_in_a_row} steps in a row were skipped (train.max_skipped_steps="
+                                        f"{cfg.train.max_skipped_steps}), the last for non-finite values from "
+                                        f"{stats['skipped']}; no skipped step was applied, and checkpoints saved "
+                                        "before them are intact")
+                continue
+            skipped_in_a_row = 0
             sync_s = rollout.sync()  # the next rollouts come from the updated student
             if sync_s is not None:
                 stats["weight_sync_s"] = sync_s
