@@ -180,7 +180,8 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     valid = max(totals["valid_tokens"], 1.0)
-    grad_norm = _as_float(student.get_global_grad_norm())  # before clipping
+    raw_norm = student.get_global_grad_norm()  # before clipping; None where the engine computes none (ZeRO-0)
+    grad_norm = None if raw_norm is None else float(raw_norm.item() if torch.is_tensor(raw_norm) else raw_norm)
     if not math.isfinite(totals["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
         what = "loss" if not math.isfinite(totals["loss"]) else "gradient norm"
         if not student.was_step_applied():  # DeepSpeed discarded the update (ZeRO-1/2 in bf16 check for this)
@@ -250,10 +251,6 @@ def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor
                          loss_sum.double()])
     quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept)
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
-
-
-def _as_float(x) -> float:
-    return float(x.item() if torch.is_tensor(x) else x) if x is not None else float("nan")
 
 
 def rank_prompts(cfg, examples, tokenizer, step: int, dist) -> tuple[list[list[int]], list, list[int]]:
