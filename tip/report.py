@@ -60,7 +60,12 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return self.rule if self.rule == "untrained" else f"{self.rule}@{self.keep:g}"
+        return cell_label(self.rule, self.keep)
+
+
+def cell_label(rule: str, keep: float) -> str:
+    """``q3@0.1``, or ``untrained``: a cell as its ``cell=`` value names it."""
+    return rule if rule == "untrained" else f"{rule}@{keep:g}"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -273,13 +278,12 @@ def _claim_readings(bench: str, benchmarks: list[str]):
 
 def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
     by_cell = {(r["rule"], r["keep"]): r for r in rows if not r["variant"] and r["seeds"]}
-    cell_name = lambda c: c[0] if c[0] == "untrained" else f"{c[0]}@{c[1]:g}"
     lines = []
     for bench in (b for b in benchmarks if "@" not in b):
         for text, kind, a, b, problems, metric in _claim_readings(bench, benchmarks):
             if a in by_cell and b in by_cell and metric in by_cell[a] and metric in by_cell[b]:
                 d, se, word = verdict(kind, by_cell[a], by_cell[b], metric)
-                lines.append(f"| {text} | {bench}{problems} | {cell_name(a)} − {cell_name(b)} | {100 * d:+.1f} | "
+                lines.append(f"| {text} | {bench}{problems} | {cell_label(*a)} − {cell_label(*b)} | {100 * d:+.1f} | "
                              f"{100 * se:.1f} | {word} |")
     entropy = [r for r in rows if r["rule"] in ("entropy_sample", "entropy_topk") and not math.isnan(r["q3/of_kept"])]
     if not lines and not entropy:
