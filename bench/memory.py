@@ -1,13 +1,21 @@
-"""Peak memory and time of one OPD training step, by loss path: ``python bench/memory.py``.
+"""Peak memory and time of one OPD training step, by loss path: ``python bench/memory.py [--shape decoder]``.
 
 Every variant runs in a fresh subprocess on the same Qwen3-shaped student and teacher (the real 151,936-token
-vocabulary, a small hidden size) and the same batch of response tokens (reverse KL, AdamW):
+vocabulary) and the same batch of response tokens (reverse KL, AdamW). Two shapes (``SHAPES``):
+
+- ``logits`` (default): a small hidden size (student 256, teacher 512, 2 layers), so the output layer is ~96% of
+  the student and the N x V logits dominate memory and time;
+- ``decoder``: a Qwen3-0.6B-like student (hidden 1024, 24 layers, 16 query / 8 key-value heads of 128) whose
+  output layer is ~23% of its parameters, as in the paper's pairs (Qwen3-4B: 10%), with a frozen teacher of the
+  same shape; fewer tokens (2 x 512), so that it fits 24 GB in fp32 with AdamW.
+
+Variants:
 
 - ``base``: the TIP release's style: the student's forward returns logits at every position (N x V, kept for
   backward), the teacher's too, and the loss is computed over all tokens in chunks of positions;
-- ``tip@rho``: tip.train's path: a scoring pass without gradient (signals chunk by chunk from hidden states),
-  Soft-OR selection of rho N tokens (rho = 1: all tokens), then the student to hidden states and the output
-  layer only at kept rows, chunked, recomputed in backward (tip.losses.recomputed_kept_divergence);
+- ``tip@rho``: tip.train's step on one micro-batch (``step_tip``): one student forward, Soft-OR selection of
+  rho N tokens from a scoring loop over its hidden states (rho = 1: every token, signals from the loss's loop),
+  and the output layer only at kept rows, once per model (tip.losses.fused_divergence_sum);
 - ``trl``: TRL's GKDTrainer loss (generalized_jsd_loss, beta = 1: reverse KL; lmbda = 1 only says the
   rollouts are the student's own) over full student and teacher logits, when TRL is installed.
 
@@ -27,6 +35,12 @@ import time
 from pathlib import Path
 
 VARIANTS = ["base", "tip@1.0", "tip@0.5", "tip@0.2", "tip@0.1", "trl"]
+SHAPES = {  # model and batch of each shape; command-line flags override
+    "logits": dict(hidden=256, teacher_hidden=512, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=768,
+                   batch=4, response=1024),
+    "decoder": dict(hidden=1024, teacher_hidden=1024, layers=24, heads=16, kv_heads=8, head_dim=128,
+                    intermediate=3072, batch=2, response=512),
+}
 
 
 def build_models(args, device):
@@ -35,13 +49,14 @@ def build_models(args, device):
 
     def model(hidden, layers, seed):
         torch.manual_seed(seed)
-        cfg = Qwen3Config(vocab_size=151_936, hidden_size=hidden, intermediate_size=3 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+        cfg = Qwen3Config(vocab_size=151_936, hidden_size=hidden, intermediate_size=args.intermediate * hidden //
+                          args.hidden, num_hidden_layers=layers, num_attention_heads=args.heads,
+                          num_key_value_heads=args.kv_heads, head_dim=args.head_dim * hidden // args.hidden,
                           tie_word_embeddings=False, max_position_embeddings=args.prompt + args.response + 8)
         return Qwen3ForCausalLM(cfg).to(device)
 
     student = model(args.hidden, args.layers, 1)
-    teacher = model(args.hidden * 2, args.layers, 2).requires_grad_(False).eval()
+    teacher = model(args.teacher_hidden, args.layers, 2).requires_grad_(False).eval()
     return student, teacher
 
 
@@ -72,30 +87,34 @@ def step_base(student, teacher, ids, attention, target_mask, chunk):
 
 
 def step_tip(student, teacher, ids, attention, target_mask, chunk, keep):
+    """tip.train's step on one micro-batch: one student forward (with gradient) shared by scoring and loss; at
+    rho < 1 a scoring loop over its detached hidden states and Soft-OR selection, at rho = 1 the signals from the
+    loss's own loop; the loss projects only kept rows, once per model, gradients formed in the same loop."""
     import torch
 
-    from tip.losses import opd_loss, recomputed_kept_divergence
+    from tip.losses import fused_divergence_sum, opd_loss_of_sum
     from tip.models import head_logits_raw, hidden_states
     from tip.selection import select_tokens
-    from tip.signals import projected_rows, token_signals
+    from tip.signals import token_signals
 
-    t0 = time.perf_counter()
     with torch.no_grad():
-        t_hidden = hidden_states(teacher, ids, attention)[:, :-1]
-        s_hidden = hidden_states(student, ids, attention)[:, :-1]
-        s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-        signals = token_signals(projected_rows(s_hidden, s_head.weight), projected_rows(t_hidden, t_head.weight),
-                                target_mask, chunk)
-        kept = select_tokens("all" if keep >= 1 else "soft_or", signals, keep)
+        t_flat = hidden_states(teacher, ids, attention)[:, :-1].reshape(-1, teacher.config.hidden_size)
+    s_flat = hidden_states(student, ids, attention)[:, :-1].reshape(-1, student.config.hidden_size)
+    s_head = student.get_output_embeddings()
+    t0 = time.perf_counter()
+    if keep >= 1:
+        kept = target_mask
+    else:  # the scoring loop and the selection: what a rho < 1 step adds
+        with torch.no_grad():
+            signals = token_signals(lambda i: head_logits_raw(student, s_flat.detach()[i]),
+                                    lambda i: head_logits_raw(teacher, t_flat[i]), target_mask, chunk)
+            kept = select_tokens("soft_or", signals, keep)
     select_s = time.perf_counter() - t0
     rows = kept.reshape(-1).nonzero(as_tuple=True)[0]
-    t_kept = t_hidden.reshape(-1, t_hidden.shape[-1])[rows]
-    del s_hidden
-    hidden = hidden_states(student, ids, attention)[:, :-1]
-    kept_hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-    divs = recomputed_kept_divergence(kept_hidden, s_head.weight, None, lambda i: head_logits_raw(teacher, t_kept[i]),
-                                      "reverse_kl", chunk_size=chunk)
-    return opd_loss(divs, kept, target_mask).loss, select_s
+    t_kept = t_flat[rows]
+    fused = fused_divergence_sum(s_flat[rows], s_head.weight, None, lambda i: head_logits_raw(teacher, t_kept[i]),
+                                 "reverse_kl", chunk_size=chunk, with_signals=keep >= 1)
+    return opd_loss_of_sum(fused.total, kept, target_mask).loss, select_s
 
 
 def step_trl(student, teacher, ids, attention, target_mask, chunk):
@@ -164,43 +183,61 @@ def run_variant(args) -> dict:
     elapsed = time.perf_counter() - t0
     return {"variant": name, "loss": loss, "step_s": elapsed, "select_s": select_s, "before_mb": before,
             "peak_mb": peak, "step_mb": peak - before, "process_peak_mb": process_peak,
-            "tokens": int(target_mask.sum())}
+            "tokens": int(target_mask.sum()),
+            "head_share": student.get_output_embeddings().weight.numel() / sum(p.numel() for p in student.parameters())}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median step time (its memory figures with it); skipped if any run was."""
+    skipped = [r for r in runs if "skipped" in r]
+    if skipped:
+        return skipped[0]
+    return sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--shape", choices=list(SHAPES), default="logits")
     parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--response", type=int, default=1024, help="response tokens per sequence")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
+    for key, value in SHAPES["logits"].items():  # defaults come from --shape
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every variant, side by side; medians")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     args = parser.parse_args()
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.variant:
         print(json.dumps(run_variant(args)))
         return 0
 
-    results = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
-        if proc.returncode == -9:
-            results.append({"variant": variant, "skipped": "killed by the kernel (out of memory)"})
-        elif proc.returncode:
-            results.append({"variant": variant, "skipped": f"failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"})
-        else:
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  {variant} done", file=sys.stderr, flush=True)
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
+    for repeat in range(args.repeats):  # side by side: each repeat runs every variant once
+        for variant in runs:
+            cmd = [sys.executable, __file__, "--variant", variant] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+            if proc.returncode == -9:
+                runs[variant].append({"variant": variant, "skipped": "killed by the kernel (out of memory)"})
+            elif proc.returncode:
+                runs[variant].append({"variant": variant,
+                                      "skipped": f"failed ({proc.returncode}): {proc.stderr.strip()[-300:]}"})
+            else:
+                runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  {variant} done ({repeat + 1}/{args.repeats})", file=sys.stderr, flush=True)
+    results = [median_run(rs) for rs in runs.values()]
 
     base = next((r for r in results if r["variant"] == "base" and "skipped" not in r), None)
     tokens = next((r["tokens"] for r in results if "tokens" in r), 0)
     unit = "CUDA max allocated" if args.device.startswith("cuda") else "RSS"
-    print(f"\nOne OPD step, Qwen3-shaped pair (V = 151,936, student hidden {args.hidden}, teacher "
-          f"{2 * args.hidden}, {args.layers} layers), {tokens} response tokens, chunk {args.chunk}, {args.device}")
+    head_share = next((r["head_share"] for r in results if "head_share" in r), 0.0)
+    print(f"\nOne OPD step, {args.shape}-heavy Qwen3-shaped pair (V = 151,936, student hidden {args.hidden}, "
+          f"teacher {args.teacher_hidden}, {args.layers} layers; output layer {100 * head_share:.0f}% of the "
+          f"student), {tokens} response tokens, chunk {args.chunk}, {args.device}; median of {args.repeats}")
     print(f"memory: {unit}; 'step' = peak during the step above the memory before it")
     print(f"{'variant':<9} {'step MB':>9} {'peak MB':>9} {'step s':>8} {'score+select':>13} "
           f"{'step/base':>10} {'peak/base':>10} {'time/base':>10}")

@@ -65,6 +65,10 @@ def test_engine_variants_are_deepspeed_json():
                                 r"of P_S at temperature 1"),
     ("rollout=vllm rollout.max_model_len=0", r"rollout.max_model_len=0 is not allowed: expected an integer >= 2"),
     ("train.steps=1.5", r"train.steps=1.5 is not allowed: expected an integer"),
+    ("train.chunk_size=big", r"train.chunk_size='big' is not allowed: expected an integer >= 1 or 'auto'"),
+    ("train.chunk_size=0", r"train.chunk_size=0 is not allowed: expected an integer >= 1 or 'auto'"),
+    ("engine.gather_for_generate=sometimes",
+     r"engine.gather_for_generate='sometimes' is not allowed: expected one of auto, always, never"),
     ("data=gsm8k data_root=/nonexistent",
      r"data.source.path='/nonexistent/gsm8k_train.jsonl' is not allowed: no such file"),
 ])

@@ -9,7 +9,7 @@ from tip.engine import build_teacher_engine, copy_weights, deepspeed_config
 from tip.models import load_model, load_tokenizer
 from tip.rollout import aligned_targets, pack, with_prompts
 from tip.signals import signals_from_logits
-from tip.train import signals_and_teacher_rows, train
+from tip.train import score_micro, train
 
 from support import compose_config
 
@@ -44,7 +44,8 @@ def _embedded_batch():
 
 def test_signals_with_a_privileged_view_equal_slicing_the_teachers_logits_by_hand():
     _, model, student_view, teacher_view = _embedded_batch()
-    signals, teacher_rows = signals_and_teacher_rows(model, model, student_view, teacher_view, chunk_size=5)
+    scored = score_micro(None, model, model, student_view, teacher_view, chunk_size=5)
+    signals, teacher_rows = scored.signals, scored.teacher_rows
     # Only the teacher's hidden states at response positions are kept for the gradient pass (no prompt, no
     # padding rows), in the order of the student's valid positions.
     assert teacher_rows.shape == (int(student_view.target_mask.sum()), model.config.hidden_size)
@@ -67,7 +68,7 @@ def test_signals_with_a_privileged_view_equal_slicing_the_teachers_logits_by_han
 
 def test_a_self_teacher_with_the_students_own_view_agrees_everywhere():
     _, model, student_view, _ = _embedded_batch()
-    signals, _ = signals_and_teacher_rows(model, model, student_view, student_view, chunk_size=7)
+    signals = score_micro(None, model, model, student_view, student_view, chunk_size=7).signals
     assert signals.reverse_kl[student_view.target_mask].abs().max() < 1e-6
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tip.signals import (
+    CHUNK_BUDGET_MIB,
     divergence,
     entropy,
     forward_kl,
@@ -13,6 +14,7 @@ from tip.signals import (
     log_probs,
     logits_rows,
     projected_rows,
+    resolve_chunk_size,
     reverse_kl,
     signals_from_logits,
     token_signals,
@@ -156,3 +158,14 @@ def test_teacher_with_wider_vocabulary_is_cut_to_the_shared_ids():
     got = signals_from_logits(s, t, mask)
     want = signals_from_logits(s, t[..., :10], mask)
     torch.testing.assert_close(got.reverse_kl, want.reverse_kl)
+
+
+def test_auto_chunk_size_fills_the_devices_budget_per_chunk_tensor():
+    qwen = 151_936
+    for device, mib in CHUNK_BUDGET_MIB.items():
+        rows = resolve_chunk_size("auto", qwen, torch.device(device))
+        assert rows * qwen * 4 <= mib * 2**20 < (rows + 1) * qwen * 4
+    assert resolve_chunk_size("auto", qwen, torch.device("cpu")) == 48
+    assert resolve_chunk_size("auto", qwen, torch.device("cuda", 3)) == 552
+    assert resolve_chunk_size("auto", 10**9, torch.device("cpu")) == 1  # never 0 rows
+    assert resolve_chunk_size(17, qwen, torch.device("cpu")) == 17

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tip.data import DATA_KINDS
-from tip.engine import PRECISIONS
+from tip.engine import GATHER_FOR_GENERATE, PRECISIONS
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.rollout import ROLLOUT_BACKENDS
@@ -52,9 +52,9 @@ def _number(key: str, value: Any, lo: float, hi: float, lo_open: bool = False, h
     _need(ok, key, value, f"expected a number in {interval}")
 
 
-def _integer(key: str, value: Any, lo: int) -> None:
+def _integer(key: str, value: Any, lo: int, also: str | None = None) -> None:
     _need(isinstance(value, int) and not isinstance(value, bool) and value >= lo, key, value,
-          f"expected an integer >= {lo}")
+          f"expected an integer >= {lo}" + (f" or {also!r}" if also else ""))
 
 
 def _threshold(key: str, value: Any) -> None:
@@ -119,7 +119,8 @@ def check_config(cfg: DictConfig) -> None:
     _integer("train.steps", tr.steps, 0)
     _integer("train.prompts_per_step", tr.prompts_per_step, 1)
     _integer("train.micro_batch_size", tr.micro_batch_size, 1)
-    _integer("train.chunk_size", tr.chunk_size, 1)
+    if tr.chunk_size != "auto":
+        _integer("train.chunk_size", tr.chunk_size, 1, also="auto")
     _integer("train.warmup_steps", tr.warmup_steps, 0)
     _integer("train.eval_every", tr.eval_every, 0)
     _need(isinstance(tr.eval_before, bool), "train.eval_before", tr.eval_before, "expected true or false")
@@ -154,6 +155,8 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("engine.stage", cfg.engine.stage, (0, 1, 2, 3))
     _one_of("engine.offload_optimizer", cfg.engine.offload_optimizer, ("none", "cpu", "nvme"))
     _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
+    if "gather_for_generate" in cfg.engine:
+        _one_of("engine.gather_for_generate", cfg.engine.gather_for_generate, GATHER_FOR_GENERATE)
     _one_of("precision", cfg.precision, PRECISIONS)
     _number("dist_timeout_s", cfg.dist_timeout_s, 0.0, math.inf, lo_open=True, hi_open=True)
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))

@@ -8,6 +8,7 @@ Training always goes through DeepSpeed (ZeRO-3 by default). On CPU the gloo back
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,41 @@ def build_teacher_engine(model, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
+
+
+GATHER_FOR_GENERATE = ("auto", "always", "never")
+"""engine.gather_for_generate (ZeRO-3): gather the student whole for each generate call. auto: when its whole
+parameters take at most half of the device's free memory on every rank; always; never (per-module gathers)."""
+
+
+def _fits_whole(engine, dist) -> bool:
+    """Whether every rank has room for the whole student (its full parameters under half the free memory)."""
+    device = dist.device
+    if device.type != "cuda":
+        return True
+    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+    ok = torch.tensor([float(size <= 0.5 * torch.cuda.mem_get_info(device)[0])], device=device)
+    if dist.world_size > 1:  # every rank must take the same branch: the gather is a collective
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+@contextmanager
+def whole_for_generation(engine, dist, setting: str = "auto"):
+    """Under ZeRO-3, the student's parameters gathered once for the duration and DeepSpeed's per-module hooks
+    off (DeepSpeed's unwrap_model_for_generation, what TRL does for generation): otherwise every decoded token
+    gathers and releases every layer. Outside ZeRO-3, or when it does not fit (``GATHER_FOR_GENERATE``),
+    nothing."""
+    if setting not in GATHER_FOR_GENERATE:
+        raise ValueError(f"unknown engine.gather_for_generate {setting!r}; known: {', '.join(GATHER_FOR_GENERATE)}")
+    zero3 = any(hasattr(p, "ds_id") for p in engine.module.parameters())
+    if not zero3 or setting == "never" or (setting == "auto" and not _fits_whole(engine, dist)):
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield
 
 
 def release_engines(*engines) -> None:

@@ -12,12 +12,24 @@ averaging its engine applies (``tip.train`` multiplies by world_size x accumulat
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tip.signals import RowSource, chunks, common_vocab, divergence, log_probs, logits_rows, softcap
+from tip.signals import (
+    RowSource,
+    chunks,
+    common_vocab,
+    divergence,
+    entropy,
+    forward_kl,
+    log_probs,
+    logits_rows,
+    reverse_kl,
+    softcap,
+)
 
 DENOMINATORS = ("kept", "all")
 
@@ -43,65 +55,82 @@ def kept_token_divergence(
     return torch.cat(pieces)
 
 
-def _chunk_divergence(logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float,
-                      cap: float | None) -> torch.Tensor:
-    logits = softcap(logits, cap)
-    s_logits, t_logits = common_vocab(logits, teacher_logits.detach())
-    return divergence(log_probs(s_logits), log_probs(t_logits), kind, beta)
+@dataclass(frozen=True)
+class FusedDivergence:
+    """What ``fused_divergence_sum`` returns."""
+
+    total: torch.Tensor  # scalar: the sum of the rows' divergences, differentiable w.r.t. hidden, weight, bias
+    per_row: torch.Tensor  # (K,) the rows' divergences, detached
+    signals: torch.Tensor | None  # (3, K) entropy / log|V|, reverse KL, forward KL (detached), if asked for
 
 
-class _RecomputedHeadDivergence(torch.autograd.Function):
-    """Divergence of kept rows through the student's output layer, chunk by chunk. Forward keeps no logits; backward
-    recomputes each chunk's logits, takes the divergence's gradient w.r.t. them (autograd over chunk x V), and
-    folds it into the hidden-state and weight gradients at once. The weight gradient is accumulated across chunks
-    and handed to autograd once, so a ZeRO-3 parameter receives one gradient per backward on every rank."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_rows, kind, beta, chunk_size, softcap, gather):
-        ctx.save_for_backward(hidden, weight, bias)
-        ctx.args = (teacher_rows, kind, beta, chunk_size, softcap, gather)
-        pieces = []
-        with gather():
-            for idx in chunks(torch.arange(hidden.shape[0], device=hidden.device), chunk_size):
-                logits = F.linear(hidden[idx], weight, bias)
-                pieces.append(_chunk_divergence(logits, teacher_rows(idx), kind, beta, softcap))
-        if not pieces:
-            return hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
-        return torch.cat(pieces)
+class _FusedHeadDivergence(torch.autograd.Function):
+    """The summed divergence of K rows through the student's output layer, with its gradients formed during the
+    forward chunk loop (as Liger's fused linear cross-entropy does): each chunk's logits exist once, in forward,
+    and what is held for backward is the gradient w.r.t. the hidden rows (K x H) and the output layer (V x H,
+    accumulated across chunks in fp32), which backward scales by the incoming scalar gradient. The teacher's
+    rows are projected once too. A ZeRO-3 layer receives one gradient per backward on every rank."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias = ctx.saved_tensors
-        teacher_rows, kind, beta, chunk_size, softcap, gather = ctx.args
+    def forward(ctx, hidden, weight, bias, teacher_rows, kind, beta, chunk_size, cap, with_signals,
+                before_accumulate):
+        rows = hidden.shape[0]
+        per_row = torch.zeros(rows, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        signals = torch.zeros(3, rows, dtype=torch.float32, device=hidden.device) if with_signals else None
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
-        # Weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the weight's dtype
-        # once: in bf16 every chunk's partial sum would be rounded to 8 bits.
+        # The weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the weight's
+        # dtype once: in bf16 every chunk's partial sum would be rounded to 8 bits.
         acc = torch.promote_types(weight.dtype, torch.float32)
-        with gather():
-            # Inside gather() a ZeRO-3 weight is whole again; its gradient takes the weight's full shape.
-            if ctx.needs_input_grad[1]:
-                grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-            if bias is not None and ctx.needs_input_grad[2]:
-                grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-            for idx in chunks(torch.arange(hidden.shape[0], device=hidden.device), chunk_size):
-                h = hidden[idx]
-                with torch.enable_grad():
-                    logits = F.linear(h, weight, bias).detach().requires_grad_()
-                    div = _chunk_divergence(logits, teacher_rows(idx), kind, beta, softcap)
-                    (grad_logits,) = torch.autograd.grad(div, logits, grad_out[idx].to(div.dtype))
-                if grad_hidden is not None:
-                    grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0).to(acc)
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        # The caller holds a ZeRO-3 weight whole around apply(): its gradient takes the full shape.
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        for idx in chunks(torch.arange(rows, device=hidden.device), chunk_size):
+            h = hidden[idx]
+            with torch.enable_grad():
+                logits = F.linear(h, weight, bias).detach().requires_grad_()
+                s_logits, t_logits = common_vocab(softcap(logits, cap), teacher_rows(idx).detach())
+                logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
+                div = divergence(logp_s, logp_t, kind, beta)
+                (grad_logits,) = torch.autograd.grad(div.sum(), logits)
+            per_row[idx] = div.detach().to(per_row.dtype)
+            if signals is not None:
+                logp_s = logp_s.detach()
+                signals[0, idx] = (entropy(logp_s) / math.log(logp_s.shape[-1])).float()
+                signals[1, idx] = (div.detach() if kind == "reverse_kl" else reverse_kl(logp_s, logp_t)).float()
+                signals[2, idx] = (div.detach() if kind == "forward_kl" else forward_kl(logp_s, logp_t)).float()
+            if grad_hidden is not None:
+                grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0).to(acc)
+        if signals is not None:
+            signals[1:].clamp_(min=0)  # as token_signals: rounding can put a KL a hair below 0
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.before_accumulate = before_accumulate
+        outputs = [per_row.sum(), per_row] + ([signals] if signals is not None else [])
+        ctx.mark_non_differentiable(*outputs[1:])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        # grad_total arrives in the sum's dtype (at least fp32); the scaling is done in the accumulators' dtype.
+        grad_hidden = None if grad_hidden is None else \
+            (grad_hidden.to(grad_total.dtype) * grad_total).to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total.to(grad_weight.dtype)).to(weight_dtype)
+        grad_bias = None if grad_bias is None else (grad_bias * grad_total.to(grad_bias.dtype)).to(bias_dtype)
+        if ctx.before_accumulate is not None:
+            ctx.before_accumulate()
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-def recomputed_kept_divergence(
+def fused_divergence_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -111,17 +140,28 @@ def recomputed_kept_divergence(
     chunk_size: int = 512,
     softcap: float | None = None,
     gather=contextlib.nullcontext,
-) -> torch.Tensor:
-    """Divergence at each kept row, from the student's hidden states ``hidden`` (K, H) and output layer
+    with_signals: bool = False,
+    before_accumulate=None,
+) -> FusedDivergence:
+    """Sum of the divergences of K rows, from the student's hidden states ``hidden`` (K, H) and output layer
     (``weight`` (V, H), ``bias``, optional final-logit ``softcap``), differentiable w.r.t. hidden, weight and bias.
 
-    Equal to ``kept_token_divergence`` over ``F.linear(hidden, weight, bias)``, but what autograd holds for
-    backward is ``hidden`` itself: logits exist only one chunk (``chunk_size`` x V) at a time, in forward and again
-    in backward. ``teacher(idx)`` returns the teacher's logits of kept rows ``idx`` (detached; called in both
-    passes). ``gather`` is a context-manager factory entered once in forward and once in backward, around every
-    use of ``weight`` and ``teacher`` (ZeRO-3 gathers sharded output layers there).
+    Equal to ``kept_token_divergence(...).sum()`` over ``F.linear(hidden, weight, bias)``, with each row projected
+    once per model: logits exist one chunk (``chunk_size`` x V) at a time, and gradients are formed in the same
+    loop. ``teacher(idx)`` returns the teacher's logits of rows ``idx`` (detached). ``gather`` is a
+    context-manager factory entered once around the loop (ZeRO-3 gathers sharded output layers there). With
+    ``with_signals`` the loop also returns each row's entropy / log|V| and both KL directions (what
+    ``tip.signals.token_signals`` computes), so a step that keeps every token needs no scoring pass.
+    ``before_accumulate()``, if given, is called at the end of backward, before autograd accumulates the
+    returned gradients into ``weight`` and ``bias`` (ZeRO-3 makes an untied layer whole there).
     """
-    return _RecomputedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size, softcap, gather)
+    # apply() runs inside gather(): autograd takes a parameter's shape from its first use in a graph, and an
+    # output layer that no decoder module uses (untied) would otherwise be first used as a ZeRO-3 shard of shape
+    # [0], and its whole-shaped gradient refused in backward.
+    with gather():
+        out = _FusedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size, softcap, with_signals,
+                                         before_accumulate)
+    return FusedDivergence(total=out[0], per_row=out[1], signals=out[2] if with_signals else None)
 
 
 @dataclass(frozen=True)
@@ -153,16 +193,25 @@ def opd_loss(
     kept_divergences: shape (K,), one value per kept valid position
     global_count:     the step's total denominator over micro-batches and ranks; defaults to this batch's own
     """
-    keep_mask, valid_mask = keep_mask.bool(), valid_mask.bool()
-    kept = int((keep_mask & valid_mask).sum())
+    kept = int((keep_mask.bool() & valid_mask.bool()).sum())
     if kept != kept_divergences.numel():
         raise ValueError(f"got {kept_divergences.numel()} divergences for {kept} kept valid tokens")
+    return opd_loss_of_sum(kept_divergences.sum(), keep_mask, valid_mask, denominator, global_count)
+
+
+def opd_loss_of_sum(
+    divergence_sum: torch.Tensor,
+    keep_mask: torch.Tensor,
+    valid_mask: torch.Tensor,
+    denominator: str = "kept",
+    global_count: float | None = None,
+) -> LossOutput:
+    """``opd_loss`` from the kept tokens' summed divergence (what ``fused_divergence_sum`` returns)."""
+    keep_mask, valid_mask = keep_mask.bool(), valid_mask.bool()
     count = loss_denominator(keep_mask, valid_mask, denominator) if global_count is None else float(global_count)
-    total = kept_divergences.sum()
-    loss = total / count if count > 0 else total * 0.0
-    return LossOutput(
-        loss=loss, kept_tokens=kept, valid_tokens=int(valid_mask.sum()), divergence_sum=float(total.detach())
-    )
+    loss = divergence_sum / count if count > 0 else divergence_sum * 0.0
+    return LossOutput(loss=loss, kept_tokens=int((keep_mask & valid_mask).sum()), valid_tokens=int(valid_mask.sum()),
+                      divergence_sum=float(divergence_sum.detach()))
 
 
 def opd_loss_from_logits(

@@ -153,6 +153,30 @@ def gathered_heads(*models):
         yield
 
 
+def whole_until_accumulated(model) -> None:
+    """Backward through an output layer that no module of the model uses (an untied head, run outside the
+    decoder's forward) under ZeRO-3: autograd accumulates its gradient into the parameter itself, which must then be
+    whole (DeepSpeed's modules gather theirs in pre-backward hooks). Gathers the layer now and partitions it again
+    right after autograd has accumulated its gradient (DeepSpeed's own hook, registered first, reduces it). A tied
+    head is left alone: its embedding module gathers it before its gradient is accumulated. Outside ZeRO-3,
+    nothing."""
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for param in _head_params(model):
+        if getattr(param, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE or not param.requires_grad:
+            continue
+        param.all_gather()
+        handles = []
+
+        def partition_again(p, handles=handles):
+            p.partition()
+            handles.pop().remove()
+
+        handles.append(param.register_post_accumulate_grad_hook(partition_again))
+
+
 def head_logits_raw(model, hidden_rows: torch.Tensor) -> torch.Tensor:
     """Logits through the output layer's weight directly, without a module call (so no ZeRO-3 hooks): inside
     ``gathered_heads`` only, when the layer may be sharded. Detached: for the frozen side."""

@@ -8,6 +8,7 @@ including the first end-of-sequence token.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,15 +163,17 @@ class HFRollout:
     """rollout=hf: transformers ``generate`` on the policy itself. Nothing to keep in sync; each step samples
     from one stream per rank, seeded by the step's seed."""
 
-    def __init__(self, policy, tokenizer, rollout_cfg, synced_gpus: bool):
+    def __init__(self, policy, tokenizer, rollout_cfg, synced_gpus: bool, generating=contextlib.nullcontext):
         self.policy, self.tokenizer, self.cfg, self.synced_gpus = policy, tokenizer, rollout_cfg, synced_gpus
+        self.generating = generating  # entered around each generate (tip.engine.whole_for_generation)
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int]) -> RolloutBatch:
         ro = self.cfg
         torch.manual_seed(step_seed)
-        return hf_generate(self.policy, self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                           top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, synced_gpus=self.synced_gpus,
-                           max_seqs_per_call=ro.max_seqs_per_generate)
+        with self.generating():
+            return hf_generate(self.policy, self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+                               top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
+                               synced_gpus=self.synced_gpus, max_seqs_per_call=ro.max_seqs_per_generate)
 
     def sync(self) -> None:
         """The policy is the model: nothing to send."""

@@ -183,6 +183,12 @@ def validate_keep(keep: float) -> float:
     return keep
 
 
+def keeps_every_token(rule: str, keep: float) -> bool:
+    """Whether ``rule`` at ``keep`` keeps every valid token whatever the signals: ``all``, or any rule at keep = 1
+    (k = m in every scope). Such a step needs no selection and so no scoring before its loss."""
+    return get_rule(rule).score is None or validate_keep(keep) >= 1.0
+
+
 def select_tokens(
     rule: str,
     signals: TokenSignals,

@@ -132,6 +132,22 @@ class TokenSignals:
         return int(self.mask.sum())
 
 
+CHUNK_BUDGET_MIB = {"cpu": 28, "cuda": 320}
+"""``chunk_size=auto``: MiB of one chunk x V fp32 tensor (a chunk's loop holds about six). CPU: 28 MiB (48 rows at
+Qwen's 151,936 ids) was the fastest of 16-512 rows for the fused loss on this project's 2-core machine and within
+a few percent of the best for the scoring loop, at a tenth of the memory of 512 rows (bench: docs/performance.md).
+CUDA: 320 MiB, 552 rows at that vocabulary (the paper's chunk is 512)."""
+
+
+def resolve_chunk_size(setting: int | str, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: an integer as given, or ``auto``: as many rows as fit ``CHUNK_BUDGET_MIB`` of the device
+    type in one chunk x ``vocab`` fp32 tensor (at least 1)."""
+    if setting != "auto":
+        return int(setting)
+    budget = CHUNK_BUDGET_MIB.get(torch.device(device).type, CHUNK_BUDGET_MIB["cuda"]) * 2**20
+    return max(1, budget // (4 * vocab))
+
+
 def chunks(idx: torch.Tensor, chunk_size: int):
     """Split a 1-D index tensor into consecutive pieces of at most chunk_size."""
     if chunk_size < 1:

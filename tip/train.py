@@ -3,14 +3,15 @@
 Each step: rollout (student samples) -> teacher (scores the same tokens) -> signals (entropy, divergences) ->
 select (keep a fraction of tokens) -> loss (divergence over kept tokens) -> DeepSpeed step -> eval / log.
 
-The step runs in two passes. A scoring pass without gradient computes every response token's signals chunk by
-chunk, with the output head gathered once; the selection is then made over the rank's whole batch, with the
-batch statistics of the step's global batch. A gradient pass runs the student to hidden states and projects only
-the kept positions, so the logits held for backward scale with the kept tokens, not with all of them.
+Scoring reads the student's hidden states (of the gradient forward itself when the rank's rollouts form one
+micro-batch), the selection is made over the rank's whole batch with the batch statistics of the step's global
+batch, and the loss projects only the kept positions, once per output layer, with its gradients formed in the
+same chunk loop (``tip.losses.fused_divergence_sum``). README, "Memory and speed", says what each part holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -55,8 +56,9 @@ from tip.engine import (
     release_engines,
     resolve_precision,
     save_hf_checkpoint,
+    whole_for_generation,
 )
-from tip.losses import loss_denominator, opd_loss, recomputed_kept_divergence
+from tip.losses import FusedDivergence, fused_divergence_sum, loss_denominator, opd_loss_of_sum
 from tip.models import (
     HiddenStatesLM,
     check_vocab,
@@ -67,11 +69,12 @@ from tip.models import (
     load_model,
     load_tokenizer,
     output_width,
+    whole_until_accumulated,
 )
 from tip.rollout import HFRollout, RolloutBatch, aligned_targets, prompt_seeds, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
-from tip.selection import select_tokens
-from tip.signals import TokenSignals, token_signals
+from tip.selection import keeps_every_token, select_tokens
+from tip.signals import TokenSignals, resolve_chunk_size, token_signals
 from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
 from tip.wandb_logging import start_run
 
@@ -93,38 +96,93 @@ def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
 
 
-@torch.no_grad()
-def signals_and_teacher_rows(student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int):
-    """Signals at every response position of ``micro``, and the teacher's final hidden states at those positions
-    only (valid rows in flat order; prompt and padding rows are dropped here). The teacher reads
-    ``teacher_batch`` (the same responses, possibly after a privileged prompt)."""
+@dataclass
+class ScoredMicro:
+    """One micro-batch after scoring: its signals, and what its gradient pass will need."""
+
+    signals: TokenSignals
+    teacher_rows: torch.Tensor  # the teacher's final hidden states at the valid positions (flat order)
+    student_hidden: torch.Tensor | None = None  # (B*T, H) with the graph, when the step's one forward is shared
+    fused: FusedDivergence | None = None  # loss and gradients already formed (every token kept, shared forward)
+
+
+def student_head_divergence(cfg, policy, teacher, student_rows: torch.Tensor, teacher_rows: torch.Tensor,
+                            chunk_size: int, with_signals: bool = False) -> FusedDivergence:
+    """The divergence summed over rows whose final hidden states are given (the student's with gradient, the
+    teacher's without), each row projected once per output layer; both layers gathered once (ZeRO-3)."""
+    head = policy.get_output_embeddings()
+    return fused_divergence_sum(
+        student_rows, head.weight, head.bias, lambda i: head_logits_raw(teacher, teacher_rows[i]),
+        cfg.divergence.name, cfg.divergence.beta, chunk_size, softcap=final_logit_softcap(policy),
+        gather=lambda: gathered_heads(policy, teacher), with_signals=with_signals,
+        before_accumulate=lambda: whole_until_accumulated(policy))
+
+
+def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int,
+                shared_forward: bool = False, keeps_all: bool = False) -> ScoredMicro:
+    """Signals at every response position of ``micro``, and the teacher's final hidden states there. The teacher
+    reads ``teacher_batch`` (the same responses, possibly after a privileged prompt). ``student`` is the engine
+    (its forward returns hidden states) or, for a forward without gradient, a bare causal LM.
+
+    ``shared_forward``: the student runs once, with gradient, and the gradient pass reuses that forward; with
+    ``keeps_all`` too, the loss's own chunk loop yields the signals (no separate scoring loop)."""
+    policy = student.module.lm if hasattr(student, "module") else student
     index = aligned_targets(micro, teacher_batch)  # student target position -> the teacher's
-    t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
-    s_hidden = hidden_states(student, micro.input_ids, micro.attention_mask)[:, :-1]
-    s_flat, t_flat = (h.reshape(-1, h.shape[-1]) for h in (s_hidden, t_hidden))
+    mask = micro.target_mask
+    valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
+    with torch.no_grad():
+        t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
+    t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])
+    teacher_rows = t_flat[index[valid]]
+    if shared_forward:
+        s_flat = flat(student(micro.input_ids, micro.attention_mask)[:, :-1])  # through the engine's forward
+        if keeps_all:
+            fused = student_head_divergence(cfg, policy, teacher, s_flat[valid], teacher_rows, chunk_size,
+                                            with_signals=True)
+            per_position = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
+            per_position[:, valid] = fused.signals
+            h, rkl, fkl = (x.view(mask.shape) for x in per_position)
+            return ScoredMicro(TokenSignals(h, rkl, fkl, mask.bool()), teacher_rows, None, fused)
+        scoring_rows = s_flat.detach()
+    else:
+        with torch.no_grad():
+            scoring_rows = flat(hidden_states(policy, micro.input_ids, micro.attention_mask)[:, :-1])
     # One gather of each output layer (one for the live self-teacher, which is the student) for the whole chunk loop.
-    with gathered_heads(student, teacher):
-        signals = token_signals(lambda i: head_logits_raw(student, s_flat[i]),
-                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), micro.target_mask, chunk_size)
-    return signals, t_flat[index[signals.mask.reshape(-1).nonzero(as_tuple=True)[0]]]
+    with torch.no_grad(), gathered_heads(policy, teacher):
+        signals = token_signals(lambda i: head_logits_raw(policy, scoring_rows[i]),
+                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask, chunk_size)
+    return ScoredMicro(signals, teacher_rows, s_flat if shared_forward else None)
+
+
+def flat(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B*T, H)."""
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator,
-                 teacher_prompts: list[list[int]] | None, pad_id: int) -> dict:
+                 teacher_prompts: list[list[int]] | None, pad_id: int, chunk_size: int) -> dict:
     """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one.
-    ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view."""
+    ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view.
+
+    When the rank's rollouts form one micro-batch, the student runs once: the scoring reads the hidden states
+    of the gradient forward, and a step that keeps every token takes its signals from the loss's own chunk loop.
+    With several micro-batches the selection needs every micro-batch's signals before the first backward, so
+    the student runs twice (a scoring forward without gradient, then the gradient forward)."""
     clock = StepClock(dist.device)
     micros = rollouts.split(micro_size)
     policy = student.module.lm
     views = [m if teacher_prompts is None else
              with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
-    scored = [signals_and_teacher_rows(policy, teacher, m, v, cfg.train.chunk_size) for m, v in zip(micros, views)]
+    shared_forward = len(micros) == 1
+    keeps_all = keeps_every_token(cfg.selector.name, cfg.keep)
+    scored = [score_micro(cfg, student if shared_forward else policy, teacher, m, v, chunk_size, shared_forward,
+                          keeps_all) for m, v in zip(micros, views)]
     clock.lap("scoring_s")
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
-    width = max(s.mask.shape[1] for s, _ in scored)
-    sig = TokenSignals(*(pad_cat([getattr(s, f) for s, _ in scored], width)
+    width = max(s.signals.mask.shape[1] for s in scored)
+    sig = TokenSignals(*(pad_cat([getattr(s.signals, f) for s in scored], width)
                          for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
     sel = cfg.selection
     # Batch statistics of the step's global batch: every rank's valid h and delta are gathered, so the tokens
@@ -134,8 +192,9 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     if cause:
         return {"skipped": cause, **clock.rounded()}
     stats = BatchStats.of(h_all, d_all, sel.clip_quantile)
-    kept = select_tokens(cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile,
-                         sel.norm_scope, sel.entropy_alpha, stats)
+    kept = sig.mask.clone() if keeps_all else select_tokens(
+        cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile, sel.norm_scope,
+        sel.entropy_alpha, stats)
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
                              sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence, stats)
 
@@ -147,35 +206,30 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     global_count = float(all_reduce_sum(local_count, dist))
     undo_engine_mean = dist.world_size * len(micros)
     # Between the passes only the teacher's hidden states at kept positions are held (rho x N x H).
-    kept_masks, teacher_kept = [], []
-    offset = 0
-    for s, teacher_rows in scored:
-        kept_m = kept[offset: offset + s.mask.shape[0], : s.mask.shape[1]]
-        offset += s.mask.shape[0]
+    kept_masks, offset = [], 0
+    for s in scored:
+        kept_m = kept[offset: offset + s.signals.mask.shape[0], : s.signals.mask.shape[1]]
+        offset += s.signals.mask.shape[0]
         kept_masks.append(kept_m)
-        teacher_kept.append(teacher_rows[kept_m[s.mask]])
-    masks = [s.mask for s, _ in scored]
-    del scored
+        s.teacher_rows = s.teacher_rows[kept_m[s.signals.mask]]
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    for micro, kept_m, valid_m, t_kept in zip(micros, kept_masks, masks, teacher_kept):
-        rows = kept_m.reshape(-1).nonzero(as_tuple=True)[0]
-        s_hidden = student(micro.input_ids, micro.attention_mask)[:, :-1]  # through the engine's forward
-        kept_hidden = s_hidden.reshape(-1, s_hidden.shape[-1])[rows]
-        # The output layer runs only on kept rows, chunk by chunk, and again in backward: no kept-rows x V logits
-        # are held for backward (tip.losses.recomputed_kept_divergence).
-        head = policy.get_output_embeddings()
-        divs = recomputed_kept_divergence(
-            kept_hidden, head.weight, head.bias, lambda i, t_kept=t_kept: head_logits_raw(teacher, t_kept[i]),
-            cfg.divergence.name, cfg.divergence.beta, cfg.train.chunk_size, softcap=final_logit_softcap(policy),
-            gather=lambda: gathered_heads(policy, teacher))
-        out = opd_loss(divs, kept_m, valid_m, cfg.train.denominator, global_count)
-        # divs is in the graph even when this rank kept nothing, so every rank runs the same backward (and gathers).
-        loss = out.loss
-        student.backward(loss * undo_engine_mean)
+    for micro, kept_m, s in zip(micros, kept_masks, scored):
+        fused = s.fused
+        if fused is None:
+            s_flat = s.student_hidden if s.student_hidden is not None else \
+                flat(student(micro.input_ids, micro.attention_mask)[:, :-1])  # through the engine's forward
+            # The output layer runs only on kept rows, chunk by chunk, with their gradients formed in the same
+            # loop: no kept-rows x V logits are held for backward (tip.losses.fused_divergence_sum).
+            fused = student_head_divergence(cfg, policy, teacher, s_flat[kept_m.reshape(-1).nonzero(as_tuple=True)[0]],
+                                            s.teacher_rows, chunk_size)
+        out = opd_loss_of_sum(fused.total, kept_m, s.signals.mask, cfg.train.denominator, global_count)
+        # The sum is in the graph even when this rank kept nothing, so every rank runs the same backward.
+        student.backward(out.loss * undo_engine_mean)
         clock.lap("gradient_s")
         student.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
         clock.lap("optimizer_s")
         loss_sum += out.loss.detach().double()
+    del scored
 
     sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
@@ -303,12 +357,13 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
 
 
 def build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir: Path, synced_gpus: bool,
-                  max_model_len: int | None):
+                  max_model_len: int | None, generating=contextlib.nullcontext):
     """The rollout backend: ``generate(prompt_ids, step_seed, prompt_seeds)``, ``sync()`` after each optimizer
-    step, ``close()``. rollout=hf samples with the policy itself; rollout=vllm with a worker per rank."""
+    step, ``close()``. rollout=hf samples with the policy itself (inside ``generating()``, which makes a ZeRO-3
+    student whole); rollout=vllm with a worker per rank."""
     ro = cfg.rollout
     if ro.backend == "hf":
-        return HFRollout(policy, tokenizer, ro, synced_gpus)
+        return HFRollout(policy, tokenizer, ro, synced_gpus, generating)
     from tip.models import resolve_model_ref
     from tip.vllm_rollout import VllmRollout, VllmRolloutBackend
 
@@ -426,8 +481,14 @@ class TrainingSetup:
     scheduler: Any
     rollout: Any  # HFRollout | VllmRolloutBackend
     micro_size: int
+    chunk_size: int  # train.chunk_size resolved (auto: from the student's vocabulary and the device)
     self_teacher: bool
     eval_kwargs: dict
+    generating: Any  # context-manager factory: the student ready for HF generate (whole under ZeRO-3)
+
+    def evaluate(self) -> dict:
+        with self.generating():
+            return evaluate(self.policy, self.tokenizer, self.benchmarks, **self.eval_kwargs)
 
 
 def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
@@ -478,19 +539,25 @@ def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
                        chat_template_kwargs=cfg.pair.chat_template_kwargs, rank=dist.rank,
                        world_size=dist.world_size, synced_gpus=synced)
 
+    gather_setting = cfg.engine.get("gather_for_generate", "auto")
+
+    def generating():
+        return whole_for_generation(student, dist, gather_setting)
+
     rollout = build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir, synced,
-                            max_model_len if cfg.rollout.backend == "vllm" else None)
+                            max_model_len if cfg.rollout.backend == "vllm" else None, generating)
+    chunk_size = resolve_chunk_size(cfg.train.chunk_size, output_width(policy), dist.device)
     return TrainingSetup(tokenizer, train_examples, benchmarks, student, policy, teacher, scheduler, rollout,
-                         micro_size, self_teacher, eval_kwargs)
+                         micro_size, chunk_size, self_teacher, eval_kwargs, generating)
 
 
 def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: Resume | None = None) -> dict:
     """Set up, evaluate, train for cfg.train.steps (from the checkpoint in ``plan`` if any), evaluate again, save
     the student. The loop: rollout -> teacher -> signals -> select -> loss -> step -> eval/log."""
     run = set_up(cfg, dist, run_dir)
-    tokenizer, train_examples, benchmarks = run.tokenizer, run.train_examples, run.benchmarks
+    tokenizer, train_examples = run.tokenizer, run.train_examples
     student, policy, teacher, rollout = run.student, run.policy, run.teacher, run.rollout
-    eval_kwargs, self_teacher = run.eval_kwargs, run.self_teacher
+    self_teacher = run.self_teacher
     try:
         start = 0
         if plan is not None and plan.checkpoint is not None:
@@ -501,7 +568,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             if dist.is_main:
                 print(f"resumed from {plan.checkpoint} (step {start} of {cfg.train.steps})", flush=True)
         elif cfg.train.eval_before:
-            results = {"before": evaluate(policy, tokenizer, benchmarks, **eval_kwargs)}
+            results = {"before": run.evaluate()}
             logger.log({"kind": "eval", "step": 0, "when": "before", **results["before"]})
             if dist.is_main:
                 print("held-out before training: " + _fmt_eval(results["before"]), flush=True)
@@ -521,7 +588,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
             selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
             stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), run.micro_size, dist, selection_rng,
-                                 teacher_prompts, tokenizer.pad_token_id)
+                                 teacher_prompts, tokenizer.pad_token_id, run.chunk_size)
             if "skipped" in stats:  # nothing was applied: the student, the optimizer and the schedule are as before
                 skipped_in_a_row += 1
                 logger.log({"kind": "skipped", "step": step + 1, "cause": stats["skipped"],
@@ -547,13 +614,13 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                         "tokens_per_s": stats["valid_tokens"] / max(elapsed, 1e-9),
                         "peak_mem_mb": peak_memory_mb(dist.device)})
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-                mid = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
+                mid = run.evaluate()
                 logger.log({"kind": "eval", "step": step + 1, "when": "during", **mid})
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
                 save_training_checkpoint(student, run_dir, step + 1, {"step": step + 1, "before": results["before"]},
                                          dist.is_main, cfg.train.max_checkpoints, barrier_of(dist))
 
-        results["after"] = evaluate(policy, tokenizer, benchmarks, **eval_kwargs)
+        results["after"] = run.evaluate()
         logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
         final_dir = run_dir / "checkpoints" / "final"
         if cfg.train.save_final and final_dir.exists():  # saved by an attempt that died just after

@@ -1,0 +1,122 @@
+"""A training step is the same step however it is arranged: one student forward shared by scoring and gradient
+(the rank's rollouts in one micro-batch) or a scoring forward and then a gradient forward per micro-batch
+(several micro-batches); signals from the loss's own chunk loop (every token kept) or from a scoring loop. Same
+kept tokens, same loss and signals, same gradient (within fp32 tolerance). Gradients are compared rather than
+updated weights: AdamW's first update is about lr * sign(g), which flips on the rounding of near-zero entries."""
+
+import pytest
+import torch
+
+from tip.distributed import init_distributed
+from tip.engine import release_engines
+from tip.rollout import prompt_seeds
+from tip.train import distill_step, rank_prompts, set_up
+
+from support import compose_config
+
+STATS = ("loss", "valid_tokens", "kept_tokens", "mean_h", "mean_delta", "mean_delta_fwd",
+         "q1/frac", "q3/frac", "q1/of_kept", "q3/of_kept", "q3/mean_delta")
+
+
+def one_step(tmp_path, micro_batch_size, *overrides, rollouts=None):
+    """One distill_step on the embedded pair (fixed seed, so the same initial student): its stats and the step's
+    gradient (summed over micro-batches, as the engine hands it on). The rollouts of the first call are reused."""
+    cfg = compose_config("experiment=smoke", "logger=none", "train.prompts_per_step=8", "rollout.n=2",
+                         f"train.micro_batch_size={micro_batch_size}", "train.warmup_steps=0", "train.lr=1e-3",
+                         *overrides)
+    dist = init_distributed()
+    run = set_up(cfg, dist, tmp_path)
+    try:
+        if rollouts is None:
+            prompt_ids, _, indices = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
+            rollouts = run.rollout.generate(prompt_ids, 5, prompt_seeds(cfg.seed, 0, indices))
+        before = weights_of(run.policy)
+        grads = {}
+        hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, grads.get(n, 0) + g.detach().clone()))
+                 for n, p in run.policy.named_parameters()]
+        generator = torch.Generator(device=dist.device).manual_seed(7)
+        stats = distill_step(cfg, run.student, run.teacher, rollouts.to(dist.device), run.micro_size, dist,
+                             generator, None, run.tokenizer.pad_token_id, run.chunk_size)
+        for hook in hooks:
+            hook.remove()
+        after = weights_of(run.policy)
+        assert max(float((w - before[n]).abs().max()) for n, w in after.items()) > 1e-4  # the step moved it
+        return stats, grads, rollouts
+    finally:
+        release_engines(run.student, run.teacher)
+
+
+def assert_same_gradient(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and len(a) > 10
+    for name, g in a.items():
+        scale = float(g.abs().max()) + 1e-12
+        torch.testing.assert_close(g, b[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (ZeRO-3 shards gathered)."""
+    import deepspeed
+
+    params = list(model.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params if hasattr(p, "ds_id")]):
+        return {n: p.detach().clone() for n, p in params}
+
+
+CASES = [  # (selector, keep, divergence): a selection, every token (both ways), a random draw, each divergence
+    ("soft_or", 0.5, "reverse_kl"),
+    ("all", 1.0, "reverse_kl"),
+    ("q3", 1.0, "forward_kl"),
+    ("random", 0.3, "jsd"),
+    ("q3", 0.2, "forward_kl"),
+]
+
+
+@pytest.mark.parametrize("selector, keep, divergence", CASES)
+def test_one_shared_forward_equals_a_scoring_forward_then_a_gradient_forward(tmp_path, selector, keep, divergence):
+    overrides = (f"selector={selector}", f"keep={keep}", f"divergence={divergence}", "engine=zero0")
+    shared, w_shared, rollouts = one_step(tmp_path / "a", 16, *overrides)  # 16 rollouts: one micro-batch
+    two_pass, w_two_pass, _ = one_step(tmp_path / "b", 5, *overrides, rollouts=rollouts)  # four micro-batches
+    assert shared["valid_tokens"] > 100 and 0 < shared["kept_tokens"] <= shared["valid_tokens"]
+    for key in STATS:
+        assert shared[key] == pytest.approx(two_pass[key], rel=1e-5, abs=1e-7), key
+    assert_same_gradient(w_shared, w_two_pass)
+
+
+def test_the_shared_forward_under_zero3_equals_two_passes(tmp_path):
+    shared, w_shared, rollouts = one_step(tmp_path / "a", 16, "selector=soft_or", "keep=0.5")
+    two_pass, w_two_pass, _ = one_step(tmp_path / "b", 8, "selector=soft_or", "keep=0.5", rollouts=rollouts)
+    for key in STATS:
+        assert shared[key] == pytest.approx(two_pass[key], rel=1e-5, abs=1e-7), key
+    assert_same_gradient(w_shared, w_two_pass)
+
+
+@pytest.fixture(scope="module")
+def untied_student(tmp_path_factory):
+    """The embedded student with an output layer of its own (as Llama-3.1-8B, Qwen3-8B, and Qwen2.5-Coder-0.5B as
+    converted here have): no module of the decoder uses it."""
+    from tip.models import load_model, load_tokenizer
+
+    student = load_model("embedded://student", torch.float32, "student")
+    student.config.tie_word_embeddings = False
+    student.lm_head.weight = torch.nn.Parameter(student.lm_head.weight.detach().clone())
+    path = tmp_path_factory.mktemp("untied") / "student"
+    student.save_pretrained(path)
+    load_tokenizer("embedded://student").save_pretrained(path)
+    reloaded = load_model(str(path), torch.float32, "student")
+    assert reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight
+    return path
+
+
+@pytest.mark.parametrize("micro_batch_size", [16, 5])
+def test_an_untied_output_layer_trains_under_zero3_as_under_zero0(tmp_path, untied_student, micro_batch_size):
+    """Under ZeRO-3 the untied layer's gradient node was first made while the weight was a shard, and backward
+    refused the whole-shaped gradient ("expected shape compatible with [0]"); then autograd could not accumulate it
+    into the shard. Found by bench/rollout.py --zero3 on Qwen2.5-Coder-0.5B; every ZeRO-3 test used the tied
+    embedded student."""
+    overrides = (f"pair.student={untied_student}", "selector=soft_or", "keep=0.5")
+    zero0, g_zero0, rollouts = one_step(tmp_path / "a", micro_batch_size, *overrides, "engine=zero0")
+    zero3, g_zero3, _ = one_step(tmp_path / "b", micro_batch_size, *overrides, "engine=zero3", rollouts=rollouts)
+    for key in STATS:
+        assert zero3[key] == pytest.approx(zero0[key], rel=1e-5, abs=1e-7), key
+    assert "lm_head.weight" in g_zero3 and float(g_zero3["lm_head.weight"].abs().max()) > 0
+    assert_same_gradient(g_zero3, g_zero0)
