@@ -3,8 +3,8 @@
 Every variant runs in a fresh subprocess on the same Qwen3-shaped student and teacher (the real 151,936-token
 vocabulary) and the same batch of response tokens (reverse KL, AdamW). Two shapes (``SHAPES``):
 
-- ``logits`` (default): a small hidden size (student 256, teacher 512, 2 layers), so the output layer is ~96% of
-  the student and the N x V logits dominate memory and time;
+- ``logits`` (default): a small hidden size (student 256, teacher 512, 2 layers), so the output layer and the
+  input embedding are 49% of the student each and the N x V logits dominate memory and time;
 - ``decoder``: a Qwen3-0.6B-like student (hidden 1024, 24 layers, 16 query / 8 key-value heads of 128) whose
   output layer is ~23% of its parameters, as in the paper's pairs (Qwen3-4B: 10%), with a frozen teacher of the
   same shape; fewer tokens (2 x 512), so that it fits 24 GB in fp32 with AdamW.
