@@ -12,24 +12,12 @@ averaging its engine applies (``tip.train`` multiplies by world_size x accumulat
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from tip.signals import (
-    RowSource,
-    chunks,
-    common_vocab,
-    divergence,
-    entropy,
-    forward_kl,
-    log_probs,
-    logits_rows,
-    reverse_kl,
-    softcap,
-)
+from tip.signals import RowSource, chunks, common_vocab, divergence, log_probs, logits_rows, row_signals, softcap
 
 DENOMINATORS = ("kept", "all")
 
@@ -61,7 +49,7 @@ class FusedDivergence:
 
     total: torch.Tensor  # scalar: the sum of the rows' divergences, differentiable w.r.t. hidden, weight, bias
     per_row: torch.Tensor  # (K,) the rows' divergences, detached
-    signals: torch.Tensor | None  # (3, K) entropy / log|V|, reverse KL, forward KL (detached), if asked for
+    signals: torch.Tensor | None  # (3, K) tip.signals.row_signals of the rows (detached), if asked for
 
 
 class _FusedHeadDivergence(torch.autograd.Function):
@@ -97,18 +85,15 @@ class _FusedHeadDivergence(torch.autograd.Function):
                 (grad_logits,) = torch.autograd.grad(div.sum(), logits)
             per_row[idx] = div.detach().to(per_row.dtype)
             if signals is not None:
-                logp_s = logp_s.detach()
-                signals[0, idx] = (entropy(logp_s) / math.log(logp_s.shape[-1])).float()
-                signals[1, idx] = (div.detach() if kind == "reverse_kl" else reverse_kl(logp_s, logp_t)).float()
-                signals[2, idx] = (div.detach() if kind == "forward_kl" else forward_kl(logp_s, logp_t)).float()
+                signals[:, idx] = row_signals(logp_s.detach(), logp_t,
+                                              reverse=div.detach() if kind == "reverse_kl" else None,
+                                              forward=div.detach() if kind == "forward_kl" else None)
             if grad_hidden is not None:
                 grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0).to(acc)
-        if signals is not None:
-            signals[1:].clamp_(min=0)  # as token_signals: rounding can put a KL a hair below 0
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.before_accumulate = before_accumulate
@@ -150,8 +135,9 @@ def fused_divergence_sum(
     once per model: logits exist one chunk (``chunk_size`` x V) at a time, and gradients are formed in the same
     loop. ``teacher(idx)`` returns the teacher's logits of rows ``idx`` (detached). ``gather`` is a
     context-manager factory entered once around the loop (ZeRO-3 gathers sharded output layers there). With
-    ``with_signals`` the loop also returns each row's entropy / log|V| and both KL directions (what
-    ``tip.signals.token_signals`` computes), so a step that keeps every token needs no scoring pass.
+    ``with_signals`` the loop also returns each row's ``tip.signals.row_signals`` (entropy / log|V| and both KL
+    directions, unclamped; ``TokenSignals.from_flat`` clamps), so a step that keeps every token needs no scoring
+    pass.
     ``before_accumulate()``, if given, is called at the end of backward, before autograd accumulates the
     returned gradients into ``weight`` and ``bias`` (ZeRO-3 makes an untied layer whole there).
     """

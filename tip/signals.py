@@ -131,6 +131,24 @@ class TokenSignals:
     def num_valid(self) -> int:
         return int(self.mask.sum())
 
+    @classmethod
+    def from_flat(cls, values: torch.Tensor, mask: torch.Tensor) -> TokenSignals:
+        """From ``values`` (3, B*T) in ``row_signals`` order, zero at invalid positions, and the (B, T) mask."""
+        mask = mask.bool()
+        h, rkl, fkl = (x.view(mask.shape) for x in values)
+        # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
+        return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask)
+
+
+def row_signals(logp_student: torch.Tensor, logp_teacher: torch.Tensor, reverse: torch.Tensor | None = None,
+                forward: torch.Tensor | None = None) -> torch.Tensor:
+    """(3, n) fp32: h = H(P_S) / log|V|, KL(P_S || P_T) and KL(P_T || P_S) of n rows of log-probabilities. A KL
+    direction the caller has already computed for these rows (the loss's divergence) may be passed in."""
+    h = entropy(logp_student) / math.log(logp_student.shape[-1])
+    rkl = reverse_kl(logp_student, logp_teacher) if reverse is None else reverse
+    fkl = forward_kl(logp_student, logp_teacher) if forward is None else forward
+    return torch.stack([h.float(), rkl.float(), fkl.float()])
+
 
 CHUNK_BUDGET_MIB = {"cpu": 28, "cuda": 320}
 """``chunk_size=auto``: MiB of one chunk x V fp32 tensor (a chunk's loop holds about six). CPU: 28 MiB (48 rows at
@@ -170,17 +188,10 @@ def token_signals(
     mask = mask.bool()
     flat_valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
     out = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
-    log_vocab = None
     for idx in chunks(flat_valid, chunk_size):
         s_logits, t_logits = common_vocab(student(idx), teacher(idx))
-        logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
-        log_vocab = math.log(logp_s.shape[-1])
-        out[0, idx] = entropy(logp_s) / log_vocab
-        out[1, idx] = reverse_kl(logp_s, logp_t)
-        out[2, idx] = forward_kl(logp_s, logp_t)
-    h, rkl, fkl = (x.view(mask.shape) for x in out)
-    # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
-    return TokenSignals(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask)
+        out[:, idx] = row_signals(log_probs(s_logits), log_probs(t_logits))
+    return TokenSignals.from_flat(out, mask)
 
 
 def signals_from_logits(

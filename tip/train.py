@@ -132,7 +132,7 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
     valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
     with torch.no_grad():
         t_hidden = hidden_states(teacher, teacher_batch.input_ids, teacher_batch.attention_mask)[:, :-1]
-    t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])
+    t_flat = flat(t_hidden)
     teacher_rows = t_flat[index[valid]]
     if shared_forward:
         s_flat = flat(student(micro.input_ids, micro.attention_mask)[:, :-1])  # through the engine's forward
@@ -141,8 +141,7 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
                                             with_signals=True)
             per_position = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
             per_position[:, valid] = fused.signals
-            h, rkl, fkl = (x.view(mask.shape) for x in per_position)
-            return ScoredMicro(TokenSignals(h, rkl, fkl, mask.bool()), teacher_rows, None, fused)
+            return ScoredMicro(TokenSignals.from_flat(per_position, mask), teacher_rows, None, fused)
         scoring_rows = s_flat.detach()
     else:
         with torch.no_grad():
