@@ -43,7 +43,7 @@ def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: i
     cfg.update(
         train_micro_batch_size_per_gpu=micro_batch,
         gradient_accumulation_steps=grad_accum,
-        gradient_clipping=grad_clip,
+        gradient_clipping=0.0 if tip_clips_gradients(zero.get("stage", 0)) else grad_clip,
         bf16={"enabled": dtype == torch.bfloat16},
         fp16={"enabled": dtype == torch.float16},
     )
@@ -52,6 +52,41 @@ def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: i
         # default DeepSpeed does both in the weights' dtype, rounding every partial sum to bf16's 8 bits).
         cfg.update(communication_data_type="fp32", data_types={"grad_accum_dtype": "fp32"})
     return cfg
+
+
+def tip_clips_gradients(stage: int) -> bool:
+    """Without ZeRO (stage 0) DeepSpeed hands the step to the torch optimizer as it is: it would apply a NaN/inf
+    gradient and log no norm. There ``GuardedAdamW`` clips and guards instead, and the engine clips nothing."""
+    return stage == 0
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that first takes the global gradient norm (fp32), as DeepSpeed's ZeRO optimizers do: a NaN/inf norm
+    discards the step (``overflow``, which the DeepSpeed engine reads: no update, no scheduler step,
+    ``was_step_applied()`` false), else the gradients are clipped to ``max_norm`` and AdamW steps. The norm before
+    clipping is ``_global_grad_norm`` (the engine's ``get_global_grad_norm``). ``max_norm=None``: plain AdamW,
+    for use inside a ZeRO optimizer, which does all of this itself."""
+
+    def __init__(self, params, max_norm: float | None = None, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm, self.overflow, self._global_grad_norm = max_norm, False, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.max_norm is None:
+            return super().step(closure)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return super().step(closure)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                     for g in grads]))
+        self._global_grad_norm = norm
+        self.overflow = not bool(torch.isfinite(norm))  # one host synchronisation per optimizer step
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            torch._foreach_mul_(grads, (self.max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+        return super().step(closure)
 
 
 def build_student_engine(model, ds_config: dict, optimizer, scheduler):

@@ -49,6 +49,7 @@ from tip.config import CONF_DIR, ConfigError, apply_cell, check_config, check_la
 from tip.data import load_examples, prompt_token_ids
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum, init_distributed
 from tip.engine import (
+    GuardedAdamW,
     build_student_engine,
     build_teacher_engine,
     copy_weights,
@@ -56,6 +57,7 @@ from tip.engine import (
     release_engines,
     resolve_precision,
     save_hf_checkpoint,
+    tip_clips_gradients,
     whole_for_generation,
 )
 from tip.losses import FusedDivergence, fused_divergence_sum, loss_denominator, opd_loss_of_sum
@@ -233,13 +235,13 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     valid = max(totals["valid_tokens"], 1.0)
-    raw_norm = student.get_global_grad_norm()  # before clipping; None where the engine computes none (ZeRO-0)
+    raw_norm = student.get_global_grad_norm()  # before clipping (GuardedAdamW's without ZeRO)
     grad_norm = None if raw_norm is None else float(raw_norm.item() if torch.is_tensor(raw_norm) else raw_norm)
     if not math.isfinite(totals["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
         what = "loss" if not math.isfinite(totals["loss"]) else "gradient norm"
-        if not student.was_step_applied():  # DeepSpeed discarded the update (ZeRO-1/2 in bf16 check for this)
-            return {"skipped": f"the {what} of the gradient pass ({totals['loss']}, grad norm {grad_norm}); "
-                               "DeepSpeed discarded the update", **clock.rounded()}
+        if not student.was_step_applied():  # a non-finite gradient norm discards the update at every ZeRO stage
+            return {"skipped": f"the gradient pass (the {what} went non-finite: loss {totals['loss']}, gradient "
+                               f"norm {grad_norm}; the update was discarded)", **clock.rounded()}
         raise NonFiniteStep(f"the {what} of the gradient pass went non-finite (loss {totals['loss']}, grad norm "
                             f"{grad_norm}) after finite signals, and the engine applied the update, so the weights "
                             "may hold NaN/inf; stopping here (checkpoints saved before this step are intact)")
@@ -524,7 +526,8 @@ def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
         teacher_model = load_model(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype, "teacher")
         check_vocab(tokenizer, output_width(student_model), output_width(teacher_model), cfg.pair.vocab)
 
-    optimizer = torch.optim.AdamW(student_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = GuardedAdamW(student_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                             max_norm=cfg.train.grad_clip if tip_clips_gradients(cfg.engine.stage) else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     student = build_student_engine(HiddenStatesLM(student_model), ds_cfg, optimizer, scheduler)
     policy = student.module.lm
@@ -591,7 +594,8 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             if "skipped" in stats:  # nothing was applied: the student, the optimizer and the schedule are as before
                 skipped_in_a_row += 1
                 logger.log({"kind": "skipped", "step": step + 1, "cause": stats["skipped"],
-                            "skipped_in_a_row": skipped_in_a_row, "step_s": round(time.time() - t0, 3)}, quiet=True)
+                            "skipped_in_a_row": skipped_in_a_row, "lr": run.scheduler.get_last_lr()[0],
+                            "step_s": round(time.time() - t0, 3)}, quiet=True)
                 if dist.is_main:
                     print(f"step {step + 1:4d}  SKIPPED ({skipped_in_a_row} in a row): non-finite values from "
                           f"{stats['skipped']}", flush=True)
