@@ -17,7 +17,10 @@ Variants:
   rho N tokens from a scoring loop over its hidden states (rho = 1: every token, signals from the loss's loop),
   and the output layer only at kept rows, once per model (tip.losses.fused_divergence_sum);
 - ``trl``: TRL's GKDTrainer loss (generalized_jsd_loss, beta = 1: reverse KL; lmbda = 1 only says the
-  rollouts are the student's own) over full student and teacher logits, when TRL is installed.
+  rollouts are the student's own) over full student and teacher logits, when TRL is installed;
+- any of them with ``+ckpt`` (e.g. ``tip@0.1+ckpt``): the student with activation checkpointing, as
+  ``train.gradient_checkpointing=true`` sets it; the table then says what it saves against the same variant
+  without it.
 
 Peak memory is the process's peak RSS during the measured step above its RSS before it (Linux VmHWM after
 resetting it through /proc/self/clear_refs), and the whole process's peak; on a GPU (--device cuda) CUDA's max
@@ -143,7 +146,12 @@ def run_variant(args) -> dict:
     student, teacher = build_models(args, device)
     ids, attention, target_mask = batch(args, device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    name = args.variant
+    name, _, extra = args.variant.partition("+")
+    if extra == "ckpt":  # what tip.train does for train.gradient_checkpointing=true
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+    elif extra:
+        raise SystemExit(f"unknown variant suffix +{extra}; known: +ckpt")
     if name == "trl":
         try:
             import trl  # noqa: F401
@@ -181,7 +189,7 @@ def run_variant(args) -> dict:
         import resource
         process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     elapsed = time.perf_counter() - t0
-    return {"variant": name, "loss": loss, "step_s": elapsed, "select_s": select_s, "before_mb": before,
+    return {"variant": args.variant, "loss": loss, "step_s": elapsed, "select_s": select_s, "before_mb": before,
             "peak_mb": peak, "step_mb": peak - before, "process_peak_mb": process_peak,
             "tokens": int(target_mask.sum()),
             "head_share": student.get_output_embeddings().weight.numel() / sum(p.numel() for p in student.parameters())}
@@ -239,19 +247,26 @@ def main() -> int:
           f"teacher {args.teacher_hidden}, {args.layers} layers; output layer {100 * head_share:.0f}% of the "
           f"student), {tokens} response tokens, chunk {args.chunk}, {args.device}; median of {args.repeats}")
     print(f"memory: {unit}; 'step' = peak during the step above the memory before it")
-    print(f"{'variant':<9} {'step MB':>9} {'peak MB':>9} {'step s':>8} {'score+select':>13} "
+    print(f"{'variant':<14} {'step MB':>9} {'peak MB':>9} {'step s':>8} {'score+select':>13} "
           f"{'step/base':>10} {'peak/base':>10} {'time/base':>10}")
     for r in results:
         if "skipped" in r:
-            print(f"{r['variant']:<9} skipped: {r['skipped']}")
+            print(f"{r['variant']:<14} skipped: {r['skipped']}")
             continue
         ratios = ("", "", "")
         if base:
             ratios = (f"{r['step_mb'] / base['step_mb']:.2f}x", f"{r['peak_mb'] / base['peak_mb']:.2f}x",
                       f"{r['step_s'] / base['step_s']:.2f}x")
         share = f"{100 * r['select_s'] / r['step_s']:.0f}%" if r["select_s"] else "—"
-        print(f"{r['variant']:<9} {r['step_mb']:9.0f} {r['peak_mb']:9.0f} {r['step_s']:8.2f} {share:>13} "
+        print(f"{r['variant']:<14} {r['step_mb']:9.0f} {r['peak_mb']:9.0f} {r['step_s']:8.2f} {share:>13} "
               f"{ratios[0]:>10} {ratios[1]:>10} {ratios[2]:>10}")
+    by_name = {r["variant"]: r for r in results if "skipped" not in r}
+    for name, r in by_name.items():
+        plain = by_name.get(name.removesuffix("+ckpt"))
+        if name.endswith("+ckpt") and plain:
+            print(f"checkpointing, {plain['variant']}: step memory {r['step_mb'] / plain['step_mb']:.2f}x "
+                  f"({plain['step_mb'] - r['step_mb']:.0f} MB less), peak {r['peak_mb'] / plain['peak_mb']:.2f}x, "
+                  f"time {r['step_s'] / plain['step_s']:.2f}x")
     return 0
 
 

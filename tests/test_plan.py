@@ -1,0 +1,161 @@
+"""tip.plan: per-GPU memory from the models' configs, before any weights load."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tip.models import PairError, resolve_model_ref
+from tip.plan import GB, SNAPSHOT_DIR, ModelShape, RunShape, estimate, load_model_config, model_shape, plan_memory
+
+from support import ROOT
+
+
+def _saved_bytes_of_a_real_forward(model, batch: int, tokens: int) -> int:
+    """What autograd really saves in the decoder's forward (distinct storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_decoder()(input_ids=ids, use_cache=False)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_meta_device_activation_count_matches_a_real_forward(checkpointing):
+    """The embedded student, fp32 on this CPU (its SDPA kernel keeps the log-sum-exp, not T x T, like CUDA's)."""
+    ref = "embedded://student"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_ref(ref))
+    shape = model_shape(ref, torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        # In the forward only the layers' inputs are kept; one layer is recomputed in backward.
+        predicted = shape.checkpointed_activations_per_token - shape.layer_activations_per_token
+    else:
+        predicted = shape.activations_per_token
+    batch, tokens = 4, 96
+    real = _saved_bytes_of_a_real_forward(model, batch, tokens)
+    assert real == pytest.approx(predicted * batch * tokens, rel=0.1), (real, predicted * batch * tokens)
+
+
+def test_parameter_counts_are_exact():
+    ref = "embedded://teacher"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_ref(ref))
+    shape = model_shape(ref, torch.float32)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.head == model.get_output_embeddings().weight.numel()
+    assert shape.layers == model.config.num_hidden_layers
+
+
+# Published sizes (the model cards), which the shipped snapshots must reproduce.
+PAPER_MODELS = {"Qwen/Qwen3-1.7B": 1.72e9, "Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9,
+                "Qwen/Qwen3-14B": 14.77e9, "Qwen/Qwen3-32B": 32.76e9, "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9,
+                "Qwen/Qwen2.5-14B-Instruct": 14.77e9, "meta-llama/Llama-3.1-8B-Instruct": 8.03e9,
+                "meta-llama/Llama-3.3-70B-Instruct": 70.55e9}
+
+
+def test_every_paper_model_has_a_snapshot_with_its_published_size(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert {p.stem.replace("--", "/") for p in SNAPSHOT_DIR.glob("*.json")} == set(PAPER_MODELS)
+    for ref, size in PAPER_MODELS.items():
+        shape = model_shape(ref, torch.bfloat16)
+        assert shape.params == pytest.approx(size, rel=0.005), ref
+        assert "snapshot" in shape.source
+
+
+def test_a_model_without_any_config_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PairError, match=r"no config for 'someone/Unknown-7B'.*Qwen/Qwen3-4B"):
+        load_model_config("someone/Unknown-7B")
+
+
+def _shape(params=1_000_000_000, hidden=2048, layers=16, vocab=100_000, width=2) -> ModelShape:
+    return ModelShape(ref="m", source="test", params=params, largest_layer=params // (layers + 2),
+                      head=vocab * hidden, vocab=vocab, hidden=hidden, layers=layers, weight_bytes=width,
+                      kv_per_token=2 * layers * 1024 * width, layer_activations_per_token=30 * hidden,
+                      top_activations_per_token=6 * hidden,
+                      forward_per_token=12 * hidden)
+
+
+def _run(**changes) -> RunShape:
+    base = dict(gpus=8, stage=3, offload_optimizer=False, offload_param=False, gather_for_generate=True,
+                prompt_tokens=1000, response_tokens=3000, rollouts_per_rank=16, micro=4, chunk=512, checkpointing=True,
+                backend="vllm", vllm_fraction=0.3, rollout_seqs=16, eval_seqs=16, eval_response_tokens=3000,
+                reduce_bucket=500_000_000, prefetch_bucket=50_000_000)
+    return RunShape(**{**base, **changes})
+
+
+def _item(plan, phase, starts):
+    (item,) = [i for i in plan.items if i.phase == phase and i.what.startswith(starts)]
+    return item
+
+
+def test_zero_stages_partition_what_they_should():
+    student, teacher = _shape(), _shape(params=4_000_000_000, hidden=4096)
+    p = student.params
+    for stage, weights, grads, optimizer in [(0, 2 * p, 2 * p, 8 * p), (1, 2 * p, 4 * p, 12 * p / 8),
+                                             (2, 2 * p, 4 * p / 8, 12 * p / 8), (3, 2 * p / 8, 4 * p / 8, 12 * p / 8)]:
+        plan = plan_memory(_run(stage=stage), student, teacher, 80 * GB, on_cuda=True)
+        assert _item(plan, "resident", "student weights").bytes == pytest.approx(weights), stage
+        assert _item(plan, "resident", "student gradients").bytes == pytest.approx(grads), stage
+        assert _item(plan, "resident", "optimizer state").bytes == pytest.approx(optimizer), stage
+        teacher_share = 8 if stage == 3 else 1
+        assert _item(plan, "resident", "teacher weights").bytes == pytest.approx(2 * teacher.params / teacher_share)
+    offloaded = plan_memory(_run(offload_optimizer=True), student, teacher, 80 * GB, on_cuda=True)
+    assert _item(offloaded, "resident", "optimizer state").host
+    assert offloaded.phase_bytes("resident") == pytest.approx(2 * p / 8 + 2 * teacher.params / 8)
+    assert "offloaded to CPU memory" in offloaded.notes[0]
+
+
+def test_checkpointing_micro_batch_and_vllm_reservation_enter_where_they_should():
+    student, teacher = _shape(), _shape()
+    on = plan_memory(_run(), student, teacher, 80 * GB, on_cuda=True)
+    off = plan_memory(_run(checkpointing=False), student, teacher, 80 * GB, on_cuda=True)
+    tokens = 4 * 4000
+    assert _item(on, "gradient", "student activations").bytes == pytest.approx(
+        tokens * (16 * 2048 * 2 + 36 * 2048))
+    assert _item(off, "gradient", "student activations").bytes == pytest.approx(tokens * (16 * 30 + 6) * 2048)
+    double = plan_memory(_run(micro=8), student, teacher, 80 * GB, on_cuda=True)
+    assert _item(double, "gradient", "student activations").bytes == pytest.approx(
+        2 * _item(on, "gradient", "student activations").bytes)
+    assert _item(on, "rollout", "vLLM").bytes == pytest.approx(0.3 * 80 * GB)
+    hf = plan_memory(_run(backend="hf"), student, teacher, 80 * GB, on_cuda=True)
+    assert _item(hf, "rollout", "KV cache").bytes == pytest.approx(16 * 4000 * student.kv_per_token)
+    # One micro-batch: the student's activations are held while the teacher scores.
+    assert not [i for i in on.items if i.phase == "scoring" and i.what.startswith("student activations")]
+    one = plan_memory(_run(micro=16), student, teacher, 80 * GB, on_cuda=True)
+    assert _item(one, "scoring", "student activations").bytes > 0
+    assert on.peak == pytest.approx(on.phase_bytes("resident") + on.phase_bytes(on.peak_phase) + 2.0 * GB)
+
+
+PAPER_OVERLAYS = {"paper_qwen3_8b_to_4b": 8, "paper_llama70b_to_8b": 8, "paper_qwen25_14b_to_1p5b": 4,
+                  "paper_qwen3_14b_to_1p7b": 8, "paper_qwen3_32b_to_1p7b": 8}
+
+
+@pytest.mark.parametrize("overlay", sorted(PAPER_OVERLAYS))
+def test_each_paper_overlay_fits_an_80_gb_gpu_by_its_plan(overlay, monkeypatch):
+    """On the paper's GPU count (4 or 8), at the paper's lengths: the overlays' micro-batch sizes were chosen so."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plan, header = estimate([f"experiment={overlay}"], gpus=PAPER_OVERLAYS[overlay], gpu_gb=80)
+    assert "2,048 + 8,192 tokens" in header[-1]
+    assert plan.peak <= 0.9 * 80 * GB, (overlay, plan.peak / GB)
+
+
+def test_the_cli_prints_the_plan_without_loading_weights():
+    out = subprocess.run([sys.executable, "-m", "tip.plan", "--device", "cpu", "--gpus", "1", "experiment=smoke"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "1 CPU process, fp32, ZeRO-3, rollout=hf" in out
+    assert "student embedded://student" in out and "peak" in out
+    bad = subprocess.run([sys.executable, "-m", "tip.plan", "train.prompts_per_step=6", "--gpus", "4"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "train.prompts_per_step=6 is not allowed on 4 GPUs" in bad.stderr

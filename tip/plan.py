@@ -1,0 +1,439 @@
+"""Per-GPU memory of a training run, from the models' configs, before any weights load.
+
+    python -m tip.plan experiment=paper_qwen3_8b_to_4b --gpus 8 --gpu-gb 80
+    python -m tip.plan pair=qwen25_coder_cpu experiment=real_cpu --device cpu --gpus 1
+
+The overrides are those of ``python -m tip.train``. Each model's config comes from a local directory's config.json,
+else the Hugging Face cache, else the architecture snapshot tip ships for the paper's models
+(``tip/assets/model_configs``: the hub's config.json fields that set the shapes). The model is instantiated on
+the meta device (no memory), which gives exact parameter counts, and one decoder layer is run there with a
+FlashAttention-like attention (what the CUDA kernels keep for backward: q, k, v, output, log-sum-exp; no T x T
+matrix) to count the bytes autograd saves per token.
+
+What is counted per GPU (``plan_memory``), every figure at the worst case (every response at full length):
+
+- resident: the student's weights, gradients and optimizer state (AdamW; ZeRO partitions them over the GPUs:
+  stage 1 the optimizer state, 2 also the gradients, 3 also the weights) and the teacher's weights (sharded at
+  ZeRO-3, else whole);
+- the training step, on top: the student's activations for one micro-batch (with or without activation
+  checkpointing), the teacher's forward, the teacher's hidden states of the rank's rollouts (held until selection),
+  the output-layer chunk loop (``LOGIT_CHUNK_COPIES`` x chunk x V fp32, and the whole output layer's fp32
+  gradient), and at ZeRO-3 the gathered layers, output layers and reduce bucket;
+- rollouts, on top: vLLM's reservation (``rollout.gpu_memory_utilization`` of the GPU) or, with HF generate, the
+  student gathered whole (ZeRO-3) and its KV cache; evaluation likewise with the evaluation's settings;
+- on CUDA a fixed ``CUDA_RUNTIME_GB`` (context, NCCL, cuBLAS workspaces), which no config gives.
+
+The peak is resident + the largest phase + runtime. tip.plan says a run fits when that is at most
+``FIT_FRACTION`` of the GPU (the allocator's fragmentation takes the rest). Checked against measured CPU peaks in
+docs/performance.md ("tip.plan against measured peaks").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tip.config import CONF_DIR, ConfigError, apply_cell, check_config, require_conf_dir
+from tip.engine import resolve_precision
+from tip.models import PairError, resolve_model_ref
+from tip.signals import resolve_chunk_size
+
+SNAPSHOT_DIR = Path(__file__).resolve().parent / "assets" / "model_configs"
+LOGIT_CHUNK_COPIES = 11.25
+"""Peak of the fused loss's chunk loop in chunk x V fp32 tensors (logits, both log-probabilities, the divergence's
+intermediates and its gradient; measured on CPU at 256-1024 rows: 11.25 each time)."""
+CUDA_RUNTIME_GB = 2.0
+"""CUDA context, NCCL communicators and cuBLAS workspaces per GPU: not in any config (typically 1-3 GB)."""
+FIT_FRACTION = 0.9
+PAPER_PROMPT_TOKENS = 2048  # the paper's maximum prompt length (Table 9), where the prompts cannot be measured
+DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+GB = 1e9
+PHASES = ("scoring", "gradient", "rollout", "evaluation")  # what a step does one after another, on the resident state
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory plan needs to know of one model, at one precision."""
+
+    ref: str
+    source: str  # where its config came from
+    params: int  # unique parameters (a tied output layer counted once)
+    largest_layer: int  # parameters of the largest decoder layer
+    head: int  # parameters of the output layer
+    vocab: int
+    hidden: int
+    layers: int
+    weight_bytes: int  # bytes per parameter at the run's precision
+    kv_per_token: int  # KV-cache bytes per token (all layers, keys and values)
+    layer_activations_per_token: float  # bytes autograd saves per token in one decoder layer
+    top_activations_per_token: float  # bytes saved per token outside the layers (final norm)
+    forward_per_token: float  # a decoder layer's working set per token without gradient (the frozen teacher)
+
+    @property
+    def activations_per_token(self) -> float:
+        return self.layers * self.layer_activations_per_token + self.top_activations_per_token
+
+    @property
+    def checkpointed_activations_per_token(self) -> float:
+        """Each layer keeps only its input; backward recomputes one layer at a time."""
+        return (self.layers * self.hidden * self.weight_bytes + self.layer_activations_per_token
+                + self.top_activations_per_token)
+
+
+def load_model_config(ref: str):
+    """(config, where it came from): a local directory, the HF cache, or tip's snapshot of a paper model."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model_ref(ref)
+    except PairError:
+        path = None
+    if path is not None and (Path(path) / "config.json").is_file():
+        return AutoConfig.from_pretrained(path), str(Path(path) / "config.json")
+    if path is not None and not Path(path).exists():  # a hub id: its cached config, never a download
+        try:
+            return AutoConfig.from_pretrained(path, local_files_only=True), "the Hugging Face cache"
+        except (OSError, ValueError):
+            pass
+    snapshot = SNAPSHOT_DIR / (ref.replace("/", "--") + ".json")
+    if snapshot.is_file():
+        fields = json.loads(snapshot.read_text())
+        return AutoConfig.for_model(**fields), f"tip's snapshot {snapshot.name} (shape fields only)"
+    known = ", ".join(sorted(p.stem.replace("--", "/") for p in SNAPSHOT_DIR.glob("*.json")))
+    raise PairError(f"no config for {ref!r}: not a local directory with config.json, not in the Hugging Face cache, "
+                    f"and not one of tip's snapshots ({known}); point the pair at a local directory, or download "
+                    f"the config with `huggingface-cli download {ref} config.json`")
+
+
+def _flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Meta-device stand-in for FlashAttention: keeps q, k, v, the output and the log-sum-exp for backward."""
+
+    class Kept(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v, *_ = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    return Kept.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+def _saved_bytes(run, params: set[int]) -> int:
+    """Bytes of the distinct tensors autograd saves while ``run()`` runs (parameters excluded)."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(saved.values())
+
+
+def model_shape(ref: str, dtype: torch.dtype, probe_tokens: int = 256) -> ModelShape:
+    """Instantiate ``ref``'s config on the meta device and measure it (no weights are read)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    config, source = load_model_config(ref)
+    AttentionInterface.register("tip_plan_attention", _flash_like_attention)
+    config._attn_implementation = "tip_plan_attention"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    decoder = model.get_decoder()
+    layers = list(decoder.layers)
+    hidden = config.hidden_size
+    x = torch.zeros(1, probe_tokens, hidden, dtype=dtype, device="meta", requires_grad=True)
+    positions = torch.arange(probe_tokens, device="meta")[None]
+    rope = decoder.rotary_emb(x, positions)
+
+    def one_layer():
+        layers[0](x, attention_mask=None, position_embeddings=rope, position_ids=positions)
+
+    per_layer = _saved_bytes(one_layer, params) / probe_tokens
+    top = _saved_bytes(lambda: decoder.norm(x), params) / probe_tokens
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    width = dtype.itemsize
+    head = model.get_output_embeddings().weight
+    # Without gradient a layer holds its input and residual, the normed copy in fp32, q/k/v/o, and the MLP's
+    # gate, up and their product at once.
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    forward = (3 * hidden + 3 * intermediate + (heads + 2 * kv_heads) * head_dim) * width + 4 * hidden
+    return ModelShape(
+        ref=ref, source=source, params=sum(p.numel() for p in model.parameters()),
+        largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        head=head.numel(), vocab=head.shape[0], hidden=hidden, layers=len(layers), weight_bytes=width,
+        kv_per_token=2 * len(layers) * kv_heads * head_dim * width,
+        layer_activations_per_token=per_layer, top_activations_per_token=top, forward_per_token=forward)
+
+
+@dataclass(frozen=True)
+class Item:
+    phase: str  # resident | one of PHASES | runtime
+    what: str
+    bytes: float
+    host: bool = False  # offloaded to CPU memory: reported, not counted per GPU
+
+
+@dataclass(frozen=True)
+class Plan:
+    items: list[Item]
+    notes: list[str]
+
+    def phase_bytes(self, phase: str) -> float:
+        return sum(i.bytes for i in self.items if i.phase == phase and not i.host)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=self.phase_bytes)
+
+    @property
+    def peak(self) -> float:
+        return self.phase_bytes("resident") + self.phase_bytes(self.peak_phase) + self.phase_bytes("runtime")
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The sizes of a run that the memory depends on, from its config and the number of GPUs."""
+
+    gpus: int
+    stage: int
+    offload_optimizer: bool
+    offload_param: bool
+    gather_for_generate: bool
+    prompt_tokens: int
+    response_tokens: int
+    rollouts_per_rank: int
+    micro: int
+    chunk: int
+    checkpointing: bool
+    backend: str
+    vllm_fraction: float
+    rollout_seqs: int
+    eval_seqs: int
+    eval_response_tokens: int
+    reduce_bucket: int
+    prefetch_bucket: int
+
+
+def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, gpu_bytes: float,
+                on_cuda: bool) -> Plan:
+    """Per-GPU bytes of each part of a run (module docstring). ``teacher`` None: the live self-teacher."""
+    n, b = run.gpus, student.weight_bytes
+    p = student.params
+    shard = n if run.stage == 3 else 1
+    items = [Item("resident", f"student weights ({_dtype_name(b)}{_share(shard)})", b * p / shard, run.offload_param)]
+    grad_share = n if run.stage >= 2 else 1
+    grad_bytes = b if run.stage == 0 else 4  # ZeRO accumulates gradients in fp32 (tip.engine.deepspeed_config)
+    items.append(Item("resident", f"student gradients ({_dtype_name(grad_bytes)}{_share(grad_share)})",
+                      grad_bytes * p / grad_share, run.offload_optimizer))
+    if run.stage == 0:  # the torch optimizer on the fp32 weights: AdamW's two moments
+        items.append(Item("resident", "optimizer state (AdamW m, v in fp32)", 8 * p))
+    else:  # ZeRO keeps an fp32 master copy beside the two moments, partitioned from stage 1
+        items.append(Item("resident", f"optimizer state (fp32 master, AdamW m, v{_share(n)})", 12 * p / n,
+                          run.offload_optimizer))
+    if teacher is not None:
+        items.append(Item("resident", f"teacher weights ({_dtype_name(b)}{_share(shard)})",
+                          teacher.weight_bytes * teacher.params / shard))
+
+    seq = run.prompt_tokens + run.response_tokens
+    tokens = run.micro * seq
+    frozen = teacher or student
+    per_token = student.checkpointed_activations_per_token if run.checkpointing else student.activations_per_token
+    activations = Item("", f"student activations ({run.micro} x {seq:,} tokens, checkpointing "
+                       f"{'on' if run.checkpointing else 'off'})", per_token * tokens)
+    held = Item("", f"teacher hidden states, signals ({run.rollouts_per_rank} rollouts)",
+                run.rollouts_per_rank * seq * (frozen.hidden * frozen.weight_bytes + 16))
+    rows = min(run.chunk, tokens)  # a chunk never holds more rows than the micro-batch has
+    chunk_loop = LOGIT_CHUNK_COPIES * rows * student.vocab * 4
+    zero3 = []
+    if run.stage == 3:
+        working = (2 * student.largest_layer + min(run.prefetch_bucket, p)) * b + min(run.reduce_bucket, p) * b
+        heads = student.head * b + (frozen.head * frozen.weight_bytes if teacher is not None else 0)
+        zero3 = [Item("", "ZeRO-3 gathered layers, prefetch and reduce buckets", working),
+                 Item("", "output layers gathered for the signals and the loss", heads)]
+    # Scoring: the teacher (and, with several micro-batches, the student without gradient) runs one micro-batch
+    # at a time; with one micro-batch the student's gradient forward has already run (its activations are held).
+    one_forward = run.micro >= run.rollouts_per_rank
+    scoring = ([activations] if one_forward else []) + [
+        Item("", "teacher forward (a layer's working set)", frozen.forward_per_token * tokens), held,
+        Item("", f"signal chunks ({rows} x {student.vocab:,} fp32)", chunk_loop), *zero3]
+    gradient = [activations, held, Item("", f"loss chunks ({rows} x {student.vocab:,} fp32), output layer's "
+                                        "fp32 gradient", chunk_loop + 4 * student.head), *zero3]
+    items += [Item("scoring", i.what, i.bytes) for i in scoring] + [Item("gradient", i.what, i.bytes)
+                                                                     for i in gradient]
+
+    gathered = b * p * (1 - 1 / shard) if run.stage == 3 and run.gather_for_generate else 0.0
+    if run.backend == "vllm":
+        items.append(Item("rollout", f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU",
+                          run.vllm_fraction * gpu_bytes))
+    else:
+        if gathered:
+            items.append(Item("rollout", "student gathered for HF generate", gathered))
+        items.append(Item("rollout", f"KV cache ({run.rollout_seqs} x {seq:,} tokens)",
+                          student.kv_per_token * run.rollout_seqs * seq))
+    eval_seq = run.prompt_tokens + run.eval_response_tokens
+    if gathered:
+        items.append(Item("evaluation", "student gathered for HF generate", gathered))
+    items.append(Item("evaluation", f"KV cache ({run.eval_seqs} x {eval_seq:,} tokens)",
+                      student.kv_per_token * run.eval_seqs * eval_seq))
+    if on_cuda:
+        items.append(Item("runtime", "CUDA context, NCCL, cuBLAS (fixed)", CUDA_RUNTIME_GB * GB))
+    notes = []
+    if run.offload_optimizer or run.offload_param:
+        host = sum(i.bytes for i in items if i.host)
+        notes.append(f"offloaded to CPU memory: {host / GB:.1f} GB per GPU (x{n} per node of {n} GPUs)")
+    return Plan(items, notes)
+
+
+def _dtype_name(width: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(width, f"{width} bytes")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def _share(parts: int) -> str:
+    return f", 1/{parts}" if parts > 1 else ""
+
+
+def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_tokens: int) -> RunShape:
+    """The run's sizes as tip.train derives them (micro-batch, chunk, ZeRO settings)."""
+    if cfg.train.prompts_per_step % gpus:
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not allowed on {gpus} GPUs: it "
+                          "must be a multiple of the number of GPUs")
+    rollouts = cfg.train.prompts_per_step // gpus * cfg.rollout.n
+    zero = cfg.engine.deepspeed.zero_optimization
+    return RunShape(
+        gpus=gpus, stage=cfg.engine.stage, offload_optimizer=cfg.engine.offload_optimizer != "none",
+        offload_param=cfg.engine.offload_param != "none",
+        gather_for_generate=cfg.engine.get("gather_for_generate", "auto") != "never",
+        prompt_tokens=prompt_tokens, response_tokens=cfg.rollout.max_new_tokens, rollouts_per_rank=rollouts,
+        micro=min(cfg.train.micro_batch_size, rollouts),
+        chunk=resolve_chunk_size(cfg.train.chunk_size, student.vocab, device),
+        checkpointing=bool(cfg.train.gradient_checkpointing), backend=cfg.rollout.backend,
+        vllm_fraction=float(cfg.rollout.get("gpu_memory_utilization", 0.0)),
+        rollout_seqs=min(cfg.rollout.get("max_seqs_per_generate", rollouts), rollouts),
+        eval_seqs=int(cfg.eval.get("max_seqs_per_generate", 64)),
+        eval_response_tokens=int(cfg.eval.max_new_tokens),
+        reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULTS["reduce_bucket_size"])),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"])),
+    )
+
+
+def longest_prompt(cfg) -> tuple[int, str]:
+    """The longest training prompt in tokens, when the tokenizer and the data are on this machine (nothing is
+    downloaded); else the paper's maximum prompt length."""
+    from transformers import AutoTokenizer
+
+    from tip.data import load_examples
+    from tip.train import training_prompt_ids
+
+    fallback = (PAPER_PROMPT_TOKENS, "the paper's maximum prompt ({}; --prompt-tokens sets it)")
+    source = cfg.data.source
+    if source.kind == "hub" or (source.kind == "dapo" and not Path(source.path).exists()):
+        return fallback[0], fallback[1].format("the data is not on this machine")
+    try:
+        path = resolve_model_ref(cfg.pair.tokenizer or cfg.pair.student)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, PairError):
+        return fallback[0], fallback[1].format("the tokenizer is not on this machine")
+    examples = load_examples(source, "train")
+    return max(map(len, training_prompt_ids(cfg, tokenizer, examples))), "the longest training prompt"
+
+
+def render(plan: Plan, header: list[str], gpu_bytes: float | None) -> str:
+    unit, scale = ("GB", GB) if plan.peak >= 10 * GB else ("MB", 1e6)
+    lines = list(header) + ["", f"  {'per GPU' if gpu_bytes else 'per process':<69}{unit:>8}"]
+    for phase in ("resident", *PHASES, "runtime"):
+        for item in (i for i in plan.items if i.phase == phase):
+            where = " (CPU)" if item.host else ""
+            lines.append(f"  {phase:<11}{item.what + where:<58}{item.bytes / scale:>8.2f}")
+        if phase != "runtime" and any(i.phase == phase for i in plan.items):
+            lines.append(f"  {'':<11}{'= ' + phase:<58}{plan.phase_bytes(phase) / scale:>8.2f}")
+    lines.append(f"  {'peak':<11}{'resident + ' + plan.peak_phase + ' + runtime':<58}{plan.peak / scale:>8.2f}")
+    if gpu_bytes:
+        fits = plan.peak <= FIT_FRACTION * gpu_bytes
+        lines.append(f"  {'fits':<11}{f'{FIT_FRACTION:.0%} of {gpu_bytes / GB:g} GB':<58}{'yes' if fits else 'NO':>8}")
+    return "\n".join(lines + [f"  note: {n}" for n in plan.notes])
+
+
+def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: float = 80.0,
+             prompt_tokens: int | None = None) -> tuple[Plan, list[str]]:
+    """The plan of ``python -m tip.train <overrides>`` on ``gpus`` ranks, and the lines that describe its inputs."""
+    from hydra import compose, initialize_config_dir
+
+    require_conf_dir()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    apply_cell(cfg)
+    check_config(cfg)
+    dev = torch.device(device)
+    dtype = resolve_precision(cfg.precision, dev)
+    self_teacher = cfg.teacher.mode == "self_privileged"
+    student = model_shape(cfg.pair.student, dtype)
+    teacher = None if self_teacher and cfg.teacher.weights != "snapshot" else \
+        model_shape(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype)
+    prompt_note = "--prompt-tokens"
+    if prompt_tokens is None:
+        prompt_tokens, prompt_note = longest_prompt(cfg)
+    run = run_shape(cfg, gpus, dev, student, prompt_tokens)
+    plan = plan_memory(run, student, teacher, gpu_gb * GB, dev.type == "cuda")
+    ranks = f"{gpus} GPU{'s' if gpus > 1 else ''}" if dev.type == "cuda" else \
+        f"{gpus} CPU process{'es' if gpus > 1 else ''}"
+    header = [f"tip.plan {' '.join(overrides)}: {ranks}, {_dtype_name(dtype.itemsize)}, ZeRO-{run.stage}, "
+              f"rollout={run.backend}"]
+    for role, shape in (("student", student), ("teacher", teacher)):
+        if shape is None:
+            header.append(f"  {role}: the student itself (self-distillation, live weights)")
+            continue
+        header.append(f"  {role} {shape.ref}: {_count(shape.params)} parameters, {shape.layers} layers; "
+                      f"activations {shape.activations_per_token / 1e6:.3f} MB/token, "
+                      f"{shape.checkpointed_activations_per_token / 1e6:.3f} with checkpointing "
+                      f"(config: {shape.source})")
+    header.append(f"  per rank: {run.rollouts_per_rank} rollouts of up to {run.prompt_tokens:,} + "
+                  f"{run.response_tokens:,} tokens (prompt: {prompt_note}); micro-batch {run.micro} "
+                  f"({math.ceil(run.rollouts_per_rank / run.micro)} per step); chunk {run.chunk} rows")
+    return plan, header
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tip.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) the run uses (default 8)")
+    ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="where the run trains (cpu: fp32 under precision=auto, no CUDA runtime)")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="longest prompt (default: measured from the data, else the paper's 2048)")
+    ap.add_argument("overrides", nargs="*", help="tip.train's overrides, e.g. experiment=paper_qwen3_8b_to_4b")
+    args = ap.parse_args(argv)
+    if args.gpus < 1:
+        ap.error(f"--gpus={args.gpus} is not allowed: at least 1")
+    plan, header = estimate(args.overrides, args.gpus, args.device, args.gpu_gb, args.prompt_tokens)
+    print(render(plan, header, args.gpu_gb * GB if args.device == "cuda" else None))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, PairError) as err:
+        sys.exit(f"tip.plan: {err}")
