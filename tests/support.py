@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,3 +19,9 @@ def compose_config(*overrides: str):
     """The training config as `python -m tip.train <overrides>` composes it (data_root: the shared data)."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=[f"data_root={DATA_ROOT}", *overrides])
+
+
+def read_metrics(run_dir: Path, kind: str) -> list[dict]:
+    """The records of one kind (train, eval, skipped, ...) of a run's metrics.jsonl."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]

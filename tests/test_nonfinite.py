@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tip.models import resolve_model_ref
 from tip.train import NonFiniteStep, nonfinite_signals, train
 
-from support import compose_config
+from support import compose_config, read_metrics
 
 
 def test_the_cause_names_the_model_whose_values_went_non_finite():
@@ -35,17 +35,13 @@ def broken_teacher(tmp_path):
     return out
 
 
-def _records(run_dir, kind):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
 def test_skipped_steps_leave_the_student_as_it_was(tmp_path, broken_teacher):
     run_dir = tmp_path / "run"
     cfg = compose_config("experiment=smoke", "logger=none", "engine=zero0", f"pair.teacher={broken_teacher}",
                          "train.max_skipped_steps=5", "train.eval_before=false")
     train(cfg, run_dir)
-    skipped = _records(run_dir, "skipped")
-    assert [r["step"] for r in skipped] == [1, 2] and not _records(run_dir, "train")
+    skipped = read_metrics(run_dir, "skipped")
+    assert [r["step"] for r in skipped] == [1, 2] and not read_metrics(run_dir, "train")
     assert all("teacher's logits" in r["cause"] for r in skipped)
     assert [r["skipped_in_a_row"] for r in skipped] == [1, 2]
     final = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "final").state_dict()
@@ -61,7 +57,7 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run_failed(tmp_path, broken_te
                          "train.checkpoint_every=1")
     with pytest.raises(NonFiniteStep, match=r"2 steps in a row were skipped \(train.max_skipped_steps=1\).*teacher"):
         train(cfg, run_dir)
-    assert [r["step"] for r in _records(run_dir, "skipped")] == [1, 2]
+    assert [r["step"] for r in read_metrics(run_dir, "skipped")] == [1, 2]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "train.max_skipped_steps=1" in status["error"]
     # No step was applied, so none was checkpointed (checkpoint_every=1), and no final student was written.
@@ -130,7 +126,7 @@ def test_a_non_finite_gradient_is_not_applied(tmp_path, nan_gradient_at, one_ste
     run_dir = tmp_path / "run"
     train(compose_config(*_GUARD_BASE, f"engine={engine}", "train.steps=2"), run_dir)
     assert seen["grad_forwards"] == 2
-    (trained,), (skipped,) = _records(run_dir, "train"), _records(run_dir, "skipped")
+    (trained,), (skipped,) = read_metrics(run_dir, "train"), read_metrics(run_dir, "skipped")
     assert trained["step"] == 1 and skipped["step"] == 2
     assert "gradient pass (the gradient norm went non-finite" in skipped["cause"], skipped["cause"]
     assert math.isfinite(trained["grad_norm"]) and trained["grad_norm"] > 0
@@ -150,7 +146,7 @@ def test_skips_in_a_row_after_a_good_step_stop_the_run_with_its_checkpoint_intac
     with pytest.raises(NonFiniteStep, match=r"2 steps in a row were skipped .*the gradient pass"):
         train(cfg, run_dir)
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
-    assert [r["step"] for r in _records(run_dir, "skipped")] == [2, 3]
+    assert [r["step"] for r in read_metrics(run_dir, "skipped")] == [2, 3]
     (checkpoint,) = (run_dir / "checkpoints").glob("step_*")
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == checkpoint.name
     (states,) = checkpoint.rglob("*model_states.pt")

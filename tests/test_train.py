@@ -20,11 +20,7 @@ from tip.signals import signals_from_logits
 from tip.testbed.arith import sample_problems
 from tip.train import train
 
-from support import DATA_ROOT, ROOT, compose_config
-
-
-def read_metrics(run_dir: Path, kind: str):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+from support import DATA_ROOT, ROOT, compose_config, read_metrics
 
 
 @pytest.mark.parametrize("selector", sorted(r for r in RULES if not r.startswith("test_")))

@@ -35,6 +35,12 @@ def test_without_an_api_key_the_run_is_offline_and_holds_metrics_and_config(tmp_
     cfg_logged = config(path)
     assert cfg_logged["selector"]["name"] == "q3" and cfg_logged["keep"] == 0.2
     assert exit_code(path) == 0
+    # experiment=smoke records tokens: the microscope page of the last recorded step is an HTML panel of the run,
+    # its plots are images.
+    (page,) = path.parent.glob("files/media/html/token_microscope_*.html")
+    assert 'id="data"' in page.read_text() and '"step":2' in page.read_text()
+    assert list(path.parent.glob("files/media/images/token_scatter_*.png"))
+    assert list(path.parent.glob("files/media/images/quadrant_shares_*.png"))
 
 
 def test_a_failing_run_still_finishes_its_wandb_run_marked_failed(tmp_path, no_wandb_key):

@@ -134,6 +134,7 @@ def check_config(cfg: DictConfig) -> None:
     _integer("train.checkpoint_every", tr.checkpoint_every, 0)
     _integer("train.max_checkpoints", tr.max_checkpoints, 1)
     _integer("train.max_skipped_steps", tr.max_skipped_steps, 0)
+    _integer("train.token_log_every", tr.token_log_every, 0)
 
     ro = cfg.rollout
     _one_of("rollout.backend", ro.backend, ROLLOUT_BACKENDS)

@@ -7,9 +7,10 @@ in their seed, and writes into ``<multirun dir>/report/``:
   kept-token fraction, peak memory and step time; then every cell with its status (and error if it failed);
 - ``cells.csv``: one row per cell;
 - ``accuracy_vs_tokens.png``: accuracy against kept-token fraction per rule, the all-token baseline (and the
-  untrained student, when the sweep has it) as reference lines.
+  untrained student, when the sweep has it) as reference lines;
+- ``quadrant_kept_shares.png``: each quadrant's share of the kept tokens over training steps, one line per rule.
 
-When the cells logged to W&B (``logger=wandb``), the table and the plot are also logged to the sweep's W&B group.
+When the cells logged to W&B (``logger=wandb``), the table and the plots are also logged to the sweep's W&B group.
 The report is derived data: running it again (e.g. after more cells finish) rewrites it.
 """
 
@@ -30,7 +31,7 @@ import yaml
 
 from tip.checkpoint import write_atomic
 from tip.config import parse_cell
-from tip.taxonomy import QUADRANTS
+from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
 from tip.testbed.arith import CONFIDENT_ERROR, INCONSISTENT_ERROR
 
 # Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
@@ -56,6 +57,7 @@ class Cell:
     peak_mem_mb: float | None = None
     step_s: float | None = None
     quadrants: dict[str, float] = field(default_factory=dict)  # mean over steps of q*/frac and q*/of_kept
+    kept_shares: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> q* -> share of the kept tokens
     logger: dict = field(default_factory=dict)
 
     @property
@@ -131,6 +133,8 @@ def read_cell(path: Path) -> Cell:
         cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
         cell.peak_mem_mb = max(r["peak_mem_mb"] for r in steps)
         cell.step_s = statistics.fmean(r["step_s"] for r in steps)
+        cell.kept_shares = {r["step"]: {q: r[f"{q}/of_kept"] for q in QUADRANTS if r.get(f"{q}/of_kept") is not None}
+                            for r in steps}
         for key in steps[0]:
             if key.split("/")[0] in QUADRANTS and key.endswith(("/frac", "/of_kept")):
                 values = [r[key] for r in steps if r.get(key) is not None]
@@ -357,6 +361,48 @@ def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> Non
     os.replace(tmp, path)
 
 
+def kept_share_series(cells: list[Cell]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """``{cell label (and variant): {quadrant: [(step, share of the kept tokens, mean over seeds)]}}``."""
+    grouped: dict[str, list[Cell]] = {}
+    for c in cells:
+        if c.kept_shares and c.rule != "untrained":
+            grouped.setdefault(c.label + (f" {c.variant}" if c.variant else ""), []).append(c)
+    series = {}
+    for name, group in sorted(grouped.items(), key=lambda kv: (_rule_rank(kv[1][0].rule), kv[0])):
+        steps = sorted(set().union(*(c.kept_shares for c in group)))
+        series[name] = {q: [(s, statistics.fmean(c.kept_shares[s][q] for c in group if q in c.kept_shares.get(s, {})))
+                            for s in steps if any(q in c.kept_shares.get(s, {}) for c in group)] for q in QUADRANTS}
+    return series
+
+
+def plot_kept_shares(cells: list[Cell], title: str, path: Path) -> None:
+    """Each quadrant's share of the kept tokens over training steps, one line per rule (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = kept_share_series(cells)
+    fig, axes = plt.subplots(1, len(QUADRANTS), figsize=(4.2 * len(QUADRANTS), 3.8), sharey=True, squeeze=False)
+    for ax, q in zip(axes[0], QUADRANTS):
+        for name, by_q in series.items():
+            points = by_q[q]
+            ax.plot([s for s, _ in points], [100 * v for _, v in points], marker="o", ms=3, label=name)
+        ax.set_title(f"{q.upper()} ({QUADRANT_NAMES[q]})", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of the kept tokens (%)")
+    axes[0][0].set_ylim(0, 100)
+    if series:
+        axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{title}: where each rule's kept tokens lie, step by step")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell], mode: str | None):
     """A "report" run in the sweep's W&B group, holding the table and the plot. Returns the run's directory."""
     import wandb
@@ -369,7 +415,8 @@ def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell]
                      mode=mode or resolve_mode(lg.get("mode", "auto")), dir=str(out), reinit="finish_previous")
     columns = list(rows[0]) if rows else []
     run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
-             "accuracy_vs_tokens": wandb.Image(str(out / "accuracy_vs_tokens.png"))})
+             "accuracy_vs_tokens": wandb.Image(str(out / "accuracy_vs_tokens.png")),
+             "quadrant_kept_shares": wandb.Image(str(out / "quadrant_kept_shares.png"))})
     run_dir = Path(run.dir).parent
     run.finish()
     return run_dir
@@ -393,6 +440,7 @@ def report(sweep_dir: Path, wandb_mode: str = "auto") -> Path:
     write_atomic(out / "table.csv", _csv(rows))
     write_atomic(out / "cells.csv", _csv(cell_rows(cells, benchmarks)))
     plot(rows, benchmarks, sweep_dir.name, out / "accuracy_vs_tokens.png")
+    plot_kept_shares(cells, sweep_dir.name, out / "quadrant_kept_shares.png")
     use_wandb = wandb_mode in ("online", "offline") or (
         wandb_mode == "auto" and any(c.logger.get("name") == "wandb" for c in cells))
     if use_wandb:

@@ -189,6 +189,46 @@ def keeps_every_token(rule: str, keep: float) -> bool:
     return get_rule(rule).score is None or validate_keep(keep) >= 1.0
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What ``select`` decided, with what it decided from (for token records and rule comparisons)."""
+
+    kept: torch.Tensor  # bool (B, T)
+    score: torch.Tensor | None  # the rule's score at each position (None: the rule keeps every valid token)
+    h_hat: torch.Tensor  # the normalised axes the rule saw
+    d_hat: torch.Tensor
+
+
+def select(
+    rule: str,
+    signals: TokenSignals,
+    keep: float,
+    scope: str = "sequence",
+    generator: torch.Generator | None = None,
+    clip_quantile: float = 0.98,
+    norm_scope: str = "batch",
+    entropy_alpha: float = 1.0,
+    stats: BatchStats | None = None,
+) -> Selection:
+    """``select_tokens`` with the score and the normalised axes it used."""
+    if generator is not None and generator.device.type != signals.mask.device.type:
+        raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
+                         f"{signals.mask.device}: make it with torch.Generator(device=<the signals' device>)")
+    spec = get_rule(rule)
+    keep = validate_keep(keep)
+    mask = signals.mask.bool()
+    inputs = SelectionInputs(
+        signals=signals,
+        h_hat=clipped_minmax_normalise(signals.entropy, mask, clip_quantile, norm_scope, stats),
+        d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope, stats),
+        generator=generator,
+        entropy_alpha=entropy_alpha,
+    )
+    score = spec.score(inputs)
+    kept = mask.clone() if score is None else keep_extreme(score, mask, keep, scope, spec.order)
+    return Selection(kept, score, inputs.h_hat, inputs.d_hat)
+
+
 def select_tokens(
     rule: str,
     signals: TokenSignals,
@@ -212,20 +252,4 @@ def select_tokens(
                     batch's, gathered over ranks); default: those of the valid positions of ``signals``
     generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
     """
-    if generator is not None and generator.device.type != signals.mask.device.type:
-        raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
-                         f"{signals.mask.device}: make it with torch.Generator(device=<the signals' device>)")
-    spec = get_rule(rule)
-    keep = validate_keep(keep)
-    mask = signals.mask.bool()
-    inputs = SelectionInputs(
-        signals=signals,
-        h_hat=clipped_minmax_normalise(signals.entropy, mask, clip_quantile, norm_scope, stats),
-        d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope, stats),
-        generator=generator,
-        entropy_alpha=entropy_alpha,
-    )
-    score = spec.score(inputs)
-    if score is None:
-        return mask.clone()
-    return keep_extreme(score, mask, keep, scope, spec.order)
+    return select(rule, signals, keep, scope, generator, clip_quantile, norm_scope, entropy_alpha, stats).kept

@@ -120,12 +120,14 @@ class TokenSignals:
     reverse_kl:  delta = KL(P_S || P_T), nats
     forward_kl:  delta_fwd = KL(P_T || P_S), nats
     mask:        bool, the valid (response) positions
+    top1:        optional (4, B, T): ``TOP1_FIELDS``, each model's most likely next token and its probability
     """
 
     entropy: torch.Tensor
     reverse_kl: torch.Tensor
     forward_kl: torch.Tensor
     mask: torch.Tensor
+    top1: torch.Tensor | None = None
 
     @property
     def num_valid(self) -> int:
@@ -133,11 +135,13 @@ class TokenSignals:
 
     @classmethod
     def from_flat(cls, values: torch.Tensor, mask: torch.Tensor) -> TokenSignals:
-        """From ``values`` (3, B*T) in ``row_signals`` order, zero at invalid positions, and the (B, T) mask."""
+        """From ``values`` (3, B*T) in ``row_signals`` order, zero at invalid positions, and the (B, T) mask;
+        (7, B*T) with ``top1_rows`` after them."""
         mask = mask.bool()
-        h, rkl, fkl = (x.view(mask.shape) for x in values)
+        h, rkl, fkl = (x.view(mask.shape) for x in values[:3])
+        top1 = values[3:].view(-1, *mask.shape) if values.shape[0] > 3 else None
         # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
-        return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask)
+        return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask, top1=top1)
 
 
 def row_signals(logp_student: torch.Tensor, logp_teacher: torch.Tensor, reverse: torch.Tensor | None = None,
@@ -148,6 +152,17 @@ def row_signals(logp_student: torch.Tensor, logp_teacher: torch.Tensor, reverse:
     rkl = reverse_kl(logp_student, logp_teacher) if reverse is None else reverse
     fkl = forward_kl(logp_student, logp_teacher) if forward is None else forward
     return torch.stack([h.float(), rkl.float(), fkl.float()])
+
+
+TOP1_FIELDS = ("student_top_id", "student_top_p", "teacher_top_id", "teacher_top_p")
+
+
+def top1_rows(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.Tensor:
+    """(4, n) fp32 in ``TOP1_FIELDS`` order: each model's most likely token id (exact in fp32 below 2^24 ids)
+    and its probability."""
+    s_p, s_id = logp_student.max(-1)
+    t_p, t_id = logp_teacher.max(-1)
+    return torch.stack([s_id.float(), s_p.float().exp(), t_id.float(), t_p.float().exp()])
 
 
 CHUNK_BUDGET_MIB = {"cpu": 28, "cuda": 320}
@@ -179,18 +194,23 @@ def token_signals(
     teacher: RowSource,
     mask: torch.Tensor,
     chunk_size: int = 512,
+    with_top1: bool = False,
 ) -> TokenSignals:
     """Entropy and both KL directions at every valid position, computed chunk by chunk without gradient.
 
     ``student``/``teacher`` are row sources (see ``logits_rows``, ``projected_rows``) over the same B*T flat
     positions as ``mask`` (bool, shape (B, T)). Only valid positions are ever projected or soft-maxed.
+    ``with_top1``: also each model's most likely token and its probability (``TokenSignals.top1``).
     """
     mask = mask.bool()
     flat_valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
-    out = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
+    out = torch.zeros(7 if with_top1 else 3, mask.numel(), dtype=torch.float32, device=mask.device)
     for idx in chunks(flat_valid, chunk_size):
         s_logits, t_logits = common_vocab(student(idx), teacher(idx))
-        out[:, idx] = row_signals(log_probs(s_logits), log_probs(t_logits))
+        logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
+        out[:3, idx] = row_signals(logp_s, logp_t)
+        if with_top1:
+            out[3:, idx] = top1_rows(logp_s, logp_t)
     return TokenSignals.from_flat(out, mask)
 
 

@@ -75,10 +75,11 @@ from tip.models import (
 )
 from tip.rollout import HFRollout, RolloutBatch, aligned_targets, prompt_seeds, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
-from tip.selection import keeps_every_token, select_tokens
+from tip.selection import keeps_every_token, select
 from tip.signals import TokenSignals, resolve_chunk_size, token_signals
 from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
-from tip.wandb_logging import start_run
+from tip.token_records import stats_dict, token_table, write_token_records
+from tip.wandb_logging import log_token_microscope, start_run
 
 
 def lr_lambda(cfg: DictConfig):
@@ -121,13 +122,14 @@ def student_head_divergence(cfg, policy, teacher, student_rows: torch.Tensor, te
 
 
 def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int,
-                shared_forward: bool = False, keeps_all: bool = False) -> ScoredMicro:
+                shared_forward: bool = False, keeps_all: bool = False, with_top1: bool = False) -> ScoredMicro:
     """Signals at every response position of ``micro``, and the teacher's final hidden states there. The teacher
     reads ``teacher_batch`` (the same responses, possibly after a privileged prompt). ``student`` is the engine
     (its forward returns hidden states) or, for a forward without gradient, a bare causal LM.
 
     ``shared_forward``: the student runs once, with gradient, and the gradient pass reuses that forward; with
-    ``keeps_all`` too, the loss's own chunk loop yields the signals (no separate scoring loop)."""
+    ``keeps_all`` too, the loss's own chunk loop yields the signals (no separate scoring loop). ``with_top1``
+    (a step whose tokens are recorded): each model's top token too, from the scoring loop."""
     policy = student.module.lm if hasattr(student, "module") else student
     index = aligned_targets(micro, teacher_batch)  # student target position -> the teacher's
     mask = micro.target_mask
@@ -138,7 +140,7 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
     teacher_rows = t_flat[index[valid]]
     if shared_forward:
         s_flat = flat(student(micro.input_ids, micro.attention_mask)[:, :-1])  # through the engine's forward
-        if keeps_all:
+        if keeps_all and not with_top1:
             fused = student_head_divergence(cfg, policy, teacher, s_flat[valid], teacher_rows, chunk_size,
                                             with_signals=True)
             per_position = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
@@ -151,7 +153,7 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
     # One gather of each output layer (one for the live self-teacher, which is the student) for the whole chunk loop.
     with torch.no_grad(), gathered_heads(policy, teacher):
         signals = token_signals(lambda i: head_logits_raw(policy, scoring_rows[i]),
-                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask, chunk_size)
+                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask, chunk_size, with_top1)
     return ScoredMicro(signals, teacher_rows, s_flat if shared_forward else None)
 
 
@@ -161,14 +163,17 @@ def flat(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator,
-                 teacher_prompts: list[list[int]] | None, pad_id: int, chunk_size: int) -> dict:
+                 teacher_prompts: list[list[int]] | None, pad_id: int, chunk_size: int,
+                 record_tokens: bool = False) -> dict:
     """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one.
     ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view.
 
     When the rank's rollouts form one micro-batch, the student runs once: the scoring reads the hidden states
     of the gradient forward, and a step that keeps every token takes its signals from the loss's own chunk loop.
     With several micro-batches the selection needs every micro-batch's signals before the first backward, so
-    the student runs twice (a scoring forward without gradient, then the gradient forward)."""
+    the student runs twice (a scoring forward without gradient, then the gradient forward).
+
+    ``record_tokens``: the result's ``token_table`` holds every valid token's numbers (``tip.token_records``)."""
     clock = StepClock(dist.device)
     micros = rollouts.split(micro_size)
     policy = student.module.lm
@@ -177,14 +182,16 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     shared_forward = len(micros) == 1
     keeps_all = keeps_every_token(cfg.selector.name, cfg.keep)
     scored = [score_micro(cfg, student if shared_forward else policy, teacher, m, v, chunk_size, shared_forward,
-                          keeps_all) for m, v in zip(micros, views)]
+                          keeps_all, with_top1=record_tokens) for m, v in zip(micros, views)]
     clock.lap("scoring_s")
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
     width = max(s.signals.mask.shape[1] for s in scored)
     sig = TokenSignals(*(pad_cat([getattr(s.signals, f) for s in scored], width)
-                         for f in ("entropy", "reverse_kl", "forward_kl", "mask")))
+                         for f in ("entropy", "reverse_kl", "forward_kl", "mask")),
+                       top1=torch.cat([torch.nn.functional.pad(s.signals.top1, (0, width - s.signals.top1.shape[-1]))
+                                       for s in scored], dim=1) if record_tokens else None)
     sel = cfg.selection
     # Batch statistics of the step's global batch: every rank's valid h and delta are gathered, so the tokens
     # selected from the same rollouts do not depend on the number of processes.
@@ -193,9 +200,10 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     if cause:
         return {"skipped": cause, **clock.rounded()}
     stats = BatchStats.of(h_all, d_all, sel.clip_quantile)
-    kept = sig.mask.clone() if keeps_all else select_tokens(
+    selection = None if keeps_all and not record_tokens else select(
         cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile, sel.norm_scope,
         sel.entropy_alpha, stats)
+    kept = sig.mask.clone() if selection is None else selection.kept
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
                              sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence, stats)
 
@@ -245,7 +253,13 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         raise NonFiniteStep(f"the {what} of the gradient pass went non-finite (loss {totals['loss']}, grad norm "
                             f"{grad_norm}) after finite signals, and the engine applied the update, so the weights "
                             "may hold NaN/inf; stopping here (checkpoints saved before this step are intact)")
+    recorded = {}
+    if record_tokens:
+        targets = pad_cat([m.input_ids[:, 1:] for m in micros], width)
+        recorded = {"token_table": token_table(sig, selection, kept, labels, targets),
+                    "batch_stats": stats_dict(stats)}
     return {
+        **recorded,
         "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
         "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
@@ -430,6 +444,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             stop_watch = watch_peer_failures(run_dir, dist.rank, lambda record: end_after_peer_failure(
                 record, wandb_run, logger))
         results = run_training(cfg, run_dir, dist, logger, plan)
+        if wandb_run is not None and cfg.train.token_log_every:
+            log_token_microscope(wandb_run, run_dir)
         if dist.is_main:
             write_status(run_dir, "completed")
         return results
@@ -549,6 +565,8 @@ def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
     rollout = build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir, synced,
                             max_model_len if cfg.rollout.backend == "vllm" else None, generating)
     chunk_size = resolve_chunk_size(cfg.train.chunk_size, output_width(policy), dist.device)
+    if cfg.train.token_log_every:
+        import pyarrow.parquet  # noqa: F401 (imported here, not in the first recorded step's time)
     return TrainingSetup(tokenizer, train_examples, benchmarks, student, policy, teacher, scheduler, rollout,
                          micro_size, chunk_size, self_teacher, eval_kwargs, generating)
 
@@ -589,8 +607,10 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             t_gen = time.time() - t0
             # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
             selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
+            record = bool(cfg.train.token_log_every) and (step + 1) % cfg.train.token_log_every == 0
             stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), run.micro_size, dist, selection_rng,
-                                 teacher_prompts, tokenizer.pad_token_id, run.chunk_size)
+                                 teacher_prompts, tokenizer.pad_token_id, run.chunk_size, record_tokens=record)
+            table, batch_stats = stats.pop("token_table", None), stats.pop("batch_stats", None)
             if "skipped" in stats:  # nothing was applied: the student, the optimizer and the schedule are as before
                 skipped_in_a_row += 1
                 logger.log({"kind": "skipped", "step": step + 1, "cause": stats["skipped"],
@@ -606,6 +626,13 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                                         "before them are intact")
                 continue
             skipped_in_a_row = 0
+            if table is not None:
+                t_log = time.time()
+                write_token_records(run_dir, step + 1, dist.rank, table, tokenizer,
+                                    [prompt_indices[i] for i in rollouts.example_index],
+                                    [chosen[i].problem for i in rollouts.example_index],
+                                    token_log_meta(cfg, step + 1, batch_stats, dist) if dist.is_main else None)
+                stats["token_log_s"] = round(time.time() - t_log, 4)
             sync_s = rollout.sync()  # the next rollouts come from the updated student
             if sync_s is not None:
                 stats["weight_sync_s"] = sync_s
@@ -638,6 +665,16 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
         rollout.close()
         release_engines(student, None if teacher is policy else teacher)
     return results
+
+
+def token_log_meta(cfg, step: int, batch_stats: dict, dist) -> dict:
+    """What a step's token records need beside the signals to re-run any rule on them exactly."""
+    sel = cfg.selection
+    return {"step": step, "selector": cfg.selector.name, "keep": float(cfg.keep), "divergence": cfg.divergence.name,
+            "scope": sel.scope, "norm_scope": sel.norm_scope, "clip_quantile": float(sel.clip_quantile),
+            "entropy_alpha": float(sel.entropy_alpha),
+            "quadrant_thresholds": OmegaConf.to_container(sel.quadrant_thresholds),
+            "batch_stats": batch_stats, "world_size": dist.world_size, "pair": cfg.pair.name}
 
 
 def _fmt_eval(metrics: dict) -> str:

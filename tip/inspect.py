@@ -1,0 +1,235 @@
+"""The token microscope: a self-contained HTML page of one step's token records.
+
+    python -m tip.inspect <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]
+
+It shows the step's rollouts with every response token coloured by quadrant and the kept tokens outlined (hover a
+token for its numbers and the student's and teacher's most likely tokens there); a rule comparison (which tokens
+each selection rule would keep at a chosen keep, from the same logged signals and batch statistics: rules are pure
+functions of them, so no model is needed); the h-delta scatter coloured by quadrant (the paper's Fig. 2 view) and
+each quadrant's share of the tokens and of the kept tokens over the run's steps. The page needs no network.
+Records come from ``train.token_log_every`` (``tip.token_records``); the page is written atomically to
+``<run dir>/inspect/step_<S>.html`` unless ``out=`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tip.selection import RULES, select_tokens
+from tip.signals import TokenSignals
+from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
+from tip.token_records import logged_steps, read_token_records, stats_of
+
+DEFAULT_KEEPS = (0.1, 0.2, 0.5)
+COMPARISON_SEED = 0  # the stochastic rules (random, entropy_sample) show one draw from this seed
+QUADRANT_COLOURS = {"q1": "#e4572e", "q2": "#f3a712", "q3": "#7b2cbf", "q4": "#8fb996"}
+PAGE_TEMPLATE = Path(__file__).resolve().parent / "assets" / "inspect_page.html"  # __TITLE__ and __DATA__ filled in
+NUMBER_COLUMNS = ("h", "delta", "delta_fwd", "h_hat", "d_hat", "score", "student_top_p", "teacher_top_p")
+
+
+def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list[int]]]:
+    """Each rank's (B, T) signals rebuilt from its records, with the record index of every valid position (in
+    the mask's row-major order)."""
+    out = {}
+    ranks = sorted(set(cols["rank"]))
+    for rank in ranks:
+        idx = [i for i, r in enumerate(cols["rank"]) if r == rank]
+        rows = max(cols["rollout"][i] for i in idx) + 1
+        width = max(cols["position"][i] for i in idx) + 1
+        # Records are read on the host; rules are re-run there.
+        values = {name: torch.zeros(rows, width, device="cpu") for name in ("h", "delta", "delta_fwd")}
+        mask = torch.zeros(rows, width, dtype=torch.bool, device="cpu")
+        for i in idx:
+            r, p = cols["rollout"][i], cols["position"][i]
+            mask[r, p] = True
+            for name in values:
+                values[name][r, p] = cols[name][i]
+        order = sorted(idx, key=lambda i: (cols["rollout"][i], cols["position"][i]))
+        out[rank] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask), order)
+    return out
+
+
+def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[str, list[bool]]]:
+    """``{rule: {keep: kept flag per record}}`` for every registered rule, re-run on the logged signals with the
+    step's selection settings and batch statistics (``select_tokens`` itself, per rank as in the run)."""
+    stats = stats_of(meta["batch_stats"])
+    n = len(cols["h"])
+    out: dict[str, dict[str, list[bool]]] = {}
+    by_rank = signals_by_rank(cols)
+    for rule in RULES:
+        out[rule] = {}
+        for keep in keeps:
+            flags = [False] * n
+            for signals, order in by_rank.values():
+                generator = torch.Generator(device="cpu").manual_seed(COMPARISON_SEED)
+                kept = select_tokens(rule, signals, keep, meta["scope"], generator, meta["clip_quantile"],
+                                     meta["norm_scope"], meta["entropy_alpha"], stats)
+                for i, flag in zip(order, kept[signals.mask].tolist()):
+                    flags[i] = flag
+            out[rule][_keep_key(keep)] = flags
+    return out
+
+
+def _keep_key(keep: float) -> str:
+    return f"{keep:g}"
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+
+
+def step_shares(run_dir: Path) -> list[dict]:
+    """Each trained step's quadrant shares of all tokens and of the kept tokens (metrics.jsonl: the global
+    batch of every step, not only the recorded ones)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") == "train":
+                rows.append({"step": record["step"], **{f"{q}/frac": record.get(f"{q}/frac") for q in QUADRANTS},
+                             **{f"{q}/of_kept": record.get(f"{q}/of_kept") for q in QUADRANTS}})
+    return rows
+
+
+def page_data(run_dir: Path, step: int, keeps=DEFAULT_KEEPS) -> dict:
+    """Everything the page shows, as JSON-ready values."""
+    cols, meta = read_token_records(run_dir, step)
+    keeps = sorted({*keeps, meta["keep"]})
+    tokens = {name: cols[name] for name in ("rank", "rollout", "prompt", "position", "token", "quadrant",
+                                             "student_top", "teacher_top")}
+    tokens["kept"] = [int(k) for k in cols["kept"]]
+    for name in NUMBER_COLUMNS:
+        tokens[name] = [_finite(x) for x in cols[name]]
+    comparison = compare_rules(cols, meta, keeps)
+    prompts = {}
+    for rank, rollout, text in zip(cols["rank"], cols["rollout"], cols["prompt_text"]):
+        prompts.setdefault(f"{rank}:{rollout}", text)
+    return {
+        "run": str(Path(run_dir).resolve()), "step": step, "meta": meta, "keeps": [_keep_key(k) for k in keeps],
+        "tokens": tokens, "prompts": prompts,
+        "comparison": {rule: {k: "".join("1" if f else "0" for f in flags) for k, flags in by_keep.items()}
+                       for rule, by_keep in comparison.items()},
+        "rule_docs": {rule: spec.doc for rule, spec in RULES.items()},
+        "quadrants": {q: {"name": QUADRANT_NAMES[q], "colour": QUADRANT_COLOURS[q]} for q in QUADRANTS},
+        "steps": step_shares(run_dir), "logged_steps": logged_steps(run_dir),
+    }
+
+
+def render_page(data: dict) -> str:
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    title = f"tip token microscope: {Path(data['run']).name}, step {data['step']}"
+    page = PAGE_TEMPLATE.read_text(encoding="utf-8")
+    return page.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+
+
+def write_page(run_dir: Path, step: int | None = None, keeps=DEFAULT_KEEPS, out: Path | None = None) -> Path:
+    """Write the page of ``step`` (default: the last recorded step) and return its path."""
+    run_dir = Path(run_dir)
+    steps = logged_steps(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"{run_dir} has no token records: train with train.token_log_every=N (N > 0)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"step={step} has no token records in {run_dir}; recorded steps: "
+                         f"{', '.join(map(str, steps))}")
+    out = Path(out) if out else run_dir / "inspect" / f"step_{step:06d}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(render_page(page_data(run_dir, step, keeps)), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def plot_images(data: dict, out_dir: Path) -> dict[str, Path]:
+    """The page's two plots as PNG files (for W&B): the h-delta scatter and the quadrant shares over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens, meta, out_dir = data["tokens"], data["meta"], Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for i, q in enumerate(QUADRANTS, start=1):
+        pts = [(h, d) for h, d, label in zip(tokens["h"], tokens["delta"], tokens["quadrant"]) if label == i]
+        ax.scatter([max(h, 1e-6) for h, _ in pts], [max(d, 1e-7) for _, d in pts], s=5, alpha=0.7,
+                   color=QUADRANT_COLOURS[q], label=f"{q.upper()} {QUADRANT_NAMES[q]}")
+    stats = meta["batch_stats"]
+    ax.axvline(stats["entropy_median"], ls="--", color="#333", lw=1)
+    ax.axhline(max(stats["divergence_median"], 1e-7), ls="--", color="#333", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="student entropy h (log)", ylabel="δ = KL(P_S‖P_T) (log)",
+           title=f"step {data['step']}: tokens by quadrant")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["token_scatter"] = out_dir / f"scatter_step_{data['step']:06d}.png"
+    fig.savefig(paths["token_scatter"], dpi=110)
+    plt.close(fig)
+    if data["steps"]:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+        steps = [r["step"] for r in data["steps"]]
+        for ax, kind, name in zip(axes, ("frac", "of_kept"), ("all tokens", "kept tokens")):
+            bottom = [0.0] * len(steps)
+            for q in QUADRANTS:
+                values = [100 * (r[f"{q}/{kind}"] or 0.0) for r in data["steps"]]
+                ax.bar(steps, values, bottom=bottom, color=QUADRANT_COLOURS[q], label=q.upper())
+                bottom = [b + v for b, v in zip(bottom, values)]
+            ax.set(title=f"quadrant shares of {name}", xlabel="step")
+        axes[0].set_ylabel("%")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        paths["quadrant_shares"] = out_dir / "quadrant_shares.png"
+        fig.savefig(paths["quadrant_shares"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def parse_args(argv: list[str]) -> tuple[Path, dict]:
+    """``<run dir> [step=S] [keeps=a,b] [out=path]``; anything else is refused by name."""
+    usage = "usage: python -m tip.inspect <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]"
+    if not argv or argv[0] in ("-h", "--help"):
+        raise SystemExit(usage)
+    run_dir, options = Path(argv[0]), {}
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("step", "keeps", "out"):
+            raise SystemExit(f"tip.inspect: {arg!r} is not allowed; {usage}")
+        try:
+            if key == "step":
+                options["step"] = int(value)
+            elif key == "keeps":
+                options["keeps"] = tuple(float(k) for k in value.split(","))
+                if not all(0 < k <= 1 for k in options["keeps"]):
+                    raise ValueError
+            else:
+                options["out"] = Path(value)
+        except ValueError:
+            allowed = "an integer" if key == "step" else "numbers in (0, 1], comma-separated"
+            raise SystemExit(f"tip.inspect: {key}={value!r} is not allowed: expected {allowed}") from None
+    if not run_dir.is_dir():
+        raise SystemExit(f"tip.inspect: no such run directory: {run_dir}")
+    return run_dir, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_dir, options = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        path = write_page(run_dir, **options)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"tip.inspect: {err}") from None
+    print(path)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
