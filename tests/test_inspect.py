@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from browser import chromium, rendered_body, screenshot
 
 from tip.inspect import compare_rules
 from tip.report import find_cells, kept_share_series, plot_kept_shares
 from tip.token_records import read_token_records
 from tip.train import train
 
-from browser import chromium, rendered_body, screenshot
 from support import ROOT, compose_config
 
 
