@@ -16,10 +16,18 @@ under any interpreter that has it (by default the trainer's own).
 
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
-from multiprocessing.connection import Client
+import sys
+
+# Run as a script, this file's folder (tip/) comes first on sys.path, and tip/inspect.py (the token microscope)
+# would stand in for the standard library's inspect, which torch imports. The worker needs nothing from there.
+if __name__ == "__main__":
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import argparse  # noqa: E402
+import pickle  # noqa: E402
+from multiprocessing.connection import Client  # noqa: E402
 
 
 # Plain pickle, not the connection's own pickler: with torch imported that one sends tensors as shared-memory
