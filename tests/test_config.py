@@ -59,7 +59,7 @@ def test_engine_variants_are_deepspeed_json():
     ("divergence.beta=2", r"divergence.beta=2 is not allowed"),
     ("selection.scope=rollout", r"selection.scope='rollout' is not allowed: expected one of sequence, batch"),
     ("selection.quadrant_thresholds.entropy=mean", r"expected 'median' or a number"),
-    ("train.denominator=tokens", r"train.denominator='tokens' is not allowed: expected one of kept, all"),
+    ("train.denominator=tokens", r"train.denominator='tokens' is not allowed: expected one of auto, kept, all, weight"),
     ("rollout.temperature=-1", r"rollout.temperature=-1 is not allowed"),
     ("rollout.temperature=0.7", r"rollout.temperature=0.7 is not allowed: expected 1.0 \(signals and loss are those "
                                 r"of P_S at temperature 1"),

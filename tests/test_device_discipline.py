@@ -9,6 +9,7 @@ CPU generator for CUDA draws, which FakeTensorMode does not catch.
 """
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
-from tip.selection import RULES, select_tokens
+from tip.selection import RULES, select, select_tokens
 from tip.signals import TokenSignals
 from tip.taxonomy import BatchStats, quadrant_labels
 from tip.train import STEP_SUMS, reduce_step_sums
@@ -49,7 +50,8 @@ def test_every_tensor_factory_names_its_device():
 
 def fake_signals(mode, batch=3, length=12, dtype=torch.float32):
     real = dict(entropy=torch.rand(batch, length), reverse_kl=torch.rand(batch, length) * 2,
-                forward_kl=torch.rand(batch, length) * 3, mask=torch.rand(batch, length) > 0.2)
+                forward_kl=torch.rand(batch, length) * 3, mask=torch.rand(batch, length) > 0.2,
+                teacher_entropy=torch.rand(batch, length))
     return TokenSignals(**{k: mode.from_tensor(v.to(dtype) if v.is_floating_point() else v).to(CUDA)
                            for k, v in real.items()})
 
@@ -61,18 +63,22 @@ def test_selection_refuses_a_generator_on_another_device():
             select_tokens("entropy_sample", sig, 0.5, generator=torch.Generator(device="cpu"))
 
 
-@pytest.mark.parametrize("rule", sorted(r for r in RULES if r not in ("random", "entropy_sample")
+@pytest.mark.parametrize("rule", sorted(r for r in RULES if r not in ("random", "entropy_sample", "entropy_sample_is")
                                         and not r.startswith("test_")))
 def test_statistics_selection_labels_and_step_sums_stay_on_the_device(rule):
     with FakeTensorMode() as mode:
         sig = fake_signals(mode)
         h = all_gather_rows(sig.entropy.reshape(-1), FAKE_GPU_RUN)  # a stand-in for the gathered valid values
         stats = BatchStats.of(h, all_gather_rows(sig.reverse_kl.reshape(-1), FAKE_GPU_RUN))
-        keep = select_tokens(rule, sig, 0.3, stats=stats)
+        selection = select(rule, sig, 0.3, stats=stats, log_vocab=math.log(100))
+        keep = selection.kept
         labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask, stats=stats)
-        sums, quad = reduce_step_sums(sig, keep, labels, torch.zeros((), device=CUDA), FAKE_GPU_RUN)
+        sums, quad = reduce_step_sums(sig, keep, labels, torch.zeros((), device=CUDA), FAKE_GPU_RUN,
+                                      selection.weights)
         for t in (stats.entropy_cap, stats.divergence_max, keep, labels, sums, quad):
             assert t.device == CUDA
+        if selection.weights is not None:
+            assert selection.weights.device == CUDA
         assert sums.shape == (len(STEP_SUMS),) and sums.dtype == torch.float64
 
 

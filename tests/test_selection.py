@@ -20,7 +20,8 @@ def random_signals(batch=4, length=20, seed=0, pad_from=None):
     h = torch.rand(batch, length, generator=g) * mask
     d = torch.rand(batch, length, generator=g).pow(2) * 3 * mask
     f = torch.rand(batch, length, generator=g) * 3 * mask
-    return TokenSignals(entropy=h, reverse_kl=d, forward_kl=f, mask=mask)
+    h_teacher = torch.rand(batch, length, generator=g) * mask
+    return TokenSignals(entropy=h, reverse_kl=d, forward_kl=f, mask=mask, teacher_entropy=h_teacher)
 
 
 def gen(seed=0):
@@ -48,21 +49,24 @@ def test_keep_count_rounding():
     assert keep_count(torch.tensor([100]), 0.29).tolist() == [29]  # not 28 from 28.999...
 
 
-@pytest.mark.parametrize("rule", [r for r in ALL_RULES if r != "all"])
+BUDGETED_RULES = [r for r in ALL_RULES if not RULES[r].ignores_keep]
+
+
+@pytest.mark.parametrize("rule", BUDGETED_RULES)
 @pytest.mark.parametrize("keep", [0.1, 0.25, 0.5, 1.0])
 def test_exact_counts_per_sequence_and_never_invalid(rule, keep):
     sig = random_signals()
-    kept = select_tokens(rule, sig, keep, scope="sequence", generator=gen())
+    kept = select_tokens(rule, sig, keep, scope="sequence", generator=gen(), log_vocab=math.log(100))
     m = sig.mask.sum(-1)
     assert kept.sum(-1).tolist() == [max(1, math.floor(keep * int(x) + 1e-9)) for x in m]
     assert not (kept & ~sig.mask).any()
 
 
-@pytest.mark.parametrize("rule", [r for r in ALL_RULES if r != "all"])
+@pytest.mark.parametrize("rule", BUDGETED_RULES)
 @pytest.mark.parametrize("keep", [0.1, 0.3, 1.0])
 def test_exact_counts_per_batch_and_never_invalid(rule, keep):
     sig = random_signals()
-    kept = select_tokens(rule, sig, keep, scope="batch", generator=gen())
+    kept = select_tokens(rule, sig, keep, scope="batch", generator=gen(), log_vocab=math.log(100))
     assert int(kept.sum()) == max(1, math.floor(keep * sig.num_valid + 1e-9))
     assert not (kept & ~sig.mask).any()
 
@@ -92,9 +96,10 @@ def test_masked_positions_change_neither_normalisation_nor_selection(rule, scope
     # Garbage in the padded positions: huge entropy and divergence that would win every top-k
     # and move every percentile and min/max if they were looked at.
     junk = (~sig.mask).float() * 1e6
-    noisy = TokenSignals(sig.entropy + junk, sig.reverse_kl + junk, sig.forward_kl + junk, sig.mask)
-    a = select_tokens(rule, sig, 0.3, scope=scope, generator=gen(5))
-    b = select_tokens(rule, noisy, 0.3, scope=scope, generator=gen(5))
+    noisy = TokenSignals(sig.entropy + junk, sig.reverse_kl + junk, sig.forward_kl + junk, sig.mask,
+                         teacher_entropy=sig.teacher_entropy + junk)
+    a = select_tokens(rule, sig, 0.3, scope=scope, generator=gen(5), log_vocab=math.log(100))
+    b = select_tokens(rule, noisy, 0.3, scope=scope, generator=gen(5), log_vocab=math.log(100))
     assert torch.equal(a, b)
 
 

@@ -134,7 +134,7 @@ def test_a_2x2_multirun_and_its_report(launcher, tmp_path):
         assert float(r["embedded/accuracy"]) == pytest.approx(sum(accs) / 2)
         assert float(r["embedded/accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
     md = (out / "table.md").read_text()
-    assert "| rule | keep | tokens kept | embedded (%) |" in md and md.count("| completed |") == 4
+    assert "| rule | keep | tokens kept | effective | embedded (%) |" in md and md.count("| completed |") == 4
     image = imread(out / "accuracy_vs_tokens.png")
     assert (out / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200

@@ -54,10 +54,10 @@ def test_the_records_hold_the_steps_signals_recomputed_from_the_models(recorded_
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
             s, t = (log_probs(m(ids).logits[0, len(prompt) - 1: -1]) for m in (student, teacher))
-        h, rkl, fkl = row_signals(s, t)
+        h, rkl, fkl, h_teacher = row_signals(s, t)
         top = top1_rows(s, t)
-        for name, want in (("h", h), ("delta", rkl), ("delta_fwd", fkl), ("student_top_p", top[1]),
-                           ("teacher_top_p", top[3])):
+        for name, want in (("h", h), ("delta", rkl), ("delta_fwd", fkl), ("h_teacher", h_teacher),
+                           ("student_top_p", top[1]), ("teacher_top_p", top[3])):
             got = torch.tensor([cols[name][i] for i in idx])
             torch.testing.assert_close(got, want.clamp_min(0) if name.startswith("delta") else want,
                                        rtol=1e-3, atol=2e-5, msg=name)

@@ -35,7 +35,7 @@ def test_every_selector_trains(selector, tmp_path):
     for r in steps:
         assert r["loss"] is not None and r["loss"] >= 0 and r["valid_tokens"] > 0
         assert abs(sum(r[f"q{i}/frac"] for i in range(1, 5)) - 1) < 1e-6
-        if selector == "all":
+        if RULES[selector].ignores_keep:
             assert r["kept_frac"] == 1.0
         else:  # k = max(1, floor(0.3 m)) per rollout: never more than 0.3, and close to it
             assert 0.15 < r["kept_frac"] <= 0.3 + 1e-9

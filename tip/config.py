@@ -14,7 +14,7 @@ from tip.engine import GATHER_FOR_GENERATE, PRECISIONS
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.rollout import ROLLOUT_BACKENDS
-from tip.selection import RULES, SCOPES
+from tip.selection import KEEP_SCHEDULES, RULES, SCOPES
 from tip.signals import DIVERGENCES
 from tip.taxonomy import NORM_SCOPES
 from tip.wandb_logging import LOGGER_MODES
@@ -103,6 +103,16 @@ def apply_cell(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     _number("keep", cfg.keep, 0.0, 1.0, lo_open=True)
+    ks = cfg.keep_schedule
+    _one_of("keep_schedule.kind", ks.kind, KEEP_SCHEDULES)
+    _number("keep_schedule.start", ks.start, 0.0, 1.0, lo_open=True)
+    if ks.kind == "step":
+        _need(len(ks.milestones) > 0, "keep_schedule.milestones", ks.milestones,
+              "a step schedule needs [[step, keep], ...] (e.g. [[5, 0.5], [10, 0.2]])")
+    for i, milestone in enumerate(ks.milestones):
+        _need(len(milestone) == 2, f"keep_schedule.milestones[{i}]", milestone, "expected [step, keep]")
+        _integer(f"keep_schedule.milestones[{i}][0]", milestone[0], 1)
+        _number(f"keep_schedule.milestones[{i}][1]", milestone[1], 0.0, 1.0, lo_open=True)
     _one_of("selector", cfg.selector.name, sorted(RULES))
     _one_of("divergence", cfg.divergence.name, DIVERGENCES)
     _number("divergence.beta", cfg.divergence.beta, 0.0, 1.0)

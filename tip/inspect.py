@@ -44,7 +44,7 @@ def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list
         rows = max(cols["rollout"][i] for i in idx) + 1
         width = max(cols["position"][i] for i in idx) + 1
         # Records are read on the host; rules are re-run there.
-        values = {name: torch.zeros(rows, width, device="cpu") for name in ("h", "delta", "delta_fwd")}
+        values = {name: torch.zeros(rows, width, device="cpu") for name in ("h", "delta", "delta_fwd", "h_teacher")}
         mask = torch.zeros(rows, width, dtype=torch.bool, device="cpu")
         for i in idx:
             r, p = cols["rollout"][i], cols["position"][i]
@@ -52,7 +52,8 @@ def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list
             for name in values:
                 values[name][r, p] = cols[name][i]
         order = sorted(idx, key=lambda i: (cols["rollout"][i], cols["position"][i]))
-        out[rank] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask), order)
+        out[rank] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask,
+                                  teacher_entropy=values["h_teacher"]), order)
     return out
 
 
@@ -70,7 +71,8 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
             for signals, order in by_rank.values():
                 generator = torch.Generator(device="cpu").manual_seed(COMPARISON_SEED)
                 kept = select_tokens(rule, signals, keep, meta["scope"], generator, meta["clip_quantile"],
-                                     meta["norm_scope"], meta["entropy_alpha"], stats)
+                                     meta["norm_scope"], meta["entropy_alpha"], stats,
+                                     log_vocab=meta["batch_stats"].get("log_vocab"))
                 for i, flag in zip(order, kept[signals.mask].tolist()):
                     flags[i] = flag
             out[rule][_keep_key(keep)] = flags

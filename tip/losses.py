@@ -17,9 +17,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tip.signals import RowSource, chunks, common_vocab, divergence, log_probs, logits_rows, row_signals, softcap
+from tip.signals import (
+    SIGNAL_ROWS,
+    RowSource,
+    chunks,
+    common_vocab,
+    divergence,
+    log_probs,
+    logits_rows,
+    row_signals,
+    softcap,
+)
 
-DENOMINATORS = ("kept", "all")
+DENOMINATORS = ("auto", "kept", "all", "weight")
+"""train.denominator: D in L = (1/D) sum_{t kept} w_t div_t. kept: the kept tokens (the paper's Eq. 9); all: the
+valid tokens (the all-token mean with dropped tokens as 0, what importance weights estimate without bias); weight:
+the sum of the kept tokens' weights (a weighted mean; = kept for hard masks); auto (the default): the rule's own
+(``tip.selection.Rule.denominator``: kept for every hard-mask rule, all for entropy_sample_is, weight for the
+other weighting rules)."""
 
 
 def kept_token_divergence(
@@ -49,7 +64,7 @@ class FusedDivergence:
 
     total: torch.Tensor  # scalar: the sum of the rows' divergences, differentiable w.r.t. hidden, weight, bias
     per_row: torch.Tensor  # (K,) the rows' divergences, detached
-    signals: torch.Tensor | None  # (3, K) tip.signals.row_signals of the rows (detached), if asked for
+    signals: torch.Tensor | None  # (len(SIGNAL_ROWS), K): tip.signals.row_signals of the rows (detached), if asked
 
 
 class _FusedHeadDivergence(torch.autograd.Function):
@@ -61,10 +76,12 @@ class _FusedHeadDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_rows, kind, beta, chunk_size, cap, with_signals,
-                before_accumulate):
+                before_accumulate, row_weights):
         rows = hidden.shape[0]
         per_row = torch.zeros(rows, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        signals = torch.zeros(3, rows, dtype=torch.float32, device=hidden.device) if with_signals else None
+        total = torch.zeros((), dtype=per_row.dtype, device=hidden.device)  # the (weighted) sum
+        signals = torch.zeros(len(SIGNAL_ROWS), rows, dtype=torch.float32, device=hidden.device) \
+            if with_signals else None
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
         # The weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the weight's
@@ -82,8 +99,10 @@ class _FusedHeadDivergence(torch.autograd.Function):
                 s_logits, t_logits = common_vocab(softcap(logits, cap), teacher_rows(idx).detach())
                 logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
                 div = divergence(logp_s, logp_t, kind, beta)
-                (grad_logits,) = torch.autograd.grad(div.sum(), logits)
+                weighted = div if row_weights is None else div * row_weights[idx].to(div.dtype)
+                (grad_logits,) = torch.autograd.grad(weighted.sum(), logits)
             per_row[idx] = div.detach().to(per_row.dtype)
+            total += weighted.detach().sum().to(total.dtype)
             if signals is not None:
                 signals[:, idx] = row_signals(logp_s.detach(), logp_t,
                                               reverse=div.detach() if kind == "reverse_kl" else None,
@@ -97,7 +116,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.before_accumulate = before_accumulate
-        outputs = [per_row.sum(), per_row] + ([signals] if signals is not None else [])
+        outputs = [total, per_row] + ([signals] if signals is not None else [])
         ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
@@ -112,7 +131,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         grad_bias = None if grad_bias is None else (grad_bias * grad_total.to(grad_bias.dtype)).to(bias_dtype)
         if ctx.before_accumulate is not None:
             ctx.before_accumulate()
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def fused_divergence_sum(
@@ -127,6 +146,7 @@ def fused_divergence_sum(
     gather=contextlib.nullcontext,
     with_signals: bool = False,
     before_accumulate=None,
+    row_weights: torch.Tensor | None = None,
 ) -> FusedDivergence:
     """Sum of the divergences of K rows, from the student's hidden states ``hidden`` (K, H) and output layer
     (``weight`` (V, H), ``bias``, optional final-logit ``softcap``), differentiable w.r.t. hidden, weight and bias.
@@ -140,13 +160,15 @@ def fused_divergence_sum(
     pass.
     ``before_accumulate()``, if given, is called at the end of backward, before autograd accumulates the
     returned gradients into ``weight`` and ``bias`` (ZeRO-3 makes an untied layer whole there).
+    ``row_weights`` (K,), taken as constants: the sum is then sum_i w_i div_i, and so are its gradients (a weighting
+    rule's per-token weights); ``per_row`` stays unweighted.
     """
     # apply() runs inside gather(): autograd takes a parameter's shape from its first use in a graph, and an
     # output layer that no decoder module uses (untied) would otherwise be first used as a ZeRO-3 shard of shape
     # [0], and its whole-shaped gradient refused in backward.
     with gather():
         out = _FusedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size, softcap, with_signals,
-                                         before_accumulate)
+                                         before_accumulate, None if row_weights is None else row_weights.detach())
     return FusedDivergence(total=out[0], per_row=out[1], signals=out[2] if with_signals else None)
 
 
@@ -158,13 +180,18 @@ class LossOutput:
     divergence_sum: float  # sum of the kept tokens' divergences (for logging a per-token mean)
 
 
-def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denominator: str) -> int:
-    """This micro-batch's contribution to the loss denominator."""
-    if denominator == "kept":
-        return int((keep_mask.bool() & valid_mask.bool()).sum())
+def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denominator: str,
+                     weights: torch.Tensor | None = None) -> float:
+    """This micro-batch's contribution to the loss denominator (``DENOMINATORS``); ``weights`` (B, T) are the
+    per-token weights (None: 1)."""
+    kept = keep_mask.bool() & valid_mask.bool()
+    if denominator == "kept" or (denominator == "weight" and weights is None):
+        return float(kept.sum())
     if denominator == "all":
-        return int(valid_mask.bool().sum())
-    raise ValueError(f"unknown loss denominator {denominator!r}; known: {', '.join(DENOMINATORS)}")
+        return float(valid_mask.bool().sum())
+    if denominator == "weight":
+        return float(torch.where(kept, weights.double(), 0.0).sum())
+    raise ValueError(f"unknown loss denominator {denominator!r}; known: kept, all, weight (the recipe resolves auto)")
 
 
 def opd_loss(
@@ -173,16 +200,22 @@ def opd_loss(
     valid_mask: torch.Tensor,
     denominator: str = "kept",
     global_count: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Reduce per-kept-token divergences to the OPD loss.
+    """Reduce per-kept-token divergences to the OPD loss, (1/D) sum_{t kept} w_t div_t.
 
     kept_divergences: shape (K,), one value per kept valid position
     global_count:     the step's total denominator over micro-batches and ranks; defaults to this batch's own
+    weights:          (B, T) per-token weights of a weighting rule (None: 1, a hard mask)
     """
-    kept = int((keep_mask.bool() & valid_mask.bool()).sum())
+    kept_mask = keep_mask.bool() & valid_mask.bool()
+    kept = int(kept_mask.sum())
     if kept != kept_divergences.numel():
         raise ValueError(f"got {kept_divergences.numel()} divergences for {kept} kept valid tokens")
-    return opd_loss_of_sum(kept_divergences.sum(), keep_mask, valid_mask, denominator, global_count)
+    total = kept_divergences.sum() if weights is None else (kept_divergences * weights[kept_mask]).sum()
+    if global_count is None:
+        global_count = loss_denominator(keep_mask, valid_mask, denominator, weights)
+    return opd_loss_of_sum(total, keep_mask, valid_mask, denominator, global_count)
 
 
 def opd_loss_of_sum(
@@ -192,7 +225,7 @@ def opd_loss_of_sum(
     denominator: str = "kept",
     global_count: float | None = None,
 ) -> LossOutput:
-    """``opd_loss`` from the kept tokens' summed divergence (what ``fused_divergence_sum`` returns)."""
+    """``opd_loss`` from the kept tokens' (weighted) summed divergence (what ``fused_divergence_sum`` returns)."""
     keep_mask, valid_mask = keep_mask.bool(), valid_mask.bool()
     count = loss_denominator(keep_mask, valid_mask, denominator) if global_count is None else float(global_count)
     loss = divergence_sum / count if count > 0 else divergence_sum * 0.0

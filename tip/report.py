@@ -54,6 +54,7 @@ class Cell:
     error: str = ""
     accuracy: dict[str, float] = field(default_factory=dict)  # benchmark -> held-out accuracy after training
     kept_frac: float | None = None   # mean over training steps
+    effective_frac: float | None = None  # mean over steps of the effective token count (sum w)^2/sum w^2 / valid
     peak_mem_mb: float | None = None
     step_s: float | None = None
     quadrants: dict[str, float] = field(default_factory=dict)  # mean over steps of q*/frac and q*/of_kept
@@ -131,6 +132,8 @@ def read_cell(path: Path) -> Cell:
     steps = [r for r in _read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
     if steps:
         cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
+        effective = [r["effective_tokens"] / max(r["valid_tokens"], 1) for r in steps if "effective_tokens" in r]
+        cell.effective_frac = statistics.fmean(effective) if effective else None
         cell.peak_mem_mb = max(r["peak_mem_mb"] for r in steps)
         cell.step_s = statistics.fmean(r["step_s"] for r in steps)
         cell.kept_shares = {r["step"]: {q: r[f"{q}/of_kept"] for q in QUADRANTS if r.get(f"{q}/of_kept") is not None}
@@ -184,6 +187,7 @@ def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
                "failed": sum(c.status == "failed" for c in members),
                "unfinished": sum(c.status not in ("completed", "failed") for c in members)}
         row["kept_frac"], row["kept_frac_std"] = _mean_std([c.kept_frac for c in done if c.kept_frac is not None])
+        row["effective_frac"], _ = _mean_std([c.effective_frac for c in done if c.effective_frac is not None])
         for b in benchmarks:
             row[f"{b}/accuracy"], row[f"{b}/accuracy_std"] = _mean_std([c.accuracy[b] for c in done
                                                                         if b in c.accuracy])
@@ -206,17 +210,20 @@ def _num(x: float, fmt: str) -> str:
 
 
 def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: list[Cell]) -> str:
-    head = ["rule", "keep", "tokens kept"] + [f"{b} (%)" for b in benchmarks] + ["seeds", "peak MB", "step s"]
+    head = ["rule", "keep", "tokens kept", "effective"] + [f"{b} (%)" for b in benchmarks] + \
+        ["seeds", "peak MB", "step s"]
     lines = [f"# Sweep {Path(sweep_dir).name}", "",
              "Held-out accuracy after training, mean ± std over seeds (sample std; 0 with one seed). "
-             "`tokens kept`: mean fraction of valid response tokens in the loss.", "",
+             "`tokens kept`: mean fraction of valid response tokens in the loss; `effective`: the same for the "
+             "effective token count (sum w)^2 / sum w^2 of the kept tokens' loss weights (= tokens kept for a "
+             "hard-mask rule, less for a weighting rule).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rule = r["rule"] + (f" ({r['variant']})" if r["variant"] else "")
         seeds = str(r["seeds"]) + (f" (+{r['failed']} failed)" if r["failed"] else "") + \
             (f" (+{r['unfinished']} unfinished)" if r["unfinished"] else "")
         keep = "—" if r["rule"] == "untrained" else f"{r['keep']:g}"
-        cols = [rule, keep, _num(r["kept_frac"], ".3f")]
+        cols = [rule, keep, _num(r["kept_frac"], ".3f"), _num(r["effective_frac"], ".3f")]
         cols += [_pct(r[f"{b}/accuracy"], r[f"{b}/accuracy_std"]) for b in benchmarks]
         cols += [seeds, _num(r["peak_mem_mb"], ".0f"), _num(r["step_s"], ".2f")]
         lines.append("| " + " | ".join(cols) + " |")
@@ -316,6 +323,7 @@ def _csv(rows: list[dict]) -> str:
 def cell_rows(cells: list[Cell], benchmarks: list[str]) -> list[dict]:
     return [{"dir": c.path.name, "overrides": " ".join(c.overrides), "status": c.status, "rule": c.rule,
              "keep": c.keep, "seed": c.seed, "variant": c.variant, "kept_frac": c.kept_frac,
+             "effective_frac": c.effective_frac,
              **{f"{b}/accuracy": c.accuracy.get(b) for b in benchmarks}, "peak_mem_mb": c.peak_mem_mb,
              "step_s": c.step_s, "error": c.error.splitlines()[0] if c.error else ""} for c in cells]
 

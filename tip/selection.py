@@ -37,9 +37,12 @@ class SelectionInputs:
     d_hat: torch.Tensor  # reverse KL, min-max normalised
     generator: torch.Generator | None
     entropy_alpha: float
+    log_vocab: float | None = None  # log|V|: turns the normalised entropies back into nats
 
 
 ScoreFn = Callable[[SelectionInputs], torch.Tensor | None]
+WeightFn = Callable[[SelectionInputs, "torch.Tensor | None", torch.Tensor, float, str], torch.Tensor]
+"""(inputs, the rule's score, the kept mask, keep, scope) -> per-token weights (B, T), read at kept positions."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +51,24 @@ class Rule:
     score: ScoreFn  # returns None for "keep every valid token"
     order: Literal["top", "bottom"]
     doc: str
+    weight: WeightFn | None = None  # None: a hard mask (every kept token weighs 1)
+    denominator: str = "kept"  # the loss denominator under train.denominator=auto (tip.losses.DENOMINATORS)
+    ignores_keep: bool = False  # keeps every valid token whatever rho (its score is None)
 
 
 RULES: dict[str, Rule] = {}
 
 
-def register_rule(name: str, order: Literal["top", "bottom"] = "top"):
-    """Register a score function as a selection rule under ``name``."""
+def register_rule(name: str, order: Literal["top", "bottom"] = "top", weight: WeightFn | None = None,
+                  denominator: str = "kept", ignores_keep: bool = False):
+    """Register a score function as a selection rule under ``name`` (with ``weight``: a weighting rule, whose
+    ``denominator`` is the loss's D under train.denominator=auto)."""
 
     def wrap(fn: ScoreFn) -> ScoreFn:
         if name in RULES:
             raise ValueError(f"selection rule {name!r} is already registered")
-        RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip())
+        RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip(), weight=weight,
+                           denominator=denominator, ignores_keep=ignores_keep)
         return fn
 
     return wrap
@@ -77,7 +86,7 @@ def _gumbel(shape: torch.Size, generator: torch.Generator | None, device) -> tor
     return -torch.log(-torch.log(u))
 
 
-@register_rule("all")
+@register_rule("all", ignores_keep=True)
 def _all(x: SelectionInputs):
     """Every valid token (all-token OPD); ignores keep."""
     return None
@@ -149,6 +158,89 @@ def _q4(x: SelectionInputs):
     return (1.0 - x.h_hat) * (1.0 - x.d_hat)
 
 
+def _need_teacher_entropy(x: SelectionInputs) -> torch.Tensor:
+    if x.signals.teacher_entropy is None:
+        raise ValueError("this rule needs the teacher's entropy (TokenSignals.teacher_entropy)")
+    return x.signals.teacher_entropy
+
+
+@register_rule("teacher_entropy_topk")
+def _teacher_entropy_topk(x: SelectionInputs):
+    """Top-k by the teacher's entropy H(P_T)/log|V| (the paper's App. B.1 axis): where the teacher is unsure."""
+    return _need_teacher_entropy(x)
+
+
+def _entropy_log_weights(x: SelectionInputs) -> torch.Tensor:
+    return x.entropy_alpha * torch.log(x.signals.entropy.clamp_min(1e-8))
+
+
+def gumbel_threshold(keys: torch.Tensor, mask: torch.Tensor, keep: float, scope: str) -> torch.Tensor:
+    """The (k+1)-th largest key of each scope group (k as the rules keep), broadcast to (B, T); -inf where the
+    group keeps every valid token."""
+    mask = mask.bool()
+    key = keys.float().masked_fill(~mask, -math.inf)
+    rows = key.reshape(1, -1) if scope == "batch" else key
+    m = (mask.reshape(1, -1) if scope == "batch" else mask).sum(-1)
+    k = keep_count(m, keep)
+    ordered = rows.sort(dim=-1, descending=True).values
+    nxt = ordered.gather(-1, k.clamp(max=rows.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    nxt = torch.where(k < m, nxt, torch.full_like(nxt, -math.inf))  # k = m: nothing was left out
+    return (nxt.expand(mask.numel()) if scope == "batch" else nxt.unsqueeze(-1).expand_as(key)).reshape(mask.shape)
+
+
+def _inverse_inclusion(x: SelectionInputs, score, kept, keep: float, scope: str) -> torch.Tensor:
+    """1/q_t with q_t = P(log w_t + G > kappa) = 1 - exp(-exp(log w_t - kappa)), kappa the (k+1)-th largest
+    perturbed key of the scope: the inclusion probability of t given the threshold (priority sampling; Duffield et
+    al. 2007, Kool et al. 2020). sum_{t kept} x_t / q_t is then an unbiased estimate of sum_t x_t."""
+    kappa = gumbel_threshold(score, x.signals.mask, keep, scope)
+    q = -torch.expm1(-torch.exp(_entropy_log_weights(x) - kappa))
+    return torch.where(kept, 1.0 / q.clamp_min(1e-30), 0.0)
+
+
+@register_rule("entropy_sample_is", weight=_inverse_inclusion, denominator="all")
+def _entropy_sample_is(x: SelectionInputs):
+    """Entropy sampling (p ~ h^alpha without replacement) with each kept token weighted by 1/q_t, its inclusion
+    probability given the sample's threshold; D = the valid tokens, so the loss is an unbiased estimate of the
+    all-token loss and its gradient (the correction the paper derives in App. A.3)."""
+    log_w = _entropy_log_weights(x)
+    return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
+
+
+def _relative_confidence(x: SelectionInputs, *_) -> torch.Tensor:
+    """sigmoid(H_student - H_teacher) in nats, as constants."""
+    if x.log_vocab is None:
+        raise ValueError("relative confidence needs log|V| (select(..., log_vocab=...)) to compare entropies in nats")
+    return torch.sigmoid((x.signals.entropy - _need_teacher_entropy(x)) * x.log_vocab)
+
+
+@register_rule("rel_conf", weight=_relative_confidence, denominator="weight", ignores_keep=True)
+def _rel_conf(x: SelectionInputs):
+    """Every token, weighted by sigmoid(H_S - H_T) (TSD-KD's relative confidence): more where the student is
+    less sure than the teacher; ignores keep."""
+    return None
+
+
+@register_rule("rel_conf_topk", weight=_relative_confidence, denominator="weight")
+def _rel_conf_topk(x: SelectionInputs):
+    """The top-k tokens by sigmoid(H_S - H_T), each weighted by it (TSD-KD's relative confidence with a budget)."""
+    return _relative_confidence(x)
+
+
+def _position_ramp(x: SelectionInputs, *_) -> torch.Tensor:
+    """2 (i + 1) / (m + 1) at the i-th of a rollout's m valid tokens: rises linearly, mean 1 per rollout."""
+    mask = x.signals.mask.bool()
+    position = mask.long().cumsum(-1)
+    m = mask.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(mask, 2.0 * position / (m + 1), 0.0)
+
+
+@register_rule("position_weight", weight=_position_ramp, denominator="weight", ignores_keep=True)
+def _position_weight(x: SelectionInputs):
+    """Every token, weighted by a linear ramp over its response (mean 1): later tokens count more (PW-OPSD, for
+    the self-distillation teacher, whose privileged context helps most late in a solution); ignores keep."""
+    return None
+
+
 def keep_count(num_valid: torch.Tensor, keep: float) -> torch.Tensor:
     """k = max(1, floor(rho * m)) where m > 0, and 0 where m = 0. A tiny epsilon absorbs float error
     (0.29 * 100 = 28.999...)."""
@@ -176,6 +268,30 @@ def keep_extreme(
     return kept.reshape(mask.shape)
 
 
+KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
+
+
+def keep_at(step: int, steps: int, keep: float, kind: str = "constant", start: float = 1.0,
+            milestones=()) -> float:
+    """rho at (0-based) ``step`` of ``steps``. constant: ``keep``; linear / cosine: from ``start`` at the first step
+    to ``keep`` at the last; step: ``start`` until the first of ``milestones`` ([[step, rho], ...], 1-based steps
+    as logged), then each milestone's rho from its step on."""
+    if kind == "constant":
+        return float(keep)
+    if kind in ("linear", "cosine"):
+        progress = step / max(steps - 1, 1)
+        if kind == "linear":
+            return float(start + (keep - start) * progress)
+        return float(keep + (start - keep) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "step":
+        value = float(start)
+        for at, rho in sorted((int(a), float(r)) for a, r in milestones):
+            if step + 1 >= at:
+                value = rho
+        return value
+    raise ValueError(f"unknown keep schedule {kind!r}; known: {', '.join(KEEP_SCHEDULES)}")
+
+
 def validate_keep(keep: float) -> float:
     keep = float(keep)
     if not (0.0 < keep <= 1.0) or math.isnan(keep):
@@ -184,9 +300,11 @@ def validate_keep(keep: float) -> float:
 
 
 def keeps_every_token(rule: str, keep: float) -> bool:
-    """Whether ``rule`` at ``keep`` keeps every valid token whatever the signals: ``all``, or any rule at keep = 1
-    (k = m in every scope). Such a step needs no selection and so no scoring before its loss."""
-    return get_rule(rule).score is None or validate_keep(keep) >= 1.0
+    """Whether ``rule`` at ``keep`` keeps every valid token with weight 1 whatever the signals: ``all``, or any
+    hard-mask rule at keep = 1 (k = m in every scope). Such a step needs no selection and so no scoring before its
+    loss."""
+    spec = get_rule(rule)
+    return spec.weight is None and (spec.score is None or validate_keep(keep) >= 1.0)
 
 
 @dataclass(frozen=True)
@@ -195,6 +313,7 @@ class Selection:
 
     kept: torch.Tensor  # bool (B, T)
     score: torch.Tensor | None  # the rule's score at each position (None: the rule keeps every valid token)
+    weights: torch.Tensor | None  # per-token loss weights of a weighting rule (0 off the kept tokens; None: 1)
     h_hat: torch.Tensor  # the normalised axes the rule saw
     d_hat: torch.Tensor
 
@@ -209,8 +328,10 @@ def select(
     norm_scope: str = "batch",
     entropy_alpha: float = 1.0,
     stats: BatchStats | None = None,
+    log_vocab: float | None = None,
 ) -> Selection:
-    """``select_tokens`` with the score and the normalised axes it used."""
+    """``select_tokens`` with the score, the weights (of a weighting rule) and the normalised axes it used.
+    ``log_vocab``: log|V|, for rules that compare entropies in nats."""
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
                          f"{signals.mask.device}: make it with torch.Generator(device=<the signals' device>)")
@@ -223,10 +344,13 @@ def select(
         d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope, stats),
         generator=generator,
         entropy_alpha=entropy_alpha,
+        log_vocab=log_vocab,
     )
     score = spec.score(inputs)
     kept = mask.clone() if score is None else keep_extreme(score, mask, keep, scope, spec.order)
-    return Selection(kept, score, inputs.h_hat, inputs.d_hat)
+    weights = None if spec.weight is None else \
+        torch.where(kept, spec.weight(inputs, score, kept, keep, scope).float(), 0.0).detach()
+    return Selection(kept, score, weights, inputs.h_hat, inputs.d_hat)
 
 
 def select_tokens(
@@ -239,6 +363,7 @@ def select_tokens(
     norm_scope: str = "batch",
     entropy_alpha: float = 1.0,
     stats: BatchStats | None = None,
+    log_vocab: float | None = None,
 ) -> torch.Tensor:
     """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on.
 
@@ -251,5 +376,7 @@ def select_tokens(
     stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes the global
                     batch's, gathered over ranks); default: those of the valid positions of ``signals``
     generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
+    log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
     """
-    return select(rule, signals, keep, scope, generator, clip_quantile, norm_scope, entropy_alpha, stats).kept
+    return select(rule, signals, keep, scope, generator, clip_quantile, norm_scope, entropy_alpha, stats,
+                  log_vocab).kept

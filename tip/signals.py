@@ -120,6 +120,7 @@ class TokenSignals:
     reverse_kl:  delta = KL(P_S || P_T), nats
     forward_kl:  delta_fwd = KL(P_T || P_S), nats
     mask:        bool, the valid (response) positions
+    teacher_entropy: H(P_T) / log|V| (the paper's App. B.1), when computed
     top1:        optional (4, B, T): ``TOP1_FIELDS``, each model's most likely next token and its probability
     """
 
@@ -127,6 +128,7 @@ class TokenSignals:
     reverse_kl: torch.Tensor
     forward_kl: torch.Tensor
     mask: torch.Tensor
+    teacher_entropy: torch.Tensor | None = None
     top1: torch.Tensor | None = None
 
     @property
@@ -135,23 +137,32 @@ class TokenSignals:
 
     @classmethod
     def from_flat(cls, values: torch.Tensor, mask: torch.Tensor) -> TokenSignals:
-        """From ``values`` (3, B*T) in ``row_signals`` order, zero at invalid positions, and the (B, T) mask;
-        (7, B*T) with ``top1_rows`` after them."""
+        """From ``values`` (len(SIGNAL_ROWS), B*T) in ``row_signals`` order, zero at invalid positions, and the
+        (B, T) mask; with ``top1_rows`` after them when there are more rows."""
         mask = mask.bool()
-        h, rkl, fkl = (x.view(mask.shape) for x in values[:3])
-        top1 = values[3:].view(-1, *mask.shape) if values.shape[0] > 3 else None
+        n = len(SIGNAL_ROWS)
+        h, rkl, fkl, h_teacher = (x.view(mask.shape) for x in values[:n])
+        top1 = values[n:].view(-1, *mask.shape) if values.shape[0] > n else None
         # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
-        return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask, top1=top1)
+        return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask,
+                   teacher_entropy=h_teacher, top1=top1)
+
+
+SIGNAL_ROWS = ("entropy", "reverse_kl", "forward_kl", "teacher_entropy")
+"""What ``row_signals`` returns per row, in this order (``TokenSignals`` fields of the same names)."""
 
 
 def row_signals(logp_student: torch.Tensor, logp_teacher: torch.Tensor, reverse: torch.Tensor | None = None,
                 forward: torch.Tensor | None = None) -> torch.Tensor:
-    """(3, n) fp32: h = H(P_S) / log|V|, KL(P_S || P_T) and KL(P_T || P_S) of n rows of log-probabilities. A KL
-    direction the caller has already computed for these rows (the loss's divergence) may be passed in."""
-    h = entropy(logp_student) / math.log(logp_student.shape[-1])
+    """(4, n) fp32 in ``SIGNAL_ROWS`` order: h = H(P_S) / log|V|, KL(P_S || P_T), KL(P_T || P_S) and the teacher's
+    H(P_T) / log|V|, of n rows of log-probabilities. A KL direction the caller has already computed for these rows
+    (the loss's divergence) may be passed in."""
+    log_v = math.log(logp_student.shape[-1])
+    h = entropy(logp_student) / log_v
     rkl = reverse_kl(logp_student, logp_teacher) if reverse is None else reverse
     fkl = forward_kl(logp_student, logp_teacher) if forward is None else forward
-    return torch.stack([h.float(), rkl.float(), fkl.float()])
+    h_teacher = entropy(logp_teacher) / log_v
+    return torch.stack([h.float(), rkl.float(), fkl.float(), h_teacher.float()])
 
 
 TOP1_FIELDS = ("student_top_id", "student_top_p", "teacher_top_id", "teacher_top_p")
@@ -204,13 +215,15 @@ def token_signals(
     """
     mask = mask.bool()
     flat_valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
-    out = torch.zeros(7 if with_top1 else 3, mask.numel(), dtype=torch.float32, device=mask.device)
+    n = len(SIGNAL_ROWS)
+    out = torch.zeros(n + (len(TOP1_FIELDS) if with_top1 else 0), mask.numel(), dtype=torch.float32,
+                      device=mask.device)
     for idx in chunks(flat_valid, chunk_size):
         s_logits, t_logits = common_vocab(student(idx), teacher(idx))
         logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
-        out[:3, idx] = row_signals(logp_s, logp_t)
+        out[:n, idx] = row_signals(logp_s, logp_t)
         if with_top1:
-            out[3:, idx] = top1_rows(logp_s, logp_t)
+            out[n:, idx] = top1_rows(logp_s, logp_t)
     return TokenSignals.from_flat(out, mask)
 
 

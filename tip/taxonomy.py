@@ -150,9 +150,11 @@ def quadrant_labels(
 
 
 def quadrant_sums(
-    labels: torch.Tensor, entropy: torch.Tensor, divergence: torch.Tensor, keep: torch.Tensor
+    labels: torch.Tensor, entropy: torch.Tensor, divergence: torch.Tensor, keep: torch.Tensor,
+    teacher_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Additive per-quadrant sums, shape (4, 4): rows Q1..Q4, columns (count, sum h, sum delta, kept count).
+    """Additive per-quadrant sums, shape (4, 5): rows Q1..Q4, columns (count, sum h, sum delta, kept count, sum of
+    the teacher's entropy, 0 when not given).
 
     Sums add across micro-batches and ranks (all-reduce them), then ``summarise_quadrants`` turns them into rates.
     """
@@ -166,6 +168,8 @@ def quadrant_sums(
                     torch.where(in_q, entropy.float(), 0.0).sum(),
                     torch.where(in_q, divergence.float(), 0.0).sum(),
                     (in_q & keep.bool()).sum().float(),
+                    torch.where(in_q, teacher_entropy.float(), 0.0).sum() if teacher_entropy is not None
+                    else torch.zeros((), device=entropy.device),
                 ]
             )
         )
@@ -173,9 +177,10 @@ def quadrant_sums(
 
 
 def summarise_quadrants(sums: torch.Tensor) -> dict[str, float]:
-    """Rates from ``quadrant_sums``: for each quadrant its token fraction, mean h, mean delta, and the fraction
-    of its tokens that the active rule kept (``{q}/kept``), plus its share of all kept tokens (``{q}/of_kept``)."""
-    count, sum_h, sum_d, kept = sums.double().unbind(-1)
+    """Rates from ``quadrant_sums``: for each quadrant its token fraction, mean h, mean delta, mean teacher entropy
+    (``{q}/mean_h_teacher``), and the fraction of its tokens that the active rule kept (``{q}/kept``), plus its share
+    of all kept tokens (``{q}/of_kept``)."""
+    count, sum_h, sum_d, kept, sum_ht = sums.double().unbind(-1)
     total, total_kept = count.sum().clamp_min(1), kept.sum().clamp_min(1)
     out: dict[str, float] = {}
     for i, q in enumerate(QUADRANTS):
@@ -183,6 +188,7 @@ def summarise_quadrants(sums: torch.Tensor) -> dict[str, float]:
         out[f"{q}/frac"] = float(count[i] / total)
         out[f"{q}/mean_h"] = float(sum_h[i] / n)
         out[f"{q}/mean_delta"] = float(sum_d[i] / n)
+        out[f"{q}/mean_h_teacher"] = float(sum_ht[i] / n)
         out[f"{q}/kept"] = float(kept[i] / n)
         out[f"{q}/of_kept"] = float(kept[i] / total_kept)
     return out

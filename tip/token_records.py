@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -31,11 +32,13 @@ COLUMNS = {
     "h": "student entropy H(P_S) / log|V|",
     "delta": "KL(P_S || P_T), nats",
     "delta_fwd": "KL(P_T || P_S), nats",
+    "h_teacher": "teacher entropy H(P_T) / log|V|",
     "h_hat": "h clipped at the batch's quantile, min-max normalised (what rules see)",
     "d_hat": "delta min-max normalised",
     "quadrant": "1..4 (Q1 high h / high delta ... Q4 low h / low delta)",
     "kept": "whether the step's rule kept the token for the loss",
     "score": "the rule's score (NaN for a rule that keeps every token)",
+    "weight": "the token's loss weight (1 for a hard-mask rule's kept tokens, 0 for dropped ones)",
     "student_top_id": "the student's most likely token here",
     "student_top": "its text",
     "student_top_p": "its probability under the student",
@@ -58,8 +61,10 @@ def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor,
     columns = {
         "rollout": rows, "position": position, "token_id": targets[mask],
         "h": signals.entropy[mask], "delta": signals.reverse_kl[mask], "delta_fwd": signals.forward_kl[mask],
+        "h_teacher": signals.teacher_entropy[mask],
         "h_hat": selection.h_hat[mask], "d_hat": selection.d_hat[mask], "quadrant": labels[mask],
         "kept": kept.bool()[mask], "score": score.float()[mask],
+        "weight": (kept.float() if selection.weights is None else selection.weights.float())[mask],
         **{name: (top1[i].long() if name.endswith("_id") else top1[i]) for i, name in enumerate(TOP1_FIELDS)},
     }
     return {k: v.detach().cpu() for k, v in columns.items()}
@@ -71,7 +76,9 @@ def stats_dict(stats: BatchStats) -> dict[str, float]:
 
 def stats_of(values: dict[str, float]) -> BatchStats:
     """The batch statistics of a step's JSON, on the host (where recorded signals are re-examined)."""
-    return BatchStats(**{k: torch.tensor(v, dtype=torch.float32, device="cpu") for k, v in values.items()})
+    names = {f.name for f in fields(BatchStats)}
+    return BatchStats(**{k: torch.tensor(v, dtype=torch.float32, device="cpu") for k, v in values.items()
+                         if k in names})
 
 
 def _decode_all(tokenizer, ids) -> dict[int, str]:
@@ -102,11 +109,12 @@ def write_token_records(run_dir: Path, step: int, rank: int, table: dict[str, to
         "token_id": pa.array(table["token_id"].numpy(), pa.int32()),
         "token": pa.array([texts[i] for i in table["token_id"].tolist()], pa.string()),
     }
-    for name in ("h", "delta", "delta_fwd", "h_hat", "d_hat"):
+    for name in ("h", "delta", "delta_fwd", "h_teacher", "h_hat", "d_hat"):
         columns[name] = pa.array(table[name].float().numpy(), pa.float32())
     columns["quadrant"] = pa.array(table["quadrant"].numpy(), pa.int8())
     columns["kept"] = pa.array(table["kept"].numpy(), pa.bool_())
     columns["score"] = pa.array(table["score"].float().numpy(), pa.float32())
+    columns["weight"] = pa.array(table["weight"].float().numpy(), pa.float32())
     for side in ("student", "teacher"):
         ids = table[f"{side}_top_id"]
         columns[f"{side}_top_id"] = pa.array(ids.numpy(), pa.int32())

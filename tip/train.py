@@ -75,8 +75,8 @@ from tip.models import (
 )
 from tip.rollout import HFRollout, RolloutBatch, aligned_targets, prompt_seeds, with_prompts
 from tip.runlog import RunLogger, peak_memory_mb
-from tip.selection import keeps_every_token, select
-from tip.signals import TokenSignals, resolve_chunk_size, token_signals
+from tip.selection import get_rule, keep_at, keeps_every_token, select
+from tip.signals import SIGNAL_ROWS, TokenSignals, resolve_chunk_size, token_signals
 from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
 from tip.token_records import stats_dict, token_table, write_token_records
 from tip.wandb_logging import log_token_microscope, start_run
@@ -110,7 +110,8 @@ class ScoredMicro:
 
 
 def student_head_divergence(cfg, policy, teacher, student_rows: torch.Tensor, teacher_rows: torch.Tensor,
-                            chunk_size: int, with_signals: bool = False) -> FusedDivergence:
+                            chunk_size: int, with_signals: bool = False,
+                            row_weights: torch.Tensor | None = None) -> FusedDivergence:
     """The divergence summed over rows whose final hidden states are given (the student's with gradient, the
     teacher's without), each row projected once per output layer; both layers gathered once (ZeRO-3)."""
     head = policy.get_output_embeddings()
@@ -118,7 +119,7 @@ def student_head_divergence(cfg, policy, teacher, student_rows: torch.Tensor, te
         student_rows, head.weight, head.bias, lambda i: head_logits_raw(teacher, teacher_rows[i]),
         cfg.divergence.name, cfg.divergence.beta, chunk_size, softcap=final_logit_softcap(policy),
         gather=lambda: gathered_heads(policy, teacher), with_signals=with_signals,
-        before_accumulate=lambda: whole_until_accumulated(policy))
+        before_accumulate=lambda: whole_until_accumulated(policy), row_weights=row_weights)
 
 
 def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int,
@@ -143,7 +144,7 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
         if keeps_all and not with_top1:
             fused = student_head_divergence(cfg, policy, teacher, s_flat[valid], teacher_rows, chunk_size,
                                             with_signals=True)
-            per_position = torch.zeros(3, mask.numel(), dtype=torch.float32, device=mask.device)
+            per_position = torch.zeros(len(SIGNAL_ROWS), mask.numel(), dtype=torch.float32, device=mask.device)
             per_position[:, valid] = fused.signals
             return ScoredMicro(TokenSignals.from_flat(per_position, mask), teacher_rows, None, fused)
         scoring_rows = s_flat.detach()
@@ -164,7 +165,7 @@ def flat(hidden: torch.Tensor) -> torch.Tensor:
 
 def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int, dist, generator,
                  teacher_prompts: list[list[int]] | None, pad_id: int, chunk_size: int,
-                 record_tokens: bool = False) -> dict:
+                 record_tokens: bool = False, keep: float | None = None) -> dict:
     """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one.
     ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view.
 
@@ -173,14 +174,16 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     With several micro-batches the selection needs every micro-batch's signals before the first backward, so
     the student runs twice (a scoring forward without gradient, then the gradient forward).
 
-    ``record_tokens``: the result's ``token_table`` holds every valid token's numbers (``tip.token_records``)."""
+    ``record_tokens``: the result's ``token_table`` holds every valid token's numbers (``tip.token_records``).
+    ``keep``: this step's rho (a keep schedule's value; default ``cfg.keep``)."""
+    keep = cfg.keep if keep is None else keep
     clock = StepClock(dist.device)
     micros = rollouts.split(micro_size)
     policy = student.module.lm
     views = [m if teacher_prompts is None else
              with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
     shared_forward = len(micros) == 1
-    keeps_all = keeps_every_token(cfg.selector.name, cfg.keep)
+    keeps_all = keeps_every_token(cfg.selector.name, keep)
     scored = [score_micro(cfg, student if shared_forward else policy, teacher, m, v, chunk_size, shared_forward,
                           keeps_all, with_top1=record_tokens) for m, v in zip(micros, views)]
     clock.lap("scoring_s")
@@ -188,8 +191,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
     width = max(s.signals.mask.shape[1] for s in scored)
-    sig = TokenSignals(*(pad_cat([getattr(s.signals, f) for s in scored], width)
-                         for f in ("entropy", "reverse_kl", "forward_kl", "mask")),
+    sig = TokenSignals(**{f: pad_cat([getattr(s.signals, f) for s in scored], width) for f in (*SIGNAL_ROWS, "mask")},
                        top1=torch.cat([torch.nn.functional.pad(s.signals.top1, (0, width - s.signals.top1.shape[-1]))
                                        for s in scored], dim=1) if record_tokens else None)
     sel = cfg.selection
@@ -200,29 +202,34 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     if cause:
         return {"skipped": cause, **clock.rounded()}
     stats = BatchStats.of(h_all, d_all, sel.clip_quantile)
+    log_vocab = math.log(min(output_width(policy), output_width(teacher)))  # what the signals are normalised by
     selection = None if keeps_all and not record_tokens else select(
-        cfg.selector.name, sig, cfg.keep, sel.scope, generator, sel.clip_quantile, sel.norm_scope,
-        sel.entropy_alpha, stats)
+        cfg.selector.name, sig, keep, sel.scope, generator, sel.clip_quantile, sel.norm_scope,
+        sel.entropy_alpha, stats, log_vocab=log_vocab)
     kept = sig.mask.clone() if selection is None else selection.kept
+    weights = None if selection is None else selection.weights  # a weighting rule's; None: every kept token 1
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
                              sel.quadrant_thresholds.entropy, sel.quadrant_thresholds.divergence, stats)
 
     # The loss is normalised by the step's global count, and the engine's averaging over accumulation steps and
     # ranks is undone, so the step's gradient is that of one batch holding every rank's rollouts.
     clock.lap("selection_s")
-    local_count = torch.tensor([float(loss_denominator(kept, sig.mask, cfg.train.denominator))],
+    denominator = get_rule(cfg.selector.name).denominator if cfg.train.denominator == "auto" else cfg.train.denominator
+    local_count = torch.tensor([loss_denominator(kept, sig.mask, denominator, weights)],
                                dtype=torch.float64, device=dist.device)
     global_count = float(all_reduce_sum(local_count, dist))
     undo_engine_mean = dist.world_size * len(micros)
     # Between the passes only the teacher's hidden states at kept positions are held (rho x N x H).
-    kept_masks, offset = [], 0
+    kept_masks, row_weights, offset = [], [], 0
     for s in scored:
-        kept_m = kept[offset: offset + s.signals.mask.shape[0], : s.signals.mask.shape[1]]
+        rows_m = slice(offset, offset + s.signals.mask.shape[0])
+        kept_m = kept[rows_m, : s.signals.mask.shape[1]]
         offset += s.signals.mask.shape[0]
         kept_masks.append(kept_m)
+        row_weights.append(None if weights is None else weights[rows_m, : s.signals.mask.shape[1]][kept_m])
         s.teacher_rows = s.teacher_rows[kept_m[s.signals.mask]]
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-    for micro, kept_m, s in zip(micros, kept_masks, scored):
+    for micro, kept_m, w_m, s in zip(micros, kept_masks, row_weights, scored):
         fused = s.fused
         if fused is None:
             s_flat = s.student_hidden if s.student_hidden is not None else \
@@ -230,8 +237,8 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
             # The output layer runs only on kept rows, chunk by chunk, with their gradients formed in the same
             # loop: no kept-rows x V logits are held for backward (tip.losses.fused_divergence_sum).
             fused = student_head_divergence(cfg, policy, teacher, s_flat[kept_m.reshape(-1).nonzero(as_tuple=True)[0]],
-                                            s.teacher_rows, chunk_size)
-        out = opd_loss_of_sum(fused.total, kept_m, s.signals.mask, cfg.train.denominator, global_count)
+                                            s.teacher_rows, chunk_size, row_weights=w_m)
+        out = opd_loss_of_sum(fused.total, kept_m, s.signals.mask, denominator, global_count)
         # The sum is in the graph even when this rank kept nothing, so every rank runs the same backward.
         student.backward(out.loss * undo_engine_mean)
         clock.lap("gradient_s")
@@ -240,7 +247,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
         loss_sum += out.loss.detach().double()
     del scored
 
-    sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist)
+    sums, quad = reduce_step_sums(sig, kept, labels, loss_sum, dist, weights)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     valid = max(totals["valid_tokens"], 1.0)
     raw_norm = student.get_global_grad_norm()  # before clipping (GuardedAdamW's without ZeRO)
@@ -257,13 +264,16 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     if record_tokens:
         targets = pad_cat([m.input_ids[:, 1:] for m in micros], width)
         recorded = {"token_table": token_table(sig, selection, kept, labels, targets),
-                    "batch_stats": stats_dict(stats)}
+                    "batch_stats": {**stats_dict(stats), "log_vocab": log_vocab}}
     return {
         **recorded,
         "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
         "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
-        "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
+        "mean_delta_fwd": totals["sum_delta_fwd"] / valid, "mean_h_teacher": totals["sum_h_teacher"] / valid,
+        # A weighted rule's kept tokens count as (sum w)^2 / sum w^2 tokens (= kept tokens with hard masks).
+        "effective_tokens": totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30),
+        "mean_weight": totals["sum_w"] / max(totals["kept_tokens"], 1.0),
         "grad_norm": grad_norm,
         "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0), 1e-9),
         **clock.rounded(), **summarise_quadrants(quad),
@@ -306,19 +316,22 @@ def nonfinite_signals(entropy: torch.Tensor, divergence: torch.Tensor) -> str:
     return ""
 
 
-STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "loss")
+STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "sum_h_teacher", "sum_w", "sum_w2",
+             "loss")
 
 
 def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor,
-                     dist: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+                     dist: DistInfo, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``. Device
     tensors throughout (what NCCL needs), with no host synchronisation."""
     m = sig.mask.bool()
-    local = torch.stack([m.sum().double(), (kept.bool() & m).sum().double(),
+    kept_valid = kept.bool() & m
+    w = kept_valid.double() if weights is None else torch.where(kept_valid, weights.double(), 0.0)
+    local = torch.stack([m.sum().double(), kept_valid.sum().double(),
                          *(torch.where(m, x, 0.0).double().sum()
-                           for x in (sig.entropy, sig.reverse_kl, sig.forward_kl)),
-                         loss_sum.double()])
-    quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept)
+                           for x in (sig.entropy, sig.reverse_kl, sig.forward_kl, sig.teacher_entropy)),
+                         w.sum(), w.square().sum(), loss_sum.double()])
+    quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept, sig.teacher_entropy)
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
 
 
@@ -608,8 +621,12 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
             selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
             record = bool(cfg.train.token_log_every) and (step + 1) % cfg.train.token_log_every == 0
+            ks = cfg.keep_schedule
+            keep = keep_at(step, cfg.train.steps, cfg.keep, ks.kind, ks.start, ks.milestones)
             stats = distill_step(cfg, student, teacher, rollouts.to(dist.device), run.micro_size, dist, selection_rng,
-                                 teacher_prompts, tokenizer.pad_token_id, run.chunk_size, record_tokens=record)
+                                 teacher_prompts, tokenizer.pad_token_id, run.chunk_size, record_tokens=record,
+                                 keep=keep)
+            stats["keep"] = keep
             table, batch_stats = stats.pop("token_table", None), stats.pop("batch_stats", None)
             if "skipped" in stats:  # nothing was applied: the student, the optimizer and the schedule are as before
                 skipped_in_a_row += 1
@@ -631,7 +648,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                 write_token_records(run_dir, step + 1, dist.rank, table, tokenizer,
                                     [prompt_indices[i] for i in rollouts.example_index],
                                     [chosen[i].problem for i in rollouts.example_index],
-                                    token_log_meta(cfg, step + 1, batch_stats, dist) if dist.is_main else None)
+                                    token_log_meta(cfg, step + 1, batch_stats, dist, keep) if dist.is_main else None)
                 stats["token_log_s"] = round(time.time() - t_log, 4)
             sync_s = rollout.sync()  # the next rollouts come from the updated student
             if sync_s is not None:
@@ -667,10 +684,10 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
     return results
 
 
-def token_log_meta(cfg, step: int, batch_stats: dict, dist) -> dict:
+def token_log_meta(cfg, step: int, batch_stats: dict, dist, keep: float) -> dict:
     """What a step's token records need beside the signals to re-run any rule on them exactly."""
     sel = cfg.selection
-    return {"step": step, "selector": cfg.selector.name, "keep": float(cfg.keep), "divergence": cfg.divergence.name,
+    return {"step": step, "selector": cfg.selector.name, "keep": float(keep), "divergence": cfg.divergence.name,
             "scope": sel.scope, "norm_scope": sel.norm_scope, "clip_quantile": float(sel.clip_quantile),
             "entropy_alpha": float(sel.entropy_alpha),
             "quadrant_thresholds": OmegaConf.to_container(sel.quadrant_thresholds),

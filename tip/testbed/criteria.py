@@ -56,7 +56,7 @@ def measure(student: str = "embedded://student", teacher: str = "embedded://teac
     s_model = load_model(student, torch.float32, "student").eval()
     t_model = load_model(teacher, torch.float32, "teacher").eval()
     operands = sample_operands(steps * prompts_per_step, seed, "train")
-    sums = torch.zeros(4, 4, dtype=torch.float64, device="cpu")  # the tiny pair is measured on CPU (load_model)
+    sums = torch.zeros(4, 5, dtype=torch.float64, device="cpu")  # the tiny pair is measured on CPU (load_model)
     q3_kept_in_q3 = q3_kept = 0
     all_h: list[torch.Tensor] = []
     at_error: dict[str, dict[str, list[float]]] = {t: {"h": [], "fkl": [], "rkl": []} for t in ERROR_TYPES}
@@ -71,7 +71,7 @@ def measure(student: str = "embedded://student", teacher: str = "embedded://teac
         stats = BatchStats.of(sig.entropy[mask], sig.reverse_kl[mask])
         labels = quadrant_labels(sig.entropy, sig.reverse_kl, mask, stats=stats)
         kept = select_tokens("q3", sig, 0.1, stats=stats)
-        sums += quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept).double()
+        sums += quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept, sig.teacher_entropy).double()
         q3_kept += int(kept.sum())
         q3_kept_in_q3 += int((kept & (labels == 3)).sum())
         all_h.append(sig.entropy[mask])

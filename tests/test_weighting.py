@@ -1,0 +1,137 @@
+"""Weighting rules, the weighted loss and its denominators, the teacher's entropy, and keep schedules."""
+
+import math
+
+import pytest
+import torch
+
+from tip.config import ConfigError, check_config
+from tip.losses import fused_divergence_sum, kept_token_divergence, loss_denominator, opd_loss
+from tip.report import read_cell
+from tip.selection import gumbel_threshold, keep_at, select
+from tip.signals import TokenSignals, entropy, log_probs, row_signals
+from tip.train import train
+
+from support import compose_config, read_metrics
+
+
+def _signals(h, h_teacher=None, delta=None):
+    h = torch.tensor(h, dtype=torch.float32)
+    delta = torch.rand_like(h) if delta is None else torch.tensor(delta, dtype=torch.float32)
+    return TokenSignals(h, delta, delta, torch.ones_like(h, dtype=torch.bool),
+                        teacher_entropy=None if h_teacher is None else torch.tensor(h_teacher, dtype=torch.float32))
+
+
+def test_hard_masks_give_todays_loss_and_weights_enter_as_stated():
+    divs = torch.tensor([0.5, 2.0, 1.0])
+    keep = torch.tensor([[True, False, True, True]])
+    valid = torch.ones_like(keep)
+    w = torch.tensor([[2.0, 9.0, 0.5, 1.0]])  # 9.0 sits on a dropped token: it must not count
+    assert opd_loss(divs, keep, valid).loss == pytest.approx(3.5 / 3)
+    assert opd_loss(divs, keep, valid, weights=torch.ones(1, 4)).loss == pytest.approx(3.5 / 3)
+    weighted = 2.0 * 0.5 + 0.5 * 2.0 + 1.0 * 1.0
+    assert opd_loss(divs, keep, valid, "kept", weights=w).loss == pytest.approx(weighted / 3)
+    assert opd_loss(divs, keep, valid, "all", weights=w).loss == pytest.approx(weighted / 4)
+    assert opd_loss(divs, keep, valid, "weight", weights=w).loss == pytest.approx(weighted / 3.5)
+    assert loss_denominator(keep, valid, "weight") == 3  # hard mask: the sum of weights is the kept count
+
+
+def test_the_fused_loss_weights_each_row_and_its_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(7, 11, dtype=torch.float64)
+    w = torch.rand(7, dtype=torch.float64) * 3
+    fused = fused_divergence_sum(hidden, weight, None, lambda i: teacher[i], chunk_size=3, row_weights=w)
+    g_fused = torch.autograd.grad(fused.total, (hidden, weight))
+    plain = kept_token_divergence(lambda i: hidden[i] @ weight.t(), lambda i: teacher[i], torch.arange(7), chunk_size=3)
+    reference = (plain * w).sum()
+    g_ref = torch.autograd.grad(reference, (hidden, weight))
+    torch.testing.assert_close(fused.total, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused.per_row, plain.detach(), rtol=1e-10, atol=1e-12)  # per_row stays unweighted
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_importance_weighted_entropy_sampling_is_unbiased_for_the_all_token_sum():
+    """Averaged over many draws, sum_{kept} w_t x_t matches sum_t x_t (1%); plain entropy sampling scaled by m/k does
+    not (it over-counts high-entropy tokens), which shows the check can fail."""
+    torch.manual_seed(1)
+    m, k_frac, draws = 8, 0.25, 40_000
+    h = torch.tensor([0.9, 0.05, 0.3, 0.6, 0.02, 0.2, 0.5, 0.1])
+    x = torch.tensor([1.0, 5.0, 2.0, 0.5, 4.0, 3.0, 1.5, 2.5])  # per-token losses, larger where h is small
+    sig = TokenSignals(h.expand(draws, m).clone(), torch.zeros(draws, m), torch.zeros(draws, m),
+                       torch.ones(draws, m, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(2)
+    sel = select("entropy_sample_is", sig, k_frac, "sequence", gen)
+    assert (sel.kept.sum(-1) == 2).all()
+    estimate = (torch.where(sel.kept, sel.weights, 0.0) * x).sum(-1).mean()
+    assert float(estimate) == pytest.approx(float(x.sum()), rel=0.01)
+    naive = (sel.kept.float() * x).sum(-1).mean() * (m / 2)
+    assert abs(float(naive) / float(x.sum()) - 1) > 0.1
+    # The threshold is the (k+1)-th largest key; with k = m nothing is left out and every weight is 1.
+    assert torch.equal(gumbel_threshold(torch.tensor([[3.0, 1.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool), 0.5,
+                                        "sequence"), torch.full((1, 3), 2.0))
+    one = TokenSignals(h[None], torch.zeros(1, m), torch.zeros(1, m), torch.ones(1, m, dtype=torch.bool))
+    everything = select("entropy_sample_is", one, 1.0, "sequence", gen)
+    assert torch.equal(everything.weights, torch.ones(1, m))
+
+
+def test_relative_confidence_and_position_weights_by_hand():
+    log_v = math.log(100)
+    sig = _signals([[0.5, 0.1, 0.3, 0.2]], h_teacher=[[0.1, 0.1, 0.4, 0.0]])
+    want = torch.sigmoid(torch.tensor([[0.4, 0.0, -0.1, 0.2]]) * log_v)
+    every = select("rel_conf", sig, 0.5, log_vocab=log_v)
+    assert every.kept.all()
+    torch.testing.assert_close(every.weights, want)
+    top = select("rel_conf_topk", sig, 0.5, log_vocab=log_v)  # the 2 largest weights: positions 0 and 3
+    assert top.kept.tolist() == [[True, False, False, True]]
+    torch.testing.assert_close(top.weights, torch.where(top.kept, want, 0.0))
+    with pytest.raises(ValueError, match="needs log"):
+        select("rel_conf", sig, 0.5)
+    ramp = select("position_weight", _signals([[0.1, 0.2, 0.3, 0.4]]), 0.5).weights
+    torch.testing.assert_close(ramp, torch.tensor([[0.4, 0.8, 1.2, 1.6]]))
+    assert select("teacher_entropy_topk", sig, 0.5).kept.tolist() == [[True, False, True, False]]
+
+
+def test_the_teacher_entropy_is_computed_with_the_other_signals():
+    logits_s, logits_t = torch.randn(5, 50), torch.randn(5, 50) * 3
+    rows = row_signals(log_probs(logits_s), log_probs(logits_t))
+    torch.testing.assert_close(rows[3], entropy(log_probs(logits_t)) / math.log(50))
+
+
+def test_keep_schedules_at_chosen_steps():
+    assert keep_at(3, 10, 0.2) == 0.2
+    assert keep_at(0, 10, 0.1, "linear", 1.0) == pytest.approx(1.0)
+    assert keep_at(9, 10, 0.1, "linear", 1.0) == pytest.approx(0.1)
+    assert keep_at(3, 10, 0.1, "linear", 1.0) == pytest.approx(1.0 - 0.9 * 3 / 9)
+    assert keep_at(0, 11, 0.1, "cosine", 1.0) == pytest.approx(1.0)
+    assert keep_at(5, 11, 0.1, "cosine", 1.0) == pytest.approx(0.55)  # half way
+    assert keep_at(10, 11, 0.1, "cosine", 1.0) == pytest.approx(0.1)
+    steps = [keep_at(s, 12, 0.1, "step", 1.0, [[5, 0.5], [9, 0.2]]) for s in range(12)]
+    assert steps == [1.0] * 4 + [0.5] * 4 + [0.2] * 4  # milestones count steps from 1, as logged
+
+
+def test_a_keep_schedule_and_a_weighting_rule_train_and_are_logged(tmp_path):
+    train(compose_config("experiment=smoke", "logger=none", "selector=entropy_sample_is", "keep=0.2",
+                         "train.denominator=all", "train.steps=3", "keep_schedule.kind=linear",
+                         "train.eval_before=false", "eval.benchmarks.embedded.source.size=4", "train.save_final=false"),
+          tmp_path / "run")
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["keep"] for r in rows] == pytest.approx([1.0, 0.6, 0.2])
+    assert rows[0]["effective_tokens"] == pytest.approx(rows[0]["kept_tokens"])  # keep 1: every weight 1
+    assert rows[2]["mean_weight"] > 1.5 and rows[2]["effective_tokens"] < rows[2]["kept_tokens"]
+    for q in ("q1", "q2", "q3", "q4"):
+        assert 0.0 <= rows[0][f"{q}/mean_h_teacher"] <= 1.0
+    assert rows[0]["mean_h_teacher"] > 0
+    cell = read_cell(tmp_path / "run")  # the report's effective token fraction is below the kept fraction
+    assert cell.effective_frac < cell.kept_frac
+
+
+def test_bad_keep_schedules_are_refused_by_name():
+    with pytest.raises(ConfigError, match=r"keep_schedule.kind='exp' is not allowed: expected one of constant"):
+        check_config(compose_config("keep_schedule.kind=exp"))
+    with pytest.raises(ConfigError, match=r"keep_schedule.milestones=.* a step schedule needs"):
+        check_config(compose_config("keep_schedule.kind=step"))
+    with pytest.raises(ConfigError, match=r"keep_schedule.milestones\[0\]\[1\]=1.5 is not allowed"):
+        check_config(compose_config("keep_schedule.kind=step", "keep_schedule.milestones=[[3,1.5]]"))
