@@ -330,8 +330,20 @@ def select(
     stats: BatchStats | None = None,
     log_vocab: float | None = None,
 ) -> Selection:
-    """``select_tokens`` with the score, the weights (of a weighting rule) and the normalised axes it used.
-    ``log_vocab``: log|V|, for rules that compare entropies in nats."""
+    """Which valid positions the loss trains on, with the rule's score, its weights (a weighting rule's) and the
+    normalised axes it saw.
+
+    rule:           a registered name (see ``RULES``)
+    keep:           rho in (0, 1]
+    scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
+    clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
+    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or 'sequence'
+    entropy_alpha:  exponent of h in entropy sampling (paper: 1)
+    stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes the global
+                    batch's, gathered over ranks); default: those of the valid positions of ``signals``
+    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
+    log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
+    """
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
                          f"{signals.mask.device}: make it with torch.Generator(device=<the signals' device>)")
@@ -353,30 +365,7 @@ def select(
     return Selection(kept, score, weights, inputs.h_hat, inputs.d_hat)
 
 
-def select_tokens(
-    rule: str,
-    signals: TokenSignals,
-    keep: float,
-    scope: str = "sequence",
-    generator: torch.Generator | None = None,
-    clip_quantile: float = 0.98,
-    norm_scope: str = "batch",
-    entropy_alpha: float = 1.0,
-    stats: BatchStats | None = None,
-    log_vocab: float | None = None,
-) -> torch.Tensor:
-    """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on.
-
-    rule:           a registered name (see ``RULES``)
-    keep:           rho in (0, 1]
-    scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
-    clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
-    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or 'sequence'
-    entropy_alpha:  exponent of h in entropy sampling (paper: 1)
-    stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes the global
-                    batch's, gathered over ranks); default: those of the valid positions of ``signals``
-    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
-    log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
-    """
-    return select(rule, signals, keep, scope, generator, clip_quantile, norm_scope, entropy_alpha, stats,
-                  log_vocab).kept
+def select_tokens(rule: str, signals: TokenSignals, keep: float, *args, **kwargs) -> torch.Tensor:
+    """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on: ``select(...).kept``
+    (the parameters are ``select``'s)."""
+    return select(rule, signals, keep, *args, **kwargs).kept
