@@ -90,8 +90,8 @@ def _shape(params=1_000_000_000, hidden=2048, layers=16, vocab=100_000, width=2)
 def _run(**changes) -> RunShape:
     base = dict(gpus=8, stage=3, offload_optimizer=False, offload_param=False, gather_for_generate=True,
                 prompt_tokens=1000, response_tokens=3000, rollouts_per_rank=16, micro=4, chunk=512, checkpointing=True,
-                backend="vllm", vllm_fraction=0.3, rollout_seqs=16, eval_seqs=16, eval_response_tokens=3000,
-                reduce_bucket=500_000_000, prefetch_bucket=50_000_000)
+                backend="vllm", vllm_fraction=0.3, vllm_sleeps=True, rollout_seqs=16, eval_seqs=16,
+                eval_response_tokens=3000, reduce_bucket=500_000_000, prefetch_bucket=50_000_000)
     return RunShape(**{**base, **changes})
 
 
@@ -129,6 +129,10 @@ def test_checkpointing_micro_batch_and_vllm_reservation_enter_where_they_should(
     assert _item(double, "gradient", "student activations").bytes == pytest.approx(
         2 * _item(on, "gradient", "student activations").bytes)
     assert _item(on, "rollout", "vLLM").bytes == pytest.approx(0.3 * 80 * GB)
+    awake = plan_memory(_run(vllm_sleeps=False), student, teacher, 80 * GB, on_cuda=True)  # rollout.sleep=false
+    assert _item(awake, "resident", "vLLM").bytes == pytest.approx(0.3 * 80 * GB)
+    assert awake.peak == pytest.approx(on.peak - on.phase_bytes(on.peak_phase) + awake.phase_bytes(awake.peak_phase)
+                                       + 0.3 * 80 * GB)
     hf = plan_memory(_run(backend="hf"), student, teacher, 80 * GB, on_cuda=True)
     assert _item(hf, "rollout", "KV cache").bytes == pytest.approx(16 * 4000 * student.kv_per_token)
     # One micro-batch: the student's activations are held while the teacher scores.
@@ -149,6 +153,7 @@ def test_each_paper_overlay_fits_an_80_gb_gpu_by_its_plan(overlay, monkeypatch):
     plan, header = estimate([f"experiment={overlay}"], gpus=PAPER_OVERLAYS[overlay], gpu_gb=80)
     assert "2,048 + 8,192 tokens" in header[-1]
     assert plan.peak <= 0.9 * 80 * GB, (overlay, plan.peak / GB)
+    assert any(i.phase == "rollout" and i.what.startswith("vLLM") for i in plan.items)  # asleep in the step on GPUs
 
 
 def test_the_cli_prints_the_plan_without_loading_weights():

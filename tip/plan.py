@@ -226,6 +226,7 @@ class RunShape:
     checkpointing: bool
     backend: str
     vllm_fraction: float
+    vllm_sleeps: bool  # between rollouts vLLM frees its KV cache and moves its weights to the host
     rollout_seqs: int
     eval_seqs: int
     eval_response_tokens: int
@@ -282,7 +283,10 @@ def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, 
 
     gathered = b * p * (1 - 1 / shard) if run.stage == 3 and run.gather_for_generate else 0.0
     if run.backend == "vllm":
-        items.append(Item("rollout", f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU",
+        # Asleep during the step, vLLM holds its reservation only while it rolls out; awake, all the time.
+        items.append(Item("rollout" if run.vllm_sleeps else "resident",
+                          f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU"
+                          + ("" if run.vllm_sleeps else " (rollout.sleep off: held through the step)"),
                           run.vllm_fraction * gpu_bytes))
     else:
         if gathered:
@@ -316,7 +320,9 @@ def _share(parts: int) -> str:
 
 
 def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_tokens: int) -> RunShape:
-    """The run's sizes as tip.train derives them (micro-batch, chunk, ZeRO settings)."""
+    """The run's sizes as tip.train derives them (micro-batch, chunk, ZeRO settings, vLLM's sleep)."""
+    from tip.train import vllm_speed_settings
+
     if cfg.train.prompts_per_step % gpus:
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not allowed on {gpus} GPUs: it "
                           "must be a multiple of the number of GPUs")
@@ -331,6 +337,7 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_
         chunk=resolve_chunk_size(cfg.train.chunk_size, student.vocab, device),
         checkpointing=bool(cfg.train.gradient_checkpointing), backend=cfg.rollout.backend,
         vllm_fraction=float(cfg.rollout.get("gpu_memory_utilization", 0.0)),
+        vllm_sleeps=cfg.rollout.backend == "vllm" and vllm_speed_settings(cfg.rollout, device)["sleep"],
         rollout_seqs=min(cfg.rollout.get("max_seqs_per_generate", rollouts), rollouts),
         eval_seqs=int(cfg.eval.get("max_seqs_per_generate", 64)),
         eval_response_tokens=int(cfg.eval.max_new_tokens),
