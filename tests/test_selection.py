@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tip.selection import RULES, keep_count, register_rule, select_tokens
+from tip.selection import RULES, keep_count, keeps_every_token, register_rule, select_tokens
 from tip.signals import TokenSignals
 
 ALL_RULES = sorted(RULES)
@@ -194,3 +194,14 @@ def test_a_new_rule_is_one_small_function():
             register_rule(name)(lambda x: None)
     finally:  # the registry is process-wide: later tests (and pages listing every rule) must not see it
         RULES.pop(name, None)
+
+
+def test_rules_that_ignore_keep_need_no_selection_at_any_keep():
+    """keeps_every_token once asked whether the rule's score *function* was None, which it never is: selector=all
+    at keep < 1 ran a scoring loop and a selection it did not need."""
+    assert keeps_every_token("all", 0.5) and keeps_every_token("soft_or", 1.0)
+    assert not keeps_every_token("soft_or", 0.5)
+    assert not keeps_every_token("rel_conf", 0.5) and not keeps_every_token("rel_conf", 1.0)  # weights: select
+    flagged = {rule for rule, spec in RULES.items() if spec.ignores_keep}
+    assert flagged == {"all", "rel_conf", "position_weight"}
+    assert all(RULES[rule].score(None) is None for rule in flagged)  # the flag says what their scores do

@@ -53,7 +53,7 @@ class Rule:
     doc: str
     weight: WeightFn | None = None  # None: a hard mask (every kept token weighs 1)
     denominator: str = "kept"  # the loss denominator under train.denominator=auto (tip.losses.DENOMINATORS)
-    ignores_keep: bool = False  # keeps every valid token whatever rho (its score is None)
+    ignores_keep: bool = False  # keeps every valid token whatever rho (its score returns None)
 
 
 RULES: dict[str, Rule] = {}
@@ -304,7 +304,7 @@ def keeps_every_token(rule: str, keep: float) -> bool:
     hard-mask rule at keep = 1 (k = m in every scope). Such a step needs no selection and so no scoring before its
     loss."""
     spec = get_rule(rule)
-    return spec.weight is None and (spec.score is None or validate_keep(keep) >= 1.0)
+    return spec.weight is None and (spec.ignores_keep or validate_keep(keep) >= 1.0)
 
 
 @dataclass(frozen=True)
