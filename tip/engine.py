@@ -75,17 +75,18 @@ class GuardedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.max_norm is None:
             return super().step(closure)
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
             return super().step(closure)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
-                                                     for g in grads]))
+        # torch's get_total_norm takes each norm in the gradients' dtype; here they accumulate in fp32.
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                                                     for p in params]))
         self._global_grad_norm = norm
         self.overflow = not bool(torch.isfinite(norm))  # one host synchronisation per optimizer step
         if self.overflow:
             return None
         if self.max_norm > 0:
-            torch._foreach_mul_(grads, (self.max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
         return super().step(closure)
 
 
