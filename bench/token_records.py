@@ -26,7 +26,7 @@ SMOKE = ["experiment=smoke", "logger=none", "train.steps=8", "train.eval_before=
          "eval.benchmarks.embedded.source.size=4"]
 
 
-def smoke_steps(token_log_every: int, tmp: Path) -> list[dict]:
+def smoke_steps(token_log_every: int, tmp: Path) -> tuple[list[dict], Path]:
     run = tmp / f"run_{token_log_every}_{time.monotonic_ns()}"
     subprocess.run([sys.executable, "-m", "tip.train", *SMOKE, f"train.token_log_every={token_log_every}",
                     f"hydra.run.dir={run}"], check=True, capture_output=True)

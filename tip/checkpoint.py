@@ -23,8 +23,9 @@ DS_TAG = "state"
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) under a temporary name beside ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from tip.checkpoint import write_atomic
+from tip.report import pyplot, read_jsonl, save_figure
 from tip.selection import RULES, select_tokens
 from tip.signals import TokenSignals
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
@@ -35,25 +36,24 @@ NUMBER_COLUMNS = ("h", "delta", "delta_fwd", "h_hat", "d_hat", "score", "student
 
 
 def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list[int]]]:
-    """Each rank's (B, T) signals rebuilt from its records, with the record index of every valid position (in
-    the mask's row-major order)."""
+    """Each rank's (B, T) signals rebuilt from its records (read on the host, where rules are re-run), with the
+    record index of every valid position in the mask's row-major order (records come sorted by rank, rollout and
+    position, so that is their own order)."""
+    rank, rollout, position = (torch.tensor(cols[c], dtype=torch.long, device="cpu")
+                               for c in ("rank", "rollout", "position"))
     out = {}
-    ranks = sorted(set(cols["rank"]))
-    for rank in ranks:
-        idx = [i for i, r in enumerate(cols["rank"]) if r == rank]
-        rows = max(cols["rollout"][i] for i in idx) + 1
-        width = max(cols["position"][i] for i in idx) + 1
-        # Records are read on the host; rules are re-run there.
-        values = {name: torch.zeros(rows, width, device="cpu") for name in ("h", "delta", "delta_fwd", "h_teacher")}
-        mask = torch.zeros(rows, width, dtype=torch.bool, device="cpu")
-        for i in idx:
-            r, p = cols["rollout"][i], cols["position"][i]
-            mask[r, p] = True
-            for name in values:
-                values[name][r, p] = cols[name][i]
-        order = sorted(idx, key=lambda i: (cols["rollout"][i], cols["position"][i]))
-        out[rank] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask,
-                                  teacher_entropy=values["h_teacher"]), order)
+    for r in sorted(set(cols["rank"])):
+        idx = (rank == r).nonzero(as_tuple=True)[0]
+        rows, cols_at = rollout[idx], position[idx]
+        shape = (int(rows.max()) + 1, int(cols_at.max()) + 1)
+        values = {}
+        for name in ("h", "delta", "delta_fwd", "h_teacher"):
+            values[name] = torch.zeros(shape, device="cpu")
+            values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
+        mask = torch.zeros(shape, dtype=torch.bool, device="cpu")
+        mask[rows, cols_at] = True
+        out[r] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask,
+                               teacher_entropy=values["h_teacher"]), idx.tolist())
     return out
 
 
@@ -90,15 +90,9 @@ def _finite(x: float) -> float | None:
 def step_shares(run_dir: Path) -> list[dict]:
     """Each trained step's quadrant shares of all tokens and of the kept tokens (metrics.jsonl: the global
     batch of every step, not only the recorded ones)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("kind") == "train":
-                rows.append({"step": record["step"], **{f"{q}/frac": record.get(f"{q}/frac") for q in QUADRANTS},
-                             **{f"{q}/of_kept": record.get(f"{q}/of_kept") for q in QUADRANTS}})
-    return rows
+    return [{"step": r["step"], **{f"{q}/{part}": r.get(f"{q}/{part}") for part in ("frac", "of_kept")
+                                   for q in QUADRANTS}}
+            for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "train"]
 
 
 def page_data(run_dir: Path, step: int, keeps=DEFAULT_KEEPS) -> dict:
@@ -145,19 +139,13 @@ def write_page(run_dir: Path, step: int | None = None, keeps=DEFAULT_KEEPS, out:
                          f"{', '.join(map(str, steps))}")
     out = Path(out) if out else run_dir / "inspect" / f"step_{step:06d}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(render_page(page_data(run_dir, step, keeps)), encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, render_page(page_data(run_dir, step, keeps)))
     return out
 
 
 def plot_images(data: dict, out_dir: Path) -> dict[str, Path]:
     """The page's two plots as PNG files (for W&B): the h-delta scatter and the quadrant shares over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tokens, meta, out_dir = data["tokens"], data["meta"], Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -174,8 +162,7 @@ def plot_images(data: dict, out_dir: Path) -> dict[str, Path]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths["token_scatter"] = out_dir / f"scatter_step_{data['step']:06d}.png"
-    fig.savefig(paths["token_scatter"], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths["token_scatter"], dpi=110)
     if data["steps"]:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
         steps = [r["step"] for r in data["steps"]]
@@ -190,8 +177,7 @@ def plot_images(data: dict, out_dir: Path) -> dict[str, Path]:
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         paths["quadrant_shares"] = out_dir / "quadrant_shares.png"
-        fig.savefig(paths["quadrant_shares"], dpi=110)
-        plt.close(fig)
+        save_figure(fig, paths["quadrant_shares"], dpi=110)
     return paths
 
 

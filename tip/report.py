@@ -71,7 +71,8 @@ def cell_label(rule: str, keep: float) -> str:
     return rule if rule == "untrained" else f"{rule}@{keep:g}"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (a line cut short by a kill is skipped); none when the file is missing."""
     if not path.is_file():
         return []
     out = []
@@ -129,7 +130,7 @@ def read_cell(path: Path) -> Cell:
         # "embedded/accuracy" -> "embedded"; "embedded/accuracy@carry" (problems tagged carry) -> "embedded@carry"
         cell.accuracy = {k.split("/")[0] + k.split("/accuracy", 1)[1]: v for k, v in after.items()
                          if k.split("/")[-1].split("@")[0] == "accuracy"}
-    steps = [r for r in _read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
+    steps = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
     if steps:
         cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
         effective = [r["effective_tokens"] / max(r["valid_tokens"], 1) for r in steps if "effective_tokens" in r]
@@ -328,13 +329,27 @@ def cell_rows(cells: list[Cell], benchmarks: list[str]) -> list[dict]:
              "step_s": c.step_s, "error": c.error.splitlines()[0] if c.error else ""} for c in cells]
 
 
-def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> None:
-    """Accuracy against kept-token fraction, one line per rule; baselines as horizontal lines."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write ``fig`` to ``path`` (PNG) under a temporary name, rename it into place, and release it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> None:
+    """Accuracy against kept-token fraction, one line per rule; baselines as horizontal lines."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, max(1, len(benchmarks)), figsize=(5.5 * max(1, len(benchmarks)), 4.2),
                              squeeze=False)
     for ax, bench in zip(axes[0], benchmarks or ["(no finished cell)"]):
@@ -363,10 +378,7 @@ def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> Non
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def kept_share_series(cells: list[Cell]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -385,11 +397,7 @@ def kept_share_series(cells: list[Cell]) -> dict[str, dict[str, list[tuple[int, 
 
 def plot_kept_shares(cells: list[Cell], title: str, path: Path) -> None:
     """Each quadrant's share of the kept tokens over training steps, one line per rule (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series = kept_share_series(cells)
     fig, axes = plt.subplots(1, len(QUADRANTS), figsize=(4.2 * len(QUADRANTS), 3.8), sharey=True, squeeze=False)
     for ax, q in zip(axes[0], QUADRANTS):
@@ -405,10 +413,7 @@ def plot_kept_shares(cells: list[Cell], title: str, path: Path) -> None:
         axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{title}: where each rule's kept tokens lie, step by step")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell], mode: str | None):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tip.checkpoint import write_atomic
 from tip.selection import Selection
 from tip.signals import TOP1_FIELDS, TokenSignals
 from tip.taxonomy import BatchStats
@@ -127,10 +128,7 @@ def write_token_records(run_dir: Path, step: int, rank: int, table: dict[str, to
     pq.write_table(pa.table(columns), tmp, compression="zstd")
     os.replace(tmp, path)
     if meta is not None:
-        meta_path = step_path(run_dir, step)
-        tmp = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, meta_path)
+        write_atomic(step_path(run_dir, step), json.dumps(meta, indent=1) + "\n")
     return path
 
 
