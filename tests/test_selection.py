@@ -21,7 +21,8 @@ def random_signals(batch=4, length=20, seed=0, pad_from=None):
     d = torch.rand(batch, length, generator=g).pow(2) * 3 * mask
     f = torch.rand(batch, length, generator=g) * 3 * mask
     h_teacher = torch.rand(batch, length, generator=g) * mask
-    return TokenSignals(entropy=h, reverse_kl=d, forward_kl=f, mask=mask, teacher_entropy=h_teacher)
+    jsd = torch.rand(batch, length, generator=g) * mask
+    return TokenSignals(entropy=h, reverse_kl=d, forward_kl=f, mask=mask, teacher_entropy=h_teacher, jsd=jsd)
 
 
 def gen(seed=0):
@@ -97,7 +98,7 @@ def test_masked_positions_change_neither_normalisation_nor_selection(rule, scope
     # and move every percentile and min/max if they were looked at.
     junk = (~sig.mask).float() * 1e6
     noisy = TokenSignals(sig.entropy + junk, sig.reverse_kl + junk, sig.forward_kl + junk, sig.mask,
-                         teacher_entropy=sig.teacher_entropy + junk)
+                         teacher_entropy=sig.teacher_entropy + junk, jsd=sig.jsd + junk)
     a = select_tokens(rule, sig, 0.3, scope=scope, generator=gen(5), log_vocab=math.log(100))
     b = select_tokens(rule, noisy, 0.3, scope=scope, generator=gen(5), log_vocab=math.log(100))
     assert torch.equal(a, b)

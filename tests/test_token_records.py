@@ -97,6 +97,7 @@ def test_the_rule_comparison_is_select_tokens_on_the_same_signals(recorded_run):
     _, _, cols, meta = recorded_run
     comparison = compare_rules(cols, meta, [0.2, 0.5])
     assert comparison["soft_or"]["0.5"] == list(cols["kept"])
+    assert "jsd" not in cols and "entropy_jsd_sample" not in comparison  # its signal was not computed
     stats = stats_of(meta["batch_stats"])
     for rule in ("q3", "entropy_topk", "div_topk", "soft_or_bottom", "q1", "all"):
         for keep in (0.2, 0.5):
@@ -112,10 +113,18 @@ def test_the_rule_comparison_is_select_tokens_on_the_same_signals(recorded_run):
 
 
 def test_records_are_written_at_every_nth_step_only(tmp_path):
+    """(With a rule that reads the optional JSD signal, which its records then hold and the comparison re-runs.)"""
     run_dir = tmp_path / "run"
-    train(compose_config(*OVERRIDES, "train.steps=3", "train.token_log_every=2"), run_dir)
+    train(compose_config(*OVERRIDES, "train.steps=3", "train.token_log_every=2", "selector=entropy_jsd_sample",
+                         "keep=0.3"), run_dir)
     assert logged_steps(run_dir) == [2]
     assert sorted(p.name for p in (run_dir / "tokens").iterdir()) == ["step_000002.json",
                                                                       "step_000002.rank0.parquet"]
     rows = read_metrics(run_dir, "train")
     assert ["token_log_s" in r for r in rows] == [False, True, False]
+    cols, meta = read_token_records(run_dir, 2)
+    assert list(cols) == [*COLUMNS, "jsd"] and meta["jsd_gamma"] == 1.0
+    assert all(0.0 <= x <= 1.0 for x in cols["jsd"]) and max(cols["jsd"]) > 0
+    comparison = compare_rules(cols, meta, [0.3])
+    kept = comparison["entropy_jsd_sample"]["0.3"]
+    assert 0.15 * len(kept) < sum(kept) <= 0.3 * len(kept)

@@ -9,7 +9,7 @@ from tip.config import ConfigError, check_config
 from tip.losses import fused_divergence_sum, kept_token_divergence, loss_denominator, opd_loss
 from tip.report import read_cell
 from tip.selection import gumbel_threshold, keep_at, select
-from tip.signals import TokenSignals, entropy, log_probs, row_signals
+from tip.signals import TokenSignals, entropy, jsd, jsd_rows, log_probs, logits_rows, row_signals, token_signals
 from tip.train import train
 
 from support import compose_config, read_metrics
@@ -98,6 +98,45 @@ def test_the_teacher_entropy_is_computed_with_the_other_signals():
     logits_s, logits_t = torch.randn(5, 50), torch.randn(5, 50) * 3
     rows = row_signals(log_probs(logits_s), log_probs(logits_t))
     torch.testing.assert_close(rows[3], entropy(log_probs(logits_t)) / math.log(50))
+
+
+def test_the_jsd_signal_is_the_symmetric_jsd_over_log_2_and_only_computed_when_asked():
+    torch.manual_seed(3)
+    logits_s, logits_t = torch.randn(2, 6, 40) * 2, torch.randn(2, 6, 40) * 2
+    logits_t[1, 2] = logits_s[1, 2]  # identical rows: JSD 0
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    plain = token_signals(logits_rows(logits_s), logits_rows(logits_t), mask, chunk_size=4)
+    asked = token_signals(logits_rows(logits_s), logits_rows(logits_t), mask, chunk_size=4, with_jsd=True,
+                          with_top1=True)
+    assert plain.jsd is None
+    want = jsd(log_probs(logits_s), log_probs(logits_t), 0.5) / math.log(2)
+    torch.testing.assert_close(asked.jsd, torch.where(mask, want, 0.0), atol=2e-6, rtol=1e-5)
+    assert float(asked.jsd[1, 2]) == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 <= float(asked.jsd.max()) <= 1.0
+    torch.testing.assert_close(asked.entropy, plain.entropy)  # the other rows do not move
+    assert asked.top1 is not None and asked.top1.shape == (4, 2, 6)
+    # Two disjoint point masses: JSD = log 2, i.e. 1 after normalising.
+    s, t = torch.full((1, 3), -1e4), torch.full((1, 3), -1e4)
+    s[0, 0], t[0, 1] = 0.0, 0.0
+    lps, lpt = log_probs(s), log_probs(t)
+    assert float(jsd_rows(lps, lpt, row_signals(lps, lpt))[0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_entropy_jsd_sampling_draws_with_p_proportional_to_h_alpha_jsd_gamma():
+    """One token of two kept per draw: P(first) = w_0 / (w_0 + w_1) with w = h^alpha JSD^gamma (by hand)."""
+    draws = 20_000
+    h, j = torch.tensor([[0.2, 0.8]]), torch.tensor([[0.9, 0.1]])
+    sig = TokenSignals(h.expand(draws, 2).clone(), torch.zeros(draws, 2), torch.zeros(draws, 2),
+                       torch.ones(draws, 2, dtype=torch.bool), jsd=j.expand(draws, 2).clone())
+    for alpha, gamma in ((1.0, 1.0), (1.0, 0.0), (2.0, 1.0)):
+        w = h[0] ** alpha * j[0] ** gamma
+        kept = select("entropy_jsd_sample", sig, 0.5, "sequence", torch.Generator().manual_seed(4),
+                      entropy_alpha=alpha, jsd_gamma=gamma).kept
+        assert (kept.sum(-1) == 1).all()
+        assert float(kept[:, 0].float().mean()) == pytest.approx(float(w[0] / w.sum()), abs=0.015)
+    with pytest.raises(ValueError, match="needs the JSD signal"):
+        select("entropy_jsd_sample", TokenSignals(h, h, h, torch.ones(1, 2, dtype=torch.bool)), 0.5)
 
 
 def test_keep_schedules_at_chosen_steps():

@@ -122,6 +122,7 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("selection.norm_scope", sel.norm_scope, NORM_SCOPES)
     _number("selection.clip_quantile", sel.clip_quantile, 0.0, 1.0, lo_open=True)
     _number("selection.entropy_alpha", sel.entropy_alpha, 0.0, math.inf, hi_open=True)
+    _number("selection.jsd_gamma", sel.jsd_gamma, 0.0, math.inf, hi_open=True)
     _threshold("selection.quadrant_thresholds.entropy", sel.quadrant_thresholds.entropy)
     _threshold("selection.quadrant_thresholds.divergence", sel.quadrant_thresholds.divergence)
 

@@ -50,21 +50,29 @@ def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list
         for name in ("h", "delta", "delta_fwd", "h_teacher"):
             values[name] = torch.zeros(shape, device="cpu")
             values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
+        for name in ("jsd",):  # optional columns (tip.token_records.OPTIONAL_COLUMNS)
+            if name in cols:
+                values[name] = torch.zeros(shape, device="cpu")
+                values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
         mask = torch.zeros(shape, dtype=torch.bool, device="cpu")
         mask[rows, cols_at] = True
         out[r] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask,
-                               teacher_entropy=values["h_teacher"]), idx.tolist())
+                               teacher_entropy=values["h_teacher"], jsd=values.get("jsd")), idx.tolist())
     return out
 
 
 def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[str, list[bool]]]:
-    """``{rule: {keep: kept flag per record}}`` for every registered rule, re-run on the logged signals with the
-    step's selection settings and batch statistics (``select_tokens`` itself, per rank as in the run)."""
+    """``{rule: {keep: kept flag per record}}`` for every registered rule whose signals the records hold (a rule
+    that reads an optional signal, such as the JSD, needs a run whose own rule computed it), re-run on the logged
+    signals with the step's selection settings and batch statistics (``select_tokens`` itself, per rank as in the
+    run)."""
     stats = stats_of(meta["batch_stats"])
     n = len(cols["h"])
     out: dict[str, dict[str, list[bool]]] = {}
     by_rank = signals_by_rank(cols)
     for rule in RULES:
+        if any(name not in cols for name in RULES[rule].needs):
+            continue
         out[rule] = {}
         for keep in keeps:
             flags = [False] * n
@@ -72,7 +80,8 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
                 generator = torch.Generator(device="cpu").manual_seed(COMPARISON_SEED)
                 kept = select_tokens(rule, signals, keep, meta["scope"], generator, meta["clip_quantile"],
                                      meta["norm_scope"], meta["entropy_alpha"], stats,
-                                     log_vocab=meta["batch_stats"].get("log_vocab"))
+                                     log_vocab=meta["batch_stats"].get("log_vocab"),
+                                     jsd_gamma=meta.get("jsd_gamma", 1.0))
                 for i, flag in zip(order, kept[signals.mask].tolist()):
                     flags[i] = flag
             out[rule][_keep_key(keep)] = flags
@@ -114,6 +123,8 @@ def page_data(run_dir: Path, step: int, keeps=DEFAULT_KEEPS) -> dict:
         "comparison": {rule: {k: "".join("1" if f else "0" for f in flags) for k, flags in by_keep.items()}
                        for rule, by_keep in comparison.items()},
         "rule_docs": {rule: spec.doc for rule, spec in RULES.items()},
+        "not_compared": {rule: f"needs {', '.join(RULES[rule].needs)}, which this run did not record"
+                         for rule in RULES if rule not in comparison},
         "quadrants": {q: {"name": QUADRANT_NAMES[q], "colour": QUADRANT_COLOURS[q]} for q in QUADRANTS},
         "steps": step_shares(run_dir), "logged_steps": logged_steps(run_dir),
     }

@@ -38,6 +38,7 @@ class SelectionInputs:
     generator: torch.Generator | None
     entropy_alpha: float
     log_vocab: float | None = None  # log|V|: turns the normalised entropies back into nats
+    jsd_gamma: float = 1.0  # exponent of the normalised JSD in entropy_jsd_sample
 
 
 ScoreFn = Callable[[SelectionInputs], torch.Tensor | None]
@@ -54,21 +55,28 @@ class Rule:
     weight: WeightFn | None = None  # None: a hard mask (every kept token weighs 1)
     denominator: str = "kept"  # the loss denominator under train.denominator=auto (tip.losses.DENOMINATORS)
     ignores_keep: bool = False  # keeps every valid token whatever rho (its score returns None)
+    needs: tuple[str, ...] = ()  # optional TokenSignals fields the score reads (computed only for such rules)
 
+
+OPTIONAL_SIGNALS = ("jsd",)
+"""TokenSignals fields a rule may need that the scoring loop computes only when asked (``Rule.needs``)."""
 
 RULES: dict[str, Rule] = {}
 
 
 def register_rule(name: str, order: Literal["top", "bottom"] = "top", weight: WeightFn | None = None,
-                  denominator: str = "kept", ignores_keep: bool = False):
+                  denominator: str = "kept", ignores_keep: bool = False, needs: tuple[str, ...] = ()):
     """Register a score function as a selection rule under ``name`` (with ``weight``: a weighting rule, whose
     ``denominator`` is the loss's D under train.denominator=auto)."""
 
     def wrap(fn: ScoreFn) -> ScoreFn:
         if name in RULES:
             raise ValueError(f"selection rule {name!r} is already registered")
+        unknown = set(needs) - set(OPTIONAL_SIGNALS)
+        if unknown:
+            raise ValueError(f"rule {name!r} needs {sorted(unknown)}; optional signals are {OPTIONAL_SIGNALS}")
         RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip(), weight=weight,
-                           denominator=denominator, ignores_keep=ignores_keep)
+                           denominator=denominator, ignores_keep=ignores_keep, needs=tuple(needs))
         return fn
 
     return wrap
@@ -172,6 +180,17 @@ def _teacher_entropy_topk(x: SelectionInputs):
 
 def _entropy_log_weights(x: SelectionInputs) -> torch.Tensor:
     return x.entropy_alpha * torch.log(x.signals.entropy.clamp_min(1e-8))
+
+
+@register_rule("entropy_jsd_sample", needs=("jsd",))
+def _entropy_jsd_sample(x: SelectionInputs):
+    """Sample without replacement with p proportional to h^alpha * JSD^gamma (both floored at 1e-8; JSD the
+    symmetric one over log 2, full vocabulary): the OPSD release's unused helper (``entropy_weighted_sample``),
+    which joins the paper's two axes in one draw. gamma = 0 is entropy_sample."""
+    if x.signals.jsd is None:
+        raise ValueError("entropy_jsd_sample needs the JSD signal (token_signals(..., with_jsd=True))")
+    log_w = _entropy_log_weights(x) + x.jsd_gamma * torch.log(x.signals.jsd.clamp_min(1e-8))
+    return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
 
 
 def gumbel_threshold(keys: torch.Tensor, mask: torch.Tensor, keep: float, scope: str) -> torch.Tensor:
@@ -329,6 +348,7 @@ def select(
     entropy_alpha: float = 1.0,
     stats: BatchStats | None = None,
     log_vocab: float | None = None,
+    jsd_gamma: float = 1.0,
 ) -> Selection:
     """Which valid positions the loss trains on, with the rule's score, its weights (a weighting rule's) and the
     normalised axes it saw.
@@ -343,6 +363,7 @@ def select(
                     batch's, gathered over ranks); default: those of the valid positions of ``signals``
     generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
     log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
+    jsd_gamma:      exponent of the JSD in entropy_jsd_sample (its release helper's gamma)
     """
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
@@ -357,6 +378,7 @@ def select(
         generator=generator,
         entropy_alpha=entropy_alpha,
         log_vocab=log_vocab,
+        jsd_gamma=jsd_gamma,
     )
     score = spec.score(inputs)
     kept = mask.clone() if score is None else keep_extreme(score, mask, keep, scope, spec.order)

@@ -121,6 +121,7 @@ class TokenSignals:
     forward_kl:  delta_fwd = KL(P_T || P_S), nats
     mask:        bool, the valid (response) positions
     teacher_entropy: H(P_T) / log|V| (the paper's App. B.1), when computed
+    jsd:         symmetric JSD(P_S, P_T) / log 2, in [0, 1] (the release helper's axis), when asked for
     top1:        optional (4, B, T): ``TOP1_FIELDS``, each model's most likely next token and its probability
     """
 
@@ -129,6 +130,7 @@ class TokenSignals:
     forward_kl: torch.Tensor
     mask: torch.Tensor
     teacher_entropy: torch.Tensor | None = None
+    jsd: torch.Tensor | None = None
     top1: torch.Tensor | None = None
 
     @property
@@ -136,16 +138,18 @@ class TokenSignals:
         return int(self.mask.sum())
 
     @classmethod
-    def from_flat(cls, values: torch.Tensor, mask: torch.Tensor) -> TokenSignals:
+    def from_flat(cls, values: torch.Tensor, mask: torch.Tensor, with_jsd: bool = False) -> TokenSignals:
         """From ``values`` (len(SIGNAL_ROWS), B*T) in ``row_signals`` order, zero at invalid positions, and the
-        (B, T) mask; with ``top1_rows`` after them when there are more rows."""
+        (B, T) mask; then the ``jsd_rows`` row (``with_jsd``) and ``top1_rows`` when there are more rows."""
         mask = mask.bool()
         n = len(SIGNAL_ROWS)
         h, rkl, fkl, h_teacher = (x.view(mask.shape) for x in values[:n])
+        jsd_row = values[n].view(mask.shape).clamp(0, 1) if with_jsd else None
+        n += int(with_jsd)
         top1 = values[n:].view(-1, *mask.shape) if values.shape[0] > n else None
         # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
         return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask,
-                   teacher_entropy=h_teacher, top1=top1)
+                   teacher_entropy=h_teacher, jsd=jsd_row, top1=top1)
 
 
 SIGNAL_ROWS = ("entropy", "reverse_kl", "forward_kl", "teacher_entropy")
@@ -163,6 +167,18 @@ def row_signals(logp_student: torch.Tensor, logp_teacher: torch.Tensor, reverse:
     fkl = forward_kl(logp_student, logp_teacher) if forward is None else forward
     h_teacher = entropy(logp_teacher) / log_v
     return torch.stack([h.float(), rkl.float(), fkl.float(), h_teacher.float()])
+
+
+def jsd_rows(logp_student: torch.Tensor, logp_teacher: torch.Tensor, signals: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32: the symmetric JSD(P_S, P_T) / log 2 of n rows, in [0, 1] (the release helper's
+    ``_compute_per_token_entropy_and_jsd`` axis, over the full vocabulary). ``signals`` are the rows'
+    ``row_signals``, whose two entropies give JSD = H(M) - (H(P_S) + H(P_T)) / 2 with M the even mixture: one
+    entropy more per row instead of two KLs against M (half the cost of ``jsd(.., beta=0.5)``, the same value)."""
+    log_v = math.log(logp_student.shape[-1])
+    m = 0.5 * (logp_student.exp() + logp_teacher.exp())
+    h_mixture = -torch.special.xlogy(m, m).sum(-1)
+    h_student, h_teacher = signals[SIGNAL_ROWS.index("entropy")], signals[SIGNAL_ROWS.index("teacher_entropy")]
+    return ((h_mixture.float() - 0.5 * log_v * (h_student + h_teacher)) / math.log(2.0)).clamp_min(0)
 
 
 TOP1_FIELDS = ("student_top_id", "student_top_p", "teacher_top_id", "teacher_top_p")
@@ -206,25 +222,29 @@ def token_signals(
     mask: torch.Tensor,
     chunk_size: int = 512,
     with_top1: bool = False,
+    with_jsd: bool = False,
 ) -> TokenSignals:
     """Entropy and both KL directions at every valid position, computed chunk by chunk without gradient.
 
     ``student``/``teacher`` are row sources (see ``logits_rows``, ``projected_rows``) over the same B*T flat
     positions as ``mask`` (bool, shape (B, T)). Only valid positions are ever projected or soft-maxed.
     ``with_top1``: also each model's most likely token and its probability (``TokenSignals.top1``).
+    ``with_jsd``: also the normalised symmetric JSD (``TokenSignals.jsd``; only the rules that read it pay for it).
     """
     mask = mask.bool()
     flat_valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
     n = len(SIGNAL_ROWS)
-    out = torch.zeros(n + (len(TOP1_FIELDS) if with_top1 else 0), mask.numel(), dtype=torch.float32,
-                      device=mask.device)
+    out = torch.zeros(n + int(with_jsd) + (len(TOP1_FIELDS) if with_top1 else 0), mask.numel(),
+                      dtype=torch.float32, device=mask.device)
     for idx in chunks(flat_valid, chunk_size):
         s_logits, t_logits = common_vocab(student(idx), teacher(idx))
         logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
         out[:n, idx] = row_signals(logp_s, logp_t)
+        if with_jsd:
+            out[n, idx] = jsd_rows(logp_s, logp_t, out[:n, idx])
         if with_top1:
-            out[n:, idx] = top1_rows(logp_s, logp_t)
-    return TokenSignals.from_flat(out, mask)
+            out[n + int(with_jsd):, idx] = top1_rows(logp_s, logp_t)
+    return TokenSignals.from_flat(out, mask, with_jsd)
 
 
 def signals_from_logits(

@@ -47,6 +47,10 @@ COLUMNS = {
     "teacher_top": "its text",
     "teacher_top_p": "its probability under the teacher",
 }
+OPTIONAL_COLUMNS = {
+    "jsd": "symmetric JSD(P_S, P_T) / log 2 (recorded when the step's rule reads it: Rule.needs)",
+}
+"""Columns after ``COLUMNS``, present when the step computed them."""
 
 
 def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor, labels: torch.Tensor,
@@ -63,6 +67,7 @@ def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor,
         "rollout": rows, "position": position, "token_id": targets[mask],
         "h": signals.entropy[mask], "delta": signals.reverse_kl[mask], "delta_fwd": signals.forward_kl[mask],
         "h_teacher": signals.teacher_entropy[mask],
+        **({"jsd": signals.jsd[mask]} if signals.jsd is not None else {}),
         "h_hat": selection.h_hat[mask], "d_hat": selection.d_hat[mask], "quadrant": labels[mask],
         "kept": kept.bool()[mask], "score": score.float()[mask],
         "weight": (kept.float() if selection.weights is None else selection.weights.float())[mask],
@@ -121,7 +126,10 @@ def write_token_records(run_dir: Path, step: int, rank: int, table: dict[str, to
         columns[f"{side}_top_id"] = pa.array(ids.numpy(), pa.int32())
         columns[f"{side}_top"] = pa.array([texts[i] for i in ids.tolist()], pa.string())
         columns[f"{side}_top_p"] = pa.array(table[f"{side}_top_p"].float().numpy(), pa.float32())
-    assert list(columns) == list(COLUMNS)
+    for name in OPTIONAL_COLUMNS:
+        if name in table:
+            columns[name] = pa.array(table[name].float().numpy(), pa.float32())
+    assert list(columns) == [*COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in table)]
     path = step_path(run_dir, step, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -123,14 +123,16 @@ def student_head_divergence(cfg, policy, teacher, student_rows: torch.Tensor, te
 
 
 def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: RolloutBatch, chunk_size: int,
-                shared_forward: bool = False, keeps_all: bool = False, with_top1: bool = False) -> ScoredMicro:
+                shared_forward: bool = False, keeps_all: bool = False, with_top1: bool = False,
+                with_jsd: bool = False) -> ScoredMicro:
     """Signals at every response position of ``micro``, and the teacher's final hidden states there. The teacher
     reads ``teacher_batch`` (the same responses, possibly after a privileged prompt). ``student`` is the engine
     (its forward returns hidden states) or, for a forward without gradient, a bare causal LM.
 
     ``shared_forward``: the student runs once, with gradient, and the gradient pass reuses that forward; with
     ``keeps_all`` too, the loss's own chunk loop yields the signals (no separate scoring loop). ``with_top1``
-    (a step whose tokens are recorded): each model's top token too, from the scoring loop."""
+    (a step whose tokens are recorded): each model's top token too, from the scoring loop. ``with_jsd``: the JSD
+    signal too (a rule that reads it; ``Rule.needs``)."""
     policy = student.module.lm if hasattr(student, "module") else student
     index = aligned_targets(micro, teacher_batch)  # student target position -> the teacher's
     mask = micro.target_mask
@@ -141,7 +143,7 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
     teacher_rows = t_flat[index[valid]]
     if shared_forward:
         s_flat = flat(student(micro.input_ids, micro.attention_mask)[:, :-1])  # through the engine's forward
-        if keeps_all and not with_top1:
+        if keeps_all and not with_top1:  # (a step that keeps every token selects nothing, so needs no JSD)
             fused = student_head_divergence(cfg, policy, teacher, s_flat[valid], teacher_rows, chunk_size,
                                             with_signals=True)
             per_position = torch.zeros(len(SIGNAL_ROWS), mask.numel(), dtype=torch.float32, device=mask.device)
@@ -154,7 +156,8 @@ def score_micro(cfg, student, teacher, micro: RolloutBatch, teacher_batch: Rollo
     # One gather of each output layer (one for the live self-teacher, which is the student) for the whole chunk loop.
     with torch.no_grad(), gathered_heads(policy, teacher):
         signals = token_signals(lambda i: head_logits_raw(policy, scoring_rows[i]),
-                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask, chunk_size, with_top1)
+                                lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask, chunk_size, with_top1,
+                                with_jsd)
     return ScoredMicro(signals, teacher_rows, s_flat if shared_forward else None)
 
 
@@ -184,14 +187,16 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
              with_prompts(m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
     shared_forward = len(micros) == 1
     keeps_all = keeps_every_token(cfg.selector.name, keep)
+    with_jsd = "jsd" in get_rule(cfg.selector.name).needs
     scored = [score_micro(cfg, student if shared_forward else policy, teacher, m, v, chunk_size, shared_forward,
-                          keeps_all, with_top1=record_tokens) for m, v in zip(micros, views)]
+                          keeps_all, with_top1=record_tokens, with_jsd=with_jsd) for m, v in zip(micros, views)]
     clock.lap("scoring_s")
 
     # Selection and taxonomy over the rank's whole batch ("per batch" in the paper), with the batch statistics
     # of the step's global batch, then back to micro-batches.
     width = max(s.signals.mask.shape[1] for s in scored)
-    sig = TokenSignals(**{f: pad_cat([getattr(s.signals, f) for s in scored], width) for f in (*SIGNAL_ROWS, "mask")},
+    fields = (*SIGNAL_ROWS, "mask", *(["jsd"] if scored[0].signals.jsd is not None else []))
+    sig = TokenSignals(**{f: pad_cat([getattr(s.signals, f) for s in scored], width) for f in fields},
                        top1=torch.cat([torch.nn.functional.pad(s.signals.top1, (0, width - s.signals.top1.shape[-1]))
                                        for s in scored], dim=1) if record_tokens else None)
     sel = cfg.selection
@@ -205,7 +210,7 @@ def distill_step(cfg, student, teacher, rollouts: RolloutBatch, micro_size: int,
     log_vocab = math.log(min(output_width(policy), output_width(teacher)))  # what the signals are normalised by
     selection = None if keeps_all and not record_tokens else select(
         cfg.selector.name, sig, keep, sel.scope, generator, sel.clip_quantile, sel.norm_scope,
-        sel.entropy_alpha, stats, log_vocab=log_vocab)
+        sel.entropy_alpha, stats, log_vocab=log_vocab, jsd_gamma=sel.jsd_gamma)
     kept = sig.mask.clone() if selection is None else selection.kept
     weights = None if selection is None else selection.weights  # a weighting rule's; None: every kept token 1
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask,
@@ -689,7 +694,7 @@ def token_log_meta(cfg, step: int, batch_stats: dict, dist, keep: float) -> dict
     sel = cfg.selection
     return {"step": step, "selector": cfg.selector.name, "keep": float(keep), "divergence": cfg.divergence.name,
             "scope": sel.scope, "norm_scope": sel.norm_scope, "clip_quantile": float(sel.clip_quantile),
-            "entropy_alpha": float(sel.entropy_alpha),
+            "entropy_alpha": float(sel.entropy_alpha), "jsd_gamma": float(sel.jsd_gamma),
             "quadrant_thresholds": OmegaConf.to_container(sel.quadrant_thresholds),
             "batch_stats": batch_stats, "world_size": dist.world_size, "pair": cfg.pair.name}
 
