@@ -51,7 +51,7 @@ def test_every_tensor_factory_names_its_device():
 def fake_signals(mode, batch=3, length=12, dtype=torch.float32):
     real = dict(entropy=torch.rand(batch, length), reverse_kl=torch.rand(batch, length) * 2,
                 forward_kl=torch.rand(batch, length) * 3, mask=torch.rand(batch, length) > 0.2,
-                teacher_entropy=torch.rand(batch, length))
+                teacher_entropy=torch.rand(batch, length), jsd=torch.rand(batch, length))
     return TokenSignals(**{k: mode.from_tensor(v.to(dtype) if v.is_floating_point() else v).to(CUDA)
                            for k, v in real.items()})
 
