@@ -91,3 +91,43 @@ def test_training_with_vllm_rollouts_syncs_every_step(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "train"]
     assert len(steps) == 2 and all(r["weight_sync_s"] >= 0 and r["valid_tokens"] > 0 for r in steps)
+
+
+def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
+    """Greedy tool-use episodes of the agentic student: vLLM's turns (one engine request per round, every running
+    episode batched) give the same trajectories as HF generate's, environment tokens and masks included; then a
+    run of env=embedded_agent with vLLM rollouts trains."""
+    from tip.env import CalculatorEnv, EpisodeLimits, TurnFormat, episode_batch, run_episodes
+    from tip.rollout import hf_turns
+    from tip.testbed.agent import sample_examples
+    from tip.vllm_rollout import VllmRollout
+
+    tok = load_tokenizer("embedded://agent_student")
+    model = load_model("embedded://agent_student", torch.float32, "student")
+    fmt, limits = TurnFormat(tok), EpisodeLimits()
+    examples = sample_examples(8, seed=6, split="test")
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": e.problem}], tokenize=False,
+                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for e in examples]
+    with hf_turns(model, tok, temperature=0.0) as gen:
+        hf = episode_batch(run_episodes(gen, CalculatorEnv(), fmt, limits, examples, ids, 1, list(range(8))),
+                           tok.pad_token_id)
+    engine = VllmRollout(resolve_model_ref("embedded://agent_student"), python=VLLM_PYTHON, max_model_len=320)
+    try:
+        def gen_vllm(contexts, seeds, max_new_tokens):
+            return engine.generate(tok, contexts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seeds=seeds,
+                                   model=model).responses()
+
+        vl = episode_batch(run_episodes(gen_vllm, CalculatorEnv(), fmt, limits, examples, ids, 1, list(range(8))),
+                           tok.pad_token_id)
+    finally:
+        engine.close()
+    assert hf.info[2] > 0  # the episodes did call the tool
+    assert torch.equal(hf.input_ids, vl.input_ids) and torch.equal(hf.response_mask, vl.response_mask)
+
+    cfg = compose_config("env=embedded_agent", "experiment=smoke", "rollout=vllm", f"rollout.vllm_python={VLLM_PYTHON}",
+                         "engine=zero0", "logger=none", "train.save_final=false", "train.eval_before=false")
+    train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert len(steps) == 2 and all(r["weight_sync_s"] >= 0 and r["episode/turns"] >= 1 for r in steps)

@@ -13,6 +13,11 @@ Metrics per benchmark (``{name}/...``):
 - ``accuracy@<tag>`` and ``n@<tag>``: accuracy (mean@n) and count over the problems carrying a tag, where the data
   tags its problems (the embedded task tags each problem with the student error types it exercises, so a sweep
   shows which error a rule fixes).
+
+A benchmark with an environment (its ``env`` node, e.g. eval=embedded_agent) runs each sample as a multi-turn
+episode (``tip.env``); it is graded on the student's own text (every turn, no tool results), and adds
+``with_tool_call`` (share of episodes with a well-formed tool call), ``tool_calls``, ``malformed_calls`` and
+``turns`` (means per episode).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import Any
 import torch
 
 from tip.data import Example, prompt_token_ids
+from tip.env import EpisodeLimits, TurnFormat, get_environment, run_episodes
 from tip.grading import Grade, grade_many, normalise_answer
-from tip.rollout import hf_generate
+from tip.rollout import hf_generate, hf_turns
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Benchmark:
     examples: list[Example]
     prompt_template: str
     grader: str = "math_verify"
+    env: Any = None  # an ``env`` config node (name, limits): samples are multi-turn episodes; None: single-turn
 
 
 @dataclass(frozen=True)
@@ -49,14 +56,24 @@ class Sampling:
 
 
 def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
-    """Benchmarks of an ``eval`` config node (``limit``: only the first N problems of each)."""
+    """Benchmarks of an ``eval`` config node (``limit``, else the node's own ``limit``: only the first N problems of
+    each)."""
     from tip.data import load_examples
 
+    limit = limit or eval_cfg.get("limit")
     out = []
     for name, b in eval_cfg.benchmarks.items():
         examples = load_examples(b.source, "test")
+        env = b.get("env")
+        env = env if env is not None and env.get("name", "none") != "none" else None
+        if env is None and b.source.get("kind") == "embedded_agent":
+            from tip.config import ConfigError
+
+            raise ConfigError(f"eval.benchmarks.{name} is the embedded agentic task, whose samples are tool-use "
+                              "episodes: it needs an environment (python -m tip.train env=embedded_agent; "
+                              "python -m tip.eval ... env.name=calc)")
         out.append(Benchmark(name, examples[:limit] if limit else examples, b.prompt_template,
-                             b.get("grader", "math_verify")))
+                             b.get("grader", "math_verify"), env))
     return out
 
 
@@ -108,9 +125,11 @@ def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None,
 @torch.no_grad()
 def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling, chat_template="auto",
                          rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
-                         progress: bool = False, chat_template_kwargs=None) -> dict[int, list[str]]:
+                         progress: bool = False, chat_template_kwargs=None,
+                         episodes: dict[int, list[dict]] | None = None) -> dict[int, list[str]]:
     """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: under ZeRO-3
-    generation is collective, so every rank runs the same number of generate calls)."""
+    generation is collective, so every rank runs the same number of generate calls). A benchmark with an
+    environment runs episodes; ``episodes`` then receives ``{problem index: [what each episode did]}``."""
     from tqdm.auto import tqdm
 
     indices = list(range(rank, len(bench.examples), world_size))
@@ -128,12 +147,26 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
         examples = [bench.examples[i] for i in part]
         prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template, chat_template,
                                    chat_template_kwargs)
-        batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
-                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                            max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus,
-                            max_seqs_per_call=sampling.max_seqs_per_generate)
-        texts = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True)
-        for text, j in zip(texts, batch.example_index):
+        if bench.env is not None:
+            with hf_turns(model, tokenizer, sampling.temperature, sampling.top_p, sampling.top_k, synced_gpus,
+                          sampling.max_seqs_per_generate) as generate_turn:
+                done = run_episodes(generate_turn, get_environment(bench.env.name),
+                                    TurnFormat(tokenizer, chat_template_kwargs), EpisodeLimits.of(bench.env),
+                                    examples, prompts, sampling.samples, [0] * len(prompts), lockstep=synced_gpus)
+            texts = [tokenizer.decode(e.student_ids(), skip_special_tokens=True) for e in done]
+            index = [e.example_index for e in done]
+            for e in done:
+                if episodes is not None and e.example_index < real:
+                    episodes.setdefault(part[e.example_index], []).append(
+                        {"trajectory": tokenizer.decode(e.tokens, skip_special_tokens=False), "turns": e.turns,
+                         "tool_calls": e.tool_calls, "malformed_calls": e.malformed_calls, "end": e.end})
+        else:
+            batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
+                                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus,
+                                max_seqs_per_call=sampling.max_seqs_per_generate)
+            texts, index = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True), batch.example_index
+        for text, j in zip(texts, index):
             if j < real:
                 out.setdefault(part[j], []).append(text)
     return out
@@ -149,13 +182,28 @@ def grade_completions(bench: Benchmark, completions: dict[int, list[str]], worke
     return out
 
 
-def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades: dict[int, list[Grade]]):
-    """One JSON-able record per problem: id, answer, completions, extracted answers, verdicts and reasons."""
+def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades: dict[int, list[Grade]],
+                    episodes: dict[int, list[dict]] | None = None):
+    """One JSON-able record per problem: id, answer, completions, extracted answers, verdicts and reasons (and
+    what each episode did, for a benchmark with an environment)."""
     for i in sorted(completions):
         ex = bench.examples[i]
         yield {"id": ex.id, "answer": ex.answer, "tags": list(ex.tags), "completions": completions[i],
                "extracted": [g.extracted for g in grades[i]], "correct": [g.correct for g in grades[i]],
-               "reasons": [g.reason for g in grades[i]]}
+               "reasons": [g.reason for g in grades[i]], **({"episodes": episodes[i]} if episodes else {})}
+
+
+def episode_summary(name: str, records: list[dict]) -> dict[str, float]:
+    """``with_tool_call``, ``tool_calls``, ``malformed_calls`` and ``turns`` over the episodes of a benchmark's
+    records."""
+    eps = [e for rec in records for e in rec.get("episodes", [])]
+    if not eps:
+        return {}
+    n = len(eps)
+    return {f"{name}/with_tool_call": sum(e["tool_calls"] > 0 for e in eps) / n,
+            f"{name}/tool_calls": sum(e["tool_calls"] for e in eps) / n,
+            f"{name}/malformed_calls": sum(e["malformed_calls"] for e in eps) / n,
+            f"{name}/turns": sum(e["turns"] for e in eps) / n}
 
 
 def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, chat_template="auto",
@@ -166,10 +214,11 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, 
     (on every rank, for the problems of all ranks). Generation runs in eval mode (``tip.rollout.hf_generate``)."""
     metrics: dict[str, Any] = {}
     for bench in benchmarks:
+        episodes: dict[int, list[dict]] = {}
         completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank, world_size,
-                                           synced_gpus, progress, chat_template_kwargs)
+                                           synced_gpus, progress, chat_template_kwargs, episodes)
         grades = grade_completions(bench, completions, workers, timeout_s, progress)
-        local = list(problem_records(bench, completions, grades))
+        local = list(problem_records(bench, completions, grades, episodes))
         if world_size > 1:
             gathered: list = [None] * world_size
             torch.distributed.all_gather_object(gathered, local)
@@ -177,6 +226,7 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, 
         all_grades = [[Grade(c, e, r) for c, e, r in zip(rec["correct"], rec["extracted"], rec["reasons"])]
                       for rec in local]
         metrics.update(summarise(bench.name, all_grades, tags=[tuple(rec["tags"]) for rec in local]))
+        metrics.update(episode_summary(bench.name, local))
         if records is not None:
             records[bench.name] = local
     return metrics

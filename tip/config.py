@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from tip.data import DATA_KINDS
 from tip.engine import GATHER_FOR_GENERATE, PRECISIONS
+from tip.env import ENVIRONMENTS, EpisodeLimits
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.rollout import ROLLOUT_BACKENDS
@@ -70,7 +71,7 @@ def check_source(key: str, source: Any) -> None:
         _need(path.is_file(), f"{key}.path", str(path),
               "no such file; set data_root=<folder holding the JSONL files> or the path itself, "
               f"or {key}.kind=hub to read the hub copy")
-    if kind == "embedded":
+    if kind in ("embedded", "embedded_agent"):
         _integer(f"{key}.size", source.get("size"), 1)
 
 
@@ -188,8 +189,18 @@ def check_config(cfg: DictConfig) -> None:
         _need("{solution}" in cfg.teacher.context_template, "teacher.context_template", cfg.teacher.context_template,
               "it must contain {solution} (the privileged context)")
 
+    check_env(cfg.env)
     check_source("data.source", cfg.data.source)
     check_eval(cfg.eval)
+
+
+def check_env(env) -> None:
+    """The ``env`` node: ``none`` (single-turn rollouts) or a registered environment with its episode limits."""
+    _one_of("env", env.name, ("none", *sorted(ENVIRONMENTS)))
+    if env.name != "none":
+        for key in EpisodeLimits.__dataclass_fields__:
+            if env.get(key) is not None:
+                _integer(f"env.{key}", env.get(key), 1)
 
 
 def check_launcher(launcher: str | None, cuda_available: bool) -> None:
@@ -206,6 +217,8 @@ def check_eval(ev) -> None:
     for name, bench in ev.benchmarks.items():
         check_source(f"eval.benchmarks.{name}.source", bench.source)
         _one_of(f"eval.benchmarks.{name}.grader", bench.get("grader", "math_verify"), GRADERS)
+    if ev.get("limit") is not None:
+        _integer("eval.limit", ev.limit, 1)
     _integer("eval.samples", ev.samples, 1)
     _integer("eval.max_new_tokens", ev.max_new_tokens, 1)
     _integer("eval.batch_size", ev.batch_size, 1)

@@ -16,7 +16,7 @@ from typing import Any
 from tip.testbed.arith import sample_problems
 
 BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
-DATA_KINDS = ("embedded", "jsonl", "hub", "dapo")
+DATA_KINDS = ("embedded", "embedded_agent", "jsonl", "hub", "dapo")
 
 # DAPO-Math-17k wraps every problem in its own answer-format instruction; the paper's release strips it (and
 # appends the boxed instruction through the prompt template).
@@ -144,8 +144,9 @@ def prepare_dapo(rows: list[dict], split: str, seed: int = 42, train_fraction: f
 def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Example]:
     """Examples of one dataset config.
 
-    ``source`` keys: ``kind`` (embedded | jsonl | hub | dapo); for dapo ``path`` (a local copy, else the hub),
-    ``hub_id``, ``split`` (train | validation), ``seed``, ``train_fraction``; for embedded ``size`` and ``seed``;
+    ``source`` keys: ``kind`` (``DATA_KINDS``); for dapo ``path`` (a local copy, else the hub),
+    ``hub_id``, ``split`` (train | validation), ``seed``, ``train_fraction``; for embedded and embedded_agent
+    ``size`` and ``seed``;
     for jsonl ``path``;
     for hub ``hub_id``, ``subset``, ``split``, ``hub_fields`` (column renames of the hub copy) and
     ``answer_after`` (keep the text after this marker as the answer); optional ``fields`` renaming columns and
@@ -156,6 +157,10 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     if kind == "embedded":
         probs = sample_problems(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
         examples = [Example(p.id, p.problem, p.answer, p.solution, p.tags) for p in probs]
+    elif kind == "embedded_agent":  # the same problems, solved with a calculator tool (tip.testbed.agent)
+        from tip.testbed.agent import sample_examples
+
+        examples = sample_examples(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
     elif kind == "jsonl":
         examples = _from_jsonl(Path(str(source["path"])), fields)
         if not examples:

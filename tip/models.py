@@ -17,6 +17,12 @@ from tip.signals import softcap
 
 EMBEDDED_SCHEME = "embedded://"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded_pair"
+EMBEDDED_MODELS = {  # embedded://NAME -> (its directory, the command that rebuilds it)
+    "teacher": (EMBEDDED_DIR / "teacher", "python -m tip.testbed.build"),
+    "student": (EMBEDDED_DIR / "student", "python -m tip.testbed.build"),
+    "agent_teacher": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "teacher", "python -m tip.testbed.agent"),
+    "agent_student": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "student", "python -m tip.testbed.agent"),
+}
 
 
 class PairError(ValueError):
@@ -35,14 +41,12 @@ def resolve_model_ref(ref: str) -> str:
             raise PairError(str(err)) from None
     if ref.startswith(EMBEDDED_SCHEME):
         name = ref[len(EMBEDDED_SCHEME):]
-        if name not in ("teacher", "student"):
-            raise PairError(f"unknown embedded model {ref!r}; known: embedded://teacher, embedded://student")
-        path = EMBEDDED_DIR / name
+        if name not in EMBEDDED_MODELS:
+            raise PairError(f"unknown embedded model {ref!r}; known: "
+                            + ", ".join(EMBEDDED_SCHEME + k for k in EMBEDDED_MODELS))
+        path, command = EMBEDDED_MODELS[name]
         if not (path / "config.json").exists():
-            raise PairError(
-                f"the embedded pair is missing at {EMBEDDED_DIR}; rebuild it with "
-                f"`python -m tip.testbed.build --out {EMBEDDED_DIR}`"
-            )
+            raise PairError(f"the embedded model {ref!r} is missing at {path}; rebuild it with `{command}`")
         return str(path)
     return ref
 

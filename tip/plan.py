@@ -41,6 +41,7 @@ import torch
 
 from tip.config import CONF_DIR, ConfigError, apply_cell, check_config, require_conf_dir
 from tip.engine import resolve_precision
+from tip.env import rollout_tokens
 from tip.models import PairError, resolve_model_ref
 from tip.signals import resolve_chunk_size
 
@@ -332,7 +333,8 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_
         gpus=gpus, stage=cfg.engine.stage, offload_optimizer=cfg.engine.offload_optimizer != "none",
         offload_param=cfg.engine.offload_param != "none",
         gather_for_generate=cfg.engine.get("gather_for_generate", "auto") != "never",
-        prompt_tokens=prompt_tokens, response_tokens=cfg.rollout.max_new_tokens, rollouts_per_rank=rollouts,
+        prompt_tokens=prompt_tokens, response_tokens=rollout_tokens(cfg.get("env"), cfg.rollout.max_new_tokens),
+        rollouts_per_rank=rollouts,
         micro=min(cfg.train.micro_batch_size, rollouts),
         chunk=resolve_chunk_size(cfg.train.chunk_size, student.vocab, device),
         checkpointing=bool(cfg.train.gradient_checkpointing), backend=cfg.rollout.backend,
@@ -340,7 +342,7 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_
         vllm_sleeps=cfg.rollout.backend == "vllm" and vllm_speed_settings(cfg.rollout, device)["sleep"],
         rollout_seqs=min(cfg.rollout.get("max_seqs_per_generate", rollouts), rollouts),
         eval_seqs=int(cfg.eval.get("max_seqs_per_generate", 64)),
-        eval_response_tokens=int(cfg.eval.max_new_tokens),
+        eval_response_tokens=rollout_tokens(cfg.get("env"), cfg.eval.max_new_tokens),
         reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULTS["reduce_bucket_size"])),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"])),
     )

@@ -3,7 +3,8 @@
 Rollouts come back **right-padded** as ``prompt + response``: every sequence starts at position 0 whatever the
 batch's other prompt lengths, so teacher and student see natural position ids and a rollout scores the same
 in any batch composition (one process or several). ``response_mask`` marks the generated tokens up to and
-including the first end-of-sequence token.
+including the first end-of-sequence token; in a multi-turn episode (``tip.env``) the response holds the
+environment's tokens too, and ``response_mask`` marks only the student's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RolloutBatch:
     response_mask: torch.Tensor  # (B, L) bool, True at response tokens
     prompt_lengths: list[int]
     example_index: list[int]  # which prompt each rollout answers
+    info: list[float] | None = None  # multi-turn rollouts: tip.env.EPISODE_SUMS of this batch's episodes
 
     @property
     def target_mask(self) -> torch.Tensor:
@@ -33,11 +35,21 @@ class RolloutBatch:
         return self.response_mask[:, 1:]
 
     def responses(self) -> list[list[int]]:
+        """The student's tokens of each rollout (without any environment tokens between its turns)."""
         return [row[m].tolist() for row, m in zip(self.input_ids, self.response_mask)]
+
+    def trajectories(self) -> tuple[list[list[int]], list[list[bool]]]:
+        """Everything after each prompt (the student's and the environment's tokens) and which are the student's."""
+        ids, masks = [], []
+        for row, att, m, p in zip(self.input_ids, self.attention_mask, self.response_mask, self.prompt_lengths):
+            end = int(att.sum())
+            ids.append(row[p:end].tolist())
+            masks.append(m[p:end].tolist())
+        return ids, masks
 
     def to(self, device) -> RolloutBatch:
         return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                            self.prompt_lengths, self.example_index)
+                            self.prompt_lengths, self.example_index, self.info)
 
     def split(self, size: int) -> list[RolloutBatch]:
         """Micro-batches of ``size`` rollouts."""
@@ -46,13 +58,16 @@ class RolloutBatch:
             sl = slice(i, i + size)
             width = int(self.attention_mask[sl].sum(-1).max())  # trim right padding no row of this slice needs
             out.append(RolloutBatch(self.input_ids[sl, :width], self.attention_mask[sl, :width],
-                                    self.response_mask[sl, :width], self.prompt_lengths[sl], self.example_index[sl]))
+                                    self.response_mask[sl, :width], self.prompt_lengths[sl], self.example_index[sl],
+                                    self.info))
         return out
 
 
 def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) -> RolloutBatch:
-    """The same responses after other prompts (one per rollout): the privileged teacher's view of a batch."""
-    return pack(prompt_ids, batch.responses(), batch.example_index, pad_id)
+    """The same responses after other prompts (one per rollout): the privileged teacher's view of a batch (of a
+    multi-turn batch too: the environment's tokens stay where they were, unmasked)."""
+    trajectories, masks = batch.trajectories()
+    return pack(prompt_ids, trajectories, batch.example_index, pad_id, masks)
 
 
 def aligned_targets(student: RolloutBatch, teacher: RolloutBatch) -> torch.Tensor:
@@ -86,8 +101,9 @@ def prompt_seeds(run_seed: int, step: int, prompt_indices: list[int]) -> list[in
 
 
 def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int],
-         pad_id: int) -> RolloutBatch:
-    """Right-padded prompt+response rows with their masks."""
+         pad_id: int, student_masks: list[list[bool]] | None = None, info: list[float] | None = None) -> RolloutBatch:
+    """Right-padded prompt+response rows with their masks. ``student_masks`` (one per response): which response
+    tokens are the student's (default: all)."""
     rows = [p + r for p, r in zip(prompt_ids, responses)]
     width = max(map(len, rows))
     # Built on the host from Python lists; the trainer moves the batch to its device in one copy.
@@ -97,8 +113,9 @@ def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index:
     for i, (p, r) in enumerate(zip(prompt_ids, responses)):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long, device="cpu")
         att[i, : len(p) + len(r)] = 1
-        resp[i, len(p): len(p) + len(r)] = True
-    return RolloutBatch(ids, att, resp, [len(p) for p in prompt_ids], example_index)
+        resp[i, len(p): len(p) + len(r)] = True if student_masks is None else \
+            torch.tensor(student_masks[i], dtype=torch.bool, device="cpu")
+    return RolloutBatch(ids, att, resp, [len(p) for p in prompt_ids], example_index, info)
 
 
 @contextmanager
@@ -167,7 +184,8 @@ class HFRollout:
         self.policy, self.tokenizer, self.cfg, self.synced_gpus = policy, tokenizer, rollout_cfg, synced_gpus
         self.generating = generating  # entered around each generate (tip.engine.whole_for_generation)
 
-    def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int]) -> RolloutBatch:
+    def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
+                 examples=None) -> RolloutBatch:
         ro = self.cfg
         torch.manual_seed(step_seed)
         with self.generating():
@@ -175,11 +193,40 @@ class HFRollout:
                                top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
                                synced_gpus=self.synced_gpus, max_seqs_per_call=ro.max_seqs_per_generate)
 
+    @contextmanager
+    def turns(self):
+        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``), the policy made whole once."""
+        ro = self.cfg
+        with self.generating(), hf_turns(self.policy, self.tokenizer, ro.temperature, ro.top_p, ro.top_k,
+                                         self.synced_gpus, ro.max_seqs_per_generate) as generate_turn:
+            yield generate_turn
+
+
     def sync(self) -> None:
         """The policy is the model: nothing to send."""
 
     def close(self) -> None:
         pass
+
+
+@contextmanager
+def hf_turns(model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             synced_gpus: bool = False, max_seqs_per_call: int | None = None):
+    """A turn generator (``tip.env.TurnGenerator``) over transformers' ``generate``: one call per round over every
+    running episode (in pieces of ``max_seqs_per_call``), sampling as ``hf_generate`` does from the global stream
+    the caller seeds (per-context seeds are vLLM's)."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+        else dict(do_sample=False)
+    stops = eos_ids(model, tokenizer)
+
+    def generate_turn(contexts, seeds, max_new_tokens):
+        step = max_seqs_per_call or len(contexts)
+        return [r for i in range(0, len(contexts), step)
+                for r in _generate_once(model, tokenizer, contexts[i:i + step], 1, max_new_tokens, stops,
+                                        synced_gpus, sampling)]
+
+    with torch.no_grad(), plain_sampling(model):
+        yield generate_turn
 
 
 def _generate_once(model, tokenizer, prompt_ids, n, max_new_tokens, stops, synced_gpus, sampling) -> list[list[int]]:

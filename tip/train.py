@@ -60,6 +60,7 @@ from tip.engine import (
     tip_clips_gradients,
     whole_for_generation,
 )
+from tip.env import EpisodeLimits, MultiTurnRollout, TurnFormat, episode_metrics, get_environment
 from tip.losses import FusedDivergence, fused_divergence_sum, loss_denominator, opd_loss_of_sum
 from tip.models import (
     HiddenStatesLM,
@@ -379,7 +380,9 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
     ``rollout.max_new_tokens``. A set value too small for some prompt is refused here, before the engine
     starts: vLLM would otherwise end those requests early without an error and train on cut rollouts."""
     longest = max(map(len, training_prompt_ids(cfg, tokenizer, examples)))
-    needed = longest + cfg.rollout.max_new_tokens
+    # A multi-turn episode holds up to env.max_episode_tokens after its prompt, and a turn may start near the end.
+    needed = longest + (cfg.rollout.max_new_tokens if cfg.env.name == "none" else
+                        EpisodeLimits.of(cfg.env).max_episode_tokens + EpisodeLimits.of(cfg.env).max_turn_tokens)
     if cfg.rollout.max_model_len is None:
         return needed
     if cfg.rollout.max_model_len < needed:
@@ -390,10 +393,20 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
 
 
 def build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir: Path, synced_gpus: bool,
-                  max_model_len: int | None, generating=contextlib.nullcontext):
-    """The rollout backend: ``generate(prompt_ids, step_seed, prompt_seeds)``, ``sync()`` after each optimizer
-    step, ``close()``. rollout=hf samples with the policy itself (inside ``generating()``, which makes a ZeRO-3
-    student whole); rollout=vllm with a worker per rank."""
+                  max_model_len: int | None, generating=contextlib.nullcontext, turn_format: TurnFormat | None = None):
+    """The rollout backend: ``generate(prompt_ids, step_seed, prompt_seeds, examples)``, ``sync()`` after each
+    optimizer step, ``close()``. rollout=hf samples with the policy itself (inside ``generating()``, which makes a
+    ZeRO-3 student whole); rollout=vllm with a worker per rank. With an environment (``env``), either runs
+    multi-turn episodes (``tip.env.MultiTurnRollout``)."""
+    backend = single_turn_rollout(cfg, policy, tokenizer, dist, dtype, run_dir, synced_gpus, max_model_len, generating)
+    if cfg.env.name == "none":
+        return backend
+    return MultiTurnRollout(backend, get_environment(cfg.env.name), turn_format, EpisodeLimits.of(cfg.env),
+                            cfg.rollout.n, lockstep=synced_gpus and cfg.rollout.backend == "hf")
+
+
+def single_turn_rollout(cfg, policy, tokenizer, dist, dtype, run_dir: Path, synced_gpus: bool,
+                        max_model_len: int | None, generating=contextlib.nullcontext):
     ro = cfg.rollout
     if ro.backend == "hf":
         return HFRollout(policy, tokenizer, ro, synced_gpus, generating)
@@ -535,6 +548,12 @@ def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
                           "gradients in fp32 only at ZeRO stages 1-3; use engine=zero2 or zero3, or precision=fp32")
 
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
+    turn_format = None
+    if cfg.env.name != "none":  # checked before any model loads: can this pair's tokenizer write tool calls?
+        try:
+            turn_format = TurnFormat(tokenizer, cfg.pair.chat_template_kwargs)
+        except ValueError as err:
+            raise ConfigError(f"env={cfg.env.name} with pair={cfg.pair.name}: {err}") from None
     train_examples = load_examples(cfg.data.source, "train")
     benchmarks = load_benchmarks(cfg.eval)
     if cfg.rollout.backend == "vllm":  # checked before any model loads
@@ -581,7 +600,7 @@ def set_up(cfg: DictConfig, dist, run_dir: Path) -> TrainingSetup:
         return whole_for_generation(student, dist, gather_setting)
 
     rollout = build_rollout(cfg, policy, tokenizer, dist, dtype, run_dir, synced,
-                            max_model_len if cfg.rollout.backend == "vllm" else None, generating)
+                            max_model_len if cfg.rollout.backend == "vllm" else None, generating, turn_format)
     chunk_size = resolve_chunk_size(cfg.train.chunk_size, output_width(policy), dist.device)
     if cfg.train.token_log_every:
         import pyarrow.parquet  # noqa: F401 (imported here, not in the first recorded step's time)
@@ -621,7 +640,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
             if self_teacher and teacher is not policy and step and step % cfg.teacher.refresh_every == 0:
                 copy_weights(policy, teacher)  # refresh the frozen snapshot from the student
             step_seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # this step's stream on this rank
-            rollouts = rollout.generate(prompt_ids, step_seed, prompt_seeds(cfg.seed, step, prompt_indices))
+            rollouts = rollout.generate(prompt_ids, step_seed, prompt_seeds(cfg.seed, step, prompt_indices), chosen)
             t_gen = time.time() - t0
             # Selection draws from its own stream, seeded per step so a resumed run draws what it would have.
             selection_rng = torch.Generator(device=dist.device).manual_seed(step_seed + 2**40)
@@ -632,6 +651,7 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
                                  teacher_prompts, tokenizer.pad_token_id, run.chunk_size, record_tokens=record,
                                  keep=keep)
             stats["keep"] = keep
+            stats.update(episode_log(rollouts, dist))
             table, batch_stats = stats.pop("token_table", None), stats.pop("batch_stats", None)
             if "skipped" in stats:  # nothing was applied: the student, the optimizer and the schedule are as before
                 skipped_in_a_row += 1
@@ -687,6 +707,15 @@ def run_training(cfg: DictConfig, run_dir: Path, dist, logger: RunLogger, plan: 
         rollout.close()
         release_engines(student, None if teacher is policy else teacher)
     return results
+
+
+def episode_log(rollouts: RolloutBatch, dist) -> dict:
+    """Multi-turn rollouts: the step's episode statistics over every rank (``tip.env.episode_metrics``); nothing
+    for single-turn ones."""
+    if rollouts.info is None:
+        return {}
+    sums = all_reduce_sum(torch.tensor(rollouts.info, dtype=torch.float64, device=dist.device), dist)
+    return episode_metrics(sums.tolist())
 
 
 def token_log_meta(cfg, step: int, batch_stats: dict, dist, keep: float) -> dict:

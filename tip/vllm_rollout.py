@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -45,11 +45,25 @@ class VllmRolloutBackend:
     def __init__(self, engine: VllmRollout, policy, tokenizer, rollout_cfg):
         self.engine, self.policy, self.tokenizer, self.cfg = engine, policy, tokenizer, rollout_cfg
 
-    def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int]) -> RolloutBatch:
+    def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
+                 examples=None) -> RolloutBatch:
         ro = self.cfg
         return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
                                     model=self.policy)
+
+    @contextmanager
+    def turns(self):
+        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``): one engine request per round
+        over every running episode, each context with its own seed."""
+        ro = self.cfg
+
+        def generate_turn(contexts, seeds, max_new_tokens):
+            return self.engine.generate(self.tokenizer, contexts, n=1, temperature=ro.temperature, top_p=ro.top_p,
+                                        top_k=ro.top_k, max_new_tokens=max_new_tokens, seeds=seeds,
+                                        model=self.policy).responses()
+
+        yield generate_turn
 
     def sync(self) -> float:
         """Send the policy's current weights; returns the seconds it took."""
