@@ -265,6 +265,7 @@ def test_the_agentic_task_trains_from_the_command_line(tmp_path):
     assert not any(t in ("<tool_response>", "</tool_response>", "<|im_start|>") for t in cols["token"])
     evals = read_metrics(run_dir, "eval")
     assert "embedded_agent/with_tool_call" in evals[-1] and json.loads((run_dir / "eval.json").read_text())
+    assert "episodes: score" in out.stdout and "tool calls" in out.stdout
 
 
 @pytest.mark.slow
@@ -306,3 +307,21 @@ def test_the_students_errors_sit_where_the_task_says(tok, fmt):
     build = json.loads((ROOT / "tip" / "assets" / "embedded_agent_pair" / "build.json").read_text())
     assert build["teacher"]["heldout_greedy"]["accuracy"] == 1.0
     assert build["student"]["heldout_greedy"]["accuracy@carry"] == 0.0
+
+
+@pytest.mark.slow
+def test_the_build_command_writes_a_loadable_agentic_pair(tmp_path):
+    """``python -m tip.testbed.agent`` (a few steps here): both models load with the tool-call tokenizer and its
+    chat template, and build.json records what was measured."""
+    out = tmp_path / "pair"
+    done = subprocess.run([sys.executable, "-m", "tip.testbed.agent", "--out", str(out), "--steps-scale", "0.004"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "build.json").read_text())
+    assert report["init"] == "embedded://teacher" and report["spec"]["teacher_steps"] == 2
+    for name in ("teacher", "student"):
+        tok = load_tokenizer(str(out / name))
+        TurnFormat(tok)  # it can write tool calls and has the chat template
+        model = load_model(str(out / name), torch.float32, name)
+        assert model.get_output_embeddings().weight.shape[0] == len(tok)
+        assert 0.0 <= report[name]["heldout_greedy"]["accuracy"] <= 1.0 and report[name]["params"] > 0

@@ -31,6 +31,13 @@ def throughput_line(record: dict[str, Any]) -> str:
             f"trained {record.get('trained_tokens_per_s', 0):.0f} kept tok/s")
 
 
+def episode_line(record: dict[str, Any]) -> str:
+    """What the step's episodes did (means per episode over every rank's)."""
+    return (f"      episodes: score {record['episode/score']:.3f}  turns {record['episode/turns']:.2f}  tool calls "
+            f"{record['episode/tool_calls']:.2f} (malformed {record['episode/malformed_calls']:.2f})  at turn limit "
+            f"{record['episode/hit_turn_limit']:.3f}  environment tokens {record['episode/env_token_frac']:.3f}")
+
+
 def quadrant_table(stats: dict[str, float]) -> str:
     """Printable per-quadrant table: token share, mean h, mean delta, fraction kept, share of the kept."""
     lines = ["      frac     mean_h  mean_delta   kept  of_kept"]
@@ -67,6 +74,8 @@ class RunLogger:
                   f"h {record['mean_h']:.3g}  delta {record['mean_delta']:.3g}  "
                   f"{record['tokens_per_s']:.0f} tok/s  peak {record['peak_mem_mb']:.0f} MB", flush=True)
             print(throughput_line(record), flush=True)
+            if "episode/turns" in record:  # multi-turn rollouts (tip.env)
+                print(episode_line(record), flush=True)
             if self.print_quadrants:
                 print(quadrant_table(record), flush=True)
 

@@ -246,9 +246,9 @@ def episode_accuracy(model, tok, n: int = 128, seed: int = 1) -> dict[str, float
 def build(out: Path = ASSET_DIR, seed: int = 0, spec: AgentSpec | None = None) -> dict:
     from transformers import Qwen3ForCausalLM
 
-    from tip.checkpoint import atomic_dir
     from tip.env import TurnFormat
     from tip.models import resolve_model_ref
+    from tip.testbed.build import save_pair
 
     spec = spec or AgentSpec()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -275,19 +275,8 @@ def build(out: Path = ASSET_DIR, seed: int = 0, spec: AgentSpec | None = None) -
     _fit(student, tok, student_rows(tok, fmt, spec.student_steps * spec.batch_size, seed + 1, spec.swap_rate),
          spec.student_steps, spec.batch_size, spec.student_lr, spec, drilled=True)
     report["student"] = {"init": "teacher", "train_seconds": round(time.time() - t0, 1)}
-    models_ = {"teacher": teacher, "student": student}
-    for name, model in models_.items():
-        report[name]["params"] = sum(p.numel() for p in model.parameters())
-        report[name]["heldout_greedy"] = episode_accuracy(model, tok)
-        print(f"{name}: held-out greedy episodes {report[name]['heldout_greedy']}", flush=True)
-
-    def write(tmp: Path) -> None:
-        for name, model in models_.items():
-            model.save_pretrained(tmp / name)
-            tok.save_pretrained(tmp / name)
-        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    atomic_dir(out, write, replace=True)
+    save_pair(out, {"teacher": teacher, "student": student}, tok, report, "heldout_greedy",
+              lambda model: episode_accuracy(model, tok))
     return report
 
 

@@ -247,11 +247,19 @@ def build(out: Path, seed: int = 0, batch_size: int = 128, teacher: ModelSpec = 
     t0 = time.time()
     student_model = derive_student(teacher_model, student, tok, seed + 1, batch_size)
     report["student"] = {**asdict(student), "init": "teacher", "train_seconds": round(time.time() - t0, 1)}
-    models_ = {"teacher": teacher_model, "student": student_model}
+    save_pair(out, {"teacher": teacher_model, "student": student_model}, tok, report, "heldout_greedy_accuracy",
+              lambda model: greedy_accuracy(model, tok))
+    return report
+
+
+def save_pair(out: Path, models_: dict, tok, report: dict, measure_key: str, measure) -> None:
+    """Record each model's size and ``measure(model)`` under ``report[name][measure_key]``, then write each model
+    with the tokenizer in ``out/<name>`` and ``build.json``, all at once (a rebuild replaces the pair; a failed one
+    leaves the old pair whole)."""
     for name, model in models_.items():
         report[name]["params"] = sum(p.numel() for p in model.parameters())
-        report[name]["heldout_greedy_accuracy"] = greedy_accuracy(model, tok)
-        print(f"{name}: held-out greedy accuracy {report[name]['heldout_greedy_accuracy']:.3f}", flush=True)
+        report[name][measure_key] = measure(model)
+        print(f"{name}: held-out greedy {measure_key}: {report[name][measure_key]}", flush=True)
 
     def write(tmp: Path) -> None:
         for name, model in models_.items():
@@ -259,8 +267,7 @@ def build(out: Path, seed: int = 0, batch_size: int = 128, teacher: ModelSpec = 
             tok.save_pretrained(tmp / name)
         (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    atomic_dir(out, write, replace=True)  # a rebuild replaces the pair
-    return report
+    atomic_dir(out, write, replace=True)
 
 
 def main(argv=None) -> None:
