@@ -45,3 +45,22 @@ def test_accuracy_per_error_type_reaches_the_table_and_the_claims_on_the_confide
     assert "| embedded |" in close[0] and close[0].endswith("| reproduced |")  # 61.0 vs 61.0
     assert "| embedded@borrow |" in close[1] and "| -21.0 |" in close[1] and close[1].endswith("| not reproduced |")
     assert not any(line.startswith("| Soft-OR") for line in md.splitlines())  # its cells are absent
+
+
+def test_tool_use_after_training_reaches_its_own_table(tmp_path):
+    from tip.report import markdown
+
+    for i, (cell, share, malformed) in enumerate((("all@1.0", 0.0, 1.0), ("q3@0.2", 1.0, 0.0))):
+        for seed in (0, 1):
+            _cell(tmp_path, f"{i}{seed}", cell, seed,
+                  {"embedded_agent/accuracy": 0.2, "embedded_agent/accuracy_std": 0.4,
+                   "embedded_agent/with_tool_call": share, "embedded_agent/tool_calls": share + seed,
+                   "embedded_agent/malformed_calls": malformed, "embedded_agent/turns": 2.0})
+    cells = find_cells(tmp_path)
+    rows, benchmarks = aggregate(cells)
+    assert benchmarks == ["embedded_agent"]
+    q3 = next(r for r in rows if r["rule"] == "q3")
+    assert q3["embedded_agent/with_tool_call"] == 1.0 and q3["embedded_agent/tool_calls"] == 1.5
+    md = markdown(tmp_path, rows, benchmarks, cells)
+    assert "Tool use after training" in md
+    assert "| q3 | 0.2 | 1.000 | 1.500 | 0.000 | 2.000 |" in md and "| all | 1 | 0.000 | 0.500 | 1.000 | 2.000 |" in md

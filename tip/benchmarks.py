@@ -193,17 +193,20 @@ def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades:
                "reasons": [g.reason for g in grades[i]], **({"episodes": episodes[i]} if episodes else {})}
 
 
+EPISODE_METRICS = ("with_tool_call", "tool_calls", "malformed_calls", "turns")
+"""What a benchmark with an environment adds (``{name}/<metric>``): the share of episodes with a well-formed tool
+call, then well-formed calls, malformed calls and assistant turns per episode."""
+
+
 def episode_summary(name: str, records: list[dict]) -> dict[str, float]:
-    """``with_tool_call``, ``tool_calls``, ``malformed_calls`` and ``turns`` over the episodes of a benchmark's
-    records."""
+    """``EPISODE_METRICS`` over the episodes of a benchmark's records."""
     eps = [e for rec in records for e in rec.get("episodes", [])]
     if not eps:
         return {}
     n = len(eps)
-    return {f"{name}/with_tool_call": sum(e["tool_calls"] > 0 for e in eps) / n,
-            f"{name}/tool_calls": sum(e["tool_calls"] for e in eps) / n,
-            f"{name}/malformed_calls": sum(e["malformed_calls"] for e in eps) / n,
-            f"{name}/turns": sum(e["turns"] for e in eps) / n}
+    values = (sum(e["tool_calls"] > 0 for e in eps), sum(e["tool_calls"] for e in eps),
+              sum(e["malformed_calls"] for e in eps), sum(e["turns"] for e in eps))
+    return {f"{name}/{metric}": v / n for metric, v in zip(EPISODE_METRICS, values)}
 
 
 def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, chat_template="auto",

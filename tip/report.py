@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from tip.benchmarks import EPISODE_METRICS
 from tip.checkpoint import write_atomic
 from tip.config import parse_cell
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
@@ -53,6 +54,7 @@ class Cell:
     variant: str                     # the non-grid overrides, e.g. "divergence=jsd"
     error: str = ""
     accuracy: dict[str, float] = field(default_factory=dict)  # benchmark -> held-out accuracy after training
+    episodes: dict[str, float] = field(default_factory=dict)  # "<benchmark>/<EPISODE_METRICS>" after training
     kept_frac: float | None = None   # mean over training steps
     effective_frac: float | None = None  # mean over steps of the effective token count (sum w)^2/sum w^2 / valid
     peak_mem_mb: float | None = None
@@ -130,6 +132,7 @@ def read_cell(path: Path) -> Cell:
         # "embedded/accuracy" -> "embedded"; "embedded/accuracy@carry" (problems tagged carry) -> "embedded@carry"
         cell.accuracy = {k.split("/")[0] + k.split("/accuracy", 1)[1]: v for k, v in after.items()
                          if k.split("/")[-1].split("@")[0] == "accuracy"}
+        cell.episodes = {k: v for k, v in after.items() if k.split("/")[-1] in EPISODE_METRICS}
     steps = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
     if steps:
         cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
@@ -192,6 +195,8 @@ def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
         for b in benchmarks:
             row[f"{b}/accuracy"], row[f"{b}/accuracy_std"] = _mean_std([c.accuracy[b] for c in done
                                                                         if b in c.accuracy])
+        for key in sorted({k for c in done for k in c.episodes}):
+            row[key], _ = _mean_std([c.episodes[key] for c in done if key in c.episodes])
         row["peak_mem_mb"], _ = _mean_std([c.peak_mem_mb for c in done if c.peak_mem_mb is not None])
         row["step_s"], _ = _mean_std([c.step_s for c in done if c.step_s is not None])
         for q in QUADRANTS:
@@ -228,6 +233,15 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
         cols += [_pct(r[f"{b}/accuracy"], r[f"{b}/accuracy_std"]) for b in benchmarks]
         cols += [seeds, _num(r["peak_mem_mb"], ".0f"), _num(r["step_s"], ".2f")]
         lines.append("| " + " | ".join(cols) + " |")
+    episode_keys = sorted({k for r in rows for k in r if k.split("/")[-1] in EPISODE_METRICS},
+                          key=lambda k: (k.split("/")[0], EPISODE_METRICS.index(k.split("/")[-1])))
+    if episode_keys:
+        lines += ["", "Tool use after training (multi-turn benchmarks; means over seeds): the share of episodes with a "
+                  "well-formed tool call, then well-formed calls, malformed calls and turns per episode:", "",
+                  "| rule | keep | " + " | ".join(episode_keys) + " |", "|" + "---|" * (2 + len(episode_keys))]
+        for r in rows:
+            keep = "—" if r["rule"] == "untrained" else f"{r['keep']:g}"
+            lines.append(f"| {r['rule']} | {keep} | " + " | ".join(_num(r.get(k), ".3f") for k in episode_keys) + " |")
     quad_rows = [r for r in rows if not math.isnan(r["q1/frac"])]
     if quad_rows:
         lines += ["", "Token share of each quadrant and each quadrant's share of the kept tokens (means over steps):",
