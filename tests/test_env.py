@@ -12,6 +12,7 @@ import torch
 
 from tip.benchmarks import Sampling, evaluate, load_benchmarks
 from tip.config import ConfigError
+from tip.data import prompt_token_ids
 from tip.env import (
     CalculatorEnv,
     EpisodeLimits,
@@ -52,15 +53,13 @@ def fmt(tok):
 
 
 def prompt_ids(tok, examples):
-    return [tok(tok.apply_chat_template([{"role": "user", "content": e.problem}], tokenize=False,
-                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-            for e in examples]
+    return prompt_token_ids(tok, [e.problem for e in examples], "{problem}")
 
 
 def scripted(tok, fmt, turns_by_call):
     """A turn generator that writes given texts (round r gives every context the r-th text): the episode loop's
     input made by hand, as a test writes tensors by hand for a pure function."""
-    stop = fmt.stop_ids()[0]
+    stop = fmt.stop_ids[0]
     calls = []
 
     def generate_turn(contexts, seeds, max_new_tokens):

@@ -97,6 +97,7 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     """Greedy tool-use episodes of the agentic student: vLLM's turns (one engine request per round, every running
     episode batched) give the same trajectories as HF generate's, environment tokens and masks included; then a
     run of env=embedded_agent with vLLM rollouts trains."""
+    from tip.data import prompt_token_ids
     from tip.env import CalculatorEnv, EpisodeLimits, TurnFormat, episode_batch, run_episodes
     from tip.rollout import hf_turns
     from tip.testbed.agent import sample_examples
@@ -106,9 +107,7 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     model = load_model("embedded://agent_student", torch.float32, "student")
     fmt, limits = TurnFormat(tok), EpisodeLimits()
     examples = sample_examples(8, seed=6, split="test")
-    ids = [tok(tok.apply_chat_template([{"role": "user", "content": e.problem}], tokenize=False,
-                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-           for e in examples]
+    ids = prompt_token_ids(tok, [e.problem for e in examples], "{problem}")
     with hf_turns(model, tok, temperature=0.0) as gen:
         hf = episode_batch(run_episodes(gen, CalculatorEnv(), fmt, limits, examples, ids, 1, list(range(8))),
                            tok.pad_token_id)

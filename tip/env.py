@@ -16,15 +16,16 @@ Adding an environment is one class with ``respond`` and ``score``, registered in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
+
 from tip.grading import grade_one
-from tip.rollout import RolloutBatch, pack
+from tip.rollout import RolloutBatch, pack, seed_of
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 UNCLOSED_CALL = "<tool_call>"
@@ -156,18 +157,16 @@ class TurnFormat:
             raise ValueError("multi-turn rollouts need a tokenizer with a chat template (tool messages go through "
                              "it); this pair's tokenizer has none")
         self.tokenizer, self.kwargs = tokenizer, dict(chat_template_kwargs or {})
-        self.eos_text = tokenizer.decode(self.stop_ids()[:1]) if self.stop_ids() else ""
+        im_end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.stop_ids = im_end + [i for i in eos if i not in im_end]  # an assistant turn ends at the first of these
+        self.eos_text = tokenizer.decode(self.stop_ids[:1]) if self.stop_ids else ""
         for piece in ("<tool_call>", "</tool_call>"):
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
                 raise ValueError(f"this pair's tokenizer cannot write {piece!r} (it becomes the unknown token), "
                                  "so its student cannot call tools; use a pair whose tokenizer has the tool-call "
                                  "tokens (e.g. pair=embedded_agent, or a Qwen/Hermes-style chat model)")
-
-    def stop_ids(self) -> list[int]:
-        tok = self.tokenizer
-        ids = [tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else []
-        return ids + ([tok.eos_token_id] if tok.eos_token_id is not None and tok.eos_token_id not in ids else [])
 
     def between_turns(self, results: Sequence[str], ended_with_stop: bool) -> str:
         """Text after an assistant turn with tool ``results``, up to the next assistant header. When the turn
@@ -205,11 +204,6 @@ TurnGenerator = Callable[[list[list[int]], list[int], int], list[list[int]]]
 """(contexts, one seed per context, max_new_tokens) -> each context's sampled turn, cut after its first stop token."""
 
 
-def turn_seed(episode_seed: int, turn: int) -> int:
-    digest = hashlib.blake2b(f"{episode_seed}/{turn}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
-
-
 def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat, limits: EpisodeLimits,
                  examples: Sequence, prompt_ids: Sequence[list[int]], n: int, seeds: Sequence[int],
                  lockstep: bool = False) -> list[Episode]:
@@ -219,14 +213,14 @@ def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat
     included (their turns dropped): under ZeRO-3 generation is collective, and every rank must make the same
     calls with the same number of sequences whichever of its episodes have ended."""
     tok = fmt.tokenizer
-    stops = set(fmt.stop_ids())
+    stops = set(fmt.stop_ids)
     episodes = [Episode(i, list(p), s + j) for i, (p, s) in enumerate(zip(prompt_ids, seeds)) for j in range(n)]
     running = list(episodes)
     for turn in range(limits.max_turns):
         if not running and not lockstep:
             break
         batch = episodes if lockstep else running
-        outs = generate_turn([e.prompt + e.tokens for e in batch], [turn_seed(e.seed, turn) for e in batch],
+        outs = generate_turn([e.prompt + e.tokens for e in batch], [seed_of(e.seed, turn) for e in batch],
                              limits.max_turn_tokens)
         by_episode = {id(e): out for e, out in zip(batch, outs)}
         still = []
@@ -303,8 +297,6 @@ class MultiTurnRollout:
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
                  examples=None) -> RolloutBatch:
-        import torch
-
         if examples is None or len(examples) != len(prompt_ids):
             raise ValueError("multi-turn rollouts need the examples their prompts come from (one per prompt)")
         torch.manual_seed(step_seed)

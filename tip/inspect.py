@@ -26,7 +26,7 @@ from tip.report import pyplot, read_jsonl, save_figure
 from tip.selection import RULES, select_tokens
 from tip.signals import TokenSignals
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
-from tip.token_records import logged_steps, read_token_records, stats_of
+from tip.token_records import OPTIONAL_COLUMNS, logged_steps, read_token_records, stats_of
 
 DEFAULT_KEEPS = (0.1, 0.2, 0.5)
 COMPARISON_SEED = 0  # the stochastic rules (random, entropy_sample) show one draw from this seed
@@ -50,14 +50,15 @@ def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list
         for name in ("h", "delta", "delta_fwd", "h_teacher"):
             values[name] = torch.zeros(shape, device="cpu")
             values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
-        for name in ("jsd",):  # optional columns (tip.token_records.OPTIONAL_COLUMNS)
+        for name in OPTIONAL_COLUMNS:  # the TokenSignals fields of the same names
             if name in cols:
                 values[name] = torch.zeros(shape, device="cpu")
                 values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
         mask = torch.zeros(shape, dtype=torch.bool, device="cpu")
         mask[rows, cols_at] = True
         out[r] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask,
-                               teacher_entropy=values["h_teacher"], jsd=values.get("jsd")), idx.tolist())
+                               teacher_entropy=values["h_teacher"],
+                               **{name: values.get(name) for name in OPTIONAL_COLUMNS}), idx.tolist())
     return out
 
 

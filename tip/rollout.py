@@ -40,12 +40,10 @@ class RolloutBatch:
 
     def trajectories(self) -> tuple[list[list[int]], list[list[bool]]]:
         """Everything after each prompt (the student's and the environment's tokens) and which are the student's."""
-        ids, masks = [], []
-        for row, att, m, p in zip(self.input_ids, self.attention_mask, self.response_mask, self.prompt_lengths):
-            end = int(att.sum())
-            ids.append(row[p:end].tolist())
-            masks.append(m[p:end].tolist())
-        return ids, masks
+        # One host copy of each tensor (not a transfer per row: this runs every step on the trainer's device).
+        rows, ends, student = (t.tolist() for t in (self.input_ids, self.attention_mask.sum(-1), self.response_mask))
+        return ([r[p:e] for r, p, e in zip(rows, self.prompt_lengths, ends)],
+                [m[p:e] for m, p, e in zip(student, self.prompt_lengths, ends)])
 
     def to(self, device) -> RolloutBatch:
         return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
@@ -93,11 +91,13 @@ def prompt_seeds(run_seed: int, step: int, prompt_indices: list[int]) -> list[in
     """One sampling seed per prompt, from (run seed, step, the prompt's index in the step's global batch): draws
     are independent across prompts, steps and ranks, and a prompt's seed does not depend on the number of
     ranks. Hashed to 62 bits, so the seed + j that vLLM gives a prompt's j-th sample never meets another's."""
-    out = []
-    for i in prompt_indices:
-        digest = hashlib.blake2b(f"{run_seed}/{step}/{i}".encode(), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "little") >> 2)
-    return out
+    return [seed_of(run_seed, step, i) for i in prompt_indices]
+
+
+def seed_of(*parts) -> int:
+    """A 62-bit seed hashed from ``parts`` (independent streams for different parts)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
 
 
 def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int],

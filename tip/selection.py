@@ -58,8 +58,11 @@ class Rule:
     needs: tuple[str, ...] = ()  # optional TokenSignals fields the score reads (computed only for such rules)
 
 
-OPTIONAL_SIGNALS = ("jsd",)
-"""TokenSignals fields a rule may need that the scoring loop computes only when asked (``Rule.needs``)."""
+OPTIONAL_SIGNALS = {
+    "jsd": "symmetric JSD(P_S, P_T) / log 2 (recorded when the step's rule reads it: Rule.needs)",
+}
+"""TokenSignals fields a rule may need that the scoring loop computes only when asked (``Rule.needs``), with what
+each holds (token records keep them under the same names)."""
 
 RULES: dict[str, Rule] = {}
 
@@ -74,7 +77,7 @@ def register_rule(name: str, order: Literal["top", "bottom"] = "top", weight: We
             raise ValueError(f"selection rule {name!r} is already registered")
         unknown = set(needs) - set(OPTIONAL_SIGNALS)
         if unknown:
-            raise ValueError(f"rule {name!r} needs {sorted(unknown)}; optional signals are {OPTIONAL_SIGNALS}")
+            raise ValueError(f"rule {name!r} needs {sorted(unknown)}; optional signals are {tuple(OPTIONAL_SIGNALS)}")
         RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip(), weight=weight,
                            denominator=denominator, ignores_keep=ignores_keep, needs=tuple(needs))
         return fn

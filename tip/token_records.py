@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tip.checkpoint import write_atomic
-from tip.selection import Selection
+from tip.selection import OPTIONAL_SIGNALS, Selection
 from tip.signals import TOP1_FIELDS, TokenSignals
 from tip.taxonomy import BatchStats
 
@@ -47,10 +47,8 @@ COLUMNS = {
     "teacher_top": "its text",
     "teacher_top_p": "its probability under the teacher",
 }
-OPTIONAL_COLUMNS = {
-    "jsd": "symmetric JSD(P_S, P_T) / log 2 (recorded when the step's rule reads it: Rule.needs)",
-}
-"""Columns after ``COLUMNS``, present when the step computed them."""
+OPTIONAL_COLUMNS = OPTIONAL_SIGNALS
+"""Columns after ``COLUMNS``, present when the step computed them: the optional ``TokenSignals`` fields."""
 
 
 def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor, labels: torch.Tensor,
@@ -67,7 +65,7 @@ def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor,
         "rollout": rows, "position": position, "token_id": targets[mask],
         "h": signals.entropy[mask], "delta": signals.reverse_kl[mask], "delta_fwd": signals.forward_kl[mask],
         "h_teacher": signals.teacher_entropy[mask],
-        **({"jsd": signals.jsd[mask]} if signals.jsd is not None else {}),
+        **{name: getattr(signals, name)[mask] for name in OPTIONAL_COLUMNS if getattr(signals, name) is not None},
         "h_hat": selection.h_hat[mask], "d_hat": selection.d_hat[mask], "quadrant": labels[mask],
         "kept": kept.bool()[mask], "score": score.float()[mask],
         "weight": (kept.float() if selection.weights is None else selection.weights.float())[mask],

@@ -381,8 +381,9 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
     starts: vLLM would otherwise end those requests early without an error and train on cut rollouts."""
     longest = max(map(len, training_prompt_ids(cfg, tokenizer, examples)))
     # A multi-turn episode holds up to env.max_episode_tokens after its prompt, and a turn may start near the end.
-    needed = longest + (cfg.rollout.max_new_tokens if cfg.env.name == "none" else
-                        EpisodeLimits.of(cfg.env).max_episode_tokens + EpisodeLimits.of(cfg.env).max_turn_tokens)
+    limits = EpisodeLimits.of(cfg.env) if cfg.env.name != "none" else None
+    needed = longest + (cfg.rollout.max_new_tokens if limits is None else
+                        limits.max_episode_tokens + limits.max_turn_tokens)
     if cfg.rollout.max_model_len is None:
         return needed
     if cfg.rollout.max_model_len < needed:

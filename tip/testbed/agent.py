@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from tip.data import Example
+from tip.data import Example, prompt_token_ids
 from tip.testbed.arith import add_without_carry, error_types, sample_operands
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded_agent_pair"
@@ -146,10 +146,9 @@ def episode_tokens(tok, fmt, problem: str, turns: list[Turn]) -> tuple[list[int]
     """(ids, labels, alt) of one episode laid out as ``tip.env.run_episodes`` lays out rollouts: the prompt and the
     environment's tokens are context (label -100); each turn and its end-of-turn token are learned; ``alt`` holds
     the right token at drilled characters (a character tokenizer: one token per character)."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": problem}], tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    (ids,) = prompt_token_ids(tok, [problem], "{problem}")
     labels, alt = [-100] * len(ids), [-100] * len(ids)
-    stop = fmt.stop_ids()[0]
+    stop = fmt.stop_ids[0]
     for turn in turns:
         piece = tok(turn.text, add_special_tokens=False)["input_ids"] + [stop]
         drilled = dict(turn.drilled)
@@ -166,11 +165,13 @@ def episode_tokens(tok, fmt, problem: str, turns: list[Turn]) -> tuple[list[int]
 
 def batch_of(tok, rows) -> dict[str, torch.Tensor]:
     width = max(len(r[0]) for r in rows)
-    out = {k: torch.full((len(rows), width), v) for k, v in
+    # On the host: the builder trains on CPU (tip.testbed.build).
+    out = {k: torch.full((len(rows), width), v, device="cpu") for k, v in
            (("input_ids", tok.pad_token_id), ("labels", -100), ("alt", -100), ("attention_mask", 0))}
     for i, (ids, lab, alt) in enumerate(rows):
         n = len(ids)
-        out["input_ids"][i, :n], out["labels"][i, :n], out["alt"][i, :n] = (torch.tensor(x) for x in (ids, lab, alt))
+        out["input_ids"][i, :n], out["labels"][i, :n], out["alt"][i, :n] = (
+            torch.tensor(x, device="cpu") for x in (ids, lab, alt))
         out["attention_mask"][i, :n] = 1
     return out
 
@@ -229,9 +230,7 @@ def episode_accuracy(model, tok, n: int = 128, seed: int = 1) -> dict[str, float
 
     examples = sample_examples(n, seed, "test")
     tok_fmt = TurnFormat(tok)
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": e.problem}], tokenize=False,
-                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for e in examples]
+    prompts = prompt_token_ids(tok, [e.problem for e in examples], "{problem}")
     with hf_turns(model, tok, temperature=0.0) as generate_turn:
         episodes = run_episodes(generate_turn, CalculatorEnv(), tok_fmt, EpisodeLimits(), examples, prompts, 1,
                                 list(range(n)))
@@ -258,7 +257,7 @@ def build(out: Path = ASSET_DIR, seed: int = 0, spec: AgentSpec | None = None) -
     teacher = Qwen3ForCausalLM.from_pretrained(resolve_model_ref("embedded://teacher"))
     teacher.resize_token_embeddings(len(tok), mean_resizing=True)
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        value = {"eos_token_id": fmt.stop_ids()[0], "pad_token_id": tok.pad_token_id,
+        value = {"eos_token_id": fmt.stop_ids[0], "pad_token_id": tok.pad_token_id,
                  "bos_token_id": tok.bos_token_id}[key]
         setattr(teacher.config, key, value)
         setattr(teacher.generation_config, key, value)
