@@ -13,7 +13,7 @@ Variants:
 
 - ``base``: the TIP release's style: the student's forward returns logits at every position (N x V, kept for
   backward), the teacher's too, and the loss is computed over all tokens in chunks of positions;
-- ``tip@rho``: tip.train's step on one micro-batch (``step_tip``): one student forward, Soft-OR selection of
+- ``tip@rho``: tip.step's step on one micro-batch (``step_tip``): one student forward, Soft-OR selection of
   rho N tokens from a scoring loop over its hidden states (rho = 1: every token, signals from the loss's loop),
   and the output layer only at kept rows, once per model (tip.losses.fused_divergence_sum);
 - ``trl``: TRL's GKDTrainer loss (generalized_jsd_loss, beta = 1: reverse KL; lmbda = 1 only says the
@@ -78,7 +78,7 @@ def step_base(student, teacher, ids, attention, target_mask, chunk):
     """Full logits from both models, loss over all response tokens in chunks of positions."""
     import torch
 
-    from tip.losses import kept_token_divergence, opd_loss
+    from tip.reference_loss import kept_token_divergence, opd_loss
 
     logits = student(input_ids=ids, attention_mask=attention).logits[:, :-1]
     with torch.no_grad():
@@ -90,12 +90,12 @@ def step_base(student, teacher, ids, attention, target_mask, chunk):
 
 
 def step_tip(student, teacher, ids, attention, target_mask, chunk, keep):
-    """tip.train's step on one micro-batch: one student forward (with gradient) shared by scoring and loss; at
+    """tip.step's step on one micro-batch: one student forward (with gradient) shared by scoring and loss; at
     rho < 1 a scoring loop over its detached hidden states and Soft-OR selection, at rho = 1 the signals from the
     loss's own loop; the loss projects only kept rows, once per model, gradients formed in the same loop."""
     import torch
 
-    from tip.losses import fused_divergence_sum, opd_loss_of_sum
+    from tip.losses import fused_divergence_sum, loss_denominator, normalised_loss
     from tip.models import head_logits_raw, hidden_states
     from tip.selection import select_tokens
     from tip.signals import token_signals
@@ -117,7 +117,7 @@ def step_tip(student, teacher, ids, attention, target_mask, chunk, keep):
     t_kept = t_flat[rows]
     fused = fused_divergence_sum(s_flat[rows], s_head.weight, None, lambda i: head_logits_raw(teacher, t_kept[i]),
                                  "reverse_kl", chunk_size=chunk, with_signals=keep >= 1)
-    return opd_loss_of_sum(fused.total, kept, target_mask).loss, select_s
+    return normalised_loss(fused.total, loss_denominator(kept, target_mask, "kept")), select_s
 
 
 def step_trl(student, teacher, ids, attention, target_mask, chunk):
@@ -147,7 +147,7 @@ def run_variant(args) -> dict:
     ids, attention, target_mask = batch(args, device)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     name, _, extra = args.variant.partition("+")
-    if extra == "ckpt":  # what tip.train does for train.gradient_checkpointing=true
+    if extra == "ckpt":  # what tip.parts does for train.gradient_checkpointing=true
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
     elif extra:

@@ -4,7 +4,7 @@
     python bench/plan_check.py --real     # also Qwen2.5-Coder-1.5B -> 0.5B (experiment=real_cpu; ~21 GB, minutes)
 
 Each case runs tip.train's main in a child process that prints its own peak resident set size (not its
-children's: DeepSpeed's op probes run compilers). A second child imports what tip.train imports, starts the
+children's: DeepSpeed's op probes run compilers). A second child imports what a run imports, starts the
 process group and loads the tokenizer and data, and stops before any model loads: its peak is the runtime's share
 (Python, torch, DeepSpeed, transformers), which tip.plan leaves out on CPU. Printed: plan / (measured - runtime);
 1.00 is exact, below 1 an underestimate. The embedded cases cap responses short enough that the longest rollout
@@ -40,7 +40,7 @@ from tip.config import CONF_DIR
 from tip.data import load_examples
 from tip.distributed import init_distributed
 from tip.models import load_tokenizer
-from tip.train import training_prompt_ids
+from tip.parts import training_prompt_ids
 with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[1:])
 init_distributed(60)
@@ -50,10 +50,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 TRAIN = """
-import resource, sys
-from tip.train import main
+import resource, runpy, sys
 sys.argv = ["tip.train", *sys.argv[1:]]
-main()
+runpy.run_module("tip.train", run_name="__main__")
 print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 

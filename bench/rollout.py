@@ -25,7 +25,7 @@ import torch
 from tip.data import BOXED_INSTRUCTION, load_examples, prompt_token_ids
 from tip.models import load_model, load_tokenizer, resolve_model_ref
 from tip.rollout import hf_generate, prompt_seeds
-from tip.testbed.arith import sample_problems
+from tip.tasks import sample_problems
 
 
 def tokens(batch) -> int:
@@ -44,9 +44,9 @@ def run(name, ref, prompts_text, n, max_new, vllm_python, max_model_len):
     if not vllm_python or not Path(vllm_python).exists():
         print(f"{name}: vLLM skipped (no interpreter with vllm; `make vllm-env`)")
         return
-    from tip.vllm_rollout import VllmRollout
+    from tip.vllm_rollout import VllmWorker
 
-    eng = VllmRollout(resolve_model_ref(ref), python=vllm_python, max_model_len=max_model_len)
+    eng = VllmWorker(resolve_model_ref(ref), python=vllm_python, max_model_len=max_model_len)
     try:
         eng.generate(tok, ids[:1], n=1, max_new_tokens=4, model=model)  # warm-up
         t0 = time.perf_counter()
@@ -72,23 +72,24 @@ def zero3_variant(student: str, overrides: list[str]) -> None:
 
     from tip.config import CONF_DIR
     from tip.distributed import init_distributed
+    from tip.parts import build_parts, rank_prompts
     from tip.rollout import prompt_seeds as seeds_of
-    from tip.train import distill_step, rank_prompts, set_up
+    from tip.step import opd_step
 
     base = ["logger=none", "teacher=self_privileged", "teacher.weights=live", f"pair.student={student}",
             "pair.teacher=${pair.student}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=base + overrides)
     dist = init_distributed()
-    run = set_up(cfg, dist, Path(tempfile.mkdtemp(prefix="tip-bench-")))
+    run = build_parts(cfg, dist, Path(tempfile.mkdtemp(prefix="tip-bench-")))
     rates = {}
     for when in ("before", "after"):
         if when == "after":
             for step in range(2):
                 prompt_ids, _, idx = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
                 batch = run.rollout.generate(prompt_ids, step, seeds_of(cfg.seed, step, idx))
-                distill_step(cfg, run.student, run.teacher, batch.to(dist.device), run.micro_size, dist,
-                             torch.Generator().manual_seed(step), None, run.tokenizer.pad_token_id, run.chunk_size)
+                opd_step(run.step, run.engine, run.teacher, batch.to(dist.device), dist,
+                         torch.Generator().manual_seed(step), cfg.keep, None, run.tokenizer.pad_token_id)
         prompt_ids, _, idx = rank_prompts(cfg, run.train_examples, run.tokenizer, 5, dist)
         run.rollout.generate(prompt_ids[:1], 0, [0])  # warm-up
         t0 = time.perf_counter()

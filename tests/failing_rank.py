@@ -6,7 +6,7 @@ import sys
 
 import tip.train
 
-real_step = tip.train.distill_step
+real_step = tip.train.opd_step
 
 
 def failing_step(*args, **kwargs):
@@ -15,7 +15,7 @@ def failing_step(*args, **kwargs):
     return real_step(*args, **kwargs)
 
 
-tip.train.distill_step = failing_step
+tip.train.opd_step = failing_step
 if __name__ == "__main__":
     sys.argv[0] = "tip.train"
     tip.train.main()

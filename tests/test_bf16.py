@@ -8,7 +8,8 @@ import torch
 
 from tip.config import ConfigError
 from tip.engine import deepspeed_config
-from tip.losses import fused_divergence_sum, kept_token_divergence
+from tip.losses import fused_divergence_sum
+from tip.reference_loss import kept_token_divergence
 from tip.signals import logits_rows
 from tip.train import train
 

@@ -19,8 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from tip.selection import RULES, select, select_tokens
 from tip.signals import TokenSignals
+from tip.step import STEP_SUMS, reduce_step_sums
 from tip.taxonomy import BatchStats, quadrant_labels
-from tip.train import STEP_SUMS, reduce_step_sums
 
 CUDA = torch.device("cuda", 0)
 FAKE_GPU_RUN = DistInfo(rank=0, world_size=1, local_rank=0, device=CUDA)

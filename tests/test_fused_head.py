@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tip.losses import fused_divergence_sum, kept_token_divergence
+from tip.losses import fused_divergence_sum
+from tip.reference_loss import kept_token_divergence
 from tip.signals import logits_rows, token_signals
 
 K, H, V = 37, 16, 50

@@ -13,8 +13,8 @@ import torch
 from tip.config import ConfigError
 from tip.data import format_prompt, load_examples
 from tip.models import load_tokenizer
+from tip.parts import training_prompt_ids, vllm_max_model_len
 from tip.taxonomy import BatchStats, quantile
-from tip.train import training_prompt_ids, vllm_max_model_len
 
 from support import ROOT, compose_config
 
@@ -90,8 +90,8 @@ def test_the_gpu_extra_resolves_beside_the_pinned_torch(tmp_path):
 
 def test_a_prompts_sampling_seed_does_not_depend_on_the_number_of_ranks():
     from tip.distributed import DistInfo
+    from tip.parts import rank_prompts
     from tip.rollout import prompt_seeds
-    from tip.train import rank_prompts
 
     cfg = compose_config("train.prompts_per_step=8")
     tok = load_tokenizer("embedded://student")
@@ -129,7 +129,7 @@ def test_cells_side_by_side_are_refused_on_a_gpu_machine():
 
 def test_gpu_speed_settings_default_to_gpu_values_on_gpus_and_keep_the_cpu_path():
     from tip.engine import deepspeed_config
-    from tip.train import vllm_speed_settings
+    from tip.parts import vllm_speed_settings
 
     ro = compose_config("rollout=vllm").rollout
     assert vllm_speed_settings(ro, torch.device("cuda", 0)) == {"enforce_eager": False, "sleep": True,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tip.losses import kept_token_divergence, opd_loss, opd_loss_from_logits
+from tip.reference_loss import kept_token_divergence, opd_loss, opd_loss_from_logits
 from tip.signals import logits_rows, projected_rows
 
 

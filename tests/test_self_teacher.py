@@ -9,7 +9,8 @@ from tip.engine import build_teacher_engine, copy_weights, deepspeed_config
 from tip.models import load_model, load_tokenizer
 from tip.rollout import aligned_targets, pack, with_prompts
 from tip.signals import signals_from_logits
-from tip.train import score_micro, train
+from tip.step import StepSettings, score_micro
+from tip.train import train
 
 from support import compose_config
 
@@ -42,9 +43,13 @@ def _embedded_batch():
     return tok, model, student_view, with_prompts(student_view, privileged, tok.pad_token_id)
 
 
+def _settings(chunk_size: int) -> StepSettings:
+    return StepSettings.of(compose_config(), chunk_size, micro_size=2)
+
+
 def test_signals_with_a_privileged_view_equal_slicing_the_teachers_logits_by_hand():
     _, model, student_view, teacher_view = _embedded_batch()
-    scored = score_micro(None, model, model, student_view, teacher_view, chunk_size=5)
+    scored = score_micro(_settings(chunk_size=5), None, model, model, student_view, teacher_view)
     signals, teacher_rows = scored.signals, scored.teacher_rows
     # Only the teacher's hidden states at response positions are kept for the gradient pass (no prompt, no
     # padding rows), in the order of the student's valid positions.
@@ -68,7 +73,7 @@ def test_signals_with_a_privileged_view_equal_slicing_the_teachers_logits_by_han
 
 def test_a_self_teacher_with_the_students_own_view_agrees_everywhere():
     _, model, student_view, _ = _embedded_batch()
-    signals = score_micro(None, model, model, student_view, student_view, chunk_size=7).signals
+    signals = score_micro(_settings(chunk_size=7), None, model, model, student_view, student_view).signals
     assert signals.reverse_kl[student_view.target_mask].abs().max() < 1e-6
 
 

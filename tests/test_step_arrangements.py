@@ -9,8 +9,9 @@ import torch
 
 from tip.distributed import init_distributed
 from tip.engine import release_engines
+from tip.parts import build_parts, rank_prompts
 from tip.rollout import prompt_seeds
-from tip.train import distill_step, rank_prompts, set_up
+from tip.step import opd_step
 
 from support import compose_config
 
@@ -19,31 +20,31 @@ STATS = ("loss", "valid_tokens", "kept_tokens", "mean_h", "mean_delta", "mean_de
 
 
 def one_step(tmp_path, micro_batch_size, *overrides, rollouts=None):
-    """One distill_step on the embedded pair (fixed seed, so the same initial student): its stats and the step's
+    """One opd_step on the embedded pair (fixed seed, so the same initial student): its stats and the step's
     gradient (summed over micro-batches, as the engine hands it on). The rollouts of the first call are reused."""
     cfg = compose_config("experiment=smoke", "logger=none", "train.prompts_per_step=8", "rollout.n=2",
                          f"train.micro_batch_size={micro_batch_size}", "train.warmup_steps=0", "train.lr=1e-3",
                          *overrides)
     dist = init_distributed()
-    run = set_up(cfg, dist, tmp_path)
+    run = build_parts(cfg, dist, tmp_path)
     try:
         if rollouts is None:
             prompt_ids, _, indices = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
             rollouts = run.rollout.generate(prompt_ids, 5, prompt_seeds(cfg.seed, 0, indices))
-        before = weights_of(run.policy)
+        before = weights_of(run.student)
         grads = {}
         hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, grads.get(n, 0) + g.detach().clone()))
-                 for n, p in run.policy.named_parameters()]
+                 for n, p in run.student.named_parameters()]
         generator = torch.Generator(device=dist.device).manual_seed(7)
-        stats = distill_step(cfg, run.student, run.teacher, rollouts.to(dist.device), run.micro_size, dist,
-                             generator, None, run.tokenizer.pad_token_id, run.chunk_size)
+        stats = opd_step(run.step, run.engine, run.teacher, rollouts.to(dist.device), dist, generator, cfg.keep,
+                         None, run.tokenizer.pad_token_id).metrics
         for hook in hooks:
             hook.remove()
-        after = weights_of(run.policy)
+        after = weights_of(run.student)
         assert max(float((w - before[n]).abs().max()) for n, w in after.items()) > 1e-4  # the step moved it
         return stats, grads, rollouts
     finally:
-        release_engines(run.student, run.teacher)
+        release_engines(run.engine, run.teacher)
 
 
 def assert_same_gradient(a: dict, b: dict) -> None:

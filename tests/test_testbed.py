@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tip.grading import boxed_answer
 from tip.models import EMBEDDED_DIR, PairError, resolve_model_ref
-from tip.testbed.arith import (
+from tip.tasks import (
     add_without_carry,
     error_positions,
     error_types,
@@ -18,7 +19,6 @@ from tip.testbed.arith import (
 )
 from tip.testbed.build import build_tokenizer, sft_batch, student_samples
 from tip.testbed.build import main as build_main
-from tip.testbed.grading_simple import boxed_answer
 
 
 def test_train_and_test_splits_are_disjoint_and_seeded():

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip.data import prompt_token_ids
-from tip.inspect import compare_rules
+from tip.microscope import compare_rules
 from tip.models import resolve_model_ref
 from tip.selection import keep_count, select_tokens
 from tip.signals import TokenSignals, log_probs, row_signals, top1_rows

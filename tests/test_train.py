@@ -17,7 +17,7 @@ from tip.models import load_model, load_tokenizer
 from tip.rollout import hf_generate
 from tip.selection import RULES
 from tip.signals import signals_from_logits
-from tip.testbed.arith import sample_problems
+from tip.tasks import sample_problems
 from tip.train import train
 
 from support import DATA_ROOT, ROOT, compose_config, read_metrics

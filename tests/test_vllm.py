@@ -13,7 +13,7 @@ import torch
 
 from tip.models import load_model, load_tokenizer, resolve_model_ref
 from tip.rollout import hf_generate, prompt_seeds
-from tip.testbed.arith import sample_problems
+from tip.tasks import sample_problems
 from tip.train import train
 
 from support import ROOT, compose_config
@@ -26,10 +26,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine():
-    from tip.vllm_rollout import VllmRollout
+    from tip.vllm_rollout import VllmWorker
 
     # Weights go in buckets of 0.25 MB (several parameters per message); training below uses one per message.
-    eng = VllmRollout(resolve_model_ref("embedded://student"), python=VLLM_PYTHON, max_model_len=128,
+    eng = VllmWorker(resolve_model_ref("embedded://student"), python=VLLM_PYTHON, max_model_len=128,
                       sync_bucket_mb=0.25)
     yield eng
     eng.close()
@@ -101,7 +101,7 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     from tip.env import CalculatorEnv, EpisodeLimits, TurnFormat, episode_batch, run_episodes
     from tip.rollout import hf_turns
     from tip.testbed.agent import sample_examples
-    from tip.vllm_rollout import VllmRollout
+    from tip.vllm_rollout import VllmWorker
 
     tok = load_tokenizer("embedded://agent_student")
     model = load_model("embedded://agent_student", torch.float32, "student")
@@ -111,7 +111,7 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     with hf_turns(model, tok, temperature=0.0) as gen:
         hf = episode_batch(run_episodes(gen, CalculatorEnv(), fmt, limits, examples, ids, 1, list(range(8))),
                            tok.pad_token_id)
-    engine = VllmRollout(resolve_model_ref("embedded://agent_student"), python=VLLM_PYTHON, max_model_len=320)
+    engine = VllmWorker(resolve_model_ref("embedded://agent_student"), python=VLLM_PYTHON, max_model_len=320)
     try:
         def gen_vllm(contexts, seeds, max_new_tokens):
             return engine.generate(tok, contexts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, seeds=seeds,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tip.config import ConfigError, check_config
-from tip.losses import fused_divergence_sum, kept_token_divergence, loss_denominator, opd_loss
+from tip.losses import fused_divergence_sum, loss_denominator
+from tip.reference_loss import kept_token_divergence, opd_loss
 from tip.report import read_cell
 from tip.selection import gumbel_threshold, keep_at, select
 from tip.signals import TokenSignals, entropy, jsd, jsd_rows, log_probs, logits_rows, row_signals, token_signals

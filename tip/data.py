@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tip.testbed.arith import sample_problems
+from tip.tasks import agent_problems, sample_problems
 
 BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 DATA_KINDS = ("embedded", "embedded_agent", "jsonl", "hub", "dapo")
@@ -154,13 +154,10 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     """
     kind = source.get("kind")
     fields = source.get("fields") or {}
-    if kind == "embedded":
-        probs = sample_problems(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
+    if kind in ("embedded", "embedded_agent"):  # the latter: the same problems, solved with a calculator tool
+        sample = sample_problems if kind == "embedded" else agent_problems
+        probs = sample(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
         examples = [Example(p.id, p.problem, p.answer, p.solution, p.tags) for p in probs]
-    elif kind == "embedded_agent":  # the same problems, solved with a calculator tool (tip.testbed.agent)
-        from tip.testbed.agent import sample_examples
-
-        examples = sample_examples(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
     elif kind == "jsonl":
         examples = _from_jsonl(Path(str(source["path"])), fields)
         if not examples:

@@ -287,7 +287,7 @@ def episode_metrics(sums: Sequence[float], prefix: str = "episode/") -> dict[str
 
 
 class MultiTurnRollout:
-    """A rollout backend (``HFRollout`` or ``VllmRolloutBackend``) run as multi-turn episodes in ``env``: the same
+    """A rollout backend (``HFRollout`` or ``VllmRollout``) run as multi-turn episodes in ``env``: the same
     ``generate`` / ``sync`` / ``close`` as single-turn rollouts, so the training loop does not tell them apart.
     The batch's ``response_mask`` marks the student's tokens only, and ``info`` holds ``episode_sums``."""
 

@@ -16,8 +16,6 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from tip.testbed.grading_simple import boxed_answer
-
 MAX_ANSWER_CHARS = 1000  # an "answer" longer than this is not an answer; never hand it to sympy
 GRADERS = ("math_verify", "exact")
 
@@ -30,6 +28,33 @@ class Grade:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def boxed_answer(text: str) -> str | None:
+    """Content of the last \\boxed{...} / \\fbox{...} in ``text`` with nested braces matched; None if absent or
+    unbalanced. ``\\boxed 5`` (no braces) yields '5'."""
+    best = None
+    for marker in ("\\boxed", "\\fbox"):
+        i = text.rfind(marker)
+        if i >= 0 and (best is None or i > best[0]):
+            best = (i, marker)
+    if best is None:
+        return None
+    i = best[0] + len(best[1])
+    if text[i:i + 1] == " ":  # "\boxed 5": the argument is the next token
+        rest = text[i + 1:].split()
+        return rest[0].rstrip(".$") if rest else None
+    if text[i:i + 1] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j]
+    return None
 
 
 _ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE | re.DOTALL)

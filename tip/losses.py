@@ -6,7 +6,10 @@ with D the number of kept tokens (``denominator='kept'``, the paper's Eq. 9) or 
 (``denominator='all'``, i.e. the all-token mean with dropped tokens contributing 0). Under gradient accumulation
 and data parallelism, pass ``global_count``: the denominator summed over every micro-batch and rank of the
 optimizer step, so that the step's gradient equals that of one big batch. The caller then undoes whatever
-averaging its engine applies (``tip.train`` multiplies by world_size x accumulation steps).
+averaging its engine applies (``tip.step`` multiplies by world_size x accumulation steps).
+
+This is the training loss. ``tip.reference_loss`` holds the unfused reference (materialised logits, autograd)
+that tests and benchmarks compare it with.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from tip.signals import (
     common_vocab,
     divergence,
     log_probs,
-    logits_rows,
     row_signals,
     softcap,
 )
@@ -35,27 +37,6 @@ valid tokens (the all-token mean with dropped tokens as 0, what importance weigh
 the sum of the kept tokens' weights (a weighted mean; = kept for hard masks); auto (the default): the rule's own
 (``tip.selection.Rule.denominator``: kept for every hard-mask rule, all for entropy_sample_is, weight for the
 other weighting rules)."""
-
-
-def kept_token_divergence(
-    student: RowSource,
-    teacher: RowSource,
-    rows: torch.Tensor,
-    kind: str = "reverse_kl",
-    beta: float = 0.5,
-    chunk_size: int = 512,
-) -> torch.Tensor:
-    """Divergence at each of ``rows`` (flat positions), differentiable through the student's row source.
-
-    Teacher logits are detached. fp32 math; at most ``chunk_size x V`` fp32 log-probs are formed per chunk.
-    """
-    pieces = []
-    for idx in chunks(rows, chunk_size):
-        s_logits, t_logits = common_vocab(student(idx), teacher(idx).detach())
-        pieces.append(divergence(log_probs(s_logits), log_probs(t_logits), kind, beta))
-    if not pieces:
-        return torch.zeros(0, dtype=torch.float32, device=rows.device)
-    return torch.cat(pieces)
 
 
 @dataclass(frozen=True)
@@ -172,14 +153,6 @@ def fused_divergence_sum(
     return FusedDivergence(total=out[0], per_row=out[1], signals=out[2] if with_signals else None)
 
 
-@dataclass(frozen=True)
-class LossOutput:
-    loss: torch.Tensor  # scalar, differentiable
-    kept_tokens: int
-    valid_tokens: int
-    divergence_sum: float  # sum of the kept tokens' divergences (for logging a per-token mean)
-
-
 def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denominator: str,
                      weights: torch.Tensor | None = None) -> float:
     """This micro-batch's contribution to the loss denominator (``DENOMINATORS``); ``weights`` (B, T) are the
@@ -194,59 +167,9 @@ def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denomina
     raise ValueError(f"unknown loss denominator {denominator!r}; known: kept, all, weight (the recipe resolves auto)")
 
 
-def opd_loss(
-    kept_divergences: torch.Tensor,
-    keep_mask: torch.Tensor,
-    valid_mask: torch.Tensor,
-    denominator: str = "kept",
-    global_count: float | None = None,
-    weights: torch.Tensor | None = None,
-) -> LossOutput:
-    """Reduce per-kept-token divergences to the OPD loss, (1/D) sum_{t kept} w_t div_t.
-
-    kept_divergences: shape (K,), one value per kept valid position
-    global_count:     the step's total denominator over micro-batches and ranks; defaults to this batch's own
-    weights:          (B, T) per-token weights of a weighting rule (None: 1, a hard mask)
-    """
-    kept_mask = keep_mask.bool() & valid_mask.bool()
-    kept = int(kept_mask.sum())
-    if kept != kept_divergences.numel():
-        raise ValueError(f"got {kept_divergences.numel()} divergences for {kept} kept valid tokens")
-    total = kept_divergences.sum() if weights is None else (kept_divergences * weights[kept_mask]).sum()
-    if global_count is None:
-        global_count = loss_denominator(keep_mask, valid_mask, denominator, weights)
-    return opd_loss_of_sum(total, keep_mask, valid_mask, denominator, global_count)
-
-
-def opd_loss_of_sum(
-    divergence_sum: torch.Tensor,
-    keep_mask: torch.Tensor,
-    valid_mask: torch.Tensor,
-    denominator: str = "kept",
-    global_count: float | None = None,
-) -> LossOutput:
-    """``opd_loss`` from the kept tokens' (weighted) summed divergence (what ``fused_divergence_sum`` returns)."""
-    keep_mask, valid_mask = keep_mask.bool(), valid_mask.bool()
-    count = loss_denominator(keep_mask, valid_mask, denominator) if global_count is None else float(global_count)
-    loss = divergence_sum / count if count > 0 else divergence_sum * 0.0
-    return LossOutput(loss=loss, kept_tokens=int((keep_mask & valid_mask).sum()), valid_tokens=int(valid_mask.sum()),
-                      divergence_sum=float(divergence_sum.detach()))
-
-
-def opd_loss_from_logits(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    keep_mask: torch.Tensor,
-    valid_mask: torch.Tensor,
-    kind: str = "reverse_kl",
-    beta: float = 0.5,
-    denominator: str = "kept",
-    global_count: float | None = None,
-    chunk_size: int = 512,
-) -> LossOutput:
-    """The OPD loss over materialised (B, T, V) logits: divergence at kept valid positions, then ``opd_loss``."""
-    rows = (keep_mask.bool() & valid_mask.bool()).reshape(-1).nonzero(as_tuple=True)[0]
-    divs = kept_token_divergence(
-        logits_rows(student_logits), logits_rows(teacher_logits), rows, kind, beta, chunk_size
-    )
-    return opd_loss(divs, keep_mask, valid_mask, denominator, global_count)
+def normalised_loss(divergence_sum: torch.Tensor, count: float) -> torch.Tensor:
+    """The OPD loss from the kept tokens' (weighted) summed divergence and the denominator D: sum / D, and 0
+    (still in the graph) when nothing counts. The one place the loss is normalised (the paper's Eq. 9 when D
+    counts the kept tokens)."""
+    count = float(count)
+    return divergence_sum / count if count > 0 else divergence_sum * 0.0

@@ -87,14 +87,14 @@ def output_width(model) -> int:
     return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
-def check_vocab(tokenizer, student_width: int, teacher_width: int, policy: str) -> int:
+def check_vocab(tokenizer, student_width: int, teacher_width: int, rule: str) -> int:
     """The vocabulary width the divergence is taken over. Teacher and student output layers may differ in width
-    (Qwen2.5-14B 152,064 vs 1.5B 151,936): ``policy='truncate'`` compares the shared leading ids, which must cover
-    every id the tokenizer can emit; ``policy='error'`` refuses any difference."""
-    if policy not in ("truncate", "error"):
-        raise PairError(f"unknown pair.vocab policy {policy!r}; known: truncate, error")
+    (Qwen2.5-14B 152,064 vs 1.5B 151,936): ``rule='truncate'`` compares the shared leading ids, which must cover
+    every id the tokenizer can emit; ``rule='error'`` refuses any difference."""
+    if rule not in ("truncate", "error"):
+        raise PairError(f"unknown pair.vocab rule {rule!r}; known: truncate, error")
     width = min(student_width, teacher_width)
-    if student_width != teacher_width and policy == "error":
+    if student_width != teacher_width and rule == "error":
         raise PairError(
             f"teacher and student output widths differ ({teacher_width} vs {student_width}); "
             "set pair.vocab=truncate to compare over the shared ids"

@@ -321,13 +321,11 @@ def _share(parts: int) -> str:
 
 
 def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_tokens: int) -> RunShape:
-    """The run's sizes as tip.train derives them (micro-batch, chunk, ZeRO settings, vLLM's sleep)."""
-    from tip.train import vllm_speed_settings
+    """The run's sizes as a run derives them (``tip.parts.RunSizes``; chunk, ZeRO settings, vLLM's sleep)."""
+    from tip.parts import RunSizes, vllm_speed_settings
 
-    if cfg.train.prompts_per_step % gpus:
-        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not allowed on {gpus} GPUs: it "
-                          "must be a multiple of the number of GPUs")
-    rollouts = cfg.train.prompts_per_step // gpus * cfg.rollout.n
+    sizes = RunSizes.of(cfg, gpus, what="GPUs")
+    rollouts = sizes.rollouts_per_rank
     zero = cfg.engine.deepspeed.zero_optimization
     return RunShape(
         gpus=gpus, stage=cfg.engine.stage, offload_optimizer=cfg.engine.offload_optimizer != "none",
@@ -335,7 +333,7 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_
         gather_for_generate=cfg.engine.get("gather_for_generate", "auto") != "never",
         prompt_tokens=prompt_tokens, response_tokens=rollout_tokens(cfg.get("env"), cfg.rollout.max_new_tokens),
         rollouts_per_rank=rollouts,
-        micro=min(cfg.train.micro_batch_size, rollouts),
+        micro=sizes.micro_size,
         chunk=resolve_chunk_size(cfg.train.chunk_size, student.vocab, device),
         checkpointing=bool(cfg.train.gradient_checkpointing), backend=cfg.rollout.backend,
         vllm_fraction=float(cfg.rollout.get("gpu_memory_utilization", 0.0)),
@@ -354,7 +352,7 @@ def longest_prompt(cfg) -> tuple[int, str]:
     from transformers import AutoTokenizer
 
     from tip.data import load_examples
-    from tip.train import training_prompt_ids
+    from tip.parts import training_prompt_ids
 
     fallback = (PAPER_PROMPT_TOKENS, "the paper's maximum prompt ({}; --prompt-tokens sets it)")
     source = cfg.data.source

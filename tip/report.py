@@ -32,8 +32,8 @@ import yaml
 from tip.benchmarks import EPISODE_METRICS
 from tip.checkpoint import write_atomic
 from tip.config import parse_cell
+from tip.tasks import CONFIDENT_ERROR, INCONSISTENT_ERROR
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
-from tip.testbed.arith import CONFIDENT_ERROR, INCONSISTENT_ERROR
 
 # Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
 # otherwise identical rules.

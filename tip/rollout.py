@@ -177,11 +177,11 @@ def hf_generate(
 
 
 class HFRollout:
-    """rollout=hf: transformers ``generate`` on the policy itself. Nothing to keep in sync; each step samples
+    """rollout=hf: transformers ``generate`` on the student itself. Nothing to keep in sync; each step samples
     from one stream per rank, seeded by the step's seed."""
 
-    def __init__(self, policy, tokenizer, rollout_cfg, synced_gpus: bool, generating=contextlib.nullcontext):
-        self.policy, self.tokenizer, self.cfg, self.synced_gpus = policy, tokenizer, rollout_cfg, synced_gpus
+    def __init__(self, student, tokenizer, rollout_cfg, synced_gpus: bool, generating=contextlib.nullcontext):
+        self.student, self.tokenizer, self.cfg, self.synced_gpus = student, tokenizer, rollout_cfg, synced_gpus
         self.generating = generating  # entered around each generate (tip.engine.whole_for_generation)
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
@@ -189,21 +189,21 @@ class HFRollout:
         ro = self.cfg
         torch.manual_seed(step_seed)
         with self.generating():
-            return hf_generate(self.policy, self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+            return hf_generate(self.student, self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
                                top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
                                synced_gpus=self.synced_gpus, max_seqs_per_call=ro.max_seqs_per_generate)
 
     @contextmanager
     def turns(self):
-        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``), the policy made whole once."""
+        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``), the student made whole once."""
         ro = self.cfg
-        with self.generating(), hf_turns(self.policy, self.tokenizer, ro.temperature, ro.top_p, ro.top_k,
+        with self.generating(), hf_turns(self.student, self.tokenizer, ro.temperature, ro.top_p, ro.top_k,
                                          self.synced_gpus, ro.max_seqs_per_generate) as generate_turn:
             yield generate_turn
 
 
     def sync(self) -> None:
-        """The policy is the model: nothing to send."""
+        """The student is the model: nothing to send."""
 
     def close(self) -> None:
         pass

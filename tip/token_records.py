@@ -1,4 +1,4 @@
-"""Token records: one row per response token of a step's rollouts, for ``python -m tip.inspect`` and analysis.
+"""Token records: one row per response token of a step's rollouts, for ``python -m tip.microscope`` and analysis.
 
 ``train.token_log_every=N`` writes, at every N-th step, ``tokens/step_<S>.rank<r>.parquet`` (each rank its own
 rollouts) and ``tokens/step_<S>.json`` (rank 0: the rule, keep and the batch statistics that selection used, so

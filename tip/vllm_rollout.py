@@ -38,19 +38,19 @@ def _gathered(param):
     return nullcontext()
 
 
-class VllmRolloutBackend:
-    """rollout=vllm for the trainer: a worker (``VllmRollout``) sampling with one seed per prompt, and the
-    policy's weights sent to it after every optimizer step (``sync``)."""
+class VllmRollout:
+    """rollout=vllm for the trainer: a worker (``VllmWorker``) sampling with one seed per prompt, and the
+    student's weights sent to it after every optimizer step (``sync``)."""
 
-    def __init__(self, engine: VllmRollout, policy, tokenizer, rollout_cfg):
-        self.engine, self.policy, self.tokenizer, self.cfg = engine, policy, tokenizer, rollout_cfg
+    def __init__(self, engine: VllmWorker, student, tokenizer, rollout_cfg):
+        self.engine, self.student, self.tokenizer, self.cfg = engine, student, tokenizer, rollout_cfg
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
                  examples=None) -> RolloutBatch:
         ro = self.cfg
         return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
                                     top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
-                                    model=self.policy)
+                                    model=self.student)
 
     @contextmanager
     def turns(self):
@@ -61,14 +61,14 @@ class VllmRolloutBackend:
         def generate_turn(contexts, seeds, max_new_tokens):
             return self.engine.generate(self.tokenizer, contexts, n=1, temperature=ro.temperature, top_p=ro.top_p,
                                         top_k=ro.top_k, max_new_tokens=max_new_tokens, seeds=seeds,
-                                        model=self.policy).responses()
+                                        model=self.student).responses()
 
         yield generate_turn
 
     def sync(self) -> float:
-        """Send the policy's current weights; returns the seconds it took."""
+        """Send the student's current weights; returns the seconds it took."""
         start = time.time()
-        self.engine.load_weights(self.policy)
+        self.engine.load_weights(self.student)
         return round(time.time() - start, 3)
 
     def close(self) -> None:
@@ -86,7 +86,10 @@ def worker_visible_devices(parent_visible: str | None, local_rank: int, device_c
     return visible[local_rank]
 
 
-class VllmRollout:
+class VllmWorker:
+    """A vLLM engine in its own process (``tip/vllm_worker.py``), one per rank: generation requests and weight
+    updates go over a local socket."""
+
     def __init__(self, model_dir: str, python: str | None = None, dtype: str = "float32", max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.3, seed: int = 0, start_timeout_s: float = 900.0,
                  log_path: Path | None = None, local_rank: int = 0, enforce_eager: bool = True, sleep: bool = False,

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this file's folder (tip/) comes first on sys.path, and tip/inspect.py (the token microscope)
-# would stand in for the standard library's inspect, which torch imports. The worker needs nothing from there.
+# Run as a script, this file's folder (tip/) comes first on sys.path, where a module named like one of the standard
+# library's would stand in for it (a tip/inspect.py once broke torch's import). The worker needs nothing from there.
 if __name__ == "__main__":
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]

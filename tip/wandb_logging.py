@@ -62,24 +62,3 @@ def start_run(cfg: DictConfig, run_dir: Path):
     )
     id_file.write_text(run_id)
     return run
-
-
-def log_token_microscope(run, run_dir: Path) -> None:
-    """The token microscope of the run's last recorded step (``tip.inspect``) as a W&B HTML panel, and its plots as
-    images (when matplotlib is installed)."""
-    import wandb
-
-    from tip.inspect import page_data, plot_images, render_page
-    from tip.token_records import logged_steps
-
-    steps = logged_steps(run_dir)
-    if not steps:
-        return
-    data = page_data(run_dir, steps[-1])
-    media = {"token_microscope": wandb.Html(render_page(data), inject=False)}
-    try:
-        images = plot_images(data, Path(run_dir) / "inspect")
-    except ImportError:  # matplotlib is an extra (.[sweeps]); the page holds the same plots
-        images = {}
-    media.update({name: wandb.Image(str(path)) for name, path in images.items()})
-    run.log(media)

@@ -1,4 +1,4 @@
-"""The embedded agentic task: the arithmetic problems of ``tip.testbed.arith`` solved with a calculator tool.
+"""The embedded agentic task: the arithmetic problems of ``tip.tasks`` solved with a calculator tool.
 
     python -m tip.testbed.agent        # writes tip/assets/embedded_agent_pair (a few minutes on 2 cores)
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import random
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 from tip.data import Example, prompt_token_ids
-from tip.testbed.arith import add_without_carry, error_types, sample_operands
+from tip.tasks import Turn, add_without_carry, agent_problems, call_text, sample_operands, teacher_turns
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded_agent_pair"
 ERRORS = {
@@ -93,26 +92,6 @@ def build_tokenizer():
     return tok
 
 
-def call_text(expr: str) -> str:
-    """A Hermes-style call of the calculator, compact JSON (fewer characters for a character-level model)."""
-    return "<tool_call>" + json.dumps({"name": "calc", "arguments": {"expr": expr}}, separators=(",", ":")) + \
-        "</tool_call>"
-
-
-@dataclass(frozen=True)
-class Turn:
-    text: str  # the assistant's turn (its end-of-turn token follows)
-    results: tuple[str, ...] = ()  # the tool results that answer it (none: the episode's last turn)
-    drilled: tuple[tuple[int, str], ...] = ()  # (character index in text, the right character): drilled digits
-
-
-def teacher_turns(a: int, b: int, c: int, swap: bool) -> list[Turn]:
-    s, r = a + b, a + b - c
-    x, y = (b, a) if swap else (a, b)
-    return [Turn(call_text(f"{x}+{y}"), (str(s),)), Turn(call_text(f"{s}-{c}"), (str(r),)),
-            Turn(f"\\boxed{{{r}}}")]
-
-
 def student_turns(a: int, b: int, c: int, swap_sub: bool, sep: str = ";") -> list[Turn]:
     s = add_without_carry(a, b)
     r = c - s if swap_sub else s - c
@@ -125,21 +104,9 @@ def student_turns(a: int, b: int, c: int, swap_sub: bool, sep: str = ";") -> lis
     return [Turn(head + call_text(expr), (str(r),), drilled), Turn(f"\\boxed{{{r}}}")]
 
 
-def task_tags(a: int, b: int, c: int) -> tuple[str, ...]:
-    """``carry`` where the addition needs a carry (the student's head-sum is wrong), else ``plain``."""
-    return ("carry",) if "carry" in error_types(a, b, c) else ("plain",)
-
-
 def sample_examples(n: int, seed: int, split: str = "train") -> list[Example]:
-    """Problems of the arithmetic task's split (same operands, disjoint splits) with the teacher's episode as the
-    reference solution (text of its turns and results) and the ``task_tags``."""
-    rng = random.Random(f"{seed}-{split}-agent")
-    out = []
-    for a, b, c in sample_operands(n, seed, split):
-        turns = teacher_turns(a, b, c, rng.random() < 0.5)
-        solution = "".join(t.text + "".join(f"<tool_response>{x}</tool_response>" for x in t.results) for t in turns)
-        out.append(Example(f"agent-{a}-{b}-{c}", f"{a}+{b}-{c}=", str(a + b - c), solution, task_tags(a, b, c)))
-    return out
+    """``tip.tasks.agent_problems`` as data examples (what ``data=embedded_agent`` serves)."""
+    return [Example(p.id, p.problem, p.answer, p.solution, p.tags) for p in agent_problems(n, seed, split)]
 
 
 def episode_tokens(tok, fmt, problem: str, turns: list[Turn]) -> tuple[list[int], list[int], list[int]]:

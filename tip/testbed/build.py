@@ -5,7 +5,7 @@
 
 Both models are Qwen3 architectures (transformers) sharing one character-level tokenizer, saved in HF format
 (``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained`` load them). The task and its error types are in
-``tip.testbed.arith``.
+``tip.tasks``.
 
 - The teacher is trained from scratch on correct solutions, each in a random one of its equally valid forms,
   with label smoothing: a real LM keeps a little probability off its top token everywhere, and so its ordinary
@@ -40,7 +40,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from tip.checkpoint import atomic_dir
-from tip.testbed.arith import add_without_carry, sample_operands, sample_problems, solution_text
+from tip.tasks import add_without_carry, sample_operands, sample_problems, solution_text
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*/=;:.,()[]{}\\ ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -218,7 +218,7 @@ def derive_student(teacher: Qwen3ForCausalLM, spec: StudentSpec, tok, seed: int,
 
 @torch.no_grad()
 def greedy_accuracy(model, tok, n: int = 256, seed: int = 1) -> float:
-    from tip.testbed.grading_simple import boxed_answer  # local import keeps build.py importable alone
+    from tip.grading import boxed_answer
 
     problems = sample_problems(n, seed=seed, split="test")
     enc = tok([p.problem for p in problems], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -8,7 +8,7 @@ default thresholds of that step's batch):
 - every quadrant holds >= 5% of the tokens;
 - Q3's mean delta >= 0.25x Q1's and >= 30x Q4's;
 - >= 50% of the tokens ``q3`` at keep 0.1 keeps are in Q3;
-- at the confident error's positions (``arith.CONFIDENT_ERROR``) the student's entropy lies in the lowest third of
+- at the confident error's positions (``tasks.CONFIDENT_ERROR``) the student's entropy lies in the lowest third of
   all tokens' and the forward KL is >= 1 nat; at the inconsistent error's, the entropy lies in the highest third.
 
 The accuracy criterion (all-token OPD closes 25-75% of the teacher-student gap) needs a training run; the test
@@ -28,8 +28,8 @@ from tip.models import load_model, load_tokenizer
 from tip.rollout import hf_generate
 from tip.selection import select_tokens
 from tip.signals import TokenSignals, signals_from_logits
+from tip.tasks import CONFIDENT_ERROR, ERROR_TYPES, INCONSISTENT_ERROR, error_positions, sample_operands
 from tip.taxonomy import QUADRANTS, BatchStats, quadrant_labels, quadrant_sums, quantile, summarise_quadrants
-from tip.testbed.arith import CONFIDENT_ERROR, ERROR_TYPES, INCONSISTENT_ERROR, error_positions, sample_operands
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""python -m tip.inspect: the token microscope page, checked as a file and in a real headless browser."""
+"""python -m tip.microscope: the token microscope page, checked as a file and in a real headless browser."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import sys
 import pytest
 from browser import chromium, rendered_body, screenshot
 
-from tip.inspect import compare_rules
+from tip.microscope import compare_rules
 from tip.report import find_cells, kept_share_series, plot_kept_shares
 from tip.token_records import read_token_records
 from tip.train import train
@@ -22,9 +22,9 @@ def page(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("inspect") / "run"
     train(compose_config("experiment=smoke", "logger=none", "train.save_final=false", "train.eval_before=false",
                          "eval.benchmarks.embedded.source.size=4"), run_dir)
-    out = subprocess.run([sys.executable, "-m", "tip.inspect", str(run_dir)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "tip.microscope", str(run_dir)], capture_output=True, text=True,
                          cwd=ROOT, check=True)
-    path = run_dir / "inspect" / "step_000002.html"
+    path = run_dir / "microscope" / "step_000002.html"
     assert out.stdout.strip() == str(path)
     return run_dir, path
 
@@ -53,7 +53,7 @@ def test_bad_arguments_are_refused_by_name(page):
     run_dir, _ = page
     for args, message in ((["step=7"], "step=7 has no token records in .*; recorded steps: 1, 2"),
                           (["stp=2"], "'stp=2' is not allowed"), (["keeps=0,0.2"], "keeps='0,0.2' is not allowed")):
-        out = subprocess.run([sys.executable, "-m", "tip.inspect", str(run_dir), *args], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "tip.microscope", str(run_dir), *args], capture_output=True,
                              text=True, cwd=ROOT)
         assert out.returncode != 0 and re.search(message, out.stderr), out.stderr
 
@@ -87,7 +87,7 @@ def test_the_report_plots_each_quadrants_kept_share_per_rule(page, tmp_path):
     sweep = tmp_path / "sweep"
     for i, cell in enumerate(("soft_or@0.5", "q3@0.2")):
         d = sweep / str(i)
-        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("tokens", "inspect", "checkpoints"))
+        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("tokens", "microscope", "checkpoints"))
         (d / ".hydra").mkdir()
         (d / ".hydra" / "overrides.yaml").write_text(f"- cell={cell}\n")
     series = kept_share_series(find_cells(sweep))

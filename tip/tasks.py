@@ -1,4 +1,6 @@
-"""Two-step arithmetic with step-by-step solutions and a \\boxed{} answer: the embedded testbed's task.
+"""The embedded tasks: two-step arithmetic with step-by-step solutions and a \\boxed{} answer, and the same
+problems solved with a calculator tool (``agent_problems``). The testbed (``tip/testbed/``) builds its pairs
+on them; ``tip.data`` serves them as the ``embedded`` and ``embedded_agent`` data sources.
 
 Problem ``47+38-19=``, solution ``47+38=85;85-19=66;\\boxed{66}``. Problems are split into train and held-out by a
 hash of the operands, so the two never overlap whatever the seeds.
@@ -20,6 +22,7 @@ accuracy on the held-out problems of each type (``Problem.tags``).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -149,4 +152,43 @@ def error_positions(a: int, b: int, c: int, response: str) -> dict[str, int]:
         s = int(m.group(5))
         if s >= c and s % 10 < c % 10:
             out["borrow"] = m.end() + first_difference(str(s - c), str(subtract_without_borrow(s, c)))
+    return out
+
+
+def call_text(expr: str) -> str:
+    """A Hermes-style call of the calculator, compact JSON (fewer characters for a character-level model)."""
+    return "<tool_call>" + json.dumps({"name": "calc", "arguments": {"expr": expr}}, separators=(",", ":")) + \
+        "</tool_call>"
+
+
+@dataclass(frozen=True)
+class Turn:
+    text: str  # the assistant's turn (its end-of-turn token follows)
+    results: tuple[str, ...] = ()  # the tool results that answer it (none: the episode's last turn)
+    drilled: tuple[tuple[int, str], ...] = ()  # (character index in text, the right character): drilled digits
+
+
+def teacher_turns(a: int, b: int, c: int, swap: bool) -> list[Turn]:
+    s, r = a + b, a + b - c
+    x, y = (b, a) if swap else (a, b)
+    return [Turn(call_text(f"{x}+{y}"), (str(s),)), Turn(call_text(f"{s}-{c}"), (str(r),)),
+            Turn(f"\\boxed{{{r}}}")]
+
+
+def task_tags(a: int, b: int, c: int) -> tuple[str, ...]:
+    """``carry`` where the addition needs a carry (the student's head-sum is wrong), else ``plain``."""
+    return ("carry",) if "carry" in error_types(a, b, c) else ("plain",)
+
+
+def agent_problems(n: int, seed: int, split: str = "train") -> list[Problem]:
+    """Problems of the arithmetic task's split (same operands, disjoint splits) with the teacher's tool-use
+    episode as the reference solution (text of its turns and results) and the ``task_tags``."""
+    rng = random.Random(f"{seed}-{split}-agent")
+    out = []
+    for a, b, c in sample_operands(n, seed, split):
+        turns = teacher_turns(a, b, c, rng.random() < 0.5)
+        solution = "".join(t.text + "".join(f"<tool_response>{x}</tool_response>" for x in t.results)
+                           for t in turns)
+        out.append(Problem(f"agent-{a}-{b}-{c}", f"{a}+{b}-{c}=", str(a + b - c), solution,
+                           task_tags(a, b, c)))
     return out

@@ -1,6 +1,6 @@
 """The token microscope: a self-contained HTML page of one step's token records.
 
-    python -m tip.inspect <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]
+    python -m tip.microscope <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]
 
 It shows the step's rollouts with every response token coloured by quadrant and the kept tokens outlined (hover a
 token for its numbers and the student's and teacher's most likely tokens there); a rule comparison (which tokens
@@ -8,7 +8,7 @@ each selection rule would keep at a chosen keep, from the same logged signals an
 functions of them, so no model is needed); the h-delta scatter coloured by quadrant (the paper's Fig. 2 view) and
 each quadrant's share of the tokens and of the kept tokens over the run's steps. The page needs no network.
 Records come from ``train.token_log_every`` (``tip.token_records``); the page is written atomically to
-``<run dir>/inspect/step_<S>.html`` unless ``out=`` says otherwise.
+``<run dir>/microscope/step_<S>.html`` unless ``out=`` says otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tip.token_records import OPTIONAL_COLUMNS, logged_steps, read_token_records
 DEFAULT_KEEPS = (0.1, 0.2, 0.5)
 COMPARISON_SEED = 0  # the stochastic rules (random, entropy_sample) show one draw from this seed
 QUADRANT_COLOURS = {"q1": "#e4572e", "q2": "#f3a712", "q3": "#7b2cbf", "q4": "#8fb996"}
-PAGE_TEMPLATE = Path(__file__).resolve().parent / "assets" / "inspect_page.html"  # __TITLE__ and __DATA__ filled in
+PAGE_TEMPLATE = Path(__file__).resolve().parent / "assets" / "microscope_page.html"  # __TITLE__ and __DATA__ filled in
 NUMBER_COLUMNS = ("h", "delta", "delta_fwd", "h_hat", "d_hat", "score", "student_top_p", "teacher_top_p")
 
 
@@ -149,7 +149,7 @@ def write_page(run_dir: Path, step: int | None = None, keeps=DEFAULT_KEEPS, out:
     elif step not in steps:
         raise ValueError(f"step={step} has no token records in {run_dir}; recorded steps: "
                          f"{', '.join(map(str, steps))}")
-    out = Path(out) if out else run_dir / "inspect" / f"step_{step:06d}.html"
+    out = Path(out) if out else run_dir / "microscope" / f"step_{step:06d}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, render_page(page_data(run_dir, step, keeps)))
     return out
@@ -193,16 +193,34 @@ def plot_images(data: dict, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def log_to_wandb(run, run_dir: Path) -> None:
+    """The token microscope of the run's last recorded step  as a W&B HTML panel, and its plots as
+    images (when matplotlib is installed)."""
+    import wandb
+
+    steps = logged_steps(run_dir)
+    if not steps:
+        return
+    data = page_data(run_dir, steps[-1])
+    media = {"token_microscope": wandb.Html(render_page(data), inject=False)}
+    try:
+        images = plot_images(data, Path(run_dir) / "microscope")
+    except ImportError:  # matplotlib is an extra (.[sweeps]); the page holds the same plots
+        images = {}
+    media.update({name: wandb.Image(str(path)) for name, path in images.items()})
+    run.log(media)
+
+
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
     """``<run dir> [step=S] [keeps=a,b] [out=path]``; anything else is refused by name."""
-    usage = "usage: python -m tip.inspect <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]"
+    usage = "usage: python -m tip.microscope <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]"
     if not argv or argv[0] in ("-h", "--help"):
         raise SystemExit(usage)
     run_dir, options = Path(argv[0]), {}
     for arg in argv[1:]:
         key, sep, value = arg.partition("=")
         if not sep or key not in ("step", "keeps", "out"):
-            raise SystemExit(f"tip.inspect: {arg!r} is not allowed; {usage}")
+            raise SystemExit(f"tip.microscope: {arg!r} is not allowed; {usage}")
         try:
             if key == "step":
                 options["step"] = int(value)
@@ -214,9 +232,9 @@ def parse_args(argv: list[str]) -> tuple[Path, dict]:
                 options["out"] = Path(value)
         except ValueError:
             allowed = "an integer" if key == "step" else "numbers in (0, 1], comma-separated"
-            raise SystemExit(f"tip.inspect: {key}={value!r} is not allowed: expected {allowed}") from None
+            raise SystemExit(f"tip.microscope: {key}={value!r} is not allowed: expected {allowed}") from None
     if not run_dir.is_dir():
-        raise SystemExit(f"tip.inspect: no such run directory: {run_dir}")
+        raise SystemExit(f"tip.microscope: no such run directory: {run_dir}")
     return run_dir, options
 
 
@@ -225,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_page(run_dir, **options)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"tip.inspect: {err}") from None
+        raise SystemExit(f"tip.microscope: {err}") from None
     print(path)
     return 0
 
