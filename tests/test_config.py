@@ -1,12 +1,14 @@
 """Every YAML composes through Hydra's compose API, and bad values fail before any model loads."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from tip.config import ConfigError, check_config
+from tip.config import ConfigError, apply_cell, check_config
 from tip.selection import RULES
 
 from support import CONF_DIR, compose_config
@@ -102,3 +104,50 @@ def test_paper_overlays_hold_the_papers_settings(pair, lr, needs_shared_data):
         assert cfg.pair.chat_template_kwargs == {"enable_thinking": False}
     header = (Path(CONF_DIR) / "experiment" / f"paper_{pair}.yaml").read_text().splitlines()[:4]
     assert any(line.startswith("# GPUs in the paper:") for line in header)
+
+
+def test_a_value_of_the_wrong_shape_is_refused_naming_the_key_before_any_model_loads(tmp_path):
+    cfg = compose_config("keep_schedule=bogus")
+    with pytest.raises(ConfigError, match=r"keep_schedule='bogus' is not allowed: expected a block of keys"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match=r"keep_schedule.milestones=5 is not allowed: expected a list"):
+        check_config(compose_config("keep_schedule.milestones=5"))
+    # The command line fails at once with that message (no model is loaded: no DeepSpeed engine starts).
+    out = subprocess.run([sys.executable, "-m", "tip.train", "keep_schedule=bogus", "logger=none",
+                          f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "keep_schedule='bogus' is not allowed" in out.stderr
+    assert "AttributeError" not in out.stderr and "load" not in out.stdout.lower()
+
+
+def test_a_selectors_parameters_live_in_its_own_file():
+    cfg = compose_config("selector=entropy_jsd_sample", "selector.jsd_gamma=2")
+    assert cfg.selector.jsd_gamma == 2 and cfg.selector.entropy_alpha == 1.0 and "selection" in cfg
+    assert "jsd_gamma" not in cfg.selection and "entropy_alpha" not in cfg.selection
+    check_config(cfg)
+    with pytest.raises(ConfigCompositionException, match="jsd_gamma"):  # q3 has no such parameter
+        compose_config("selector=q3", "selector.jsd_gamma=2")
+    with pytest.raises(ConfigError, match=r"selector.jsd_gamma=-1 is not allowed"):
+        check_config(compose_config("selector=entropy_jsd_sample", "selector.jsd_gamma=-1"))
+
+
+@pytest.mark.parametrize("cell,overrides", [
+    ("q3@0.1", ["selector=q3", "keep=0.1"]),
+    ("entropy_jsd_sample@0.2", ["selector=entropy_jsd_sample", "keep=0.2"]),
+    ("untrained", ["selector=all", "keep=1.0", "train.steps=0"]),
+])
+def test_a_cell_is_exactly_the_overrides_it_expands_to(cell, overrides):
+    # From a composition with another selector (and its parameters), as a sweep's cells are.
+    cfg = compose_config("selector=entropy_sample", "selector.entropy_alpha=3", f"cell={cell}")
+    apply_cell(cfg)
+    want = compose_config(*overrides, f"cell={cell}")
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(want)
+
+
+def test_the_rollout_backends_share_their_sampling_keys():
+    hf, vllm = compose_config("rollout=hf").rollout, compose_config("rollout=vllm").rollout
+    shared = ("n", "temperature", "top_p", "top_k", "max_new_tokens")
+    assert all(hf[k] == vllm[k] for k in shared)
+    for name in ("hf", "vllm"):  # written once, in the file both start from
+        text = (Path(CONF_DIR) / "rollout" / f"{name}.yaml").read_text()
+        assert not any(line.startswith(f"{k}:") for k in shared for line in text.splitlines())

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tip.data import DATA_KINDS
 from tip.engine import GATHER_FOR_GENERATE, PRECISIONS
@@ -15,7 +15,7 @@ from tip.env import ENVIRONMENTS, EpisodeLimits
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.rollout import ROLLOUT_BACKENDS
-from tip.selection import KEEP_SCHEDULES, RULES, SCOPES
+from tip.selection import KEEP_SCHEDULES, RULES, SCOPES, SELECTOR_PARAMS
 from tip.signals import DIVERGENCES
 from tip.taxonomy import NORM_SCOPES
 from tip.wandb_logging import LOGGER_MODES
@@ -85,24 +85,51 @@ def parse_cell(cell: str) -> tuple[str, float]:
         return rule, float("nan")
 
 
+def selector_node(rule: str) -> DictConfig:
+    """What ``selector=<rule>`` composes: the rule's own file, conf/selector/<rule>.yaml."""
+    return OmegaConf.load(CONF_DIR / "selector" / f"{rule}.yaml")
+
+
 def apply_cell(cfg: DictConfig) -> None:
-    """``cell=<selector>@<keep>`` (e.g. ``q3@0.1``) or ``cell=untrained`` (the student as loaded: no training
-    steps) sets the selector, keep and steps at once: sweeps whose cells are not a grid list them this way."""
+    """``cell=<selector>@<keep>`` is exactly ``selector=<selector> keep=<keep>`` (the selector's file replaces
+    the composed one, parameters included); ``cell=untrained`` is ``selector=all keep=1.0 train.steps=0`` (the
+    student as loaded). Sweeps whose cells are not a grid list them this way."""
     cell = cfg.get("cell")
     if cell is None:
         return
     allowed = "expected '<selector>@<keep>' (e.g. q3@0.1, all@1.0) or 'untrained'"
     if cell == "untrained":
-        cfg.selector.name, cfg.keep, cfg.train.steps = "all", 1.0, 0
+        cfg.selector, cfg.keep, cfg.train.steps = selector_node("all"), 1.0, 0
         return
     _need("@" in str(cell), "cell", cell, allowed)
     rule, keep = parse_cell(str(cell))
     _one_of("cell selector", rule, sorted(RULES))
     _need(keep == keep, "cell", cell, f"{str(cell).partition('@')[2]!r} is not a number; {allowed}")
-    cfg.keep, cfg.selector.name = keep, rule
+    cfg.keep, cfg.selector = keep, selector_node(rule)
+
+
+BLOCKS = ("keep_schedule", "selection", "selection.quadrant_thresholds", "train", "rollout", "engine",
+          "engine.deepspeed", "pair", "teacher", "selector", "divergence", "data", "data.source", "eval",
+          "eval.benchmarks", "env", "logger")
+"""Keys that hold a block of keys (a mapping), never a single value."""
+LISTS = ("keep_schedule.milestones",)
+"""Keys that hold a list."""
+
+
+def check_shapes(cfg: DictConfig) -> None:
+    """A value of the wrong shape (``keep_schedule=bogus``: a string where a block of keys belongs) is refused
+    naming the key, before any other check reads inside it."""
+    for key in BLOCKS:
+        value = OmegaConf.select(cfg, key)
+        _need(isinstance(value, DictConfig), key, value if not isinstance(value, ListConfig) else list(value),
+              f"expected a block of keys ({key}.<key>=<value> sets one of them)")
+    for key in LISTS:
+        value = OmegaConf.select(cfg, key)
+        _need(isinstance(value, ListConfig), key, value, "expected a list, e.g. [[5, 0.5], [10, 0.2]]")
 
 
 def check_config(cfg: DictConfig) -> None:
+    check_shapes(cfg)
     _number("keep", cfg.keep, 0.0, 1.0, lo_open=True)
     ks = cfg.keep_schedule
     _one_of("keep_schedule.kind", ks.kind, KEEP_SCHEDULES)
@@ -122,8 +149,9 @@ def check_config(cfg: DictConfig) -> None:
     _one_of("selection.scope", sel.scope, SCOPES)
     _one_of("selection.norm_scope", sel.norm_scope, NORM_SCOPES)
     _number("selection.clip_quantile", sel.clip_quantile, 0.0, 1.0, lo_open=True)
-    _number("selection.entropy_alpha", sel.entropy_alpha, 0.0, math.inf, hi_open=True)
-    _number("selection.jsd_gamma", sel.jsd_gamma, 0.0, math.inf, hi_open=True)
+    for key in sorted(set(cfg.selector) - {"name"}):
+        _one_of("selector parameter", key, sorted(SELECTOR_PARAMS))
+        _number(f"selector.{key}", cfg.selector[key], 0.0, math.inf, hi_open=True)
     _threshold("selection.quadrant_thresholds.entropy", sel.quadrant_thresholds.entropy)
     _threshold("selection.quadrant_thresholds.divergence", sel.quadrant_thresholds.divergence)
 
@@ -149,7 +177,7 @@ def check_config(cfg: DictConfig) -> None:
     _integer("train.token_log_every", tr.token_log_every, 0)
 
     ro = cfg.rollout
-    _one_of("rollout.backend", ro.backend, ROLLOUT_BACKENDS)
+    _one_of("rollout.backend", ro.get("backend"), ROLLOUT_BACKENDS)
     _integer("rollout.n", ro.n, 1)
     _integer("rollout.max_new_tokens", ro.max_new_tokens, 1)
     _need(ro.temperature in (0, 1), "rollout.temperature", ro.temperature,

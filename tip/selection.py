@@ -66,6 +66,11 @@ each holds (token records keep them under the same names)."""
 
 RULES: dict[str, Rule] = {}
 
+SELECTOR_PARAMS = {"entropy_alpha": 1.0, "jsd_gamma": 1.0}
+"""Parameters a selector's config file may carry (conf/selector/<rule>.yaml), with the value a rule whose file
+has none would see: entropy_alpha, the exponent of h in the entropy-sampling rules; jsd_gamma, the exponent of
+the JSD in entropy_jsd_sample."""
+
 
 def register_rule(name: str, order: Literal["top", "bottom"] = "top", weight: WeightFn | None = None,
                   denominator: str = "kept", ignores_keep: bool = False, needs: tuple[str, ...] = ()):

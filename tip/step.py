@@ -28,7 +28,7 @@ from tip.models import (
     whole_until_accumulated,
 )
 from tip.rollout import RolloutBatch, aligned_targets, with_prompts
-from tip.selection import Rule, Selection, get_rule, keeps_every_token, select
+from tip.selection import SELECTOR_PARAMS, Rule, Selection, get_rule, keeps_every_token, select
 from tip.signals import SIGNAL_ROWS, TokenSignals, token_signals
 from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
 from tip.token_records import stats_dict, token_table
@@ -54,14 +54,14 @@ class StepSettings:
 
     @classmethod
     def of(cls, cfg, chunk_size: int, micro_size: int) -> StepSettings:
-        rule, sel = get_rule(cfg.selector.name), cfg.selection
+        rule, sel = get_rule(cfg.selector.name), cfg.selection  # (a selector's own parameters: its file)
         return cls(rule=rule, divergence=cfg.divergence.name, beta=cfg.divergence.beta,
                    denominator=rule.denominator if cfg.train.denominator == "auto"
                    else cfg.train.denominator,
                    chunk_size=chunk_size, micro_size=micro_size, scope=sel.scope,
                    norm_scope=sel.norm_scope, clip_quantile=sel.clip_quantile,
-                   entropy_alpha=cfg.selector.get("entropy_alpha", 1.0),
-                   jsd_gamma=cfg.selector.get("jsd_gamma", 1.0),
+                   entropy_alpha=cfg.selector.get("entropy_alpha", SELECTOR_PARAMS["entropy_alpha"]),
+                   jsd_gamma=cfg.selector.get("jsd_gamma", SELECTOR_PARAMS["jsd_gamma"]),
                    entropy_threshold=sel.quadrant_thresholds.entropy,
                    divergence_threshold=sel.quadrant_thresholds.divergence)
 
