@@ -4,8 +4,8 @@ import json
 import time
 
 import pytest
-from hanging_grader import hang_on_marker
 
+from hanging_grader import hang_on_marker
 from tip.benchmarks import majority_correct, pass_at_k, summarise
 from tip.grading import Grade, extract_answer, grade_many, grade_one
 

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from browser import chromium, rendered_body, screenshot
 
+from browser import chromium, rendered_body, screenshot
 from tip.microscope import compare_rules
 from tip.report import find_cells, kept_share_series, plot_kept_shares
 from tip.token_records import read_token_records

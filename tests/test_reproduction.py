@@ -4,8 +4,8 @@ cells, the same sweep file and report."""
 import csv
 
 import pytest
-from test_sweeps import multirun
 
+from test_sweeps import multirun
 from tip.report import report
 
 

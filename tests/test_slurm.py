@@ -7,6 +7,7 @@ import time
 
 import pytest
 import yaml
+
 from test_sweeps import tip_env
 
 import slurm_cluster

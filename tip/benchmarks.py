@@ -5,19 +5,22 @@ The evaluation library, used inside training (before, during and after) and by t
 rollout code the trainer uses, sharded over data-parallel ranks.
 
 Metrics per benchmark (``{name}/...``):
-- ``accuracy``: mean@n, the mean over problems of the fraction of the n samples graded correct (the paper's
-  "mean@16"), with ``accuracy_std`` the standard deviation of that per-problem fraction over problems;
-- ``pass@k``: the unbiased estimator 1 - C(n-c, k)/C(n, k) averaged over problems (Chen et al., 2021);
-- ``maj@k``: the most frequent extracted answer among the first k samples (ties: the earliest) is correct;
+- ``accuracy``: mean@n, the mean over problems of the fraction of the n samples graded correct (the
+  paper's "mean@16"), with ``accuracy_std`` the standard deviation of that per-problem fraction over
+  problems;
+- ``pass@k``: the unbiased estimator 1 - C(n-c, k)/C(n, k) averaged over problems (Chen et al.,
+  2021);
+- ``maj@k``: the most frequent extracted answer among the first k samples (ties: the earliest) is
+  correct;
 - ``n`` problems and ``samples`` per problem;
-- ``accuracy@<tag>`` and ``n@<tag>``: accuracy (mean@n) and count over the problems carrying a tag, where the data
-  tags its problems (the embedded task tags each problem with the student error types it exercises, so a sweep
-  shows which error a rule fixes).
+- ``accuracy@<tag>`` and ``n@<tag>``: accuracy (mean@n) and count over the problems carrying a tag,
+  where the data tags its problems (the embedded task tags each problem with the student error types
+  it exercises, so a sweep shows which error a rule fixes).
 
-A benchmark with an environment (its ``env`` node, e.g. eval=embedded_agent) runs each sample as a multi-turn
-episode (``tip.env``); it is graded on the student's own text (every turn, no tool results), and adds
-``with_tool_call`` (share of episodes with a well-formed tool call), ``tool_calls``, ``malformed_calls`` and
-``turns`` (means per episode).
+A benchmark with an environment (its ``env`` node, e.g. eval=embedded_agent) runs each sample as a
+multi-turn episode (``tip.env``); it is graded on the student's own text (every turn, no tool
+results), and adds ``with_tool_call`` (share of episodes with a well-formed tool call),
+``tool_calls``, ``malformed_calls`` and ``turns`` (means per episode).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class Benchmark:
     examples: list[Example]
     prompt_template: str
     grader: str = "math_verify"
-    env: Any = None  # an ``env`` config node (name, limits): samples are multi-turn episodes; None: single-turn
+    # an ``env`` config node (name, limits): samples are multi-turn episodes; None:
+    # single-turn
+    env: Any = None
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,8 @@ class Sampling:
 
 
 def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
-    """Benchmarks of an ``eval`` config node (``limit``, else the node's own ``limit``: only the first N problems of
-    each)."""
+    """Benchmarks of an ``eval`` config node (``limit``, else the node's own ``limit``: only the
+    first N problems of each)."""
     from tip.data import load_examples
 
     limit = limit or eval_cfg.get("limit")
@@ -69,8 +74,10 @@ def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
         if env is None and b.source.get("kind") == "embedded_agent":
             from tip.config import ConfigError
 
-            raise ConfigError(f"eval.benchmarks.{name} is the embedded agentic task, whose samples are tool-use "
-                              "episodes: it needs an environment (python -m tip.train env=embedded_agent; "
+            raise ConfigError(f"eval.benchmarks.{name} is the embedded agentic task, whose samples "
+                              "are tool-use "
+                              "episodes: it needs an environment (python -m tip.train "
+                              "env=embedded_agent; "
                               "python -m tip.eval ... env.name=calc)")
         out.append(Benchmark(name, examples[:limit] if limit else examples, b.prompt_template,
                              b.get("grader", "math_verify"), env))
@@ -78,13 +85,15 @@ def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
 
 
 def sampling_of(eval_cfg) -> Sampling:
-    return Sampling(samples=eval_cfg.samples, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
-                    top_k=eval_cfg.top_k, max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
+    return Sampling(samples=eval_cfg.samples, temperature=eval_cfg.temperature,
+                    top_p=eval_cfg.top_p, top_k=eval_cfg.top_k,
+                    max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
                     max_seqs_per_generate=eval_cfg.max_seqs_per_generate)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is
+    correct."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     if n - c < k:
@@ -94,7 +103,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def majority_correct(grades: list[Grade], k: int) -> bool:
     """Whether the most common extracted answer among the first k samples is a correct one."""
-    votes = [(normalise_answer(g.extracted), g.correct) for g in grades[:k] if g.extracted is not None]
+    votes = [(normalise_answer(g.extracted),
+              g.correct) for g in grades[:k] if g.extracted is not None]
     if not votes:
         return False
     counts = Counter(v for v, _ in votes)
@@ -105,31 +115,35 @@ def majority_correct(grades: list[Grade], k: int) -> bool:
 
 def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None,
               tags: list[tuple[str, ...]] | None = None) -> dict[str, float]:
-    """Benchmark metrics from per-problem lists of grades (all of the same length n); ``tags``, one tuple per
-    problem, adds the accuracy over the problems of each tag."""
+    """Benchmark metrics from per-problem lists of grades (all of the same length n); ``tags``, one
+    tuple per problem, adds the accuracy over the problems of each tag."""
     n = len(grades[0]) if grades else 0
     per_problem = [sum(g.correct for g in gs) / n for gs in grades]
     mean = sum(per_problem) / len(per_problem)
     var = sum((x - mean) ** 2 for x in per_problem) / max(1, len(per_problem) - 1)
-    out = {f"{name}/accuracy": mean, f"{name}/accuracy_std": math.sqrt(var), f"{name}/n": len(grades),
-           f"{name}/samples": n}
+    out = {f"{name}/accuracy": mean, f"{name}/accuracy_std": math.sqrt(var),
+           f"{name}/n": len(grades), f"{name}/samples": n}
     for tag in sorted({t for ts in tags or [] for t in ts}):
         scores = [x for x, ts in zip(per_problem, tags) if tag in ts]
-        out[f"{name}/accuracy@{tag}"], out[f"{name}/n@{tag}"] = sum(scores) / len(scores), len(scores)
+        out[f"{name}/accuracy@{tag}"] = sum(scores) / len(scores)
+        out[f"{name}/n@{tag}"] = len(scores)
     for k in ks if ks is not None else sorted({1, n} | ({4, 8, 16} & set(range(1, n + 1)))):
-        out[f"{name}/pass@{k}"] = sum(pass_at_k(n, sum(g.correct for g in gs), k) for gs in grades) / len(grades)
+        out[f"{name}/pass@{k}"] = sum(pass_at_k(n, sum(g.correct for g in gs), k)
+                                      for gs in grades) / len(grades)
         out[f"{name}/maj@{k}"] = sum(majority_correct(gs, k) for gs in grades) / len(grades)
     return out
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling, chat_template="auto",
-                         rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
-                         progress: bool = False, chat_template_kwargs=None,
+def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
+                         chat_template="auto", rank: int = 0, world_size: int = 1,
+                         synced_gpus: bool = False, progress: bool = False,
+                         chat_template_kwargs=None,
                          episodes: dict[int, list[dict]] | None = None) -> dict[int, list[str]]:
-    """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: under ZeRO-3
-    generation is collective, so every rank runs the same number of generate calls). A benchmark with an
-    environment runs episodes; ``episodes`` then receives ``{problem index: [what each episode did]}``."""
+    """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: under
+    ZeRO-3 generation is collective, so every rank runs the same number of generate calls). A
+    benchmark with an environment runs episodes; ``episodes`` then receives ``{problem index: [what
+    each episode did]}``."""
     from tqdm.auto import tqdm
 
     indices = list(range(rank, len(bench.examples), world_size))
@@ -138,34 +152,39 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
     starts = range(0, per_rank, sampling.batch_size)
     for start in tqdm(starts, desc=f"generating {bench.name}", disable=not progress):
         part = indices[start:start + sampling.batch_size]
-        # Under ZeRO-3 generation is collective: every rank makes the same calls, so a rank out of problems (or
-        # with fewer in its last batch) pads with repeats of a problem and drops their completions.
+        # Under ZeRO-3 generation is collective: every rank makes the same calls, so a rank out of
+        # problems (or with fewer in its last batch) pads with repeats of a problem and
+        # drops their completions.
         real = len(part)
         if synced_gpus:
             target = min(sampling.batch_size, per_rank - start)  # the same on every rank
             part = ((part or [0]) * target)[:target]
         examples = [bench.examples[i] for i in part]
-        prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template, chat_template,
-                                   chat_template_kwargs)
+        prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template,
+                                   chat_template, chat_template_kwargs)
         if bench.env is not None:
-            with hf_turns(model, tokenizer, sampling.temperature, sampling.top_p, sampling.top_k, synced_gpus,
-                          sampling.max_seqs_per_generate) as generate_turn:
+            with hf_turns(model, tokenizer, sampling.temperature, sampling.top_p, sampling.top_k,
+                          synced_gpus, sampling.max_seqs_per_generate) as generate_turn:
                 done = run_episodes(generate_turn, get_environment(bench.env.name),
-                                    TurnFormat(tokenizer, chat_template_kwargs), EpisodeLimits.of(bench.env),
-                                    examples, prompts, sampling.samples, [0] * len(prompts), lockstep=synced_gpus)
+                                    TurnFormat(tokenizer, chat_template_kwargs),
+                                    EpisodeLimits.of(bench.env), examples, prompts,
+                                    sampling.samples, [0] * len(prompts), lockstep=synced_gpus)
             texts = [tokenizer.decode(e.student_ids(), skip_special_tokens=True) for e in done]
             index = [e.example_index for e in done]
             for e in done:
                 if episodes is not None and e.example_index < real:
                     episodes.setdefault(part[e.example_index], []).append(
-                        {"trajectory": tokenizer.decode(e.tokens, skip_special_tokens=False), "turns": e.turns,
-                         "tool_calls": e.tool_calls, "malformed_calls": e.malformed_calls, "end": e.end})
+                        {"trajectory": tokenizer.decode(e.tokens, skip_special_tokens=False),
+                         "turns": e.turns, "tool_calls": e.tool_calls,
+                         "malformed_calls": e.malformed_calls, "end": e.end})
         else:
             batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
-                                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                max_new_tokens=sampling.max_new_tokens, synced_gpus=synced_gpus,
+                                temperature=sampling.temperature, top_p=sampling.top_p,
+                                top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
+                                synced_gpus=synced_gpus,
                                 max_seqs_per_call=sampling.max_seqs_per_generate)
-            texts, index = tokenizer.batch_decode(batch.responses(), skip_special_tokens=True), batch.example_index
+            texts, index = tokenizer.batch_decode(batch.responses(),
+                                                  skip_special_tokens=True), batch.example_index
         for text, j in zip(texts, index):
             if j < real:
                 out.setdefault(part[j], []).append(text)
@@ -175,27 +194,29 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
 def grade_completions(bench: Benchmark, completions: dict[int, list[str]], workers: int = 2,
                       timeout_s: float = 10.0, progress: bool = False) -> dict[int, list[Grade]]:
     flat = [(i, c) for i in sorted(completions) for c in completions[i]]
-    grades = grade_many([(c, bench.examples[i].answer) for i, c in flat], bench.grader, workers, timeout_s, progress)
+    grades = grade_many([(c, bench.examples[i].answer) for i, c in flat], bench.grader, workers,
+                        timeout_s, progress)
     out: dict[int, list[Grade]] = {}
     for (i, _), g in zip(flat, grades):
         out.setdefault(i, []).append(g)
     return out
 
 
-def problem_records(bench: Benchmark, completions: dict[int, list[str]], grades: dict[int, list[Grade]],
-                    episodes: dict[int, list[dict]] | None = None):
-    """One JSON-able record per problem: id, answer, completions, extracted answers, verdicts and reasons (and
-    what each episode did, for a benchmark with an environment)."""
+def problem_records(bench: Benchmark, completions: dict[int, list[str]],
+                    grades: dict[int, list[Grade]], episodes: dict[int, list[dict]] | None = None):
+    """One JSON-able record per problem: id, answer, completions, extracted answers, verdicts and
+    reasons (and what each episode did, for a benchmark with an environment)."""
     for i in sorted(completions):
         ex = bench.examples[i]
-        yield {"id": ex.id, "answer": ex.answer, "tags": list(ex.tags), "completions": completions[i],
-               "extracted": [g.extracted for g in grades[i]], "correct": [g.correct for g in grades[i]],
-               "reasons": [g.reason for g in grades[i]], **({"episodes": episodes[i]} if episodes else {})}
+        yield {"id": ex.id, "answer": ex.answer, "tags": list(ex.tags),
+               "completions": completions[i], "extracted": [g.extracted for g in grades[i]],
+               "correct": [g.correct for g in grades[i]], "reasons": [g.reason for g in grades[i]],
+               **({"episodes": episodes[i]} if episodes else {})}
 
 
 EPISODE_METRICS = ("with_tool_call", "tool_calls", "malformed_calls", "turns")
-"""What a benchmark with an environment adds (``{name}/<metric>``): the share of episodes with a well-formed tool
-call, then well-formed calls, malformed calls and assistant turns per episode."""
+"""What a benchmark with an environment adds (``{name}/<metric>``): the share of episodes with a
+well-formed tool call, then well-formed calls, malformed calls and assistant turns per episode."""
 
 
 def episode_summary(name: str, records: list[dict]) -> dict[str, float]:
@@ -209,26 +230,31 @@ def episode_summary(name: str, records: list[dict]) -> dict[str, float]:
     return {f"{name}/{metric}": v / n for metric, v in zip(EPISODE_METRICS, values)}
 
 
-def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling, chat_template="auto",
-             rank: int = 0, world_size: int = 1, synced_gpus: bool = False, workers: int = 2,
-             timeout_s: float = 10.0, progress: bool = False,
-             records: dict[str, list[dict]] | None = None, chat_template_kwargs=None) -> dict[str, Any]:
-    """Metrics of every benchmark, gathered over ranks. ``records``, if given, receives the per-problem records
-    (on every rank, for the problems of all ranks). Generation runs in eval mode (``tip.rollout.hf_generate``)."""
+def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling,
+             chat_template="auto", rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
+             workers: int = 2, timeout_s: float = 10.0, progress: bool = False,
+             records: dict[str, list[dict]] | None = None,
+             chat_template_kwargs=None) -> dict[str, Any]:
+    """Metrics of every benchmark, gathered over ranks. ``records``, if given, receives the
+    per-problem records (on every rank, for the problems of all ranks). Generation runs in eval mode
+    (``tip.rollout.hf_generate``)."""
     metrics: dict[str, Any] = {}
     for bench in benchmarks:
         episodes: dict[int, list[dict]] = {}
-        completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank, world_size,
-                                           synced_gpus, progress, chat_template_kwargs, episodes)
+        completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank,
+                                           world_size, synced_gpus, progress, chat_template_kwargs,
+                                           episodes)
         grades = grade_completions(bench, completions, workers, timeout_s, progress)
         local = list(problem_records(bench, completions, grades, episodes))
         if world_size > 1:
             gathered: list = [None] * world_size
             torch.distributed.all_gather_object(gathered, local)
             local = [r for part in gathered for r in part]
-        all_grades = [[Grade(c, e, r) for c, e, r in zip(rec["correct"], rec["extracted"], rec["reasons"])]
+        all_grades = [[Grade(c, e, r) for c, e, r in zip(rec["correct"], rec["extracted"],
+                                                         rec["reasons"])]
                       for rec in local]
-        metrics.update(summarise(bench.name, all_grades, tags=[tuple(rec["tags"]) for rec in local]))
+        metrics.update(summarise(bench.name, all_grades,
+                                 tags=[tuple(rec["tags"]) for rec in local]))
         metrics.update(episode_summary(bench.name, local))
         if records is not None:
             records[bench.name] = local

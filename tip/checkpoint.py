@@ -1,10 +1,10 @@
-"""Atomic writes and DeepSpeed training checkpoints that survive preemption. (The run directory's status,
-failure records and the decision to resume live in ``tip.rundir``.)
+"""Atomic writes and DeepSpeed training checkpoints that survive preemption. (The run directory's
+status, failure records and the decision to resume live in ``tip.rundir``.)
 
-A checkpoint is written under a temporary name by every rank (DeepSpeed's collective save), then renamed into
-place by rank 0, and only then is ``checkpoints/latest`` pointed at it and older ones pruned: at every moment the
-directory holds at least one complete checkpoint. A requeued SLURM job (same directory, same config) resumes from
-it; a finished run is never touched again.
+A checkpoint is written under a temporary name by every rank (DeepSpeed's collective save), then
+renamed into place by rank 0, and only then is ``checkpoints/latest`` pointed at it and older ones
+pruned: at every moment the directory holds at least one complete checkpoint. A requeued SLURM job
+(same directory, same config) resumes from it; a finished run is never touched again.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def atomic_dir(final: Path, write, replace: bool = False) -> Path:
-    """Write a directory under a temporary name beside ``final``, then rename it into place: a crash never leaves
-    a half-written one. An existing ``final`` is refused (finished work is not overwritten), unless ``replace``
-    (a rebuild of something derived, like the embedded pair)."""
+    """Write a directory under a temporary name beside ``final``, then rename it into place: a crash
+    never leaves a half-written one. An existing ``final`` is refused (finished work is not
+    overwritten), unless ``replace`` (a rebuild of something derived, like the embedded pair)."""
     final = Path(final)
     if final.exists() and not replace:
         raise FileExistsError(f"refusing to overwrite {final}")
@@ -53,10 +53,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return (path, int(path.name.split("_")[1])) if path.is_dir() else None
 
 
-def save_training_checkpoint(engine, run_dir: Path, step: int, client_state: dict, is_main: bool, retain: int,
-                             barrier) -> Path:
-    """Every rank calls this (DeepSpeed's save is collective). The optimizer, scheduler and ZeRO partitions go
-    into ``checkpoints/step_<n>``; ``latest`` moves only once that directory is complete."""
+def save_training_checkpoint(engine, run_dir: Path, step: int, client_state: dict, is_main: bool,
+                             retain: int, barrier) -> Path:
+    """Every rank calls this (DeepSpeed's save is collective). The optimizer, scheduler and ZeRO
+    partitions go into ``checkpoints/step_<n>``; ``latest`` moves only once that directory is
+    complete."""
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -79,7 +80,8 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, client_state: dic
 
 
 def load_training_checkpoint(engine, path: Path) -> dict:
-    """Restore weights, optimizer and scheduler in place; returns the client state saved with them."""
+    """Restore weights, optimizer and scheduler in place; returns the client state saved with
+    them."""
     loaded, client_state = engine.load_checkpoint(str(path), tag=DS_TAG)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")

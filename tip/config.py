@@ -1,5 +1,6 @@
-"""Checks on a composed config, run before any model loads: a wrong value fails with one message naming the key,
-the value and what is allowed. (Unknown config-group options and unknown keys are already refused by Hydra.)"""
+"""Checks on a composed config, run before any model loads: a wrong value fails with one message
+naming the key, the value and what is allowed. (Unknown config-group options and unknown keys are
+already refused by Hydra.)"""
 
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ class ConfigError(ValueError):
 
 
 def require_conf_dir() -> None:
-    """Stop a command line when the checkout's config directory is missing. tip is used from a checkout,
-    installed in place (``pip install -e .``): a plain wheel has no conf/ beside the package."""
+    """Stop a command line when the checkout's config directory is missing. tip is used from a
+    checkout, installed in place (``pip install -e .``): a plain wheel has no conf/ beside the
+    package."""
     if not (CONF_DIR / "config.yaml").is_file():
-        raise SystemExit(f"tip's configs are not at {CONF_DIR}: tip runs from a checkout of its repository, installed "
-                         "in place (`make install`, or `pip install -e .`); a plain wheel install has no conf/")
+        raise SystemExit(f"tip's configs are not at {CONF_DIR}: tip runs from a checkout of its "
+                         "repository, installed "
+                         "in place (`make install`, or `pip install -e .`); a plain wheel install "
+                         "has no conf/")
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -45,7 +49,8 @@ def _one_of(key: str, value: Any, allowed) -> None:
     _need(value in allowed, key, value, "expected one of " + ", ".join(map(str, allowed)))
 
 
-def _number(key: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+def _number(key: str, value: Any, lo: float, hi: float, lo_open: bool = False,
+            hi_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
@@ -59,8 +64,8 @@ def _integer(key: str, value: Any, lo: int, also: str | None = None) -> None:
 
 
 def _threshold(key: str, value: Any) -> None:
-    _need(value == "median" or (isinstance(value, (int, float)) and not isinstance(value, bool)), key, value,
-          "expected 'median' or a number")
+    _need(value == "median" or (isinstance(value, (int, float)) and not isinstance(value, bool)),
+          key, value, "expected 'median' or a number")
 
 
 def check_source(key: str, source: Any) -> None:
@@ -76,8 +81,8 @@ def check_source(key: str, source: Any) -> None:
 
 
 def parse_cell(cell: str) -> tuple[str, float]:
-    """``'<selector>@<keep>'`` -> (selector, keep); keep is NaN when it is not a number (unchecked: the report
-    labels even cells that failed on a bad value)."""
+    """``'<selector>@<keep>'`` -> (selector, keep); keep is NaN when it is not a number (unchecked:
+    the report labels even cells that failed on a bad value)."""
     rule, _, keep = cell.partition("@")
     try:
         return rule, float(keep)
@@ -91,9 +96,10 @@ def selector_node(rule: str) -> DictConfig:
 
 
 def apply_cell(cfg: DictConfig) -> None:
-    """``cell=<selector>@<keep>`` is exactly ``selector=<selector> keep=<keep>`` (the selector's file replaces
-    the composed one, parameters included); ``cell=untrained`` is ``selector=all keep=1.0 train.steps=0`` (the
-    student as loaded). Sweeps whose cells are not a grid list them this way."""
+    """``cell=<selector>@<keep>`` is exactly ``selector=<selector> keep=<keep>`` (the selector's
+    file replaces the composed one, parameters included); ``cell=untrained`` is ``selector=all
+    keep=1.0 train.steps=0`` (the student as loaded). Sweeps whose cells are not a grid list them
+    this way."""
     cell = cfg.get("cell")
     if cell is None:
         return
@@ -108,28 +114,43 @@ def apply_cell(cfg: DictConfig) -> None:
     cfg.keep, cfg.selector = keep, selector_node(rule)
 
 
-BLOCKS = ("keep_schedule", "selection", "selection.quadrant_thresholds", "train", "rollout", "engine",
-          "engine.deepspeed", "pair", "teacher", "selector", "divergence", "data", "data.source", "eval",
-          "eval.benchmarks", "env", "logger")
+BLOCKS = ("keep_schedule", "selection", "selection.quadrant_thresholds", "train", "rollout",
+          "engine", "engine.deepspeed", "pair", "teacher", "selector", "divergence", "data",
+          "data.source", "eval", "eval.benchmarks", "env", "logger")
 """Keys that hold a block of keys (a mapping), never a single value."""
 LISTS = ("keep_schedule.milestones",)
 """Keys that hold a list."""
 
 
 def check_shapes(cfg: DictConfig) -> None:
-    """A value of the wrong shape (``keep_schedule=bogus``: a string where a block of keys belongs) is refused
-    naming the key, before any other check reads inside it."""
+    """A value of the wrong shape (``keep_schedule=bogus``: a string where a block of keys belongs)
+    is refused naming the key, before any other check reads inside it."""
     for key in BLOCKS:
         value = OmegaConf.select(cfg, key)
-        _need(isinstance(value, DictConfig), key, value if not isinstance(value, ListConfig) else list(value),
+        _need(isinstance(value, DictConfig), key,
+              value if not isinstance(value, ListConfig) else list(value),
               f"expected a block of keys ({key}.<key>=<value> sets one of them)")
     for key in LISTS:
         value = OmegaConf.select(cfg, key)
-        _need(isinstance(value, ListConfig), key, value, "expected a list, e.g. [[5, 0.5], [10, 0.2]]")
+        _need(isinstance(value, ListConfig), key, value,
+              "expected a list, e.g. [[5, 0.5], [10, 0.2]]")
 
 
 def check_config(cfg: DictConfig) -> None:
+    """Every check of a composed config, section by section."""
     check_shapes(cfg)
+    check_selection(cfg)
+    check_train(cfg.train)
+    check_rollout(cfg.rollout)
+    check_engine(cfg)
+    check_teacher(cfg.teacher, cfg.train)
+    check_env(cfg.env)
+    check_source("data.source", cfg.data.source)
+    check_eval(cfg.eval)
+
+
+def check_selection(cfg: DictConfig) -> None:
+    """keep, its schedule, the selector and its parameters, the divergence, the selection block."""
     _number("keep", cfg.keep, 0.0, 1.0, lo_open=True)
     ks = cfg.keep_schedule
     _one_of("keep_schedule.kind", ks.kind, KEEP_SCHEDULES)
@@ -138,7 +159,8 @@ def check_config(cfg: DictConfig) -> None:
         _need(len(ks.milestones) > 0, "keep_schedule.milestones", ks.milestones,
               "a step schedule needs [[step, keep], ...] (e.g. [[5, 0.5], [10, 0.2]])")
     for i, milestone in enumerate(ks.milestones):
-        _need(len(milestone) == 2, f"keep_schedule.milestones[{i}]", milestone, "expected [step, keep]")
+        _need(len(milestone) == 2, f"keep_schedule.milestones[{i}]", milestone,
+              "expected [step, keep]")
         _integer(f"keep_schedule.milestones[{i}][0]", milestone[0], 1)
         _number(f"keep_schedule.milestones[{i}][1]", milestone[1], 0.0, 1.0, lo_open=True)
     _one_of("selector", cfg.selector.name, sorted(RULES))
@@ -155,7 +177,8 @@ def check_config(cfg: DictConfig) -> None:
     _threshold("selection.quadrant_thresholds.entropy", sel.quadrant_thresholds.entropy)
     _threshold("selection.quadrant_thresholds.divergence", sel.quadrant_thresholds.divergence)
 
-    tr = cfg.train
+
+def check_train(tr) -> None:
     _integer("train.steps", tr.steps, 0)
     _integer("train.prompts_per_step", tr.prompts_per_step, 1)
     _integer("train.micro_batch_size", tr.micro_batch_size, 1)
@@ -163,9 +186,10 @@ def check_config(cfg: DictConfig) -> None:
         _integer("train.chunk_size", tr.chunk_size, 1, also="auto")
     _integer("train.warmup_steps", tr.warmup_steps, 0)
     _integer("train.eval_every", tr.eval_every, 0)
-    _need(isinstance(tr.eval_before, bool), "train.eval_before", tr.eval_before, "expected true or false")
-    _need(isinstance(tr.gradient_checkpointing, bool), "train.gradient_checkpointing", tr.gradient_checkpointing,
+    _need(isinstance(tr.eval_before, bool), "train.eval_before", tr.eval_before,
           "expected true or false")
+    _need(isinstance(tr.gradient_checkpointing, bool), "train.gradient_checkpointing",
+          tr.gradient_checkpointing, "expected true or false")
     _number("train.lr", tr.lr, 0.0, math.inf, lo_open=True, hi_open=True)
     _number("train.weight_decay", tr.weight_decay, 0.0, math.inf, hi_open=True)
     _number("train.grad_clip", tr.grad_clip, 0.0, math.inf, hi_open=True)
@@ -176,12 +200,14 @@ def check_config(cfg: DictConfig) -> None:
     _integer("train.max_skipped_steps", tr.max_skipped_steps, 0)
     _integer("train.token_log_every", tr.token_log_every, 0)
 
-    ro = cfg.rollout
+
+def check_rollout(ro) -> None:
     _one_of("rollout.backend", ro.get("backend"), ROLLOUT_BACKENDS)
     _integer("rollout.n", ro.n, 1)
     _integer("rollout.max_new_tokens", ro.max_new_tokens, 1)
     _need(ro.temperature in (0, 1), "rollout.temperature", ro.temperature,
-          "expected 1.0 (signals and loss are those of P_S at temperature 1, so rollouts must be its samples) "
+          "expected 1.0 (signals and loss are those of P_S at temperature 1, so rollouts must be "
+          "its samples) "
           "or 0 (greedy, for deterministic tests)")
     if ro.backend == "hf":
         _integer("rollout.max_seqs_per_generate", ro.max_seqs_per_generate, 1)
@@ -189,10 +215,15 @@ def check_config(cfg: DictConfig) -> None:
         if ro.max_model_len is not None:
             _integer("rollout.max_model_len", ro.max_model_len, 2)
         for key in ("enforce_eager", "sleep"):
-            _need(ro[key] in ("auto", True, False), f"rollout.{key}", ro[key], "expected auto, true or false")
+            _need(ro[key] in ("auto", True, False), f"rollout.{key}", ro[key],
+                  "expected auto, true or false")
         _number("rollout.sync_bucket_mb", ro.sync_bucket_mb, 0.0, math.inf, hi_open=True)
     _number("rollout.top_p", ro.top_p, 0.0, 1.0, lo_open=True)
 
+
+def check_engine(cfg: DictConfig) -> None:
+    """The engine, precision, the process group's timeout, the pair's vocabulary rule, the
+    logger."""
     _one_of("engine.stage", cfg.engine.stage, (0, 1, 2, 3))
     _one_of("engine.offload_optimizer", cfg.engine.offload_optimizer, ("none", "cpu", "nvme"))
     _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
@@ -205,25 +236,27 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.logger.name == "wandb":
         _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
 
-    _one_of("teacher.mode", cfg.teacher.mode, ("separate", "self_privileged"))
-    if cfg.teacher.mode == "self_privileged":
-        _one_of("teacher.weights", cfg.teacher.weights, ("snapshot", "live"))
-        _integer("teacher.refresh_every", cfg.teacher.refresh_every, 1)
-        # A resumed snapshot is rebuilt from the student at a refresh step, so checkpoints must fall on one.
-        if cfg.teacher.weights == "snapshot" and tr.checkpoint_every:
-            _need(tr.checkpoint_every % cfg.teacher.refresh_every == 0, "train.checkpoint_every", tr.checkpoint_every,
-                  f"with teacher.weights=snapshot it must be a multiple of teacher.refresh_every "
-                  f"({cfg.teacher.refresh_every}), so a resumed run rebuilds the same snapshot")
-        _need("{solution}" in cfg.teacher.context_template, "teacher.context_template", cfg.teacher.context_template,
-              "it must contain {solution} (the privileged context)")
 
-    check_env(cfg.env)
-    check_source("data.source", cfg.data.source)
-    check_eval(cfg.eval)
+def check_teacher(teacher, tr) -> None:
+    _one_of("teacher.mode", teacher.mode, ("separate", "self_privileged"))
+    if teacher.mode != "self_privileged":
+        return
+    _one_of("teacher.weights", teacher.weights, ("snapshot", "live"))
+    _integer("teacher.refresh_every", teacher.refresh_every, 1)
+    # A resumed snapshot is rebuilt from the student at a refresh step, so checkpoints must
+    # fall on one.
+    if teacher.weights == "snapshot" and tr.checkpoint_every:
+        _need(tr.checkpoint_every % teacher.refresh_every == 0, "train.checkpoint_every",
+              tr.checkpoint_every,
+              f"with teacher.weights=snapshot it must be a multiple of teacher.refresh_every "
+              f"({teacher.refresh_every}), so a resumed run rebuilds the same snapshot")
+    _need("{solution}" in teacher.context_template, "teacher.context_template",
+          teacher.context_template, "it must contain {solution} (the privileged context)")
 
 
 def check_env(env) -> None:
-    """The ``env`` node: ``none`` (single-turn rollouts) or a registered environment with its episode limits."""
+    """The ``env`` node: ``none`` (single-turn rollouts) or a registered environment with its
+    episode limits."""
     _one_of("env", env.name, ("none", *sorted(ENVIRONMENTS)))
     if env.name != "none":
         for key in EpisodeLimits.__dataclass_fields__:
@@ -232,16 +265,18 @@ def check_env(env) -> None:
 
 
 def check_launcher(launcher: str | None, cuda_available: bool) -> None:
-    """hydra/launcher=parallel runs cells side by side, one process each, on one node: on GPUs every cell's
-    process would take cuda:0."""
+    """hydra/launcher=parallel runs cells side by side, one process each, on one node: on GPUs every
+    cell's process would take cuda:0."""
     _need(not (launcher == "parallel" and cuda_available), "hydra/launcher", launcher,
-          "on a GPU machine cells side by side would all take cuda:0; use hydra/launcher=slurm (one task per GPU "
+          "on a GPU machine cells side by side would all take cuda:0; use hydra/launcher=slurm "
+          "(one task per GPU "
           "per cell) or basic (cells one after another, each with every GPU of its launcher)")
 
 
 def check_eval(ev) -> None:
     """The ``eval`` node: benchmarks and the sampling protocol."""
-    _need(len(ev.benchmarks) > 0, "eval.benchmarks", dict(ev.benchmarks), "expected at least one benchmark")
+    _need(len(ev.benchmarks) > 0, "eval.benchmarks", dict(ev.benchmarks),
+          "expected at least one benchmark")
     for name, bench in ev.benchmarks.items():
         check_source(f"eval.benchmarks.{name}.source", bench.source)
         _one_of(f"eval.benchmarks.{name}.grader", bench.get("grader", "math_verify"), GRADERS)

@@ -1,7 +1,8 @@
 """Problems for training prompts and evaluation: the embedded task, JSONL files, or hub datasets.
 
-Every source yields ``Example(id, problem, answer, solution, tags)``. JSONL files are the default for the real
-benchmarks (../shared/data in this project); a hub dataset id through ``datasets`` serves where files are absent.
+Every source yields ``Example(id, problem, answer, solution, tags)``. JSONL files are the default
+for the real benchmarks (../shared/data in this project); a hub dataset id through ``datasets``
+serves where files are absent.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from tip.tasks import agent_problems, sample_problems
 BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 DATA_KINDS = ("embedded", "embedded_agent", "jsonl", "hub", "dapo")
 
-# DAPO-Math-17k wraps every problem in its own answer-format instruction; the paper's release strips it (and
-# appends the boxed instruction through the prompt template).
-DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response should be of the "
-               "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n")
+# DAPO-Math-17k wraps every problem in its own answer-format instruction; the paper's release strips
+# it (and appends the boxed instruction through the prompt template).
+DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response "
+               "should be of the "
+               "form Answer: $Answer (without quotes) where $Answer is the answer to the "
+               "problem.\n\n")
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 DAPO_SPLITS = ("train", "validation")
 
@@ -36,11 +39,13 @@ class Example:
     problem: str
     answer: str
     solution: str | None = None
-    tags: tuple[str, ...] = ()  # groups evaluation reports accuracy for (the embedded task: its error types)
+    # groups evaluation reports accuracy for (the embedded task: its error types)
+    tags: tuple[str, ...] = ()
 
 
 def _jsonl_rows(path: Path):
-    """(line number, object) for every non-blank line; a line that is not a JSON object names file and line."""
+    """(line number, object) for every non-blank line; a line that is not a JSON object names file
+    and line."""
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -48,7 +53,8 @@ def _jsonl_rows(path: Path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg} at column {err.colno}); each line "
+                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg} at column "
+                                f"{err.colno}); each line "
                                 "must be one JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object")
@@ -58,7 +64,8 @@ def _jsonl_rows(path: Path):
 def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
     if not path.is_file():
         raise DataError(
-            f"data file {str(path)!r} does not exist; set data_root=<folder> (or the file's own path option), "
+            f"data file {str(path)!r} does not exist; set data_root=<folder> (or the file's own "
+            "path option), "
             "or use a hub dataset id"
         )
     out = []
@@ -71,30 +78,35 @@ def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
                 solution=row.get(fields.get("solution", "solution")),
             ))
         except KeyError as err:
-            raise DataError(f"{path}:{lineno} has no field {err.args[0]!r} (fields: {sorted(row)})") from None
+            raise DataError(f"{path}:{lineno} has no field {err.args[0]!r} (fields: "
+                            f"{sorted(row)})") from None
     return out
 
 
-def _from_hub(hub_id: str, subset: str | None, split: str, fields: Mapping[str, str]) -> list[Example]:
+def _from_hub(hub_id: str, subset: str | None, split: str,
+              fields: Mapping[str, str]) -> list[Example]:
     try:
         import datasets
     except ImportError as err:
-        raise DataError("hub datasets need the `datasets` package: pip install -e .[datasets]") from err
+        raise DataError("hub datasets need the `datasets` package: pip install -e "
+                        ".[datasets]") from err
     try:
         ds = datasets.load_dataset(hub_id, subset, split=split)
     except Exception as err:  # offline, unknown id, ...: one message naming the id
-        raise DataError(f"could not load hub dataset {hub_id!r} (subset {subset!r}, split {split!r}): {err}") from err
+        raise DataError(f"could not load hub dataset {hub_id!r} (subset {subset!r}, split "
+                        f"{split!r}): {err}") from err
     key = lambda name: fields.get(name, name)
     return [
-        Example(id=str(r.get(key("id"), i)), problem=r[key("problem")], answer=str(r[key("answer")]),
-                solution=r.get(key("solution")))
+        Example(id=str(r.get(key("id"), i)), problem=r[key("problem")],
+                answer=str(r[key("answer")]), solution=r.get(key("solution")))
         for i, r in enumerate(ds)
     ]
 
 
 def dapo_rows(source: Mapping[str, Any]) -> list[dict]:
-    """DAPO-Math-17k rows (its hub schema: ``prompt`` = [{"role": "user", "content": ...}], ``reward_model`` =
-    {"ground_truth": ...}) from ``source.path`` (JSONL or Parquet in that schema) when it exists, else the hub."""
+    """DAPO-Math-17k rows (its hub schema: ``prompt`` = [{"role": "user", "content": ...}],
+    ``reward_model`` = {"ground_truth": ...}) from ``source.path`` (JSONL or Parquet in that schema)
+    when it exists, else the hub."""
     path = Path(str(source.get("path"))) if source.get("path") else None
     if path is not None and path.is_file():
         if path.suffix == ".parquet":
@@ -105,20 +117,24 @@ def dapo_rows(source: Mapping[str, Any]) -> list[dict]:
     try:
         import datasets
     except ImportError as err:
-        raise DataError("data=dapo_math reads the hub through `datasets`: pip install -e .[datasets]") from err
+        raise DataError("data=dapo_math reads the hub through `datasets`: pip install -e "
+                        ".[datasets]") from err
     try:
         return list(datasets.load_dataset(source["hub_id"], split="train"))
     except Exception as err:
         where = f"{path} does not exist, and " if path is not None else ""
-        raise DataError(f"could not load {source['hub_id']!r}: {where}the hub could not be read ({err}). Download "
-                        f"it where the hub is reachable and set data.source.path to the file (JSONL or Parquet "
+        raise DataError(f"could not load {source['hub_id']!r}: {where}the hub could not be read "
+                        f"({err}). Download "
+                        "it where the hub is reachable and set data.source.path to the file "
+                        "(JSONL or Parquet "
                         f"in the hub's schema)") from err
 
 
-def prepare_dapo(rows: list[dict], split: str, seed: int = 42, train_fraction: float = 0.8) -> list[Example]:
-    """The paper's release preparation of DAPO-Math-17k: the instruction prefix and suffix stripped from each
-    prompt, the ground truth from ``reward_model``, shuffled with ``seed`` and split ``train_fraction`` train /
-    the rest validation (disjoint by construction)."""
+def prepare_dapo(rows: list[dict], split: str, seed: int = 42,
+                 train_fraction: float = 0.8) -> list[Example]:
+    """The paper's release preparation of DAPO-Math-17k: the instruction prefix and suffix stripped
+    from each prompt, the ground truth from ``reward_model``, shuffled with ``seed`` and split
+    ``train_fraction`` train / the rest validation (disjoint by construction)."""
     if split not in DAPO_SPLITS:
         raise DataError(f"DAPO-Math has the splits {', '.join(DAPO_SPLITS)}; got {split!r}")
     examples = []
@@ -145,26 +161,29 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     """Examples of one dataset config.
 
     ``source`` keys: ``kind`` (``DATA_KINDS``); for dapo ``path`` (a local copy, else the hub),
-    ``hub_id``, ``split`` (train | validation), ``seed``, ``train_fraction``; for embedded and embedded_agent
-    ``size`` and ``seed``;
+    ``hub_id``, ``split`` (train | validation), ``seed``, ``train_fraction``; for embedded and
+    embedded_agent ``size`` and ``seed``;
     for jsonl ``path``;
     for hub ``hub_id``, ``subset``, ``split``, ``hub_fields`` (column renames of the hub copy) and
-    ``answer_after`` (keep the text after this marker as the answer); optional ``fields`` renaming columns and
-    ``limit`` keeping the first N.
+    ``answer_after`` (keep the text after this marker as the answer); optional ``fields`` renaming
+    columns and ``limit`` keeping the first N.
     """
     kind = source.get("kind")
     fields = source.get("fields") or {}
-    if kind in ("embedded", "embedded_agent"):  # the latter: the same problems, solved with a calculator tool
+    # the latter: the same problems, solved with a calculator tool
+    if kind in ("embedded", "embedded_agent"):
         sample = sample_problems if kind == "embedded" else agent_problems
         probs = sample(int(source["size"]), seed=int(source.get("seed", 0)), split=split)
         examples = [Example(p.id, p.problem, p.answer, p.solution, p.tags) for p in probs]
     elif kind == "jsonl":
         examples = _from_jsonl(Path(str(source["path"])), fields)
         if not examples:
-            raise DataError(f"data file {str(source['path'])!r} holds no examples (it is empty); expected one JSON "
+            raise DataError(f"data file {str(source['path'])!r} holds no examples (it is empty); "
+                            "expected one JSON "
                             "object per line")
     elif kind == "dapo":
-        examples = prepare_dapo(dapo_rows(source), source.get("split", split), int(source.get("seed", 42)),
+        examples = prepare_dapo(dapo_rows(source), source.get("split", split),
+                                int(source.get("seed", 42)),
                                 float(source.get("train_fraction", 0.8)))
     elif kind == "hub":
         examples = _from_hub(source["hub_id"], source.get("subset"), source.get("split", split),
@@ -172,22 +191,27 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
     else:
         raise DataError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
     marker = source.get("answer_after")
-    if marker and kind == "hub":  # e.g. GSM8K's hub column holds the worked solution, then '#### 72'
-        examples = [Example(e.id, e.problem, e.answer.split(marker)[-1].strip().replace(",", ""), e.answer)
+    # e.g. GSM8K's hub column holds the worked solution, then '#### 72'
+    if marker and kind == "hub":
+        examples = [Example(e.id, e.problem, e.answer.split(marker)[-1].strip().replace(",", ""),
+                            e.answer)
                     for e in examples]
     limit = source.get("limit")
     return examples[: int(limit)] if limit else examples
 
 
 def uses_chat_template(tokenizer, chat_template: str | bool = "auto") -> bool:
-    """Whether prompts go through the tokenizer's chat template: when it has one ('auto'), or as forced."""
-    return bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto" else bool(chat_template)
+    """Whether prompts go through the tokenizer's chat template: when it has one ('auto'), or as
+    forced."""
+    return (bool(getattr(tokenizer, "chat_template", None)) if chat_template == "auto"
+            else bool(chat_template))
 
 
-def prompt_token_ids(tokenizer, problems: list[str], template: str, chat_template: str | bool = "auto",
+def prompt_token_ids(tokenizer, problems: list[str], template: str,
+                     chat_template: str | bool = "auto",
                      chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
-    """Token ids of each formatted prompt. A chat template already holds its special tokens, so none are added
-    then; plain prompts get the tokenizer's own (e.g. BOS)."""
+    """Token ids of each formatted prompt. A chat template already holds its special tokens, so none
+    are added then; plain prompts get the tokenizer's own (e.g. BOS)."""
     add_special = not uses_chat_template(tokenizer, chat_template)
     return [tokenizer(format_prompt(tokenizer, p, template, chat_template, chat_template_kwargs),
                       add_special_tokens=add_special)["input_ids"]
@@ -196,9 +220,9 @@ def prompt_token_ids(tokenizer, problems: list[str], template: str, chat_templat
 
 def format_prompt(tokenizer, problem: str, template: str, chat_template: str | bool = "auto",
                   chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
-    """The prompt text for one problem: ``template`` with ``{problem}`` replaced, through the tokenizer's chat template
-    when it has one (``chat_template='auto'``) or when forced (True). ``chat_template_kwargs`` are the template's
-    own arguments (Qwen3: ``enable_thinking``)."""
+    """The prompt text for one problem: ``template`` with ``{problem}`` replaced, through the
+    tokenizer's chat template when it has one (``chat_template='auto'``) or when forced (True).
+    ``chat_template_kwargs`` are the template's own arguments (Qwen3: ``enable_thinking``)."""
     text = template.replace("{problem}", problem)  # not str.format: templates contain \boxed{}
     if uses_chat_template(tokenizer, chat_template):
         return tokenizer.apply_chat_template(

@@ -1,9 +1,10 @@
-"""Processes and collectives: the process environment (single process, torchrun, srun, submitit), the process
-group, and the training step's collectives, checked for the run's device.
+"""Processes and collectives: the process environment (single process, torchrun, srun, submitit),
+the process group, and the training step's collectives, checked for the run's device.
 
-NCCL takes CUDA tensors only, and gloo takes CPU tensors too: a collective handed a CPU tensor works in every
-CPU run and crashes the first step on GPUs. Every collective here therefore refuses a tensor that is not on the
-run's device, in one process as well as in many, so CPU tests see what NCCL would refuse.
+NCCL takes CUDA tensors only, and gloo takes CPU tensors too: a collective handed a CPU tensor works
+in every CPU run and crashes the first step on GPUs. Every collective here therefore refuses a
+tensor that is not on the run's device, in one process as well as in many, so CPU tests see what
+NCCL would refuse.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _free_port() -> int:
 
 
 def slurm_hostnames(node_list: str) -> list[str]:
-    """Expand SLURM's compressed node list: ``gpu[07-08,10],login1`` -> gpu07, gpu08, gpu10, login1."""
+    """Expand SLURM's compressed node list: ``gpu[07-08,10],login1`` -> gpu07, gpu08, gpu10,
+    login1."""
     hosts, i = [], 0
     while i < len(node_list):
         j = i
@@ -62,23 +64,26 @@ def slurm_master_port(job_id: str) -> int:
 
 
 def prepare_process_env() -> None:
-    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT: for one process (so
-    DeepSpeed needs no launcher; without them it goes looking for MPI), and from SLURM when it started us,
-    through submitit (hydra/launcher=slurm) or a plain ``srun``. A launcher's own values (torchrun, deepspeed)
-    are kept."""
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT: for one
+    process (so DeepSpeed needs no launcher; without them it goes looking for MPI), and from SLURM
+    when it started us, through submitit (hydra/launcher=slurm) or a plain ``srun``. A launcher's
+    own values (torchrun, deepspeed) are kept."""
     env = os.environ
-    if "RANK" not in env and "SUBMITIT_EXECUTOR" in env:  # a job of hydra/launcher=slurm: one task per GPU
+    # a job of hydra/launcher=slurm: one task per GPU
+    if "RANK" not in env and "SUBMITIT_EXECUTOR" in env:
         from submitit.helpers import TorchDistributedEnvironment
 
-        # Rank, world size, local rank, the first node as master and a port derived from the job id. The job's
-        # values win over MASTER_* or LOCAL_WORLD_SIZE inherited from the submitting shell (which submitit
-        # refuses without overwrite). Devices stay visible: the local rank picks its GPU.
+        # Rank, world size, local rank, the first node as master and a port derived from the job id.
+        # The job's values win over MASTER_* or LOCAL_WORLD_SIZE inherited from the submitting shell
+        # (which submitit refuses without overwrite). Devices stay visible: the local rank
+        # picks its GPU.
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun, without submitit
+    # srun, without submitit
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         tasks = int(env["SLURM_NTASKS"])
         nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-                   LOCAL_WORLD_SIZE=str(tasks // nodes))
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(tasks),
+                   LOCAL_RANK=env.get("SLURM_LOCALID", "0"), LOCAL_WORLD_SIZE=str(tasks // nodes))
         node_list = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if "MASTER_ADDR" not in env and node_list:
             env["MASTER_ADDR"] = slurm_hostnames(node_list)[0]
@@ -89,29 +94,34 @@ def prepare_process_env() -> None:
     world = int(env["WORLD_SIZE"])
     if "MASTER_ADDR" not in env:
         if world > int(env.get("LOCAL_WORLD_SIZE", world)):
-            raise RuntimeError(f"MASTER_ADDR is not set for a run over several nodes ({world} processes, "
-                               f"{env['LOCAL_WORLD_SIZE']} per node): each node would rendezvous with itself. Launch "
-                               "with srun, torchrun --rdzv-endpoint or deepspeed --hostfile, or export MASTER_ADDR")
+            raise RuntimeError(f"MASTER_ADDR is not set for a run over several nodes ({world} "
+                               "processes, "
+                               f"{env['LOCAL_WORLD_SIZE']} per node): each node would rendezvous "
+                               "with itself. Launch "
+                               "with srun, torchrun --rdzv-endpoint or deepspeed --hostfile, or "
+                               "export MASTER_ADDR")
         env["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
         if world != 1:
-            raise RuntimeError("MASTER_PORT must be set for multi-process runs (a launcher sets it)")
+            raise RuntimeError("MASTER_PORT must be set for multi-process runs (a launcher sets "
+                               "it)")
         env["MASTER_PORT"] = str(_free_port())
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
-    """The process group (NCCL on GPUs, gloo on CPU). ``timeout_s`` bounds how long a collective waits for a
-    rank that never joins (None: DeepSpeed's default, 30 minutes); the first call in a process sets it."""
+    """The process group (NCCL on GPUs, gloo on CPU). ``timeout_s`` bounds how long a collective
+    waits for a rank that never joins (None: DeepSpeed's default, 30 minutes); the first call in a
+    process sets it."""
     prepare_process_env()
     import deepspeed
 
     cuda = torch.cuda.is_available()
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     if os.environ["WORLD_SIZE"] == "1" and not torch.distributed.is_initialized():
-        # One process meets only itself: a file store, so no TCP port is taken (a free port picked earlier can
-        # be taken by another process before the store binds it).
+        # One process meets only itself: a file store, so no TCP port is taken (a free port picked
+        # earlier can be taken by another process before the store binds it).
         store = tempfile.NamedTemporaryFile(prefix="tip-process-group-", delete=False)
         store.close()
         os.unlink(store.name)
@@ -126,7 +136,8 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
 
 def check_device(x: torch.Tensor, dist: DistInfo, what: str) -> None:
     if x.device != dist.device:
-        raise RuntimeError(f"{what} got a tensor on {x.device}, but the run's device is {dist.device}: "
+        raise RuntimeError(f"{what} got a tensor on {x.device}, but the run's device is "
+                           f"{dist.device}: "
                            "collectives (NCCL) take tensors on the run's device only")
 
 

@@ -1,8 +1,9 @@
-"""DeepSpeed: precision, the engine config, engines for student and teacher, releasing them, weight copies, HF
-checkpoints. (Processes and collectives: tip/distributed.py; atomic outputs: tip/checkpoint.py.)
+"""DeepSpeed: precision, the engine config, engines for student and teacher, releasing them, weight
+copies, HF checkpoints. (Processes and collectives: tip/distributed.py; atomic outputs:
+tip/checkpoint.py.)
 
-Training always goes through DeepSpeed (ZeRO-3 by default). On CPU the gloo backend is used and math is fp32
-(these CPUs have no bf16 units: bf16 ran 17-27x slower); on GPU bf16 is the default.
+Training always goes through DeepSpeed (ZeRO-3 by default). On CPU the gloo backend is used and math
+is fp32 (these CPUs have no bf16 units: bf16 ran 17-27x slower); on GPU bf16 is the default.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
-def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: int, grad_clip: float,
-                     dtype: torch.dtype, train: bool = True, on_gpu: bool | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON for one engine from ``conf/engine/*.yaml`` (its ``deepspeed`` block is that JSON; the
-    batch sizes, clipping and precision are filled here so they cannot disagree with the recipe)."""
+def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: int,
+                     grad_clip: float, dtype: torch.dtype, train: bool = True,
+                     on_gpu: bool | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for one engine from ``conf/engine/*.yaml`` (its ``deepspeed`` block is
+    that JSON; the batch sizes, clipping and precision are filled here so they cannot disagree with
+    the recipe)."""
     cfg = {k: v for k, v in dict(engine_cfg["deepspeed"]).items()}
     zero = dict(cfg.get("zero_optimization", {}))
     if not train:  # a frozen teacher has no optimizer state to offload
@@ -48,24 +51,27 @@ def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: i
         fp16={"enabled": dtype == torch.float16},
     )
     if dtype != torch.float32 and zero.get("stage", 0) >= 1:
-        # Half-precision weights, but gradients are reduce-scattered and summed over micro-batches in fp32 (by
-        # default DeepSpeed does both in the weights' dtype, rounding every partial sum to bf16's 8 bits).
+        # Half-precision weights, but gradients are reduce-scattered and summed over micro-batches
+        # in fp32 (by default DeepSpeed does both in the weights' dtype, rounding every
+        # partial sum to bf16's 8 bits).
         cfg.update(communication_data_type="fp32", data_types={"grad_accum_dtype": "fp32"})
     return cfg
 
 
 def tip_clips_gradients(stage: int) -> bool:
-    """Without ZeRO (stage 0) DeepSpeed hands the step to the torch optimizer as it is: it would apply a NaN/inf
-    gradient and log no norm. There ``GuardedAdamW`` clips and guards instead, and the engine clips nothing."""
+    """Without ZeRO (stage 0) DeepSpeed hands the step to the torch optimizer as it is: it would
+    apply a NaN/inf gradient and log no norm. There ``GuardedAdamW`` clips and guards instead, and
+    the engine clips nothing."""
     return stage == 0
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that first takes the global gradient norm (fp32), as DeepSpeed's ZeRO optimizers do: a NaN/inf norm
-    discards the step (``overflow``, which the DeepSpeed engine reads: no update, no scheduler step,
-    ``was_step_applied()`` false), else the gradients are clipped to ``max_norm`` and AdamW steps. The norm before
-    clipping is ``_global_grad_norm`` (the engine's ``get_global_grad_norm``). ``max_norm=None``: plain AdamW,
-    for use inside a ZeRO optimizer, which does all of this itself."""
+    """AdamW that first takes the global gradient norm (fp32), as DeepSpeed's ZeRO optimizers do: a
+    NaN/inf norm discards the step (``overflow``, which the DeepSpeed engine reads: no update, no
+    scheduler step, ``was_step_applied()`` false), else the gradients are clipped to ``max_norm``
+    and AdamW steps. The norm before clipping is ``_global_grad_norm`` (the engine's
+    ``get_global_grad_norm``). ``max_norm=None``: plain AdamW, for use inside a ZeRO optimizer,
+    which does all of this itself."""
 
     def __init__(self, params, max_norm: float | None = None, **kwargs):
         super().__init__(params, **kwargs)
@@ -78,11 +84,13 @@ class GuardedAdamW(torch.optim.AdamW):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return super().step(closure)
-        # torch's get_total_norm takes each norm in the gradients' dtype; here they accumulate in fp32.
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-                                                     for p in params]))
+        # torch's get_total_norm takes each norm in the gradients' dtype; here they
+        # accumulate in fp32.
+        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         self._global_grad_norm = norm
-        self.overflow = not bool(torch.isfinite(norm))  # one host synchronisation per optimizer step
+        # one host synchronisation per optimizer step
+        self.overflow = not bool(torch.isfinite(norm))
         if self.overflow:
             return None
         if self.max_norm > 0:
@@ -93,33 +101,40 @@ class GuardedAdamW(torch.optim.AdamW):
 def build_student_engine(model, ds_config: dict, optimizer, scheduler):
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config)
     return engine
 
 
 def build_teacher_engine(model, ds_config: dict):
-    """A frozen teacher under the same ZeRO stage (so a 70B teacher is sharded too), without optimizer."""
+    """A frozen teacher under the same ZeRO stage (so a 70B teacher is sharded too), without
+    optimizer."""
     import deepspeed
 
     model.requires_grad_(False)
     if ds_config["zero_optimization"].get("stage", 0) != 3:
-        return model  # stages 0-2 shard only optimizer state and gradients: a frozen model just sits on the device
+        # stages 0-2 shard only optimizer state and gradients: a frozen model just sits on
+        # the device
+        return model
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
 
 
 GATHER_FOR_GENERATE = ("auto", "always", "never")
-"""engine.gather_for_generate (ZeRO-3): gather the student whole for each generate call. auto: when its whole
-parameters take at most half of the device's free memory on every rank; always; never (per-module gathers)."""
+"""engine.gather_for_generate (ZeRO-3): gather the student whole for each generate call. auto: when
+its whole parameters take at most half of the device's free memory on every rank; always; never
+(per-module gathers)."""
 
 
 def _fits_whole(engine, dist) -> bool:
-    """Whether every rank has room for the whole student (its full parameters under half the free memory)."""
+    """Whether every rank has room for the whole student (its full parameters under half the free
+    memory)."""
     device = dist.device
     if device.type != "cuda":
         return True
-    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+               for p in engine.module.parameters())
     ok = torch.tensor([float(size <= 0.5 * torch.cuda.mem_get_info(device)[0])], device=device)
     if dist.world_size > 1:  # every rank must take the same branch: the gather is a collective
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
@@ -128,12 +143,13 @@ def _fits_whole(engine, dist) -> bool:
 
 @contextmanager
 def whole_for_generation(engine, dist, setting: str = "auto"):
-    """Under ZeRO-3, the student's parameters gathered once for the duration and DeepSpeed's per-module hooks
-    off (DeepSpeed's unwrap_model_for_generation, what TRL does for generation): otherwise every decoded token
-    gathers and releases every layer. Outside ZeRO-3, or when it does not fit (``GATHER_FOR_GENERATE``),
-    nothing."""
+    """Under ZeRO-3, the student's parameters gathered once for the duration and DeepSpeed's
+    per-module hooks off (DeepSpeed's unwrap_model_for_generation, what TRL does for generation):
+    otherwise every decoded token gathers and releases every layer. Outside ZeRO-3, or when it does
+    not fit (``GATHER_FOR_GENERATE``), nothing."""
     if setting not in GATHER_FOR_GENERATE:
-        raise ValueError(f"unknown engine.gather_for_generate {setting!r}; known: {', '.join(GATHER_FOR_GENERATE)}")
+        raise ValueError(f"unknown engine.gather_for_generate {setting!r}; known: "
+                         f"{', '.join(GATHER_FOR_GENERATE)}")
     zero3 = any(hasattr(p, "ds_id") for p in engine.module.parameters())
     if not zero3 or setting == "never" or (setting == "auto" and not _fits_whole(engine, dist)):
         yield
@@ -145,9 +161,10 @@ def whole_for_generation(engine, dist, setting: str = "auto"):
 
 
 def release_engines(*engines) -> None:
-    """Free what a run's engines hold, so a sweep's next cell in the same process starts with the memory of the
-    first. DeepSpeed's ZeRO-3 keeps every root module on a global forward-module stack that nothing clears, and
-    its hooks and optimizer keep references to the engine: after a cell, both models would stay alive."""
+    """Free what a run's engines hold, so a sweep's next cell in the same process starts with the
+    memory of the first. DeepSpeed's ZeRO-3 keeps every root module on a global forward-module stack
+    that nothing clears, and its hooks and optimizer keep references to the engine: after a cell,
+    both models would stay alive."""
     from deepspeed.runtime.zero import parameter_offload
 
     ours: set[int] = set()
@@ -158,7 +175,8 @@ def release_engines(*engines) -> None:
         ours.update(id(m) for m in module.modules())
         if hasattr(engine, "destroy"):
             engine.destroy()
-    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK
+                                             if id(m) not in ours]
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -166,8 +184,8 @@ def release_engines(*engines) -> None:
 
 @torch.no_grad()
 def copy_weights(src_module, dst_module) -> None:
-    """Copy parameters one at a time. Under ZeRO-3 both models are sharded alike (same shapes, same ranks), so each
-    rank copies its own shard: no parameter is ever gathered whole."""
+    """Copy parameters one at a time. Under ZeRO-3 both models are sharded alike (same shapes, same
+    ranks), so each rank copies its own shard: no parameter is ever gathered whole."""
     dst = dict(dst_module.named_parameters())
     for name, p in src_module.named_parameters():
         q = dst[name]
@@ -184,9 +202,11 @@ def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return engine.module.state_dict() if engine.global_rank == 0 else None
 
 
-def save_hf_checkpoint(engine, tokenizer, out_dir: Path, is_main: bool, prefix: str = "lm.") -> Path | None:
-    """The student in HF format (``from_pretrained`` loads it), written atomically by rank 0. The engine wraps
-    the HF model as ``module.lm`` (see ``HiddenStatesLM``); ``prefix`` is stripped from the weight names."""
+def save_hf_checkpoint(engine, tokenizer, out_dir: Path, is_main: bool,
+                       prefix: str = "lm.") -> Path | None:
+    """The student in HF format (``from_pretrained`` loads it), written atomically by rank 0. The
+    engine wraps the HF model as ``module.lm`` (see ``HiddenStatesLM``); ``prefix`` is stripped from
+    the weight names."""
     state = consolidated_state_dict(engine)
     if not is_main:
         return None

@@ -1,15 +1,17 @@
-"""Multi-turn tool-use rollouts: the student writes assistant turns, an environment answers its tool calls.
+"""Multi-turn tool-use rollouts: the student writes assistant turns, an environment answers its tool
+calls.
 
-An episode is one token sequence, ``prompt + turn_1 + env_1 + turn_2 + env_2 + ...``: the student's turns are
-sampled (``mask`` True: signals, selection, quadrants and loss cover them) and the environment's tokens (tool
-results and the chat template's turn markers, ``mask`` False) are appended between them. The teacher scores the
-same sequence, so every student token keeps its context on both sides.
+An episode is one token sequence, ``prompt + turn_1 + env_1 + turn_2 + env_2 + ...``: the student's
+turns are sampled (``mask`` True: signals, selection, quadrants and loss cover them) and the
+environment's tokens (tool results and the chat template's turn markers, ``mask`` False) are
+appended between them. The teacher scores the same sequence, so every student token keeps its
+context on both sides.
 
-Tool calls follow the Hermes / Qwen convention that chat templates understand: ``<tool_call>{"name": ...,
-"arguments": {...}}</tool_call>`` in the assistant's text (several per turn allowed); results go back as
-``tool`` messages through the tokenizer's chat template (``TurnFormat``). A malformed call is answered with an
-error message as its result; an episode ends when a turn has no tool call (the answer), or at ``max_turns`` or
-``max_episode_tokens``.
+Tool calls follow the Hermes / Qwen convention that chat templates understand: ``<tool_call>{"name":
+..., "arguments": {...}}</tool_call>`` in the assistant's text (several per turn allowed); results
+go back as ``tool`` messages through the tokenizer's chat template (``TurnFormat``). A malformed
+call is answered with an error message as its result; an episode ends when a turn has no tool call
+(the answer), or at ``max_turns`` or ``max_episode_tokens``.
 
 Adding an environment is one class with ``respond`` and ``score``, registered in ``ENVIRONMENTS``.
 """
@@ -41,19 +43,24 @@ class ToolCall:
 
 
 def parse_tool_calls(text: str) -> list[ToolCall]:
-    """The tool calls of an assistant turn, in order. A call whose JSON does not parse, is not an object, lacks a
-    string ``name`` or has non-object ``arguments`` comes back with ``error`` set; an opening tag never closed is
-    one erroneous call. No call at all: an empty list (the turn is an answer)."""
+    """The tool calls of an assistant turn, in order. A call whose JSON does not parse, is not an
+    object, lacks a string ``name`` or has non-object ``arguments`` comes back with ``error`` set;
+    an opening tag never closed is one erroneous call. No call at all: an empty list (the turn is an
+    answer)."""
     calls = []
     for body in TOOL_CALL.findall(text):
         try:
             obj = json.loads(body)
         except json.JSONDecodeError as err:
             # lower case: what the tool answers is read by small character-level students too
-            calls.append(ToolCall(None, {}, f"malformed tool call: not json ({err.msg.lower()} at column {err.colno})"))
+            calls.append(ToolCall(None, {},
+                                  f"malformed tool call: not json ({err.msg.lower()} at column "
+                                  f"{err.colno})"))
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            calls.append(ToolCall(None, {}, 'malformed tool call: expected {"name": <string>, "arguments": {...}}'))
+            calls.append(ToolCall(None, {},
+                                  'malformed tool call: expected {"name": <string>, "arguments": '
+                                  '{...}}'))
             continue
         args = obj.get("arguments", {})
         if isinstance(args, str):  # some models write the arguments as a JSON string
@@ -62,29 +69,35 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
             except json.JSONDecodeError:
                 pass
         if not isinstance(args, dict):
-            calls.append(ToolCall(obj["name"], {}, "malformed tool call: arguments must be a JSON object"))
+            calls.append(ToolCall(obj["name"], {},
+                                  "malformed tool call: arguments must be a JSON object"))
             continue
         calls.append(ToolCall(obj["name"], args))
     if text.count(UNCLOSED_CALL) > len(calls):
-        calls.append(ToolCall(None, {}, "malformed tool call: <tool_call> was never closed with </tool_call>"))
+        calls.append(ToolCall(None, {}, "malformed tool call: <tool_call> was never closed with "
+                                        "</tool_call>"))
     return calls
 
 
 class Environment(Protocol):
-    """What a rollout needs from a task: tool results for a turn's calls, and the episode's score at its end."""
+    """What a rollout needs from a task: tool results for a turn's calls, and the episode's score at
+    its end."""
 
     tools: tuple[str, ...]
 
     def call(self, example, name: str, arguments: dict) -> str:
-        """The result text of one well-formed call (an error message for a bad tool or bad arguments)."""
+        """The result text of one well-formed call (an error message for a bad tool or bad
+        arguments)."""
 
     def score(self, example, student_text: str) -> float:
-        """The finished episode's score in [0, 1] from the student's own text (every turn, no tool results)."""
+        """The finished episode's score in [0, 1] from the student's own text (every turn, no tool
+        results)."""
 
 
 class CalculatorEnv:
-    """``calc(expr)``: integer arithmetic with + and - (e.g. ``"47+38"``); the score is the exact match of the last
-    ``\\boxed{}`` with the example's answer (``tip.grading``, grader ``exact``)."""
+    """``calc(expr)``: integer arithmetic with + and - (e.g. ``"47+38"``); the score is the exact
+    match of the last ``\\boxed{}`` with the example's answer (``tip.grading``, grader
+    ``exact``)."""
 
     tools = ("calc",)
     EXPRESSION = re.compile(r"\s*-?\d{1,12}(\s*[-+]\s*\d{1,12}){0,8}\s*")
@@ -115,14 +128,16 @@ def get_environment(name: str) -> Environment:
     try:
         return ENVIRONMENTS[name]()
     except KeyError:
-        raise ValueError(f"unknown env {name!r}; known: none, {', '.join(sorted(ENVIRONMENTS))}") from None
+        raise ValueError(f"unknown env {name!r}; known: none, "
+                         f"{', '.join(sorted(ENVIRONMENTS))}") from None
 
 
 @dataclass(frozen=True)
 class EpisodeLimits:
-    """``env.*``: at most ``max_turns`` assistant turns of at most ``max_turn_tokens`` tokens each, a tool result
-    cut to ``max_tool_response_tokens``, and at most ``max_episode_tokens`` tokens after the prompt in all. The
-    defaults are the embedded agentic task's (conf/env/embedded_agent.yaml sets the same)."""
+    """``env.*``: at most ``max_turns`` assistant turns of at most ``max_turn_tokens`` tokens each,
+    a tool result cut to ``max_tool_response_tokens``, and at most ``max_episode_tokens`` tokens
+    after the prompt in all. The defaults are the embedded agentic task's
+    (conf/env/embedded_agent.yaml sets the same)."""
 
     max_turns: int = 4
     max_turn_tokens: int = 64
@@ -132,49 +147,56 @@ class EpisodeLimits:
     @classmethod
     def of(cls, env_cfg: Mapping[str, Any]) -> EpisodeLimits:
         """From an ``env`` config node; a limit it does not set keeps its default here."""
-        return cls(**{f: int(env_cfg[f]) for f in cls.__dataclass_fields__ if env_cfg.get(f) is not None})
+        return cls(**{f: int(env_cfg[f]) for f in cls.__dataclass_fields__
+                      if env_cfg.get(f) is not None})
 
 
 def rollout_tokens(env_cfg: Mapping[str, Any], single_turn_tokens: int) -> int:
-    """The most tokens a rollout holds after its prompt: ``single_turn_tokens`` (rollout.max_new_tokens or
-    eval.max_new_tokens) without an environment, else the episode's budget (the student's and the environment's
-    tokens, all of which the models read)."""
+    """The most tokens a rollout holds after its prompt: ``single_turn_tokens``
+    (rollout.max_new_tokens or eval.max_new_tokens) without an environment, else the episode's
+    budget (the student's and the environment's tokens, all of which the models read)."""
     if env_cfg is None or env_cfg.get("name", "none") == "none":
         return int(single_turn_tokens)
     return EpisodeLimits.of(env_cfg).max_episode_tokens
 
 
 class TurnFormat:
-    """The text the chat template puts between two assistant turns: the end of the assistant's message, the tool
-    messages holding the results, and the next assistant header. Taken from the tokenizer's own template by
-    rendering a conversation around a marker, so any Hermes/Qwen-style template gives its own layout; only the
-    student's tokens are never re-tokenized."""
+    """The text the chat template puts between two assistant turns: the end of the assistant's
+    message, the tool messages holding the results, and the next assistant header. Taken from the
+    tokenizer's own template by rendering a conversation around a marker, so any Hermes/Qwen-style
+    template gives its own layout; only the student's tokens are never re-tokenized."""
 
     MARK = "\x00TIP_TURN\x00"
 
     def __init__(self, tokenizer, chat_template_kwargs: Mapping[str, Any] | None = None):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("multi-turn rollouts need a tokenizer with a chat template (tool messages go through "
+            raise ValueError("multi-turn rollouts need a tokenizer with a chat template (tool "
+                             "messages go through "
                              "it); this pair's tokenizer has none")
         self.tokenizer, self.kwargs = tokenizer, dict(chat_template_kwargs or {})
-        im_end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else []
+        has_im_end = "<|im_end|>" in tokenizer.get_vocab()
+        im_end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if has_im_end else []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.stop_ids = im_end + [i for i in eos if i not in im_end]  # an assistant turn ends at the first of these
+        # an assistant turn ends at the first of these
+        self.stop_ids = im_end + [i for i in eos if i not in im_end]
         self.eos_text = tokenizer.decode(self.stop_ids[:1]) if self.stop_ids else ""
         for piece in ("<tool_call>", "</tool_call>"):
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-                raise ValueError(f"this pair's tokenizer cannot write {piece!r} (it becomes the unknown token), "
-                                 "so its student cannot call tools; use a pair whose tokenizer has the tool-call "
-                                 "tokens (e.g. pair=embedded_agent, or a Qwen/Hermes-style chat model)")
+                raise ValueError(f"this pair's tokenizer cannot write {piece!r} (it becomes the "
+                                 "unknown token), "
+                                 "so its student cannot call tools; use a pair whose tokenizer has "
+                                 "the tool-call "
+                                 "tokens (e.g. pair=embedded_agent, or a Qwen/Hermes-style chat "
+                                 "model)")
 
     def between_turns(self, results: Sequence[str], ended_with_stop: bool) -> str:
-        """Text after an assistant turn with tool ``results``, up to the next assistant header. When the turn
-        ended with the end-of-turn token the student wrote it, so it is left out here."""
+        """Text after an assistant turn with tool ``results``, up to the next assistant header. When
+        the turn ended with the end-of-turn token the student wrote it, so it is left out here."""
         messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": self.MARK},
                     *({"role": "tool", "content": r} for r in results)]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                  **self.kwargs)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True, **self.kwargs)
         after = text[text.index(self.MARK) + len(self.MARK):]
         if ended_with_stop and self.eos_text and after.startswith(self.eos_text):
             after = after[len(self.eos_text):]
@@ -183,7 +205,8 @@ class TurnFormat:
 
 @dataclass
 class Episode:
-    """One rollout: the trajectory after the prompt, which of its tokens are the student's, and what happened."""
+    """One rollout: the trajectory after the prompt, which of its tokens are the student's, and what
+    happened."""
 
     example_index: int
     prompt: list[int]
@@ -201,27 +224,30 @@ class Episode:
 
 
 TurnGenerator = Callable[[list[list[int]], list[int], int], list[list[int]]]
-"""(contexts, one seed per context, max_new_tokens) -> each context's sampled turn, cut after its first stop token."""
+"""(contexts, one seed per context, max_new_tokens) -> each context's sampled turn, cut after its
+first stop token."""
 
 
-def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat, limits: EpisodeLimits,
-                 examples: Sequence, prompt_ids: Sequence[list[int]], n: int, seeds: Sequence[int],
-                 lockstep: bool = False) -> list[Episode]:
-    """``n`` episodes per prompt, their turns batched across episodes: each round samples one turn of every
-    running episode, then the environment answers. ``seeds``: one per prompt (episode j of a prompt uses
-    seed + j, each turn its own stream). ``lockstep``: ``max_turns`` rounds over every episode, finished ones
-    included (their turns dropped): under ZeRO-3 generation is collective, and every rank must make the same
-    calls with the same number of sequences whichever of its episodes have ended."""
+def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat,
+                 limits: EpisodeLimits, examples: Sequence, prompt_ids: Sequence[list[int]], n: int,
+                 seeds: Sequence[int], lockstep: bool = False) -> list[Episode]:
+    """``n`` episodes per prompt, their turns batched across episodes: each round samples one turn
+    of every running episode, then the environment answers. ``seeds``: one per prompt (episode j of
+    a prompt uses seed + j, each turn its own stream). ``lockstep``: ``max_turns`` rounds over every
+    episode, finished ones included (their turns dropped): under ZeRO-3 generation is collective,
+    and every rank must make the same calls with the same number of sequences whichever of its
+    episodes have ended."""
     tok = fmt.tokenizer
     stops = set(fmt.stop_ids)
-    episodes = [Episode(i, list(p), s + j) for i, (p, s) in enumerate(zip(prompt_ids, seeds)) for j in range(n)]
+    episodes = [Episode(i, list(p), s + j) for i, (p, s) in enumerate(zip(prompt_ids, seeds))
+                for j in range(n)]
     running = list(episodes)
     for turn in range(limits.max_turns):
         if not running and not lockstep:
             break
         batch = episodes if lockstep else running
-        outs = generate_turn([e.prompt + e.tokens for e in batch], [seed_of(e.seed, turn) for e in batch],
-                             limits.max_turn_tokens)
+        outs = generate_turn([e.prompt + e.tokens for e in batch],
+                             [seed_of(e.seed, turn) for e in batch], limits.max_turn_tokens)
         by_episode = {id(e): out for e, out in zip(batch, outs)}
         still = []
         for ep in running:
@@ -242,7 +268,9 @@ def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat
             if turn + 1 == limits.max_turns:
                 ep.end = "max_turns"
                 continue
-            results = [_cut(tok, f"error: {c.error}" if c.error else env.call(examples[ep.example_index], c.name,
+            results = [_cut(tok,
+                            f"error: {c.error}" if c.error
+                            else env.call(examples[ep.example_index], c.name,
                                                                              c.arguments),
                             limits.max_tool_response_tokens) for c in calls]
             ended = bool(out) and out[-1] in stops
@@ -255,25 +283,29 @@ def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat
             still.append(ep)
         running = still
     for ep in episodes:
-        ep.score = env.score(examples[ep.example_index], tok.decode(ep.student_ids(), skip_special_tokens=True))
+        ep.score = env.score(examples[ep.example_index],
+                             tok.decode(ep.student_ids(), skip_special_tokens=True))
     return episodes
 
 
 def _cut(tokenizer, text: str, max_tokens: int) -> str:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens],
+                                                                skip_special_tokens=True)
 
 
-EPISODE_SUMS = ("episodes", "turns", "tool_calls", "malformed_calls", "with_tool_call", "score", "student_tokens",
-                "env_tokens", "hit_turn_limit")
-"""What a step's episodes add up to (summed over ranks, then logged as shares and means: ``episode_metrics``)."""
+EPISODE_SUMS = ("episodes", "turns", "tool_calls", "malformed_calls", "with_tool_call", "score",
+                "student_tokens", "env_tokens", "hit_turn_limit")
+"""What a step's episodes add up to (summed over ranks, then logged as shares and means:
+``episode_metrics``)."""
 
 
 def episode_sums(episodes: Sequence[Episode]) -> list[float]:
     return [len(episodes), sum(e.turns for e in episodes), sum(e.tool_calls for e in episodes),
             sum(e.malformed_calls for e in episodes), sum(e.tool_calls > 0 for e in episodes),
             sum(e.score for e in episodes), sum(sum(e.mask) for e in episodes),
-            sum(len(e.mask) - sum(e.mask) for e in episodes), sum(e.end == "max_turns" for e in episodes)]
+            sum(len(e.mask) - sum(e.mask) for e in episodes),
+            sum(e.end == "max_turns" for e in episodes)]
 
 
 def episode_metrics(sums: Sequence[float], prefix: str = "episode/") -> dict[str, float]:
@@ -281,28 +313,34 @@ def episode_metrics(sums: Sequence[float], prefix: str = "episode/") -> dict[str
     s = dict(zip(EPISODE_SUMS, sums))
     n = max(s["episodes"], 1.0)
     return {f"{prefix}score": s["score"] / n, f"{prefix}turns": s["turns"] / n,
-            f"{prefix}tool_calls": s["tool_calls"] / n, f"{prefix}with_tool_call": s["with_tool_call"] / n,
-            f"{prefix}malformed_calls": s["malformed_calls"] / n, f"{prefix}hit_turn_limit": s["hit_turn_limit"] / n,
-            f"{prefix}env_token_frac": s["env_tokens"] / max(s["env_tokens"] + s["student_tokens"], 1.0)}
+            f"{prefix}tool_calls": s["tool_calls"] / n,
+            f"{prefix}with_tool_call": s["with_tool_call"] / n,
+            f"{prefix}malformed_calls": s["malformed_calls"] / n,
+            f"{prefix}hit_turn_limit": s["hit_turn_limit"] / n,
+            f"{prefix}env_token_frac": s["env_tokens"] / max(s["env_tokens"] + s["student_tokens"],
+                                                             1.0)}
 
 
 class MultiTurnRollout:
-    """A rollout backend (``HFRollout`` or ``VllmRollout``) run as multi-turn episodes in ``env``: the same
-    ``generate`` / ``sync`` / ``close`` as single-turn rollouts, so the training loop does not tell them apart.
-    The batch's ``response_mask`` marks the student's tokens only, and ``info`` holds ``episode_sums``."""
+    """A rollout backend (``HFRollout`` or ``VllmRollout``) run as multi-turn episodes in ``env``:
+    the same ``generate`` / ``sync`` / ``close`` as single-turn rollouts, so the training loop does
+    not tell them apart. The batch's ``response_mask`` marks the student's tokens only, and ``info``
+    holds ``episode_sums``."""
 
     def __init__(self, backend, env: Environment, fmt: TurnFormat, limits: EpisodeLimits, n: int,
                  lockstep: bool = False):
-        self.backend, self.env, self.fmt, self.limits, self.n, self.lockstep = backend, env, fmt, limits, n, lockstep
+        self.backend, self.env, self.fmt, self.limits = backend, env, fmt, limits
+        self.n, self.lockstep = n, lockstep
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
                  examples=None) -> RolloutBatch:
         if examples is None or len(examples) != len(prompt_ids):
-            raise ValueError("multi-turn rollouts need the examples their prompts come from (one per prompt)")
+            raise ValueError("multi-turn rollouts need the examples their prompts come from (one "
+                             "per prompt)")
         torch.manual_seed(step_seed)
         with self.backend.turns() as generate_turn:
-            episodes = run_episodes(generate_turn, self.env, self.fmt, self.limits, examples, prompt_ids, self.n,
-                                    prompt_seeds, self.lockstep)
+            episodes = run_episodes(generate_turn, self.env, self.fmt, self.limits, examples,
+                                    prompt_ids, self.n, prompt_seeds, self.lockstep)
         return episode_batch(episodes, self.fmt.tokenizer.pad_token_id)
 
     def sync(self):
@@ -313,5 +351,6 @@ class MultiTurnRollout:
 
 
 def episode_batch(episodes: Sequence[Episode], pad_id: int) -> RolloutBatch:
-    return pack([e.prompt for e in episodes], [e.tokens for e in episodes], [e.example_index for e in episodes],
-                pad_id, [e.mask for e in episodes], [float(x) for x in episode_sums(episodes)])
+    return pack([e.prompt for e in episodes], [e.tokens for e in episodes],
+                [e.example_index for e in episodes], pad_id, [e.mask for e in episodes],
+                [float(x) for x in episode_sums(episodes)])

@@ -2,10 +2,11 @@
 
     python -m tip.eval model=<dir | hub id | embedded://student> eval=math500``.
 
-Several benchmarks at once: ``eval=[math500,aime24,aime25]`` (or ``eval=math``); the sampling protocol is a
-preset: ``protocol=paper`` (n=16, T=1.0, top-p 1.0; default), ``protocol=opsd`` (n=16, T=0.7, top-p 0.8,
-top-k 20) or ``protocol=greedy``. Writes ``metrics.json`` and one ``<benchmark>.jsonl`` of per-problem records
-(completions, extracted answers, verdicts, reasons) into the run directory, and prints a table.
+Several benchmarks at once: ``eval=[math500,aime24,aime25]`` (or ``eval=math``); the sampling
+protocol is a preset: ``protocol=paper`` (n=16, T=1.0, top-p 1.0; default), ``protocol=opsd`` (n=16,
+T=0.7, top-p 0.8, top-k 20) or ``protocol=greedy``. Writes ``metrics.json`` and one
+``<benchmark>.jsonl`` of per-problem records (completions, extracted answers, verdicts, reasons)
+into the run directory, and prints a table.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     benchmarks = load_benchmarks(cfg.eval, cfg.limit)
     records: dict[str, list[dict]] = {}
     metrics = evaluate(model, tokenizer, benchmarks, sampling_of(cfg.eval), cfg.chat_template,
-                       workers=cfg.grading.workers, timeout_s=cfg.grading.timeout_s, progress=True, records=records,
-                       chat_template_kwargs=cfg.chat_template_kwargs)
-    result = {"model": cfg.model, "protocol": OmegaConf.to_container(cfg.eval, resolve=True), "metrics": metrics}
+                       workers=cfg.grading.workers, timeout_s=cfg.grading.timeout_s, progress=True,
+                       records=records, chat_template_kwargs=cfg.chat_template_kwargs)
+    result = {"model": cfg.model, "protocol": OmegaConf.to_container(cfg.eval, resolve=True),
+              "metrics": metrics}
 
-    # Records and metrics land together or not at all: written under a temporary name, then moved into place.
+    # Records and metrics land together or not at all: written under a temporary name, then
+    # moved into place.
     def write(tmp: Path) -> None:
         for name, rows in records.items():
             with (tmp / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
@@ -79,7 +82,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``python -m tip.eval``: checked for its configs at run time (importing tip.eval never exits)."""
+    """``python -m tip.eval``: checked for its configs at run time (importing tip.eval never
+    exits)."""
     require_conf_dir()
     hydra_main()
 

@@ -1,13 +1,14 @@
 """Answer extraction and equivalence checking for math benchmarks.
 
-Extraction: the content of the last ``\\boxed{...}`` (brace-matched) or ``\\fbox{...}``; failing that, the text after
-the last "the answer is". Equivalence: math-verify (symbolic and numeric) on the extracted answer against the
-reference, falling back to a normalised string match when math-verify cannot parse either side.
+Extraction: the content of the last ``\\boxed{...}`` (brace-matched) or ``\\fbox{...}``; failing
+that, the text after the last "the answer is". Equivalence: math-verify (symbolic and numeric) on
+the extracted answer against the reference, falling back to a normalised string match when
+math-verify cannot parse either side.
 
-math-verify bounds its own work with SIGALRM timeouts, which only work in a process's main thread, and sympy
-can still hang or blow up on adversarial LaTeX. ``grade_many`` therefore grades in worker processes with a hard
-per-item timeout: a worker that overruns is killed and the item is graded incorrect with the reason recorded.
-A malformed completion never crashes or hangs the caller.
+math-verify bounds its own work with SIGALRM timeouts, which only work in a process's main thread,
+and sympy can still hang or blow up on adversarial LaTeX. ``grade_many`` therefore grades in worker
+processes with a hard per-item timeout: a worker that overruns is killed and the item is graded
+incorrect with the reason recorded. A malformed completion never crashes or hangs the caller.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class Grade:
 
 
 def boxed_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} in ``text`` with nested braces matched; None if absent or
-    unbalanced. ``\\boxed 5`` (no braces) yields '5'."""
+    """Content of the last \\boxed{...} / \\fbox{...} in ``text`` with nested braces matched; None
+    if absent or unbalanced. ``\\boxed 5`` (no braces) yields '5'."""
     best = None
     for marker in ("\\boxed", "\\fbox"):
         i = text.rfind(marker)
@@ -57,7 +58,8 @@ def boxed_answer(text: str) -> str | None:
     return None
 
 
-_ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE | re.DOTALL)
+_ANSWER_IS = re.compile(r"answer\s+is\s*[:：]?\s*(.+?)(?:\.\s|\.$|\n|$)",
+                        re.IGNORECASE | re.DOTALL)
 
 
 def extract_answer(text: str) -> str | None:
@@ -72,12 +74,14 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalise_answer(text: str) -> str:
-    """A canonical string form: no spaces, no $, no \\left/\\right, \\dfrac -> \\frac, \\text{x} -> x, no trailing '.',
-    and a bare integer without leading zeros or wrapping parentheses ('(073)' -> '73')."""
+    """A canonical string form: no spaces, no $, no \\left/\\right, \\dfrac -> \\frac, \\text{x} ->
+    x, no trailing '.', and a bare integer without leading zeros or wrapping parentheses ('(073)' ->
+    '73')."""
     s = text.strip().strip("$").strip()
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\dfrac", "\\frac"),
-                     ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("^\\circ", ""), ("^{\\circ}", "")):
+                     ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""), ("^\\circ", ""),
+                     ("^{\\circ}", "")):
         s = s.replace(old, new)
     s = s.replace(" ", "").rstrip(".")
     plain_int = re.fullmatch(r"\(?(\d+)\)?", s)  # AoPS styles AIME answers as \textbf{(073)}
@@ -110,8 +114,10 @@ def _math_verify_equal(prediction: str, reference: str, timeout_s: int) -> bool 
     return bool(verify(gold, pred, timeout_seconds=timeout_s))
 
 
-def grade_one(completion: str, reference: str, grader: str = "math_verify", timeout_s: int = 5) -> Grade:
-    """Grade one completion in this process (use ``grade_many`` for untrusted text: it adds a hard timeout)."""
+def grade_one(completion: str, reference: str, grader: str = "math_verify",
+              timeout_s: int = 5) -> Grade:
+    """Grade one completion in this process (use ``grade_many`` for untrusted text: it adds a hard
+    timeout)."""
     if grader not in GRADERS:
         raise ValueError(f"unknown grader {grader!r}; known: {', '.join(GRADERS)}")
     extracted = extract_answer(completion)
@@ -125,7 +131,8 @@ def grade_one(completion: str, reference: str, grader: str = "math_verify", time
         return Grade(False, extracted, "string")
     try:
         verdict = _math_verify_equal(extracted, reference, timeout_s)
-    except Exception as err:  # math-verify raises on some malformed input despite raise_on_error=False
+    # math-verify raises on some malformed input despite raise_on_error=False
+    except Exception as err:
         return Grade(False, extracted, f"math_verify_error:{type(err).__name__}")
     if verdict is None:
         return Grade(False, extracted, "unparsed")
@@ -133,12 +140,15 @@ def grade_one(completion: str, reference: str, grader: str = "math_verify", time
 
 
 def grade_many(items: Iterable[tuple[str, str]], grader: str = "math_verify", workers: int = 2,
-               timeout_s: float = 10.0, progress: bool = False, grade_fn: Callable[..., Grade] = grade_one
+               timeout_s: float = 10.0, progress: bool = False,
+               grade_fn: Callable[..., Grade] = grade_one
                ) -> list[Grade]:
-    """Grade (completion, reference) pairs in ``workers`` processes, each item under a hard ``timeout_s``.
+    """Grade (completion, reference) pairs in ``workers`` processes, each item under a hard
+    ``timeout_s``.
 
-    ``grader='exact'`` (normalised string match) runs in-process: it cannot hang. ``grade_fn(completion,
-    reference, grader, inner_timeout_s)`` is the per-item grader run in the workers.
+    ``grader='exact'`` (normalised string match) runs in-process: it cannot hang.
+    ``grade_fn(completion, reference, grader, inner_timeout_s)`` is the per-item grader run in the
+    workers.
     """
     items = list(items)
     if grader == "exact" or not items:
@@ -148,15 +158,18 @@ def grade_many(items: Iterable[tuple[str, str]], grader: str = "math_verify", wo
     from pebble import ProcessPool
     from tqdm.auto import tqdm
 
-    inner = max(1, int(timeout_s) // 2)  # math-verify's own alarms fire first; the pool's kill is the backstop
+    # math-verify's own alarms fire first; the pool's kill is the backstop
+    inner = max(1, int(timeout_s) // 2)
     out: list[Grade] = []
     with ProcessPool(max_workers=max(1, workers)) as pool:
-        futures = [pool.schedule(grade_fn, args=(c, r, grader, inner), timeout=timeout_s) for c, r in items]
+        futures = [pool.schedule(grade_fn, args=(c, r, grader, inner),
+                                 timeout=timeout_s) for c, r in items]
         for fut, (completion, _) in zip(tqdm(futures, desc="grading", disable=not progress), items):
             try:
                 out.append(fut.result())
             except FutureTimeout:
                 out.append(Grade(False, extract_answer(completion[-5000:]), "timeout"))
-            except Exception as err:  # a worker that died (memory, recursion) grades its item incorrect
+            # a worker that died (memory, recursion) grades its item incorrect
+            except Exception as err:
                 out.append(Grade(False, None, f"worker_error:{type(err).__name__}"))
     return out

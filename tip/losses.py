@@ -3,13 +3,14 @@
 L = (1 / D) * sum_{t kept} div(P_S(.|c_t), P_T(.|c_t))
 
 with D the number of kept tokens (``denominator='kept'``, the paper's Eq. 9) or of valid tokens
-(``denominator='all'``, i.e. the all-token mean with dropped tokens contributing 0). Under gradient accumulation
-and data parallelism, pass ``global_count``: the denominator summed over every micro-batch and rank of the
-optimizer step, so that the step's gradient equals that of one big batch. The caller then undoes whatever
-averaging its engine applies (``tip.step`` multiplies by world_size x accumulation steps).
+(``denominator='all'``, i.e. the all-token mean with dropped tokens contributing 0). Under gradient
+accumulation and data parallelism, pass ``global_count``: the denominator summed over every
+micro-batch and rank of the optimizer step, so that the step's gradient equals that of one big
+batch. The caller then undoes whatever averaging its engine applies (``tip.step`` multiplies by
+world_size x accumulation steps).
 
-This is the training loss. ``tip.reference_loss`` holds the unfused reference (materialised logits, autograd)
-that tests and benchmarks compare it with.
+This is the training loss. ``tip.reference_loss`` holds the unfused reference (materialised logits,
+autograd) that tests and benchmarks compare it with.
 """
 
 from __future__ import annotations
@@ -32,41 +33,45 @@ from tip.signals import (
 )
 
 DENOMINATORS = ("auto", "kept", "all", "weight")
-"""train.denominator: D in L = (1/D) sum_{t kept} w_t div_t. kept: the kept tokens (the paper's Eq. 9); all: the
-valid tokens (the all-token mean with dropped tokens as 0, what importance weights estimate without bias); weight:
-the sum of the kept tokens' weights (a weighted mean; = kept for hard masks); auto (the default): the rule's own
-(``tip.selection.Rule.denominator``: kept for every hard-mask rule, all for entropy_sample_is, weight for the
-other weighting rules)."""
+"""train.denominator: D in L = (1/D) sum_{t kept} w_t div_t. kept: the kept tokens (the paper's Eq.
+9); all: the valid tokens (the all-token mean with dropped tokens as 0, what importance weights
+estimate without bias); weight: the sum of the kept tokens' weights (a weighted mean; = kept for
+hard masks); auto (the default): the rule's own (``tip.selection.Rule.denominator``: kept for every
+hard-mask rule, all for entropy_sample_is, weight for the other weighting rules)."""
 
 
 @dataclass(frozen=True)
 class FusedDivergence:
     """What ``fused_divergence_sum`` returns."""
 
-    total: torch.Tensor  # scalar: the sum of the rows' divergences, differentiable w.r.t. hidden, weight, bias
+    # scalar: the sum of the rows' divergences, differentiable w.r.t. hidden, weight, bias
+    total: torch.Tensor
     per_row: torch.Tensor  # (K,) the rows' divergences, detached
-    signals: torch.Tensor | None  # (len(SIGNAL_ROWS), K): tip.signals.row_signals of the rows (detached), if asked
+    # (len(SIGNAL_ROWS), K): tip.signals.row_signals of the rows (detached), if asked
+    signals: torch.Tensor | None
 
 
 class _FusedHeadDivergence(torch.autograd.Function):
-    """The summed divergence of K rows through the student's output layer, with its gradients formed during the
-    forward chunk loop (as Liger's fused linear cross-entropy does): each chunk's logits exist once, in forward,
-    and what is held for backward is the gradient w.r.t. the hidden rows (K x H) and the output layer (V x H,
-    accumulated across chunks in fp32), which backward scales by the incoming scalar gradient. The teacher's
-    rows are projected once too. A ZeRO-3 layer receives one gradient per backward on every rank."""
+    """The summed divergence of K rows through the student's output layer, with its gradients formed
+    during the forward chunk loop (as Liger's fused linear cross-entropy does): each chunk's logits
+    exist once, in forward, and what is held for backward is the gradient w.r.t. the hidden rows (K
+    x H) and the output layer (V x H, accumulated across chunks in fp32), which backward scales by
+    the incoming scalar gradient. The teacher's rows are projected once too. A ZeRO-3 layer receives
+    one gradient per backward on every rank."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_rows, kind, beta, chunk_size, cap, with_signals,
                 before_accumulate, row_weights):
         rows = hidden.shape[0]
-        per_row = torch.zeros(rows, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        per_row = torch.zeros(rows, dtype=torch.promote_types(hidden.dtype, torch.float32),
+                              device=hidden.device)
         total = torch.zeros((), dtype=per_row.dtype, device=hidden.device)  # the (weighted) sum
         signals = torch.zeros(len(SIGNAL_ROWS), rows, dtype=torch.float32, device=hidden.device) \
             if with_signals else None
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
-        # The weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the weight's
-        # dtype once: in bf16 every chunk's partial sum would be rounded to 8 bits.
+        # The weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the
+        # weight's dtype once: in bf16 every chunk's partial sum would be rounded to 8 bits.
         acc = torch.promote_types(weight.dtype, torch.float32)
         # The caller holds a ZeRO-3 weight whole around apply(): its gradient takes the full shape.
         if ctx.needs_input_grad[1]:
@@ -86,8 +91,10 @@ class _FusedHeadDivergence(torch.autograd.Function):
             total += weighted.detach().sum().to(total.dtype)
             if signals is not None:
                 signals[:, idx] = row_signals(logp_s.detach(), logp_t,
-                                              reverse=div.detach() if kind == "reverse_kl" else None,
-                                              forward=div.detach() if kind == "forward_kl" else None)
+                                              reverse=div.detach() if kind == "reverse_kl"
+                                              else None,
+                                              forward=div.detach() if kind == "forward_kl"
+                                              else None)
             if grad_hidden is not None:
                 grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -105,11 +112,14 @@ class _FusedHeadDivergence(torch.autograd.Function):
     def backward(ctx, grad_total, *unused):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        # grad_total arrives in the sum's dtype (at least fp32); the scaling is done in the accumulators' dtype.
+        # grad_total arrives in the sum's dtype (at least fp32); the scaling is done in
+        # the accumulators' dtype.
         grad_hidden = None if grad_hidden is None else \
             (grad_hidden.to(grad_total.dtype) * grad_total).to(grad_hidden.dtype)
-        grad_weight = None if grad_weight is None else (grad_weight * grad_total.to(grad_weight.dtype)).to(weight_dtype)
-        grad_bias = None if grad_bias is None else (grad_bias * grad_total.to(grad_bias.dtype)).to(bias_dtype)
+        grad_weight = None if grad_weight is None else \
+            (grad_weight * grad_total.to(grad_weight.dtype)).to(weight_dtype)
+        grad_bias = None if grad_bias is None else (grad_bias
+                                                    * grad_total.to(grad_bias.dtype)).to(bias_dtype)
         if ctx.before_accumulate is not None:
             ctx.before_accumulate()
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
@@ -129,34 +139,36 @@ def fused_divergence_sum(
     before_accumulate=None,
     row_weights: torch.Tensor | None = None,
 ) -> FusedDivergence:
-    """Sum of the divergences of K rows, from the student's hidden states ``hidden`` (K, H) and output layer
-    (``weight`` (V, H), ``bias``, optional final-logit ``softcap``), differentiable w.r.t. hidden, weight and bias.
+    """Sum of the divergences of K rows, from the student's hidden states ``hidden`` (K, H) and
+    output layer (``weight`` (V, H), ``bias``, optional final-logit ``softcap``), differentiable
+    w.r.t. hidden, weight and bias.
 
-    Equal to ``kept_token_divergence(...).sum()`` over ``F.linear(hidden, weight, bias)``, with each row projected
-    once per model: logits exist one chunk (``chunk_size`` x V) at a time, and gradients are formed in the same
-    loop. ``teacher(idx)`` returns the teacher's logits of rows ``idx`` (detached). ``gather`` is a
-    context-manager factory entered once around the loop (ZeRO-3 gathers sharded output layers there). With
-    ``with_signals`` the loop also returns each row's ``tip.signals.row_signals`` (entropy / log|V| and both KL
-    directions, unclamped; ``TokenSignals.from_flat`` clamps), so a step that keeps every token needs no scoring
-    pass.
-    ``before_accumulate()``, if given, is called at the end of backward, before autograd accumulates the
-    returned gradients into ``weight`` and ``bias`` (ZeRO-3 makes an untied layer whole there).
-    ``row_weights`` (K,), taken as constants: the sum is then sum_i w_i div_i, and so are its gradients (a weighting
-    rule's per-token weights); ``per_row`` stays unweighted.
+    Equal to ``kept_token_divergence(...).sum()`` over ``F.linear(hidden, weight, bias)``, with each
+    row projected once per model: logits exist one chunk (``chunk_size`` x V) at a time, and
+    gradients are formed in the same loop. ``teacher(idx)`` returns the teacher's logits of rows
+    ``idx`` (detached). ``gather`` is a context-manager factory entered once around the loop (ZeRO-3
+    gathers sharded output layers there). With ``with_signals`` the loop also returns each row's
+    ``tip.signals.row_signals`` (entropy / log|V| and both KL directions, unclamped;
+    ``TokenSignals.from_flat`` clamps), so a step that keeps every token needs no scoring pass.
+    ``before_accumulate()``, if given, is called at the end of backward, before autograd accumulates
+    the returned gradients into ``weight`` and ``bias`` (ZeRO-3 makes an untied layer whole there).
+    ``row_weights`` (K,), taken as constants: the sum is then sum_i w_i div_i, and so are its
+    gradients (a weighting rule's per-token weights); ``per_row`` stays unweighted.
     """
-    # apply() runs inside gather(): autograd takes a parameter's shape from its first use in a graph, and an
-    # output layer that no decoder module uses (untied) would otherwise be first used as a ZeRO-3 shard of shape
-    # [0], and its whole-shaped gradient refused in backward.
+    # apply() runs inside gather(): autograd takes a parameter's shape from its first use in a
+    # graph, and an output layer that no decoder module uses (untied) would otherwise be first used
+    # as a ZeRO-3 shard of shape [0], and its whole-shaped gradient refused in backward.
     with gather():
-        out = _FusedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size, softcap, with_signals,
-                                         before_accumulate, None if row_weights is None else row_weights.detach())
+        out = _FusedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size,
+                                         softcap, with_signals, before_accumulate,
+                                         None if row_weights is None else row_weights.detach())
     return FusedDivergence(total=out[0], per_row=out[1], signals=out[2] if with_signals else None)
 
 
 def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denominator: str,
                      weights: torch.Tensor | None = None) -> float:
-    """This micro-batch's contribution to the loss denominator (``DENOMINATORS``); ``weights`` (B, T) are the
-    per-token weights (None: 1)."""
+    """This micro-batch's contribution to the loss denominator (``DENOMINATORS``); ``weights`` (B,
+    T) are the per-token weights (None: 1)."""
     kept = keep_mask.bool() & valid_mask.bool()
     if denominator == "kept" or (denominator == "weight" and weights is None):
         return float(kept.sum())
@@ -164,12 +176,13 @@ def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denomina
         return float(valid_mask.bool().sum())
     if denominator == "weight":
         return float(torch.where(kept, weights.double(), 0.0).sum())
-    raise ValueError(f"unknown loss denominator {denominator!r}; known: kept, all, weight (the recipe resolves auto)")
+    raise ValueError(f"unknown loss denominator {denominator!r}; known: kept, all, weight (the "
+                     "recipe resolves auto)")
 
 
 def normalised_loss(divergence_sum: torch.Tensor, count: float) -> torch.Tensor:
-    """The OPD loss from the kept tokens' (weighted) summed divergence and the denominator D: sum / D, and 0
-    (still in the graph) when nothing counts. The one place the loss is normalised (the paper's Eq. 9 when D
-    counts the kept tokens)."""
+    """The OPD loss from the kept tokens' (weighted) summed divergence and the denominator D: sum /
+    D, and 0 (still in the graph) when nothing counts. The one place the loss is normalised (the
+    paper's Eq. 9 when D counts the kept tokens)."""
     count = float(count)
     return divergence_sum / count if count > 0 else divergence_sum * 0.0

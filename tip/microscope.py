@@ -2,13 +2,14 @@
 
     python -m tip.microscope <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]
 
-It shows the step's rollouts with every response token coloured by quadrant and the kept tokens outlined (hover a
-token for its numbers and the student's and teacher's most likely tokens there); a rule comparison (which tokens
-each selection rule would keep at a chosen keep, from the same logged signals and batch statistics: rules are pure
-functions of them, so no model is needed); the h-delta scatter coloured by quadrant (the paper's Fig. 2 view) and
-each quadrant's share of the tokens and of the kept tokens over the run's steps. The page needs no network.
-Records come from ``train.token_log_every`` (``tip.token_records``); the page is written atomically to
-``<run dir>/microscope/step_<S>.html`` unless ``out=`` says otherwise.
+It shows the step's rollouts with every response token coloured by quadrant and the kept tokens
+outlined (hover a token for its numbers and the student's and teacher's most likely tokens there); a
+rule comparison (which tokens each selection rule would keep at a chosen keep, from the same logged
+signals and batch statistics: rules are pure functions of them, so no model is needed); the h-delta
+scatter coloured by quadrant (the paper's Fig. 2 view) and each quadrant's share of the tokens and
+of the kept tokens over the run's steps. The page needs no network. Records come from
+``train.token_log_every`` (``tip.token_records``); the page is written atomically to ``<run
+dir>/microscope/step_<S>.html`` unless ``out=`` says otherwise.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ from tip.token_records import OPTIONAL_COLUMNS, logged_steps, read_token_records
 DEFAULT_KEEPS = (0.1, 0.2, 0.5)
 COMPARISON_SEED = 0  # the stochastic rules (random, entropy_sample) show one draw from this seed
 QUADRANT_COLOURS = {"q1": "#e4572e", "q2": "#f3a712", "q3": "#7b2cbf", "q4": "#8fb996"}
-PAGE_TEMPLATE = Path(__file__).resolve().parent / "assets" / "microscope_page.html"  # __TITLE__ and __DATA__ filled in
-NUMBER_COLUMNS = ("h", "delta", "delta_fwd", "h_hat", "d_hat", "score", "student_top_p", "teacher_top_p")
+# __TITLE__ and __DATA__ filled in
+PAGE_TEMPLATE = Path(__file__).resolve().parent / "assets" / "microscope_page.html"
+NUMBER_COLUMNS = ("h", "delta", "delta_fwd", "h_hat", "d_hat", "score", "student_top_p",
+                  "teacher_top_p")
 
 
 def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list[int]]]:
-    """Each rank's (B, T) signals rebuilt from its records (read on the host, where rules are re-run), with the
-    record index of every valid position in the mask's row-major order (records come sorted by rank, rollout and
-    position, so that is their own order)."""
+    """Each rank's (B, T) signals rebuilt from its records (read on the host, where rules are
+    re-run), with the record index of every valid position in the mask's row-major order (records
+    come sorted by rank, rollout and position, so that is their own order)."""
     rank, rollout, position = (torch.tensor(cols[c], dtype=torch.long, device="cpu")
                                for c in ("rank", "rollout", "position"))
     out = {}
@@ -49,24 +52,27 @@ def signals_by_rank(cols: dict[str, list]) -> dict[int, tuple[TokenSignals, list
         values = {}
         for name in ("h", "delta", "delta_fwd", "h_teacher"):
             values[name] = torch.zeros(shape, device="cpu")
-            values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
+            values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32,
+                                                       device="cpu")[idx]
         for name in OPTIONAL_COLUMNS:  # the TokenSignals fields of the same names
             if name in cols:
                 values[name] = torch.zeros(shape, device="cpu")
-                values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32, device="cpu")[idx]
+                values[name][rows, cols_at] = torch.tensor(cols[name], dtype=torch.float32,
+                                                           device="cpu")[idx]
         mask = torch.zeros(shape, dtype=torch.bool, device="cpu")
         mask[rows, cols_at] = True
         out[r] = (TokenSignals(values["h"], values["delta"], values["delta_fwd"], mask,
                                teacher_entropy=values["h_teacher"],
-                               **{name: values.get(name) for name in OPTIONAL_COLUMNS}), idx.tolist())
+                               **{name: values.get(name) for name in OPTIONAL_COLUMNS}),
+                  idx.tolist())
     return out
 
 
 def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[str, list[bool]]]:
-    """``{rule: {keep: kept flag per record}}`` for every registered rule whose signals the records hold (a rule
-    that reads an optional signal, such as the JSD, needs a run whose own rule computed it), re-run on the logged
-    signals with the step's selection settings and batch statistics (``select_tokens`` itself, per rank as in the
-    run)."""
+    """``{rule: {keep: kept flag per record}}`` for every registered rule whose signals the records
+    hold (a rule that reads an optional signal, such as the JSD, needs a run whose own rule computed
+    it), re-run on the logged signals with the step's selection settings and batch statistics
+    (``select_tokens`` itself, per rank as in the run)."""
     stats = stats_of(meta["batch_stats"])
     n = len(cols["h"])
     out: dict[str, dict[str, list[bool]]] = {}
@@ -79,8 +85,9 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
             flags = [False] * n
             for signals, order in by_rank.values():
                 generator = torch.Generator(device="cpu").manual_seed(COMPARISON_SEED)
-                kept = select_tokens(rule, signals, keep, meta["scope"], generator, meta["clip_quantile"],
-                                     meta["norm_scope"], meta["entropy_alpha"], stats,
+                kept = select_tokens(rule, signals, keep, meta["scope"], generator,
+                                     meta["clip_quantile"], meta["norm_scope"],
+                                     meta["entropy_alpha"], stats,
                                      log_vocab=meta["batch_stats"].get("log_vocab"),
                                      jsd_gamma=meta.get("jsd_gamma", 1.0))
                 for i, flag in zip(order, kept[signals.mask].tolist()):
@@ -98,9 +105,10 @@ def _finite(x: float) -> float | None:
 
 
 def step_shares(run_dir: Path) -> list[dict]:
-    """Each trained step's quadrant shares of all tokens and of the kept tokens (metrics.jsonl: the global
-    batch of every step, not only the recorded ones)."""
-    return [{"step": r["step"], **{f"{q}/{part}": r.get(f"{q}/{part}") for part in ("frac", "of_kept")
+    """Each trained step's quadrant shares of all tokens and of the kept tokens (metrics.jsonl: the
+    global batch of every step, not only the recorded ones)."""
+    return [{"step": r["step"],
+             **{f"{q}/{part}": r.get(f"{q}/{part}") for part in ("frac", "of_kept")
                                    for q in QUADRANTS}}
             for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r.get("kind") == "train"]
 
@@ -109,7 +117,8 @@ def page_data(run_dir: Path, step: int, keeps=DEFAULT_KEEPS) -> dict:
     """Everything the page shows, as JSON-ready values."""
     cols, meta = read_token_records(run_dir, step)
     keeps = sorted({*keeps, meta["keep"]})
-    tokens = {name: cols[name] for name in ("rank", "rollout", "prompt", "position", "token", "quadrant",
+    tokens = {name: cols[name] for name in ("rank", "rollout", "prompt", "position", "token",
+                                            "quadrant",
                                              "student_top", "teacher_top")}
     tokens["kept"] = [int(k) for k in cols["kept"]]
     for name in NUMBER_COLUMNS:
@@ -119,14 +128,18 @@ def page_data(run_dir: Path, step: int, keeps=DEFAULT_KEEPS) -> dict:
     for rank, rollout, text in zip(cols["rank"], cols["rollout"], cols["prompt_text"]):
         prompts.setdefault(f"{rank}:{rollout}", text)
     return {
-        "run": str(Path(run_dir).resolve()), "step": step, "meta": meta, "keeps": [_keep_key(k) for k in keeps],
+        "run": str(Path(run_dir).resolve()), "step": step, "meta": meta,
+            "keeps": [_keep_key(k) for k in keeps],
         "tokens": tokens, "prompts": prompts,
-        "comparison": {rule: {k: "".join("1" if f else "0" for f in flags) for k, flags in by_keep.items()}
+        "comparison": {rule: {k: "".join("1" if f else "0" for f in flags)
+                              for k, flags in by_keep.items()}
                        for rule, by_keep in comparison.items()},
         "rule_docs": {rule: spec.doc for rule, spec in RULES.items()},
-        "not_compared": {rule: f"needs {', '.join(RULES[rule].needs)}, which this run did not record"
+        "not_compared": {rule: f"needs {', '.join(RULES[rule].needs)}, which this run did not "
+                               "record"
                          for rule in RULES if rule not in comparison},
-        "quadrants": {q: {"name": QUADRANT_NAMES[q], "colour": QUADRANT_COLOURS[q]} for q in QUADRANTS},
+        "quadrants": {q: {"name": QUADRANT_NAMES[q],
+                          "colour": QUADRANT_COLOURS[q]} for q in QUADRANTS},
         "steps": step_shares(run_dir), "logged_steps": logged_steps(run_dir),
     }
 
@@ -138,12 +151,14 @@ def render_page(data: dict) -> str:
     return page.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
 
 
-def write_page(run_dir: Path, step: int | None = None, keeps=DEFAULT_KEEPS, out: Path | None = None) -> Path:
+def write_page(run_dir: Path, step: int | None = None, keeps=DEFAULT_KEEPS,
+               out: Path | None = None) -> Path:
     """Write the page of ``step`` (default: the last recorded step) and return its path."""
     run_dir = Path(run_dir)
     steps = logged_steps(run_dir)
     if not steps:
-        raise FileNotFoundError(f"{run_dir} has no token records: train with train.token_log_every=N (N > 0)")
+        raise FileNotFoundError(f"{run_dir} has no token records: train with "
+                                "train.token_log_every=N (N > 0)")
     if step is None:
         step = steps[-1]
     elif step not in steps:
@@ -156,21 +171,23 @@ def write_page(run_dir: Path, step: int | None = None, keeps=DEFAULT_KEEPS, out:
 
 
 def plot_images(data: dict, out_dir: Path) -> dict[str, Path]:
-    """The page's two plots as PNG files (for W&B): the h-delta scatter and the quadrant shares over steps."""
+    """The page's two plots as PNG files (for W&B): the h-delta scatter and the quadrant shares over
+    steps."""
     plt = pyplot()
     tokens, meta, out_dir = data["tokens"], data["meta"], Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for i, q in enumerate(QUADRANTS, start=1):
-        pts = [(h, d) for h, d, label in zip(tokens["h"], tokens["delta"], tokens["quadrant"]) if label == i]
+        pts = [(h, d) for h, d, label in zip(tokens["h"], tokens["delta"],
+                                             tokens["quadrant"]) if label == i]
         ax.scatter([max(h, 1e-6) for h, _ in pts], [max(d, 1e-7) for _, d in pts], s=5, alpha=0.7,
                    color=QUADRANT_COLOURS[q], label=f"{q.upper()} {QUADRANT_NAMES[q]}")
     stats = meta["batch_stats"]
     ax.axvline(stats["entropy_median"], ls="--", color="#333", lw=1)
     ax.axhline(max(stats["divergence_median"], 1e-7), ls="--", color="#333", lw=1)
-    ax.set(xscale="log", yscale="log", xlabel="student entropy h (log)", ylabel="δ = KL(P_S‖P_T) (log)",
-           title=f"step {data['step']}: tokens by quadrant")
+    ax.set(xscale="log", yscale="log", xlabel="student entropy h (log)",
+           ylabel="δ = KL(P_S‖P_T) (log)", title=f"step {data['step']}: tokens by quadrant")
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths["token_scatter"] = out_dir / f"scatter_step_{data['step']:06d}.png"
@@ -232,7 +249,8 @@ def parse_args(argv: list[str]) -> tuple[Path, dict]:
                 options["out"] = Path(value)
         except ValueError:
             allowed = "an integer" if key == "step" else "numbers in (0, 1], comma-separated"
-            raise SystemExit(f"tip.microscope: {key}={value!r} is not allowed: expected {allowed}") from None
+            raise SystemExit(f"tip.microscope: {key}={value!r} is not allowed: expected "
+                             f"{allowed}") from None
     if not run_dir.is_dir():
         raise SystemExit(f"tip.microscope: no such run directory: {run_dir}")
     return run_dir, options

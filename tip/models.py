@@ -1,8 +1,8 @@
 """Loading teacher/student pairs and reaching their output heads.
 
-Model references are local directories, hub ids, or ``embedded://teacher`` / ``embedded://student`` (the pair
-the project ships, see ``tip.testbed``). Loading never reaches the network when the hub is unavailable: a hub
-id that is not cached fails with one message that says how to fix it.
+Model references are local directories, hub ids, or ``embedded://teacher`` / ``embedded://student``
+(the pair the project ships, see ``tip.testbed``). Loading never reaches the network when the hub is
+unavailable: a hub id that is not cached fails with one message that says how to fix it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded_pair"
 EMBEDDED_MODELS = {  # embedded://NAME -> (its directory, the command that rebuilds it)
     "teacher": (EMBEDDED_DIR / "teacher", "python -m tip.testbed.build"),
     "student": (EMBEDDED_DIR / "student", "python -m tip.testbed.build"),
-    "agent_teacher": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "teacher", "python -m tip.testbed.agent"),
-    "agent_student": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "student", "python -m tip.testbed.agent"),
+    "agent_teacher": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "teacher",
+                      "python -m tip.testbed.agent"),
+    "agent_student": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "student",
+                      "python -m tip.testbed.agent"),
 }
 
 
@@ -30,8 +32,8 @@ class PairError(ValueError):
 
 
 def resolve_model_ref(ref: str) -> str:
-    """Map ``embedded://NAME`` to the shipped directory and ``pypi-gguf://NAME`` to the converted cache
-    (``tip.pairs``); leave paths and hub ids unchanged."""
+    """Map ``embedded://NAME`` to the shipped directory and ``pypi-gguf://NAME`` to the converted
+    cache (``tip.pairs``); leave paths and hub ids unchanged."""
     if ref.startswith("pypi-gguf://"):
         from tip import pairs
 
@@ -46,7 +48,8 @@ def resolve_model_ref(ref: str) -> str:
                             + ", ".join(EMBEDDED_SCHEME + k for k in EMBEDDED_MODELS))
         path, command = EMBEDDED_MODELS[name]
         if not (path / "config.json").exists():
-            raise PairError(f"the embedded model {ref!r} is missing at {path}; rebuild it with `{command}`")
+            raise PairError(f"the embedded model {ref!r} is missing at {path}; rebuild it with "
+                            f"`{command}`")
         return str(path)
     return ref
 
@@ -60,7 +63,8 @@ def _load(loader, ref: str, what: str, **kwargs):
         hint = (
             "it is not a local directory, and it is not in the Hugging Face cache"
             + (" (HF_HUB_OFFLINE is set)" if offline else " or the hub could not be reached")
-            + ". Point the pair at a local HF directory (pair.teacher=/path pair.student=/path), or run where the hub"
+            + ". Point the pair at a local HF directory (pair.teacher=/path pair.student=/path), "
+              "or run where the hub"
             " is reachable, or pre-download it with `huggingface-cli download`."
         )
         raise PairError(f"could not load {what} {ref!r}: {hint}") from err
@@ -82,15 +86,17 @@ def load_model(ref: str, dtype: torch.dtype, what: str):
 
 
 def output_width(model) -> int:
-    """Rows of the output layer (under ZeRO-3 the local tensor is a shard; ``ds_shape`` is the full shape)."""
+    """Rows of the output layer (under ZeRO-3 the local tensor is a shard; ``ds_shape`` is the full
+    shape)."""
     weight = model.get_output_embeddings().weight
     return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def check_vocab(tokenizer, student_width: int, teacher_width: int, rule: str) -> int:
-    """The vocabulary width the divergence is taken over. Teacher and student output layers may differ in width
-    (Qwen2.5-14B 152,064 vs 1.5B 151,936): ``rule='truncate'`` compares the shared leading ids, which must cover
-    every id the tokenizer can emit; ``rule='error'`` refuses any difference."""
+    """The vocabulary width the divergence is taken over. Teacher and student output layers may
+    differ in width (Qwen2.5-14B 152,064 vs 1.5B 151,936): ``rule='truncate'`` compares the shared
+    leading ids, which must cover every id the tokenizer can emit; ``rule='error'`` refuses any
+    difference."""
     if rule not in ("truncate", "error"):
         raise PairError(f"unknown pair.vocab rule {rule!r}; known: truncate, error")
     width = min(student_width, teacher_width)
@@ -116,9 +122,10 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 class HiddenStatesLM(torch.nn.Module):
     """A causal LM whose ``forward`` returns the final hidden states instead of logits.
 
-    The DeepSpeed engine wraps this, so the training forward goes through ``engine.forward`` (ZeRO-3 advances its
-    gradient-accumulation micro-step there: calling the decoder directly makes the second micro-batch overwrite
-    the first one's gradients) while the output head runs only at the kept positions.
+    The DeepSpeed engine wraps this, so the training forward goes through ``engine.forward`` (ZeRO-3
+    advances its gradient-accumulation micro-step there: calling the decoder directly makes the
+    second micro-batch overwrite the first one's gradients) while the output head runs only at the
+    kept positions.
     """
 
     def __init__(self, lm):
@@ -140,8 +147,8 @@ def _head_params(model) -> list:
 
 @contextmanager
 def gathered_heads(*models):
-    """The output layers of ``models`` whole for the duration (one ZeRO-3 gather each; a model given twice, as
-    the live self-teacher is, is gathered once). Outside ZeRO-3 it does nothing."""
+    """The output layers of ``models`` whole for the duration (one ZeRO-3 gather each; a model given
+    twice, as the live self-teacher is, is gathered once). Outside ZeRO-3 it does nothing."""
     params, seen = [], set()
     for model in models:
         for p in _head_params(model):
@@ -158,18 +165,19 @@ def gathered_heads(*models):
 
 
 def whole_until_accumulated(model) -> None:
-    """Backward through an output layer that no module of the model uses (an untied head, run outside the
-    decoder's forward) under ZeRO-3: autograd accumulates its gradient into the parameter itself, which must then be
-    whole (DeepSpeed's modules gather theirs in pre-backward hooks). Gathers the layer now and partitions it again
-    right after autograd has accumulated its gradient (DeepSpeed's own hook, registered first, reduces it). A tied
-    head is left alone: its embedding module gathers it before its gradient is accumulated. Outside ZeRO-3,
-    nothing."""
+    """Backward through an output layer that no module of the model uses (an untied head, run
+    outside the decoder's forward) under ZeRO-3: autograd accumulates its gradient into the
+    parameter itself, which must then be whole (DeepSpeed's modules gather theirs in pre-backward
+    hooks). Gathers the layer now and partitions it again right after autograd has accumulated its
+    gradient (DeepSpeed's own hook, registered first, reduces it). A tied head is left alone: its
+    embedding module gathers it before its gradient is accumulated. Outside ZeRO-3, nothing."""
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     for param in _head_params(model):
-        if getattr(param, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE or not param.requires_grad:
+        gathered = getattr(param, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE
+        if gathered or not param.requires_grad:
             continue
         param.all_gather()
         handles = []
@@ -182,8 +190,9 @@ def whole_until_accumulated(model) -> None:
 
 
 def head_logits_raw(model, hidden_rows: torch.Tensor) -> torch.Tensor:
-    """Logits through the output layer's weight directly, without a module call (so no ZeRO-3 hooks): inside
-    ``gathered_heads`` only, when the layer may be sharded. Detached: for the frozen side."""
+    """Logits through the output layer's weight directly, without a module call (so no ZeRO-3
+    hooks): inside ``gathered_heads`` only, when the layer may be sharded. Detached: for the frozen
+    side."""
     head = model.get_output_embeddings()
     with torch.no_grad():
         logits = torch.nn.functional.linear(hidden_rows, head.weight, getattr(head, "bias", None))

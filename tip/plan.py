@@ -3,29 +3,33 @@
     python -m tip.plan experiment=paper_qwen3_8b_to_4b --gpus 8 --gpu-gb 80
     python -m tip.plan pair=qwen25_coder_cpu experiment=real_cpu --device cpu --gpus 1
 
-The overrides are those of ``python -m tip.train``. Each model's config comes from a local directory's config.json,
-else the Hugging Face cache, else the architecture snapshot tip ships for the paper's models
-(``tip/assets/model_configs``: the hub's config.json fields that set the shapes). The model is instantiated on
-the meta device (no memory), which gives exact parameter counts, and one decoder layer is run there with a
-FlashAttention-like attention (what the CUDA kernels keep for backward: q, k, v, output, log-sum-exp; no T x T
-matrix) to count the bytes autograd saves per token.
+The overrides are those of ``python -m tip.train``. Each model's config comes from a local
+directory's config.json, else the Hugging Face cache, else the architecture snapshot tip ships for
+the paper's models (``tip/assets/model_configs``: the hub's config.json fields that set the shapes).
+The model is instantiated on the meta device (no memory), which gives exact parameter counts, and
+one decoder layer is run there with a FlashAttention-like attention (what the CUDA kernels keep for
+backward: q, k, v, output, log-sum-exp; no T x T matrix) to count the bytes autograd saves per
+token.
 
-What is counted per GPU (``plan_memory``), every figure at the worst case (every response at full length):
+What is counted per GPU (``plan_memory``), every figure at the worst case (every response at full
+length):
 
-- resident: the student's weights, gradients and optimizer state (AdamW; ZeRO partitions them over the GPUs:
-  stage 1 the optimizer state, 2 also the gradients, 3 also the weights) and the teacher's weights (sharded at
-  ZeRO-3, else whole);
-- the training step, on top: the student's activations for one micro-batch (with or without activation
-  checkpointing), the teacher's forward, the teacher's hidden states of the rank's rollouts (held until selection),
-  the output-layer chunk loop (``LOGIT_CHUNK_COPIES`` x chunk x V fp32, and the whole output layer's fp32
-  gradient), and at ZeRO-3 the gathered layers, output layers and reduce bucket;
-- rollouts, on top: vLLM's reservation (``rollout.gpu_memory_utilization`` of the GPU) or, with HF generate, the
-  student gathered whole (ZeRO-3) and its KV cache; evaluation likewise with the evaluation's settings;
+- resident: the student's weights, gradients and optimizer state (AdamW; ZeRO partitions them over
+  the GPUs: stage 1 the optimizer state, 2 also the gradients, 3 also the weights) and the teacher's
+  weights (sharded at ZeRO-3, else whole);
+- the training step, on top: the student's activations for one micro-batch (with or without
+  activation checkpointing), the teacher's forward, the teacher's hidden states of the rank's
+  rollouts (held until selection), the output-layer chunk loop (``LOGIT_CHUNK_COPIES`` x chunk x V
+  fp32, and the whole output layer's fp32 gradient), and at ZeRO-3 the gathered layers, output
+  layers and reduce bucket;
+- rollouts, on top: vLLM's reservation (``rollout.gpu_memory_utilization`` of the GPU) or, with HF
+  generate, the student gathered whole (ZeRO-3) and its KV cache; evaluation likewise with the
+  evaluation's settings;
 - on CUDA a fixed ``CUDA_RUNTIME_GB`` (context, NCCL, cuBLAS workspaces), which no config gives.
 
 The peak is resident + the largest phase + runtime. tip.plan says a run fits when that is at most
-``FIT_FRACTION`` of the GPU (the allocator's fragmentation takes the rest). Checked against measured CPU peaks in
-docs/performance.md ("tip.plan against measured peaks").
+``FIT_FRACTION`` of the GPU (the allocator's fragmentation takes the rest). Checked against measured
+CPU peaks in docs/performance.md ("tip.plan against measured peaks").
 """
 
 from __future__ import annotations
@@ -47,15 +51,19 @@ from tip.signals import resolve_chunk_size
 
 SNAPSHOT_DIR = Path(__file__).resolve().parent / "assets" / "model_configs"
 LOGIT_CHUNK_COPIES = 11.25
-"""Peak of the fused loss's chunk loop in chunk x V fp32 tensors (logits, both log-probabilities, the divergence's
-intermediates and its gradient; measured on CPU at 256-1024 rows: 11.25 each time)."""
+"""Peak of the fused loss's chunk loop in chunk x V fp32 tensors (logits, both log-probabilities,
+the divergence's intermediates and its gradient; measured on CPU at 256-1024 rows: 11.25 each
+time)."""
 CUDA_RUNTIME_GB = 2.0
-"""CUDA context, NCCL communicators and cuBLAS workspaces per GPU: not in any config (typically 1-3 GB)."""
+"""CUDA context, NCCL communicators and cuBLAS workspaces per GPU: not in any config (typically 1-3
+GB)."""
 FIT_FRACTION = 0.9
-PAPER_PROMPT_TOKENS = 2048  # the paper's maximum prompt length (Table 9), where the prompts cannot be measured
+# the paper's maximum prompt length (Table 9), where the prompts cannot be measured
+PAPER_PROMPT_TOKENS = 2048
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
 GB = 1e9
-PHASES = ("scoring", "gradient", "rollout", "evaluation")  # what a step does one after another, on the resident state
+# what a step does one after another, on the resident state
+PHASES = ("scoring", "gradient", "rollout", "evaluation")
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ class ModelShape:
     kv_per_token: int  # KV-cache bytes per token (all layers, keys and values)
     layer_activations_per_token: float  # bytes autograd saves per token in one decoder layer
     top_activations_per_token: float  # bytes saved per token outside the layers (final norm)
-    forward_per_token: float  # a decoder layer's working set per token without gradient (the frozen teacher)
+    # a decoder layer's working set per token without gradient (the frozen teacher)
+    forward_per_token: float
 
     @property
     def activations_per_token(self) -> float:
@@ -88,7 +97,8 @@ class ModelShape:
 
 
 def load_model_config(ref: str):
-    """(config, where it came from): a local directory, the HF cache, or tip's snapshot of a paper model."""
+    """(config, where it came from): a local directory, the HF cache, or tip's snapshot of a paper
+    model."""
     from transformers import AutoConfig
 
     try:
@@ -97,7 +107,8 @@ def load_model_config(ref: str):
         path = None
     if path is not None and (Path(path) / "config.json").is_file():
         return AutoConfig.from_pretrained(path), str(Path(path) / "config.json")
-    if path is not None and not Path(path).exists():  # a hub id: its cached config, never a download
+    # a hub id: its cached config, never a download
+    if path is not None and not Path(path).exists():
         try:
             return AutoConfig.from_pretrained(path, local_files_only=True), "the Hugging Face cache"
         except (OSError, ValueError):
@@ -107,13 +118,17 @@ def load_model_config(ref: str):
         fields = json.loads(snapshot.read_text())
         return AutoConfig.for_model(**fields), f"tip's snapshot {snapshot.name} (shape fields only)"
     known = ", ".join(sorted(p.stem.replace("--", "/") for p in SNAPSHOT_DIR.glob("*.json")))
-    raise PairError(f"no config for {ref!r}: not a local directory with config.json, not in the Hugging Face cache, "
-                    f"and not one of tip's snapshots ({known}); point the pair at a local directory, or download "
+    raise PairError(f"no config for {ref!r}: not a local directory with config.json, not in the "
+                    "Hugging Face cache, "
+                    f"and not one of tip's snapshots ({known}); point the pair at a local "
+                    "directory, or download "
                     f"the config with `huggingface-cli download {ref} config.json`")
 
 
-def _flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Meta-device stand-in for FlashAttention: keeps q, k, v, the output and the log-sum-exp for backward."""
+def _flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          **kwargs):
+    """Meta-device stand-in for FlashAttention: keeps q, k, v, the output and the log-sum-exp for
+    backward."""
 
     class Kept(torch.autograd.Function):
         @staticmethod
@@ -173,16 +188,19 @@ def model_shape(ref: str, dtype: torch.dtype, probe_tokens: int = 256) -> ModelS
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     width = dtype.itemsize
     head = model.get_output_embeddings().weight
-    # Without gradient a layer holds its input and residual, the normed copy in fp32, q/k/v/o, and the MLP's
-    # gate, up and their product at once.
+    # Without gradient a layer holds its input and residual, the normed copy in fp32, q/k/v/o, and
+    # the MLP's gate, up and their product at once.
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    forward = (3 * hidden + 3 * intermediate + (heads + 2 * kv_heads) * head_dim) * width + 4 * hidden
+    forward = (3 * hidden + 3 * intermediate + (heads + 2 * kv_heads)
+               * head_dim) * width + 4 * hidden
     return ModelShape(
         ref=ref, source=source, params=sum(p.numel() for p in model.parameters()),
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
-        head=head.numel(), vocab=head.shape[0], hidden=hidden, layers=len(layers), weight_bytes=width,
+        head=head.numel(), vocab=head.shape[0], hidden=hidden, layers=len(layers),
+                      weight_bytes=width,
         kv_per_token=2 * len(layers) * kv_heads * head_dim * width,
-        layer_activations_per_token=per_layer, top_activations_per_token=top, forward_per_token=forward)
+        layer_activations_per_token=per_layer, top_activations_per_token=top,
+                      forward_per_token=forward)
 
 
 @dataclass(frozen=True)
@@ -207,7 +225,8 @@ class Plan:
 
     @property
     def peak(self) -> float:
-        return self.phase_bytes("resident") + self.phase_bytes(self.peak_phase) + self.phase_bytes("runtime")
+        return (self.phase_bytes("resident") + self.phase_bytes(self.peak_phase)
+                + self.phase_bytes("runtime"))
 
 
 @dataclass(frozen=True)
@@ -237,28 +256,53 @@ class RunShape:
 
 def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, gpu_bytes: float,
                 on_cuda: bool) -> Plan:
-    """Per-GPU bytes of each part of a run (module docstring). ``teacher`` None: the live self-teacher."""
+    """Per-GPU bytes of each part of a run (module docstring). ``teacher`` None: the live
+    self-teacher."""
+    items = (resident_items(run, student, teacher) + step_items(run, student, teacher)
+             + generation_items(run, student, gpu_bytes))
+    if on_cuda:
+        items.append(Item("runtime", "CUDA context, NCCL, cuBLAS (fixed)", CUDA_RUNTIME_GB * GB))
+    notes = []
+    if run.offload_optimizer or run.offload_param:
+        host = sum(i.bytes for i in items if i.host)
+        notes.append(f"offloaded to CPU memory: {host / GB:.1f} GB per GPU (x{run.gpus} per node "
+                     "of "
+                     f"{run.gpus} GPUs)")
+    return Plan(items, notes)
+
+
+def resident_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -> list[Item]:
+    """Weights, gradients and optimizer state: held through the run."""
     n, b = run.gpus, student.weight_bytes
     p = student.params
     shard = n if run.stage == 3 else 1
-    items = [Item("resident", f"student weights ({_dtype_name(b)}{_share(shard)})", b * p / shard, run.offload_param)]
+    items = [Item("resident", f"student weights ({_dtype_name(b)}{_share(shard)})", b * p / shard,
+                  run.offload_param)]
     grad_share = n if run.stage >= 2 else 1
-    grad_bytes = b if run.stage == 0 else 4  # ZeRO accumulates gradients in fp32 (tip.engine.deepspeed_config)
-    items.append(Item("resident", f"student gradients ({_dtype_name(grad_bytes)}{_share(grad_share)})",
+    # ZeRO accumulates gradients in fp32 (tip.engine.deepspeed_config)
+    grad_bytes = b if run.stage == 0 else 4
+    items.append(Item("resident",
+                      f"student gradients ({_dtype_name(grad_bytes)}{_share(grad_share)})",
                       grad_bytes * p / grad_share, run.offload_optimizer))
     if run.stage == 0:  # the torch optimizer on the fp32 weights: AdamW's two moments
         items.append(Item("resident", "optimizer state (AdamW m, v in fp32)", 8 * p))
     else:  # ZeRO keeps an fp32 master copy beside the two moments, partitioned from stage 1
-        items.append(Item("resident", f"optimizer state (fp32 master, AdamW m, v{_share(n)})", 12 * p / n,
-                          run.offload_optimizer))
+        items.append(Item("resident", f"optimizer state (fp32 master, AdamW m, v{_share(n)})",
+                          12 * p / n, run.offload_optimizer))
     if teacher is not None:
         items.append(Item("resident", f"teacher weights ({_dtype_name(b)}{_share(shard)})",
                           teacher.weight_bytes * teacher.params / shard))
+    return items
 
+
+def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -> list[Item]:
+    """What the scoring and the gradient passes hold on top of the resident state."""
+    b, p = student.weight_bytes, student.params
     seq = run.prompt_tokens + run.response_tokens
     tokens = run.micro * seq
     frozen = teacher or student
-    per_token = student.checkpointed_activations_per_token if run.checkpointing else student.activations_per_token
+    per_token = (student.checkpointed_activations_per_token if run.checkpointing
+                 else student.activations_per_token)
     activations = Item("", f"student activations ({run.micro} x {seq:,} tokens, checkpointing "
                        f"{'on' if run.checkpointing else 'off'})", per_token * tokens)
     held = Item("", f"teacher hidden states, signals ({run.rollouts_per_rank} rollouts)",
@@ -267,27 +311,40 @@ def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, 
     chunk_loop = LOGIT_CHUNK_COPIES * rows * student.vocab * 4
     zero3 = []
     if run.stage == 3:
-        working = (2 * student.largest_layer + min(run.prefetch_bucket, p)) * b + min(run.reduce_bucket, p) * b
+        working = (2 * student.largest_layer
+                   + min(run.prefetch_bucket, p)) * b + min(run.reduce_bucket, p) * b
         heads = student.head * b + (frozen.head * frozen.weight_bytes if teacher is not None else 0)
         zero3 = [Item("", "ZeRO-3 gathered layers, prefetch and reduce buckets", working),
                  Item("", "output layers gathered for the signals and the loss", heads)]
-    # Scoring: the teacher (and, with several micro-batches, the student without gradient) runs one micro-batch
-    # at a time; with one micro-batch the student's gradient forward has already run (its activations are held).
+    # Scoring: the teacher (and, with several micro-batches, the student without gradient) runs one
+    # micro-batch at a time; with one micro-batch the student's gradient forward has already
+    # run (its activations are held).
     one_forward = run.micro >= run.rollouts_per_rank
     scoring = ([activations] if one_forward else []) + [
-        Item("", "teacher forward (a layer's working set)", frozen.forward_per_token * tokens), held,
+        Item("", "teacher forward (a layer's working set)", frozen.forward_per_token * tokens),
+                                                        held,
         Item("", f"signal chunks ({rows} x {student.vocab:,} fp32)", chunk_loop), *zero3]
-    gradient = [activations, held, Item("", f"loss chunks ({rows} x {student.vocab:,} fp32), output layer's "
+    gradient = [activations, held, Item("",
+                                        f"loss chunks ({rows} x {student.vocab:,} fp32), output "
+                                        "layer's "
                                         "fp32 gradient", chunk_loop + 4 * student.head), *zero3]
-    items += [Item("scoring", i.what, i.bytes) for i in scoring] + [Item("gradient", i.what, i.bytes)
-                                                                     for i in gradient]
+    return [Item("scoring", i.what, i.bytes) for i in scoring] + [Item("gradient", i.what, i.bytes)
+                                                                  for i in gradient]
 
+
+def generation_items(run: RunShape, student: ModelShape, gpu_bytes: float) -> list[Item]:
+    """Rollouts (vLLM's reservation, or HF generate's KV cache) and evaluation."""
+    b, p, items = student.weight_bytes, student.params, []
+    seq = run.prompt_tokens + run.response_tokens
+    shard = run.gpus if run.stage == 3 else 1
     gathered = b * p * (1 - 1 / shard) if run.stage == 3 and run.gather_for_generate else 0.0
     if run.backend == "vllm":
-        # Asleep during the step, vLLM holds its reservation only while it rolls out; awake, all the time.
+        # Asleep during the step, vLLM holds its reservation only while it rolls out;
+        # awake, all the time.
         items.append(Item("rollout" if run.vllm_sleeps else "resident",
                           f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU"
-                          + ("" if run.vllm_sleeps else " (rollout.sleep off: held through the step)"),
+                          + ("" if run.vllm_sleeps else " (rollout.sleep off: held through the "
+                                                        "step)"),
                           run.vllm_fraction * gpu_bytes))
     else:
         if gathered:
@@ -299,13 +356,7 @@ def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, 
         items.append(Item("evaluation", "student gathered for HF generate", gathered))
     items.append(Item("evaluation", f"KV cache ({run.eval_seqs} x {eval_seq:,} tokens)",
                       student.kv_per_token * run.eval_seqs * eval_seq))
-    if on_cuda:
-        items.append(Item("runtime", "CUDA context, NCCL, cuBLAS (fixed)", CUDA_RUNTIME_GB * GB))
-    notes = []
-    if run.offload_optimizer or run.offload_param:
-        host = sum(i.bytes for i in items if i.host)
-        notes.append(f"offloaded to CPU memory: {host / GB:.1f} GB per GPU (x{n} per node of {n} GPUs)")
-    return Plan(items, notes)
+    return items
 
 
 def _dtype_name(width: int) -> str:
@@ -320,8 +371,10 @@ def _share(parts: int) -> str:
     return f", 1/{parts}" if parts > 1 else ""
 
 
-def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_tokens: int) -> RunShape:
-    """The run's sizes as a run derives them (``tip.parts.RunSizes``; chunk, ZeRO settings, vLLM's sleep)."""
+def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape,
+              prompt_tokens: int) -> RunShape:
+    """The run's sizes as a run derives them (``tip.parts.RunSizes``; chunk, ZeRO settings, vLLM's
+    sleep)."""
     from tip.parts import RunSizes, vllm_speed_settings
 
     sizes = RunSizes.of(cfg, gpus, what="GPUs")
@@ -331,24 +384,27 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape, prompt_
         gpus=gpus, stage=cfg.engine.stage, offload_optimizer=cfg.engine.offload_optimizer != "none",
         offload_param=cfg.engine.offload_param != "none",
         gather_for_generate=cfg.engine.get("gather_for_generate", "auto") != "never",
-        prompt_tokens=prompt_tokens, response_tokens=rollout_tokens(cfg.get("env"), cfg.rollout.max_new_tokens),
+        prompt_tokens=prompt_tokens,
+                    response_tokens=rollout_tokens(cfg.get("env"), cfg.rollout.max_new_tokens),
         rollouts_per_rank=rollouts,
         micro=sizes.micro_size,
         chunk=resolve_chunk_size(cfg.train.chunk_size, student.vocab, device),
         checkpointing=bool(cfg.train.gradient_checkpointing), backend=cfg.rollout.backend,
         vllm_fraction=float(cfg.rollout.get("gpu_memory_utilization", 0.0)),
-        vllm_sleeps=cfg.rollout.backend == "vllm" and vllm_speed_settings(cfg.rollout, device)["sleep"],
+        vllm_sleeps=cfg.rollout.backend == "vllm"
+                    and vllm_speed_settings(cfg.rollout, device)["sleep"],
         rollout_seqs=min(cfg.rollout.get("max_seqs_per_generate", rollouts), rollouts),
         eval_seqs=int(cfg.eval.get("max_seqs_per_generate", 64)),
         eval_response_tokens=rollout_tokens(cfg.get("env"), cfg.eval.max_new_tokens),
         reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULTS["reduce_bucket_size"])),
-        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size", DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"])),
+        prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size",
+                                     DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"])),
     )
 
 
 def longest_prompt(cfg) -> tuple[int, str]:
-    """The longest training prompt in tokens, when the tokenizer and the data are on this machine (nothing is
-    downloaded); else the paper's maximum prompt length."""
+    """The longest training prompt in tokens, when the tokenizer and the data are on this machine
+    (nothing is downloaded); else the paper's maximum prompt length."""
     from transformers import AutoTokenizer
 
     from tip.data import load_examples
@@ -364,7 +420,8 @@ def longest_prompt(cfg) -> tuple[int, str]:
     except (OSError, ValueError, PairError):
         return fallback[0], fallback[1].format("the tokenizer is not on this machine")
     examples = load_examples(source, "train")
-    return max(map(len, training_prompt_ids(cfg, tokenizer, examples))), "the longest training prompt"
+    return max(map(len,
+                   training_prompt_ids(cfg, tokenizer, examples))), "the longest training prompt"
 
 
 def render(plan: Plan, header: list[str], gpu_bytes: float | None) -> str:
@@ -376,16 +433,19 @@ def render(plan: Plan, header: list[str], gpu_bytes: float | None) -> str:
             lines.append(f"  {phase:<11}{item.what + where:<58}{item.bytes / scale:>8.2f}")
         if phase != "runtime" and any(i.phase == phase for i in plan.items):
             lines.append(f"  {'':<11}{'= ' + phase:<58}{plan.phase_bytes(phase) / scale:>8.2f}")
-    lines.append(f"  {'peak':<11}{'resident + ' + plan.peak_phase + ' + runtime':<58}{plan.peak / scale:>8.2f}")
+    peak = "resident + " + plan.peak_phase + " + runtime"
+    lines.append(f"  {'peak':<11}{peak:<58}{plan.peak / scale:>8.2f}")
     if gpu_bytes:
         fits = plan.peak <= FIT_FRACTION * gpu_bytes
-        lines.append(f"  {'fits':<11}{f'{FIT_FRACTION:.0%} of {gpu_bytes / GB:g} GB':<58}{'yes' if fits else 'NO':>8}")
+        share = f"{FIT_FRACTION:.0%} of {gpu_bytes / GB:g} GB"
+        lines.append(f"  {'fits':<11}{share:<58}{'yes' if fits else 'NO':>8}")
     return "\n".join(lines + [f"  note: {n}" for n in plan.notes])
 
 
 def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: float = 80.0,
              prompt_tokens: int | None = None) -> tuple[Plan, list[str]]:
-    """The plan of ``python -m tip.train <overrides>`` on ``gpus`` ranks, and the lines that describe its inputs."""
+    """The plan of ``python -m tip.train <overrides>`` on ``gpus`` ranks, and the lines that
+    describe its inputs."""
     from hydra import compose, initialize_config_dir
 
     require_conf_dir()
@@ -406,31 +466,37 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
     plan = plan_memory(run, student, teacher, gpu_gb * GB, dev.type == "cuda")
     ranks = f"{gpus} GPU{'s' if gpus > 1 else ''}" if dev.type == "cuda" else \
         f"{gpus} CPU process{'es' if gpus > 1 else ''}"
-    header = [f"tip.plan {' '.join(overrides)}: {ranks}, {_dtype_name(dtype.itemsize)}, ZeRO-{run.stage}, "
+    header = [f"tip.plan {' '.join(overrides)}: {ranks}, {_dtype_name(dtype.itemsize)}, "
+              f"ZeRO-{run.stage}, "
               f"rollout={run.backend}"]
     for role, shape in (("student", student), ("teacher", teacher)):
         if shape is None:
             header.append(f"  {role}: the student itself (self-distillation, live weights)")
             continue
-        header.append(f"  {role} {shape.ref}: {_count(shape.params)} parameters, {shape.layers} layers; "
+        header.append(f"  {role} {shape.ref}: {_count(shape.params)} parameters, {shape.layers} "
+                      "layers; "
                       f"activations {shape.activations_per_token / 1e6:.3f} MB/token, "
                       f"{shape.checkpointed_activations_per_token / 1e6:.3f} with checkpointing "
                       f"(config: {shape.source})")
     header.append(f"  per rank: {run.rollouts_per_rank} rollouts of up to {run.prompt_tokens:,} + "
-                  f"{run.response_tokens:,} tokens (prompt: {prompt_note}); micro-batch {run.micro} "
-                  f"({math.ceil(run.rollouts_per_rank / run.micro)} per step); chunk {run.chunk} rows")
+                  f"{run.response_tokens:,} tokens (prompt: {prompt_note}); micro-batch "
+                  f"{run.micro} "
+                  f"({math.ceil(run.rollouts_per_rank / run.micro)} per step); chunk {run.chunk} "
+                  "rows")
     return plan, header
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tip.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) the run uses (default 8)")
-    ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    ap.add_argument("--gpu-gb", type=float, default=80.0,
+                    help="memory of one GPU in GB (default 80)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="where the run trains (cpu: fp32 under precision=auto, no CUDA runtime)")
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="longest prompt (default: measured from the data, else the paper's 2048)")
-    ap.add_argument("overrides", nargs="*", help="tip.train's overrides, e.g. experiment=paper_qwen3_8b_to_4b")
+    ap.add_argument("overrides", nargs="*",
+                    help="tip.train's overrides, e.g. experiment=paper_qwen3_8b_to_4b")
     args = ap.parse_args(argv)
     if args.gpus < 1:
         ap.error(f"--gpus={args.gpus} is not allowed: at least 1")

@@ -1,7 +1,7 @@
 """The unfused reference OPD loss: divergences from materialised logits, differentiated by autograd.
 
-Tests and benchmarks check the training loss (``tip.losses.fused_divergence_sum``, which never holds the
-kept rows' logits) against this one; training never calls it.
+Tests and benchmarks check the training loss (``tip.losses.fused_divergence_sum``, which never holds
+the kept rows' logits) against this one; training never calls it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ def kept_token_divergence(
     beta: float = 0.5,
     chunk_size: int = 512,
 ) -> torch.Tensor:
-    """Divergence at each of ``rows`` (flat positions), differentiable through the student's row source.
+    """Divergence at each of ``rows`` (flat positions), differentiable through the student's row
+    source.
 
-    Teacher logits are detached. fp32 math; at most ``chunk_size x V`` fp32 log-probs are formed per chunk.
+    Teacher logits are detached. fp32 math; at most ``chunk_size x V`` fp32 log-probs are formed per
+    chunk.
     """
     pieces = []
     for idx in chunks(rows, chunk_size):
@@ -54,14 +56,16 @@ def opd_loss(
     """Reduce per-kept-token divergences to the OPD loss, (1/D) sum_{t kept} w_t div_t.
 
     kept_divergences: shape (K,), one value per kept valid position
-    global_count:     the step's total denominator over micro-batches and ranks; defaults to this batch's own
+    global_count:     the step's total denominator over micro-batches and ranks; defaults to this
+    batch's own
     weights:          (B, T) per-token weights of a weighting rule (None: 1, a hard mask)
     """
     kept_mask = keep_mask.bool() & valid_mask.bool()
     kept = int(kept_mask.sum())
     if kept != kept_divergences.numel():
         raise ValueError(f"got {kept_divergences.numel()} divergences for {kept} kept valid tokens")
-    total = kept_divergences.sum() if weights is None else (kept_divergences * weights[kept_mask]).sum()
+    total = (kept_divergences.sum() if weights is None
+             else (kept_divergences * weights[kept_mask]).sum())
     if global_count is None:
         global_count = loss_denominator(keep_mask, valid_mask, denominator, weights)
     return opd_loss_of_sum(total, keep_mask, valid_mask, denominator, global_count)
@@ -74,11 +78,14 @@ def opd_loss_of_sum(
     denominator: str = "kept",
     global_count: float | None = None,
 ) -> LossOutput:
-    """``opd_loss`` from the kept tokens' (weighted) summed divergence (what ``fused_divergence_sum`` returns)."""
+    """``opd_loss`` from the kept tokens' (weighted) summed divergence (what
+    ``fused_divergence_sum`` returns)."""
     keep_mask, valid_mask = keep_mask.bool(), valid_mask.bool()
-    count = loss_denominator(keep_mask, valid_mask, denominator) if global_count is None else global_count
+    count = (loss_denominator(keep_mask, valid_mask, denominator) if global_count is None
+             else global_count)
     loss = normalised_loss(divergence_sum, count)
-    return LossOutput(loss=loss, kept_tokens=int((keep_mask & valid_mask).sum()), valid_tokens=int(valid_mask.sum()),
+    return LossOutput(loss=loss, kept_tokens=int((keep_mask & valid_mask).sum()),
+                      valid_tokens=int(valid_mask.sum()),
                       divergence_sum=float(divergence_sum.detach()))
 
 
@@ -93,7 +100,8 @@ def opd_loss_from_logits(
     global_count: float | None = None,
     chunk_size: int = 512,
 ) -> LossOutput:
-    """The OPD loss over materialised (B, T, V) logits: divergence at kept valid positions, then ``opd_loss``."""
+    """The OPD loss over materialised (B, T, V) logits: divergence at kept valid positions, then
+    ``opd_loss``."""
     rows = (keep_mask.bool() & valid_mask.bool()).reshape(-1).nonzero(as_tuple=True)[0]
     divs = kept_token_divergence(
         logits_rows(student_logits), logits_rows(teacher_logits), rows, kind, beta, chunk_size

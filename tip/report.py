@@ -1,17 +1,20 @@
 """The paper-style table and plot of a sweep: ``python -m tip.report <multirun dir>``.
 
-Reads every cell directory of a Hydra multirun (finished, failed or never finished), groups cells that differ only
-in their seed, and writes into ``<multirun dir>/report/``:
+Reads every cell directory of a Hydra multirun (finished, failed or never finished), groups cells
+that differ only in their seed, and writes into ``<multirun dir>/report/``:
 
-- ``table.md`` / ``table.csv``: rule x keep ratio x benchmark, held-out accuracy mean ± std over seeds, with the
-  kept-token fraction, peak memory and step time; then every cell with its status (and error if it failed);
+- ``table.md`` / ``table.csv``: rule x keep ratio x benchmark, held-out accuracy mean ± std over
+  seeds, with the kept-token fraction, peak memory and step time; then every cell with its status
+  (and error if it failed);
 - ``cells.csv``: one row per cell;
-- ``accuracy_vs_tokens.png``: accuracy against kept-token fraction per rule, the all-token baseline (and the
-  untrained student, when the sweep has it) as reference lines;
-- ``quadrant_kept_shares.png``: each quadrant's share of the kept tokens over training steps, one line per rule.
+- ``accuracy_vs_tokens.png``: accuracy against kept-token fraction per rule, the all-token baseline
+  (and the untrained student, when the sweep has it) as reference lines;
+- ``quadrant_kept_shares.png``: each quadrant's share of the kept tokens over training steps, one
+  line per rule.
 
-When the cells logged to W&B (``logger=wandb``), the table and the plots are also logged to the sweep's W&B group.
-The report is derived data: running it again (e.g. after more cells finish) rewrites it.
+When the cells logged to W&B (``logger=wandb``), the table and the plots are also logged to the
+sweep's W&B group. The report is derived data: running it again (e.g. after more cells finish)
+rewrites it.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ from tip.config import parse_cell
 from tip.tasks import CONFIDENT_ERROR, INCONSISTENT_ERROR
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
 
-# Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd) tells apart
-# otherwise identical rules.
+# Overrides that name a cell's place in the paper's grid; any other override (e.g. divergence=jsd)
+# tells apart otherwise identical rules.
 GRID_KEYS = ("cell", "selector", "keep", "seed")
-RULE_ORDER = ("untrained", "all", "entropy_sample", "entropy_topk", "soft_or", "soft_or_bottom", "q3", "div_topk",
-              "random", "q1", "q2", "q4")
+RULE_ORDER = ("untrained", "all", "entropy_sample", "entropy_topk", "soft_or", "soft_or_bottom",
+              "q3", "div_topk", "random", "q1", "q2", "q4")
 
 
 @dataclass
@@ -53,14 +56,19 @@ class Cell:
     seed: int | None
     variant: str                     # the non-grid overrides, e.g. "divergence=jsd"
     error: str = ""
-    accuracy: dict[str, float] = field(default_factory=dict)  # benchmark -> held-out accuracy after training
-    episodes: dict[str, float] = field(default_factory=dict)  # "<benchmark>/<EPISODE_METRICS>" after training
+    # benchmark -> held-out accuracy after training
+    accuracy: dict[str, float] = field(default_factory=dict)
+    # "<benchmark>/<EPISODE_METRICS>" after training
+    episodes: dict[str, float] = field(default_factory=dict)
     kept_frac: float | None = None   # mean over training steps
-    effective_frac: float | None = None  # mean over steps of the effective token count (sum w)^2/sum w^2 / valid
+    # mean over steps of the effective token count (sum w)^2/sum w^2 / valid
+    effective_frac: float | None = None
     peak_mem_mb: float | None = None
     step_s: float | None = None
-    quadrants: dict[str, float] = field(default_factory=dict)  # mean over steps of q*/frac and q*/of_kept
-    kept_shares: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> q* -> share of the kept tokens
+    # mean over steps of q*/frac and q*/of_kept
+    quadrants: dict[str, float] = field(default_factory=dict)
+    # step -> q* -> share of the kept tokens
+    kept_shares: dict[int, dict[str, float]] = field(default_factory=dict)
     logger: dict = field(default_factory=dict)
 
     @property
@@ -74,7 +82,8 @@ def cell_label(rule: str, keep: float) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file (a line cut short by a kill is skipped); none when the file is missing."""
+    """The records of a JSONL file (a line cut short by a kill is skipped); none when the file is
+    missing."""
     if not path.is_file():
         return []
     out = []
@@ -87,7 +96,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def _cell_config(path: Path) -> dict:
-    """The cell's config: tip.train's resolved copy when it got that far, else what Hydra composed."""
+    """The cell's config: tip.train's resolved copy when it got that far, else what Hydra
+    composed."""
     for candidate in (path / "config.yaml", path / ".hydra" / "config.yaml"):
         if candidate.is_file():
             return yaml.safe_load(candidate.read_text()) or {}
@@ -112,7 +122,8 @@ def _rule_and_keep(cfg: dict, overrides: dict[str, str]) -> tuple[str, float]:
 
 def read_cell(path: Path) -> Cell:
     overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
+    overrides = (yaml.safe_load(overrides_file.read_text())
+                 or []) if overrides_file.is_file() else []
     pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     cfg = _cell_config(path)
     rule, keep = _rule_and_keep(cfg, pairs)
@@ -129,18 +140,21 @@ def read_cell(path: Path) -> Cell:
     evals = path / "eval.json"
     if cell.status == "completed" and evals.is_file():
         after = json.loads(evals.read_text())["after"]
-        # "embedded/accuracy" -> "embedded"; "embedded/accuracy@carry" (problems tagged carry) -> "embedded@carry"
+        # "embedded/accuracy" -> "embedded"; "embedded/accuracy@carry" (problems tagged
+        # carry) -> "embedded@carry"
         cell.accuracy = {k.split("/")[0] + k.split("/accuracy", 1)[1]: v for k, v in after.items()
                          if k.split("/")[-1].split("@")[0] == "accuracy"}
         cell.episodes = {k: v for k, v in after.items() if k.split("/")[-1] in EPISODE_METRICS}
     steps = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("kind") == "train"]
     if steps:
         cell.kept_frac = statistics.fmean(r["kept_frac"] for r in steps)
-        effective = [r["effective_tokens"] / max(r["valid_tokens"], 1) for r in steps if "effective_tokens" in r]
+        effective = [r["effective_tokens"] / max(r["valid_tokens"], 1) for r in steps
+                     if "effective_tokens" in r]
         cell.effective_frac = statistics.fmean(effective) if effective else None
         cell.peak_mem_mb = max(r["peak_mem_mb"] for r in steps)
         cell.step_s = statistics.fmean(r["step_s"] for r in steps)
-        cell.kept_shares = {r["step"]: {q: r[f"{q}/of_kept"] for q in QUADRANTS if r.get(f"{q}/of_kept") is not None}
+        cell.kept_shares = {r["step"]: {q: r[f"{q}/of_kept"] for q in QUADRANTS
+                                        if r.get(f"{q}/of_kept") is not None}
                             for r in steps}
         for key in steps[0]:
             if key.split("/")[0] in QUADRANTS and key.endswith(("/frac", "/of_kept")):
@@ -156,7 +170,8 @@ def find_cells(sweep_dir: Path) -> list[Cell]:
     dirs = [d for d in Path(sweep_dir).iterdir()
             if d.is_dir() and ((d / ".hydra").is_dir() or (d / "status.json").is_file())]
     if not dirs:
-        raise SystemExit(f"{sweep_dir} holds no sweep cells (no <n>/.hydra folders): pass a multirun directory, "
+        raise SystemExit(f"{sweep_dir} holds no sweep cells (no <n>/.hydra folders): pass a "
+                         "multirun directory, "
                          "e.g. outputs/sweeps/table5_main_<date>")
     dirs.sort(key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
     cells = [read_cell(d) for d in dirs]
@@ -178,26 +193,33 @@ def _rule_rank(rule: str) -> int:
 
 
 def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
-    """One row per (rule, keep, variant): mean and std over the completed seeds of each benchmark's accuracy."""
+    """One row per (rule, keep, variant): mean and std over the completed seeds of each benchmark's
+    accuracy."""
     benchmarks = sorted({b for c in cells for b in c.accuracy})
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.rule, c.keep, c.variant), []).append(c)
     rows = []
-    for (rule, keep, variant), members in sorted(groups.items(), key=lambda kv: (
-            kv[0][2], _rule_rank(kv[0][0]), kv[0][0], -kv[0][1] if not math.isnan(kv[0][1]) else 0)):
+    def order(kv):
+        (rule, keep, variant), _ = kv
+        return variant, _rule_rank(rule), rule, -keep if not math.isnan(keep) else 0
+
+    for (rule, keep, variant), members in sorted(groups.items(), key=order):
         done = [c for c in members if c.status == "completed"]
         row = {"rule": rule, "keep": keep, "variant": variant, "seeds": len(done),
                "failed": sum(c.status == "failed" for c in members),
                "unfinished": sum(c.status not in ("completed", "failed") for c in members)}
-        row["kept_frac"], row["kept_frac_std"] = _mean_std([c.kept_frac for c in done if c.kept_frac is not None])
-        row["effective_frac"], _ = _mean_std([c.effective_frac for c in done if c.effective_frac is not None])
+        row["kept_frac"], row["kept_frac_std"] = _mean_std([c.kept_frac for c in done
+                                                            if c.kept_frac is not None])
+        row["effective_frac"], _ = _mean_std([c.effective_frac for c in done
+                                              if c.effective_frac is not None])
         for b in benchmarks:
             row[f"{b}/accuracy"], row[f"{b}/accuracy_std"] = _mean_std([c.accuracy[b] for c in done
                                                                         if b in c.accuracy])
         for key in sorted({k for c in done for k in c.episodes}):
             row[key], _ = _mean_std([c.episodes[key] for c in done if key in c.episodes])
-        row["peak_mem_mb"], _ = _mean_std([c.peak_mem_mb for c in done if c.peak_mem_mb is not None])
+        row["peak_mem_mb"], _ = _mean_std([c.peak_mem_mb for c in done
+                                           if c.peak_mem_mb is not None])
         row["step_s"], _ = _mean_std([c.step_s for c in done if c.step_s is not None])
         for q in QUADRANTS:
             for part in ("frac", "of_kept"):
@@ -219,9 +241,12 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
     head = ["rule", "keep", "tokens kept", "effective"] + [f"{b} (%)" for b in benchmarks] + \
         ["seeds", "peak MB", "step s"]
     lines = [f"# Sweep {Path(sweep_dir).name}", "",
-             "Held-out accuracy after training, mean ± std over seeds (sample std; 0 with one seed). "
-             "`tokens kept`: mean fraction of valid response tokens in the loss; `effective`: the same for the "
-             "effective token count (sum w)^2 / sum w^2 of the kept tokens' loss weights (= tokens kept for a "
+             "Held-out accuracy after training, mean ± std over seeds (sample std; 0 with one "
+             "seed). "
+             "`tokens kept`: mean fraction of valid response tokens in the loss; `effective`: the "
+             "same for the "
+             "effective token count (sum w)^2 / sum w^2 of the kept tokens' loss weights (= tokens "
+             "kept for a "
              "hard-mask rule, less for a weighting rule).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -236,34 +261,44 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
     episode_keys = sorted({k for r in rows for k in r if k.split("/")[-1] in EPISODE_METRICS},
                           key=lambda k: (k.split("/")[0], EPISODE_METRICS.index(k.split("/")[-1])))
     if episode_keys:
-        lines += ["", "Tool use after training (multi-turn benchmarks; means over seeds): the share of episodes with a "
-                  "well-formed tool call, then well-formed calls, malformed calls and turns per episode:", "",
-                  "| rule | keep | " + " | ".join(episode_keys) + " |", "|" + "---|" * (2 + len(episode_keys))]
+        lines += ["",
+                  "Tool use after training (multi-turn benchmarks; means over seeds): the share of "
+                  "episodes with a "
+                  "well-formed tool call, then well-formed calls, malformed calls and turns per "
+                  "episode:", "",
+                  "| rule | keep | " + " | ".join(episode_keys) + " |",
+                  "|" + "---|" * (2 + len(episode_keys))]
         for r in rows:
             keep = "—" if r["rule"] == "untrained" else f"{r['keep']:g}"
-            lines.append(f"| {r['rule']} | {keep} | " + " | ".join(_num(r.get(k), ".3f") for k in episode_keys) + " |")
+            lines.append(f"| {r['rule']} | {keep} | "
+                         + " | ".join(_num(r.get(k), ".3f") for k in episode_keys) + " |")
     quad_rows = [r for r in rows if not math.isnan(r["q1/frac"])]
     if quad_rows:
-        lines += ["", "Token share of each quadrant and each quadrant's share of the kept tokens (means over steps):",
-                  "", "| rule | keep | " + " | ".join(f"{q.upper()} share" for q in QUADRANTS) + " | " +
+        lines += ["",
+                  "Token share of each quadrant and each quadrant's share of the kept tokens "
+                  "(means over steps):", "",
+                  "| rule | keep | " + " | ".join(f"{q.upper()} share" for q in QUADRANTS) + " | " +
                   " | ".join(f"{q.upper()} of kept" for q in QUADRANTS) + " |", "|" + "---|" * 10]
         for r in quad_rows:
             lines.append(f"| {r['rule']} | {r['keep']:g} | " +
                          " | ".join(_num(r[f'{q}/frac'], '.3f') for q in QUADRANTS) + " | " +
                          " | ".join(_num(r[f'{q}/of_kept'], '.3f') for q in QUADRANTS) + " |")
-    lines += ["", "## Cells", "", "| dir | overrides | status | " + " | ".join(benchmarks) + " | error |",
+    lines += ["", "## Cells", "",
+              "| dir | overrides | status | " + " | ".join(benchmarks) + " | error |",
               "|" + "---|" * (4 + len(benchmarks))]
     for c in cells:
         accs = [_num(c.accuracy.get(b), ".3f") for b in benchmarks]
         error = c.error.splitlines()[0][:160].replace("|", "\\|") if c.error else ""
-        lines.append(f"| {c.path.name} | {' '.join(c.overrides)} | {c.status} | " + " | ".join(accs) +
+        lines.append(f"| {c.path.name} | {' '.join(c.overrides)} | {c.status} | "
+                     + " | ".join(accs) +
                      f" | {error} |")
     return "\n".join(lines) + "\n"
 
 
-# The paper's claims, checked when a sweep has the cells they compare (sweeps=testbed_reproduction has all).
-# kind: "gt" (A above B), "close" (A close to B); a pair of cells is (rule, keep); the last field names the
-# problems compared: "" all of them, "@<tag>" those tagged so (the embedded task's error types).
+# The paper's claims, checked when a sweep has the cells they compare (sweeps=testbed_reproduction
+# has all). kind: "gt" (A above B), "close" (A close to B); a pair of cells is (rule, keep); the
+# last field names the problems compared: "" all of them, "@<tag>" those tagged so (the embedded
+# task's error types).
 CLAIMS = [
     ("Soft-OR 50% >= all-token", "gt", ("soft_or", 0.5), ("all", 1.0), ""),
     ("Soft-OR top-50% well above bottom-50%", "gt", ("soft_or", 0.5), ("soft_or_bottom", 0.5), ""),
@@ -280,9 +315,11 @@ CLAIMS = [
 
 
 def verdict(kind: str, a: dict, b: dict, metric: str) -> tuple[float, float, str]:
-    """d = mean(A) - mean(B) over seeds, SE = sqrt(sA^2/nA + sB^2/nB); the decision rule in the README."""
+    """d = mean(A) - mean(B) over seeds, SE = sqrt(sA^2/nA + sB^2/nB); the decision rule in the
+    README."""
     d = a[metric] - b[metric]
-    se = math.sqrt(a[f"{metric}_std"] ** 2 / max(a["seeds"], 1) + b[f"{metric}_std"] ** 2 / max(b["seeds"], 1))
+    se = math.sqrt(a[f"{metric}_std"] ** 2 / max(a["seeds"], 1) + b[f"{metric}_std"] ** 2
+                   / max(b["seeds"], 1))
     if kind == "gt":
         word = "reproduced" if d > 2 * se else "not reproduced" if d < -2 * se else "inconclusive"
     else:
@@ -292,8 +329,9 @@ def verdict(kind: str, a: dict, b: dict, metric: str) -> tuple[float, float, str
 
 
 def _claim_readings(bench: str, benchmarks: list[str]):
-    """Each claim on the problems it names; a claim on all problems is also read on those of the inconsistent error
-    type where the benchmark tags them (on the embedded testbed the only error a dozen steps can fix)."""
+    """Each claim on the problems it names; a claim on all problems is also read on those of the
+    inconsistent error type where the benchmark tags them (on the embedded testbed the only error a
+    dozen steps can fix)."""
     for text, kind, a, b, problems in CLAIMS:
         readings = [problems]
         if not problems and f"{bench}@{INCONSISTENT_ERROR}" in benchmarks:
@@ -309,20 +347,27 @@ def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
         for text, kind, a, b, problems, metric in _claim_readings(bench, benchmarks):
             if a in by_cell and b in by_cell and metric in by_cell[a] and metric in by_cell[b]:
                 d, se, word = verdict(kind, by_cell[a], by_cell[b], metric)
-                lines.append(f"| {text} | {bench}{problems} | {cell_label(*a)} − {cell_label(*b)} | {100 * d:+.1f} | "
-                             f"{100 * se:.1f} | {word} |")
-    entropy = [r for r in rows if r["rule"] in ("entropy_sample", "entropy_topk") and not math.isnan(r["q3/of_kept"])]
+                lines.append(f"| {text} | {bench}{problems} | {cell_label(*a)} − "
+                             f"{cell_label(*b)} | {100 * d:+.1f} | {100 * se:.1f} | {word} |")
+    entropy = [r for r in rows if r["rule"] in ("entropy_sample", "entropy_topk")
+               and not math.isnan(r["q3/of_kept"])]
     if not lines and not entropy:
         return ""
     out = ["", "## The paper's claims", "",
-           "d: difference of means over seeds (points); SE = √(s₁²/n₁ + s₂²/n₂). Reproduced when d > 2·SE (for "
-           "\"close\": |d| ≤ 2·SE and |d| < 2 points), not reproduced when d < −2·SE (\"close\": |d| > 2·SE), "
+           "d: difference of means over seeds (points); SE = √(s₁²/n₁ + s₂²/n₂). Reproduced when d "
+           "> 2·SE (for "
+           "\"close\": |d| ≤ 2·SE and |d| < 2 points), not reproduced when d < −2·SE (\"close\": "
+           "|d| > 2·SE), "
            "else inconclusive.", "",
            "| claim | benchmark | cells | d | SE | verdict |", "|---|---|---|---|---|---|", *lines]
     if entropy:
-        out += ["", "Entropy-only rules and Q3 tokens (Q3's share of all tokens vs of the kept tokens, means over "
-                "seeds and steps):", "", "| rule | keep | Q3 share of tokens | Q3 share of kept |", "|---|---|---|---|"]
-        out += [f"| {r['rule']} | {r['keep']:g} | {r['q3/frac']:.3f} | {r['q3/of_kept']:.3f} |" for r in entropy]
+        out += ["",
+                "Entropy-only rules and Q3 tokens (Q3's share of all tokens vs of the kept tokens, "
+                "means over "
+                "seeds and steps):", "", "| rule | keep | Q3 share of tokens | Q3 share of kept |",
+                "|---|---|---|---|"]
+        out += [f"| {r['rule']} | {r['keep']:g} | {r['q3/frac']:.3f} | {r['q3/of_kept']:.3f} |"
+                for r in entropy]
     return "\n".join(out) + "\n"
 
 
@@ -336,11 +381,12 @@ def _csv(rows: list[dict]) -> str:
 
 
 def cell_rows(cells: list[Cell], benchmarks: list[str]) -> list[dict]:
-    return [{"dir": c.path.name, "overrides": " ".join(c.overrides), "status": c.status, "rule": c.rule,
-             "keep": c.keep, "seed": c.seed, "variant": c.variant, "kept_frac": c.kept_frac,
-             "effective_frac": c.effective_frac,
-             **{f"{b}/accuracy": c.accuracy.get(b) for b in benchmarks}, "peak_mem_mb": c.peak_mem_mb,
-             "step_s": c.step_s, "error": c.error.splitlines()[0] if c.error else ""} for c in cells]
+    return [{"dir": c.path.name, "overrides": " ".join(c.overrides), "status": c.status,
+             "rule": c.rule, "keep": c.keep, "seed": c.seed, "variant": c.variant,
+             "kept_frac": c.kept_frac, "effective_frac": c.effective_frac,
+             **{f"{b}/accuracy": c.accuracy.get(b) for b in benchmarks},
+             "peak_mem_mb": c.peak_mem_mb, "step_s": c.step_s,
+             "error": c.error.splitlines()[0] if c.error else ""} for c in cells]
 
 
 def pyplot():
@@ -354,7 +400,8 @@ def pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
-    """Write ``fig`` to ``path`` (PNG) under a temporary name, rename it into place, and release it."""
+    """Write ``fig`` to ``path`` (PNG) under a temporary name, rename it into place, and release
+    it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=dpi)
     pyplot().close(fig)
@@ -364,18 +411,20 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
 def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> None:
     """Accuracy against kept-token fraction, one line per rule; baselines as horizontal lines."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, max(1, len(benchmarks)), figsize=(5.5 * max(1, len(benchmarks)), 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(benchmarks)),
+                             figsize=(5.5 * max(1, len(benchmarks)), 4.2), squeeze=False)
     for ax, bench in zip(axes[0], benchmarks or ["(no finished cell)"]):
         acc, std = f"{bench}/accuracy", f"{bench}/accuracy_std"
         for r in rows:
             if r["rule"] in ("all", "untrained") and not math.isnan(r.get(acc, math.nan)):
                 style = ("--", "tab:gray") if r["rule"] == "all" else (":", "black")
                 name = "all tokens (baseline)" if r["rule"] == "all" else "untrained student"
-                ax.axhline(100 * r[acc], ls=style[0], color=style[1], label=name + (f" {r['variant']}" if r["variant"]
+                ax.axhline(100 * r[acc], ls=style[0], color=style[1],
+                           label=name + (f" {r['variant']}" if r["variant"]
                                                                                       else ""))
                 if r["rule"] == "all" and r[std] > 0:
-                    ax.axhspan(100 * (r[acc] - r[std]), 100 * (r[acc] + r[std]), color=style[1], alpha=0.12)
+                    ax.axhspan(100 * (r[acc] - r[std]), 100 * (r[acc] + r[std]), color=style[1],
+                               alpha=0.12)
         lines: dict[tuple, list[dict]] = {}
         for r in rows:
             if r["rule"] not in ("all", "untrained") and not math.isnan(r.get(acc, math.nan)):
@@ -396,7 +445,8 @@ def plot(rows: list[dict], benchmarks: list[str], title: str, path: Path) -> Non
 
 
 def kept_share_series(cells: list[Cell]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """``{cell label (and variant): {quadrant: [(step, share of the kept tokens, mean over seeds)]}}``."""
+    """``{cell label (and variant): {quadrant: [(step, share of the kept tokens, mean over
+    seeds)]}}``."""
     grouped: dict[str, list[Cell]] = {}
     for c in cells:
         if c.kept_shares and c.rule != "untrained":
@@ -404,20 +454,26 @@ def kept_share_series(cells: list[Cell]) -> dict[str, dict[str, list[tuple[int, 
     series = {}
     for name, group in sorted(grouped.items(), key=lambda kv: (_rule_rank(kv[1][0].rule), kv[0])):
         steps = sorted(set().union(*(c.kept_shares for c in group)))
-        series[name] = {q: [(s, statistics.fmean(c.kept_shares[s][q] for c in group if q in c.kept_shares.get(s, {})))
-                            for s in steps if any(q in c.kept_shares.get(s, {}) for c in group)] for q in QUADRANTS}
+        series[name] = {q: [(s,
+                             statistics.fmean(c.kept_shares[s][q] for c in group
+                                              if q in c.kept_shares.get(s, {})))
+                            for s in steps if any(q in c.kept_shares.get(s, {}) for c in group)]
+                        for q in QUADRANTS}
     return series
 
 
 def plot_kept_shares(cells: list[Cell], title: str, path: Path) -> None:
-    """Each quadrant's share of the kept tokens over training steps, one line per rule (mean over seeds)."""
+    """Each quadrant's share of the kept tokens over training steps, one line per rule (mean over
+    seeds)."""
     plt = pyplot()
     series = kept_share_series(cells)
-    fig, axes = plt.subplots(1, len(QUADRANTS), figsize=(4.2 * len(QUADRANTS), 3.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(QUADRANTS), figsize=(4.2 * len(QUADRANTS), 3.8), sharey=True,
+                             squeeze=False)
     for ax, q in zip(axes[0], QUADRANTS):
         for name, by_q in series.items():
             points = by_q[q]
-            ax.plot([s for s, _ in points], [100 * v for _, v in points], marker="o", ms=3, label=name)
+            ax.plot([s for s, _ in points], [100 * v for _, v in points], marker="o", ms=3,
+                    label=name)
         ax.set_title(f"{q.upper()} ({QUADRANT_NAMES[q]})", fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
@@ -431,15 +487,17 @@ def plot_kept_shares(cells: list[Cell], title: str, path: Path) -> None:
 
 
 def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell], mode: str | None):
-    """A "report" run in the sweep's W&B group, holding the table and the plot. Returns the run's directory."""
+    """A "report" run in the sweep's W&B group, holding the table and the plot. Returns the run's
+    directory."""
     import wandb
 
     from tip.wandb_logging import resolve_mode
 
     lg = next((c.logger for c in cells if c.logger.get("name") == "wandb"), {})
     run = wandb.init(project=lg.get("project", "tip"), entity=lg.get("entity"),
-                     group=lg.get("group") or Path(sweep_dir).name, name="report", job_type="report",
-                     mode=mode or resolve_mode(lg.get("mode", "auto")), dir=str(out), reinit="finish_previous")
+                     group=lg.get("group") or Path(sweep_dir).name, name="report",
+                     job_type="report", mode=mode or resolve_mode(lg.get("mode", "auto")),
+                     dir=str(out), reinit="finish_previous")
     columns = list(rows[0]) if rows else []
     run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
              "accuracy_vs_tokens": wandb.Image(str(out / "accuracy_vs_tokens.png")),
@@ -478,7 +536,8 @@ def report(sweep_dir: Path, wandb_mode: str = "auto") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tip.report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tip.report",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                         help="auto: log to W&B when the cells did (logger=wandb), in their mode")

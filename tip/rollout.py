@@ -1,10 +1,11 @@
 """Student rollouts: sample responses to prompts and lay them out for scoring.
 
-Rollouts come back **right-padded** as ``prompt + response``: every sequence starts at position 0 whatever the
-batch's other prompt lengths, so teacher and student see natural position ids and a rollout scores the same
-in any batch composition (one process or several). ``response_mask`` marks the generated tokens up to and
-including the first end-of-sequence token; in a multi-turn episode (``tip.env``) the response holds the
-environment's tokens too, and ``response_mask`` marks only the student's.
+Rollouts come back **right-padded** as ``prompt + response``: every sequence starts at position 0
+whatever the batch's other prompt lengths, so teacher and student see natural position ids and a
+rollout scores the same in any batch composition (one process or several). ``response_mask`` marks
+the generated tokens up to and including the first end-of-sequence token; in a multi-turn episode
+(``tip.env``) the response holds the environment's tokens too, and ``response_mask`` marks only the
+student's.
 """
 
 from __future__ import annotations
@@ -26,58 +27,70 @@ class RolloutBatch:
     response_mask: torch.Tensor  # (B, L) bool, True at response tokens
     prompt_lengths: list[int]
     example_index: list[int]  # which prompt each rollout answers
-    info: list[float] | None = None  # multi-turn rollouts: tip.env.EPISODE_SUMS of this batch's episodes
+    # multi-turn rollouts: tip.env.EPISODE_SUMS of this batch's episodes
+    info: list[float] | None = None
 
     @property
     def target_mask(self) -> torch.Tensor:
-        """(B, L-1) bool: the positions whose next-token distribution predicts a response token. Hidden states
-        ``h[:, :-1]`` at these positions are the ones signals and loss are computed on."""
+        """(B, L-1) bool: the positions whose next-token distribution predicts a response token.
+        Hidden states ``h[:, :-1]`` at these positions are the ones signals and loss are computed
+        on."""
         return self.response_mask[:, 1:]
 
     def responses(self) -> list[list[int]]:
-        """The student's tokens of each rollout (without any environment tokens between its turns)."""
+        """The student's tokens of each rollout (without any environment tokens between its
+        turns)."""
         return [row[m].tolist() for row, m in zip(self.input_ids, self.response_mask)]
 
     def trajectories(self) -> tuple[list[list[int]], list[list[bool]]]:
-        """Everything after each prompt (the student's and the environment's tokens) and which are the student's."""
-        # One host copy of each tensor (not a transfer per row: this runs every step on the trainer's device).
-        rows, ends, student = (t.tolist() for t in (self.input_ids, self.attention_mask.sum(-1), self.response_mask))
+        """Everything after each prompt (the student's and the environment's tokens) and which are
+        the student's."""
+        # One host copy of each tensor (not a transfer per row: this runs every step on
+        # the trainer's device).
+        rows, ends, student = (t.tolist() for t in (self.input_ids, self.attention_mask.sum(-1),
+                                                    self.response_mask))
         return ([r[p:e] for r, p, e in zip(rows, self.prompt_lengths, ends)],
                 [m[p:e] for m, p, e in zip(student, self.prompt_lengths, ends)])
 
     def to(self, device) -> RolloutBatch:
-        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device),
-                            self.prompt_lengths, self.example_index, self.info)
+        return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                            self.response_mask.to(device), self.prompt_lengths, self.example_index,
+                            self.info)
 
     def split(self, size: int) -> list[RolloutBatch]:
         """Micro-batches of ``size`` rollouts."""
         out = []
         for i in range(0, self.input_ids.shape[0], size):
             sl = slice(i, i + size)
-            width = int(self.attention_mask[sl].sum(-1).max())  # trim right padding no row of this slice needs
+            # trim right padding no row of this slice needs
+            width = int(self.attention_mask[sl].sum(-1).max())
             out.append(RolloutBatch(self.input_ids[sl, :width], self.attention_mask[sl, :width],
-                                    self.response_mask[sl, :width], self.prompt_lengths[sl], self.example_index[sl],
-                                    self.info))
+                                    self.response_mask[sl, :width], self.prompt_lengths[sl],
+                                    self.example_index[sl], self.info))
         return out
 
 
 def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) -> RolloutBatch:
-    """The same responses after other prompts (one per rollout): the privileged teacher's view of a batch (of a
-    multi-turn batch too: the environment's tokens stay where they were, unmasked)."""
+    """The same responses after other prompts (one per rollout): the privileged teacher's view of a
+    batch (of a multi-turn batch too: the environment's tokens stay where they were, unmasked)."""
     trajectories, masks = batch.trajectories()
     return pack(prompt_ids, trajectories, batch.example_index, pad_id, masks)
 
 
 def aligned_targets(student: RolloutBatch, teacher: RolloutBatch) -> torch.Tensor:
-    """Map every flat target position of the student batch, over B x (L_s - 1), to the flat target position of the
-    teacher batch, over B x (L_t - 1), whose next-token distribution predicts the same response token; -1 where
-    the student position is no target. Both batches hold the same responses after prompts of any lengths."""
+    """Map every flat target position of the student batch, over B x (L_s - 1), to the flat target
+    position of the teacher batch, over B x (L_t - 1), whose next-token distribution predicts the
+    same response token; -1 where the student position is no target. Both batches hold the same
+    responses after prompts of any lengths."""
     s_mask, t_mask = student.target_mask, teacher.target_mask
     if not torch.equal(s_mask.sum(-1), t_mask.sum(-1)):
-        raise ValueError("student and teacher batches do not hold the same number of response tokens per row")
+        raise ValueError("student and teacher batches do not hold the same number of response "
+                         "tokens per row")
     index = torch.full((s_mask.numel(),), -1, dtype=torch.long, device=s_mask.device)
     # nonzero() walks rows in order and positions in order within a row, on both sides alike.
-    index[s_mask.reshape(-1).nonzero(as_tuple=True)[0]] = t_mask.reshape(-1).nonzero(as_tuple=True)[0]
+    positions = (m.reshape(-1).nonzero(as_tuple=True)[0] for m in (s_mask, t_mask))
+    s_positions, t_positions = positions
+    index[s_positions] = t_positions
     return index
 
 
@@ -88,9 +101,10 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def prompt_seeds(run_seed: int, step: int, prompt_indices: list[int]) -> list[int]:
-    """One sampling seed per prompt, from (run seed, step, the prompt's index in the step's global batch): draws
-    are independent across prompts, steps and ranks, and a prompt's seed does not depend on the number of
-    ranks. Hashed to 62 bits, so the seed + j that vLLM gives a prompt's j-th sample never meets another's."""
+    """One sampling seed per prompt, from (run seed, step, the prompt's index in the step's global
+    batch): draws are independent across prompts, steps and ranks, and a prompt's seed does not
+    depend on the number of ranks. Hashed to 62 bits, so the seed + j that vLLM gives a prompt's
+    j-th sample never meets another's."""
     return [seed_of(run_seed, step, i) for i in prompt_indices]
 
 
@@ -101,9 +115,10 @@ def seed_of(*parts) -> int:
 
 
 def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int],
-         pad_id: int, student_masks: list[list[bool]] | None = None, info: list[float] | None = None) -> RolloutBatch:
-    """Right-padded prompt+response rows with their masks. ``student_masks`` (one per response): which response
-    tokens are the student's (default: all)."""
+         pad_id: int, student_masks: list[list[bool]] | None = None,
+         info: list[float] | None = None) -> RolloutBatch:
+    """Right-padded prompt+response rows with their masks. ``student_masks`` (one per response):
+    which response tokens are the student's (default: all)."""
     rows = [p + r for p, r in zip(prompt_ids, responses)]
     width = max(map(len, rows))
     # Built on the host from Python lists; the trainer moves the batch to its device in one copy.
@@ -120,21 +135,22 @@ def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index:
 
 @contextmanager
 def plain_sampling(model):
-    """Generation from P_S itself: while inside, ``model.generation_config`` holds only the special-token ids
-    and the model is in eval mode.
+    """Generation from P_S itself: while inside, ``model.generation_config`` holds only the
+    special-token ids and the model is in eval mode.
 
-    transformers fills every generation option left unset from the model's ``generation_config`` (Instruct
-    models ship repetition penalties, top-k/top-p and temperatures there) and then from its global defaults
-    (top-k 50). Rollouts must be samples of the student's distribution, which the signals and the loss
-    describe, so no processor but the temperature / top-p / top-k passed explicitly may act."""
+    transformers fills every generation option left unset from the model's ``generation_config``
+    (Instruct models ship repetition penalties, top-k/top-p and temperatures there) and then from
+    its global defaults (top-k 50). Rollouts must be samples of the student's distribution, which
+    the signals and the loss describe, so no processor but the temperature / top-p / top-k passed
+    explicitly may act."""
     from transformers import GenerationConfig
 
     saved, was_training = model.generation_config, model.training
     ids = {k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
                                                 "decoder_start_token_id")}
     model.generation_config = GenerationConfig(**{k: v for k, v in ids.items() if v is not None})
-    # Eval mode: in training mode a model with activation checkpointing generates without its KV cache, and
-    # transformers then feeds it only the newest token (garbage rollouts).
+    # Eval mode: in training mode a model with activation checkpointing generates without its KV
+    # cache, and transformers then feeds it only the newest token (garbage rollouts).
     model.eval()
     try:
         yield
@@ -156,49 +172,59 @@ def hf_generate(
     synced_gpus: bool = False,
     max_seqs_per_call: int | None = None,
 ) -> RolloutBatch:
-    """``n`` rollouts per prompt with transformers' ``generate`` (temperature 0 = greedy), sampled from the model's
-    distribution with only these options (see ``plain_sampling``).
+    """``n`` rollouts per prompt with transformers' ``generate`` (temperature 0 = greedy), sampled
+    from the model's distribution with only these options (see ``plain_sampling``).
 
-    ``max_seqs_per_call`` caps the sequences (prompts x n) of one ``generate`` call, whose KV cache grows with
-    sequences x tokens; prompts are split over as many calls as needed (at least one prompt per call). Under
-    ``synced_gpus`` every rank must make the same number of calls: give every rank the same number of prompts."""
+    ``max_seqs_per_call`` caps the sequences (prompts x n) of one ``generate`` call, whose KV cache
+    grows with sequences x tokens; prompts are split over as many calls as needed (at least one
+    prompt per call). Under ``synced_gpus`` every rank must make the same number of calls: give
+    every rank the same number of prompts."""
     per_call = len(prompt_ids) if max_seqs_per_call is None else max(1, max_seqs_per_call // n)
     stops = eos_ids(model, tokenizer)
-    # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its top-k of 50).
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+    # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its
+    # top-k of 50).
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
+                    top_k=top_k) if temperature > 0 \
         else dict(do_sample=False)
     responses = []
     with plain_sampling(model):
         for start in range(0, len(prompt_ids), per_call):
-            responses += _generate_once(model, tokenizer, prompt_ids[start:start + per_call], n, max_new_tokens,
-                                        stops, synced_gpus, sampling)
+            responses += _generate_once(model, tokenizer, prompt_ids[start:start + per_call], n,
+                                        max_new_tokens, stops, synced_gpus, sampling)
     repeated = [p for p in prompt_ids for _ in range(n)]
-    return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], tokenizer.pad_token_id)
+    return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)],
+                tokenizer.pad_token_id)
 
 
 class HFRollout:
-    """rollout=hf: transformers ``generate`` on the student itself. Nothing to keep in sync; each step samples
-    from one stream per rank, seeded by the step's seed."""
+    """rollout=hf: transformers ``generate`` on the student itself. Nothing to keep in sync; each
+    step samples from one stream per rank, seeded by the step's seed."""
 
-    def __init__(self, student, tokenizer, rollout_cfg, synced_gpus: bool, generating=contextlib.nullcontext):
-        self.student, self.tokenizer, self.cfg, self.synced_gpus = student, tokenizer, rollout_cfg, synced_gpus
-        self.generating = generating  # entered around each generate (tip.engine.whole_for_generation)
+    def __init__(self, student, tokenizer, rollout_cfg, synced_gpus: bool,
+                 generating=contextlib.nullcontext):
+        self.student, self.tokenizer, self.cfg = student, tokenizer, rollout_cfg
+        self.synced_gpus = synced_gpus
+        # entered around each generate (tip.engine.whole_for_generation)
+        self.generating = generating
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
                  examples=None) -> RolloutBatch:
         ro = self.cfg
         torch.manual_seed(step_seed)
         with self.generating():
-            return hf_generate(self.student, self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
-                               top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens,
-                               synced_gpus=self.synced_gpus, max_seqs_per_call=ro.max_seqs_per_generate)
+            return hf_generate(self.student, self.tokenizer, prompt_ids, n=ro.n,
+                               temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
+                               max_new_tokens=ro.max_new_tokens, synced_gpus=self.synced_gpus,
+                               max_seqs_per_call=ro.max_seqs_per_generate)
 
     @contextmanager
     def turns(self):
-        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``), the student made whole once."""
+        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``), the student made
+        whole once."""
         ro = self.cfg
-        with self.generating(), hf_turns(self.student, self.tokenizer, ro.temperature, ro.top_p, ro.top_k,
-                                         self.synced_gpus, ro.max_seqs_per_generate) as generate_turn:
+        with self.generating(), hf_turns(self.student, self.tokenizer, ro.temperature, ro.top_p,
+                                         ro.top_k, self.synced_gpus,
+                                         ro.max_seqs_per_generate) as generate_turn:
             yield generate_turn
 
 
@@ -212,24 +238,26 @@ class HFRollout:
 @contextmanager
 def hf_turns(model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              synced_gpus: bool = False, max_seqs_per_call: int | None = None):
-    """A turn generator (``tip.env.TurnGenerator``) over transformers' ``generate``: one call per round over every
-    running episode (in pieces of ``max_seqs_per_call``), sampling as ``hf_generate`` does from the global stream
-    the caller seeds (per-context seeds are vLLM's)."""
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+    """A turn generator (``tip.env.TurnGenerator``) over transformers' ``generate``: one call per
+    round over every running episode (in pieces of ``max_seqs_per_call``), sampling as
+    ``hf_generate`` does from the global stream the caller seeds (per-context seeds are vLLM's)."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
+                    top_k=top_k) if temperature > 0 \
         else dict(do_sample=False)
     stops = eos_ids(model, tokenizer)
 
     def generate_turn(contexts, seeds, max_new_tokens):
         step = max_seqs_per_call or len(contexts)
         return [r for i in range(0, len(contexts), step)
-                for r in _generate_once(model, tokenizer, contexts[i:i + step], 1, max_new_tokens, stops,
-                                        synced_gpus, sampling)]
+                for r in _generate_once(model, tokenizer, contexts[i:i + step], 1, max_new_tokens,
+                                        stops, synced_gpus, sampling)]
 
     with torch.no_grad(), plain_sampling(model):
         yield generate_turn
 
 
-def _generate_once(model, tokenizer, prompt_ids, n, max_new_tokens, stops, synced_gpus, sampling) -> list[list[int]]:
+def _generate_once(model, tokenizer, prompt_ids, n, max_new_tokens, stops, synced_gpus,
+                   sampling) -> list[list[int]]:
     device = next(iter(model.parameters())).device
     pad_id = tokenizer.pad_token_id
     width = max(map(len, prompt_ids))

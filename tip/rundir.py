@@ -1,9 +1,10 @@
-"""A run directory's life: the decision to resume, restart or refuse; ``status.json``; each rank's failure
-record and rank 0's watch on them; SIGTERM; the logger and the W&B run, finished however the run ends.
+"""A run directory's life: the decision to resume, restart or refuse; ``status.json``; each rank's
+failure record and rank 0's watch on them; SIGTERM; the logger and the W&B run, finished however the
+run ends.
 
-``run_directory`` is the one context manager that holds it all; ``tip.train`` runs its loop inside it. A
-requeued SLURM job (same directory, same config) resumes from the last checkpoint (``tip.checkpoint``); a
-finished run is never touched again.
+``run_directory`` is the one context manager that holds it all; ``tip.train`` runs its loop inside
+it. A requeued SLURM job (same directory, same config) resumes from the last checkpoint
+(``tip.checkpoint``); a finished run is never touched again.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ STATUS_FILE = "status.json"
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
     """``running`` | ``completed`` | ``failed`` (with the error), read by ``tip.report``."""
-    write_atomic(Path(run_dir) / STATUS_FILE, json.dumps({"status": status, **extra}, indent=1) + "\n")
+    write_atomic(Path(run_dir) / STATUS_FILE,
+                 json.dumps({"status": status, **extra}, indent=1) + "\n")
 
 
 FAILURES_DIR = "failures"
@@ -41,11 +43,13 @@ FAILURES_DIR = "failures"
 
 def _failure_record(exc: BaseException, rank: int | None) -> dict:
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {"rank": rank, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-20:])}
+    return {"rank": rank, "error": f"{type(exc).__name__}: {exc}",
+            "traceback": "".join(lines[-20:])}
 
 
 def failure_status(run_dir: Path, exc: BaseException, rank: int | None = None) -> None:
-    """Mark the run failed with ``exc`` (raised on ``rank``). Another rank's failure recorded earlier stays the
+    """Mark the run failed with ``exc`` (raised on ``rank``). Another rank's failure recorded
+    earlier stays the
     stated cause: a rank blocked in a collective by it fails only as a consequence."""
     record = _failure_record(exc, rank)
     first = first_rank_failure(run_dir)
@@ -56,16 +60,18 @@ def failure_status(run_dir: Path, exc: BaseException, rank: int | None = None) -
 
 
 def record_rank_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
-    """Any rank: ``failures/rank<r>.json`` with the error, and the run's status marked failed at once (rank 0
-    may be stuck in a collective waiting for this rank, and never get to write it)."""
+    """Any rank: ``failures/rank<r>.json`` with the error, and the run's status marked failed at
+    once (rank 0 may be stuck in a collective waiting for this rank, and never get to write it)."""
     folder = Path(run_dir) / FAILURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / f"rank{rank}.json", json.dumps(_failure_record(exc, rank), indent=1) + "\n")
+    write_atomic(folder / f"rank{rank}.json",
+                 json.dumps(_failure_record(exc, rank), indent=1) + "\n")
     failure_status(run_dir, exc, rank)
 
 
 def set_aside_failures(run_dir: Path) -> None:
-    """Move an earlier attempt's ``failures/`` to ``failures.attempt-<n>/`` (kept, never deleted)."""
+    """Move an earlier attempt's ``failures/`` to ``failures.attempt-<n>/`` (kept, never
+    deleted)."""
     folder = Path(run_dir) / FAILURES_DIR
     if not folder.is_dir():
         return
@@ -76,10 +82,11 @@ def set_aside_failures(run_dir: Path) -> None:
 
 
 def watch_peer_failures(run_dir: Path, own_rank: int, on_failure, poll_s: float = 1.0):
-    """A daemon thread that waits for another rank's failure record and then calls ``on_failure(record)``.
-    Rank 0 runs it: when another rank fails, rank 0 is usually blocked inside a collective that will only return
-    at the process-group timeout (or never, if the launcher kills it first), so the thread finishes the run's
-    bookkeeping (W&B run) and ends the process. Returns a function that stops the watch."""
+    """A daemon thread that waits for another rank's failure record and then calls
+    ``on_failure(record)``. Rank 0 runs it: when another rank fails, rank 0 is usually blocked
+    inside a collective that will only return at the process-group timeout (or never, if the
+    launcher kills it first), so the thread finishes the run's bookkeeping (W&B run) and ends the
+    process. Returns a function that stops the watch."""
     import threading
 
     stop = threading.Event()
@@ -97,7 +104,8 @@ def watch_peer_failures(run_dir: Path, own_rank: int, on_failure, poll_s: float 
 
 def _failure_files(run_dir: Path) -> list[Path]:
     """This attempt's rank failure records, earliest first."""
-    return sorted((Path(run_dir) / FAILURES_DIR).glob("rank*.json"), key=lambda f: f.stat().st_mtime)
+    return sorted((Path(run_dir) / FAILURES_DIR).glob("rank*.json"),
+                  key=lambda f: f.stat().st_mtime)
 
 
 def first_rank_failure(run_dir: Path) -> dict | None:
@@ -113,34 +121,38 @@ def read_status(run_dir: Path) -> dict | None:
 
 @dataclass(frozen=True)
 class ResumeDecision:
-    """What a run directory asks of a new attempt: ``checkpoint`` to resume from (None: start from step 0)."""
+    """What a run directory asks of a new attempt: ``checkpoint`` to resume from (None: start from
+    step 0)."""
     checkpoint: Path | None
     step: int
     prior_attempt: bool  # metrics of an unfinished attempt are there (kept aside, never deleted)
 
 
 def decide_resume(run_dir: Path, config_text: str) -> ResumeDecision:
-    """Read-only: every rank calls it before rank 0 changes anything. Refuses a finished run and a directory that
-    holds a run with another config; otherwise resumes from the last checkpoint, or restarts an unfinished attempt
-    that left none."""
+    """Read-only: every rank calls it before rank 0 changes anything. Refuses a finished run and a
+    directory that holds a run with another config; otherwise resumes from the last checkpoint, or
+    restarts an unfinished attempt that left none."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)
     if status and status.get("status") == "completed":
-        raise FileExistsError(f"{run_dir} already holds a finished run (status.json); choose another hydra.run.dir")
+        raise FileExistsError(f"{run_dir} already holds a finished run (status.json); choose "
+                              "another hydra.run.dir")
     has_metrics = (run_dir / "metrics.jsonl").exists()
     if not has_metrics:
         return ResumeDecision(None, 0, False)
     saved = run_dir / "config.yaml"
     if not saved.is_file() or saved.read_text() != config_text:
-        raise FileExistsError(f"{run_dir} already holds a run with another config (config.yaml); choose another "
+        raise FileExistsError(f"{run_dir} already holds a run with another config (config.yaml); "
+                              "choose another "
                               "hydra.run.dir")
     found = latest_checkpoint(run_dir)
     return ResumeDecision(found[0], found[1], True) if found else ResumeDecision(None, 0, True)
 
 
 def set_aside_metrics(run_dir: Path, keep_through_step: int | None) -> None:
-    """Move an unfinished attempt's metrics.jsonl to metrics.attempt-<n>.jsonl; when resuming, start the new
-    metrics.jsonl with the records up to the checkpoint's step (the evaluation before training included)."""
+    """Move an unfinished attempt's metrics.jsonl to metrics.attempt-<n>.jsonl; when resuming, start
+    the new metrics.jsonl with the records up to the checkpoint's step (the evaluation before
+    training included)."""
     path = Path(run_dir) / "metrics.jsonl"
     n = 1
     while (aside := path.with_name(f"metrics.attempt-{n}.jsonl")).exists():
@@ -149,7 +161,8 @@ def set_aside_metrics(run_dir: Path, keep_through_step: int | None) -> None:
     if keep_through_step is None:
         return
     records = [(line, json.loads(line)) for line in aside.read_text().splitlines() if line.strip()]
-    kept = [line for line, r in records if r.get("step", 0) <= keep_through_step and r.get("when") != "after"]
+    kept = [line for line, r in records if r.get("step", 0) <= keep_through_step
+            and r.get("when") != "after"]
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -168,21 +181,24 @@ def barrier_of(dist: DistInfo):
 
 
 def checked_config(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> None:
-    """The config's checks (``tip.config``); a refused config marks a new run directory failed with the
-    message, so a sweep's report shows the cell and why."""
+    """The config's checks (``tip.config``); a refused config marks a new run directory failed with
+    the message, so a sweep's report shows the cell and why."""
     try:
         apply_cell(cfg)
         check_config(cfg)
-        RunSizes.of(cfg, dist.world_size)  # refuses a world size the step's prompts do not divide over
+        # refuses a world size the step's prompts do not divide over
+        RunSizes.of(cfg, dist.world_size)
     except ConfigError as exc:
-        if dist.is_main and not (run_dir / "metrics.jsonl").exists() and read_status(run_dir) is None:
+        fresh = not (run_dir / "metrics.jsonl").exists() and read_status(run_dir) is None
+        if dist.is_main and fresh:
             run_dir.mkdir(parents=True, exist_ok=True)
             failure_status(run_dir, exc)
         raise
 
 
 def start_attempt(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> ResumeDecision:
-    """Decide (every rank reads before rank 0 changes anything), then set the directory up for this attempt."""
+    """Decide (every rank reads before rank 0 changes anything), then set the directory up for this
+    attempt."""
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     resume = decide_resume(run_dir, config_text)
     barrier_of(dist)()
@@ -203,8 +219,9 @@ def run_directory(cfg: DictConfig, run_dir: Path, dist: DistInfo):
     completed, interrupted (SIGTERM, Ctrl-C) or failed (every rank records its own failure)."""
     run_dir = Path(run_dir)
     if dist.world_size > 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        # A launcher stops the other ranks with SIGTERM when one fails: end through the except clause below
-        # (or, while blocked in a collective, through rank 0's watch thread) instead of dying unrecorded.
+        # A launcher stops the other ranks with SIGTERM when one fails: end through the except
+        # clause below (or, while blocked in a collective, through rank 0's watch thread)
+        # instead of dying unrecorded.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     checked_config(cfg, run_dir, dist)
     resume = start_attempt(cfg, run_dir, dist)
@@ -214,7 +231,8 @@ def run_directory(cfg: DictConfig, run_dir: Path, dist: DistInfo):
         wandb_run = start_run(cfg, run_dir) if dist.is_main else None
         logger = RunLogger(run_dir, dist.is_main, cfg.logger.print_quadrants, wandb_run)
         if dist.is_main and dist.world_size > 1:
-            stop_watch = watch_peer_failures(run_dir, dist.rank, lambda record: end_after_peer_failure(
+            stop_watch = watch_peer_failures(run_dir, dist.rank,
+                                             lambda record: end_after_peer_failure(
                 record, wandb_run, logger))
         yield OpenRun(run_dir, logger, resume, wandb_run)
         if wandb_run is not None and cfg.train.token_log_every:
@@ -247,10 +265,11 @@ def _exit_on_sigterm(signum, frame):
 
 
 def end_after_peer_failure(record: dict, wandb_run, logger) -> None:
-    """Rank 0, from the watch thread, once another rank has failed (its record already marks the run failed):
-    finish the W&B run as failed and end the process, instead of waiting in a collective for the
-    process-group timeout."""
-    print(f"rank {record.get('rank')} failed: {record.get('error')}; ending rank 0", file=sys.stderr, flush=True)
+    """Rank 0, from the watch thread, once another rank has failed (its record already marks the run
+    failed): finish the W&B run as failed and end the process, instead of waiting in a collective
+    for the process-group timeout."""
+    print(f"rank {record.get('rank')} failed: {record.get('error')}; ending rank 0",
+          file=sys.stderr, flush=True)
     try:
         logger.close()
         if wandb_run is not None:

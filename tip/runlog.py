@@ -21,29 +21,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-STEP_PHASES = ("rollout_s", "scoring_s", "selection_s", "gradient_s", "optimizer_s", "weight_sync_s")
+STEP_PHASES = ("rollout_s", "scoring_s", "selection_s", "gradient_s", "optimizer_s",
+               "weight_sync_s")
 
 
 def throughput_line(record: dict[str, Any]) -> str:
     """Where a step's time went, and how fast tokens were generated and trained (rank 0's clock)."""
-    phases = "  ".join(f"{p[:-2]} {record[p]:.2f}s" for p in STEP_PHASES if record.get(p) is not None)
+    phases = "  ".join(f"{p[:-2]} {record[p]:.2f}s" for p in STEP_PHASES
+                       if record.get(p) is not None)
     return (f"      time: {phases}  |  rollout {record.get('rollout_tokens_per_s', 0):.0f} tok/s, "
             f"trained {record.get('trained_tokens_per_s', 0):.0f} kept tok/s")
 
 
 def episode_line(record: dict[str, Any]) -> str:
     """What the step's episodes did (means per episode over every rank's)."""
-    return (f"      episodes: score {record['episode/score']:.3f}  turns {record['episode/turns']:.2f}  tool calls "
-            f"{record['episode/tool_calls']:.2f} (malformed {record['episode/malformed_calls']:.2f})  at turn limit "
-            f"{record['episode/hit_turn_limit']:.3f}  environment tokens {record['episode/env_token_frac']:.3f}")
+    return (f"      episodes: score {record['episode/score']:.3f}  turns "
+            f"{record['episode/turns']:.2f}  tool calls "
+            f"{record['episode/tool_calls']:.2f} (malformed "
+            f"{record['episode/malformed_calls']:.2f})  at turn limit "
+            f"{record['episode/hit_turn_limit']:.3f}  environment tokens "
+            f"{record['episode/env_token_frac']:.3f}")
 
 
 def quadrant_table(stats: dict[str, float]) -> str:
-    """Printable per-quadrant table: token share, mean h, mean delta, fraction kept, share of the kept."""
+    """Printable per-quadrant table: token share, mean h, mean delta, fraction kept, share of the
+    kept."""
     lines = ["      frac     mean_h  mean_delta   kept  of_kept"]
     for q in QUADRANTS:
         lines.append(f"  {q.upper()}  {stats[f'{q}/frac']:5.3f}  {stats[f'{q}/mean_h']:9.3g}  "
-                     f"{stats[f'{q}/mean_delta']:10.3g}  {stats[f'{q}/kept']:5.3f}  {stats[f'{q}/of_kept']:7.3f}"
+                     f"{stats[f'{q}/mean_delta']:10.3g}  {stats[f'{q}/kept']:5.3f}  "
+                     f"{stats[f'{q}/of_kept']:7.3f}"
                      f"   {q.upper()} {QUADRANT_NAMES[q]}")
     return "\n".join(lines)
 
@@ -62,17 +69,21 @@ class RunLogger:
     def log(self, record: dict[str, Any], quiet: bool = False) -> None:
         if not self.enabled:
             return
-        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in record.items()}
         record.setdefault("time_s", round(time.time() - self.t0, 3))
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
         if self.wandb_run is not None:
             step = record.get("step")
-            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                               step=step)
         if not quiet and record.get("kind") == "train":
-            print(f"step {record['step']:4d}  loss {record['loss']:.4f}  kept {record['kept_frac']:.3f}  "
+            print(f"step {record['step']:4d}  loss {record['loss']:.4f}  kept "
+                  f"{record['kept_frac']:.3f}  "
                   f"h {record['mean_h']:.3g}  delta {record['mean_delta']:.3g}  "
-                  f"{record['tokens_per_s']:.0f} tok/s  peak {record['peak_mem_mb']:.0f} MB", flush=True)
+                  f"{record['tokens_per_s']:.0f} tok/s  peak {record['peak_mem_mb']:.0f} MB",
+                  flush=True)
             print(throughput_line(record), flush=True)
             if "episode/turns" in record:  # multi-turn rollouts (tip.env)
                 print(episode_line(record), flush=True)

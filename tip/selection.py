@@ -1,14 +1,16 @@
 """Token-selection rules: which response positions the OPD loss trains on.
 
-Every rule turns ``TokenSignals`` into a per-position score; a shared kernel then keeps the top (or bottom)
-``k`` valid positions per scope:
+Every rule turns ``TokenSignals`` into a per-position score; a shared kernel then keeps the top (or
+bottom) ``k`` valid positions per scope:
 
-- ``scope='sequence'``: k = max(1, floor(rho * m)) in each rollout with m valid tokens (the paper's Eq. 8);
-- ``scope='batch'``:    K = max(1, floor(rho * M)) over all M valid tokens of the batch (the release helper).
+- ``scope='sequence'``: k = max(1, floor(rho * m)) in each rollout with m valid tokens (the paper's
+  Eq. 8);
+- ``scope='batch'``:    K = max(1, floor(rho * M)) over all M valid tokens of the batch (the release
+  helper).
 
-Stochastic rules draw from the given ``torch.Generator``. Sampling without replacement with p proportional to
-w is done with the Gumbel-top-k trick (top-k of log w + Gumbel noise), which is exactly sequential sampling
-without replacement and works for both scopes.
+Stochastic rules draw from the given ``torch.Generator``. Sampling without replacement with p
+proportional to w is done with the Gumbel-top-k trick (top-k of log w + Gumbel noise), which is
+exactly sequential sampling without replacement and works for both scopes.
 
 Adding a rule is one small function decorated with ``@register_rule``.
 """
@@ -30,7 +32,8 @@ SCOPES = ("sequence", "batch")
 
 @dataclass(frozen=True)
 class SelectionInputs:
-    """What a rule's score may use: raw signals, the paper's normalised axes and a random generator."""
+    """What a rule's score may use: raw signals, the paper's normalised axes and a random
+    generator."""
 
     signals: TokenSignals
     h_hat: torch.Tensor  # entropy clipped at a per-batch quantile, then min-max normalised
@@ -42,8 +45,10 @@ class SelectionInputs:
 
 
 ScoreFn = Callable[[SelectionInputs], torch.Tensor | None]
-WeightFn = Callable[[SelectionInputs, "torch.Tensor | None", torch.Tensor, float, str], torch.Tensor]
-"""(inputs, the rule's score, the kept mask, keep, scope) -> per-token weights (B, T), read at kept positions."""
+WeightFn = Callable[[SelectionInputs, "torch.Tensor | None", torch.Tensor, float,
+                     str], torch.Tensor]
+"""(inputs, the rule's score, the kept mask, keep, scope) -> per-token weights (B, T), read at kept
+positions."""
 
 
 @dataclass(frozen=True)
@@ -53,38 +58,43 @@ class Rule:
     order: Literal["top", "bottom"]
     doc: str
     weight: WeightFn | None = None  # None: a hard mask (every kept token weighs 1)
-    denominator: str = "kept"  # the loss denominator under train.denominator=auto (tip.losses.DENOMINATORS)
+    # the loss denominator under train.denominator=auto (tip.losses.DENOMINATORS)
+    denominator: str = "kept"
     ignores_keep: bool = False  # keeps every valid token whatever rho (its score returns None)
-    needs: tuple[str, ...] = ()  # optional TokenSignals fields the score reads (computed only for such rules)
+    # optional TokenSignals fields the score reads (computed only for such rules)
+    needs: tuple[str, ...] = ()
 
 
 OPTIONAL_SIGNALS = {
     "jsd": "symmetric JSD(P_S, P_T) / log 2 (recorded when the step's rule reads it: Rule.needs)",
 }
-"""TokenSignals fields a rule may need that the scoring loop computes only when asked (``Rule.needs``), with what
-each holds (token records keep them under the same names)."""
+"""TokenSignals fields a rule may need that the scoring loop computes only when asked
+(``Rule.needs``), with what each holds (token records keep them under the same names)."""
 
 RULES: dict[str, Rule] = {}
 
 SELECTOR_PARAMS = {"entropy_alpha": 1.0, "jsd_gamma": 1.0}
-"""Parameters a selector's config file may carry (conf/selector/<rule>.yaml), with the value a rule whose file
-has none would see: entropy_alpha, the exponent of h in the entropy-sampling rules; jsd_gamma, the exponent of
-the JSD in entropy_jsd_sample."""
+"""Parameters a selector's config file may carry (conf/selector/<rule>.yaml), with the value a rule
+whose file has none would see: entropy_alpha, the exponent of h in the entropy-sampling rules;
+jsd_gamma, the exponent of the JSD in entropy_jsd_sample."""
 
 
-def register_rule(name: str, order: Literal["top", "bottom"] = "top", weight: WeightFn | None = None,
-                  denominator: str = "kept", ignores_keep: bool = False, needs: tuple[str, ...] = ()):
-    """Register a score function as a selection rule under ``name`` (with ``weight``: a weighting rule, whose
-    ``denominator`` is the loss's D under train.denominator=auto)."""
+def register_rule(name: str, order: Literal["top", "bottom"] = "top",
+                  weight: WeightFn | None = None, denominator: str = "kept",
+                  ignores_keep: bool = False, needs: tuple[str, ...] = ()):
+    """Register a score function as a selection rule under ``name`` (with ``weight``: a weighting
+    rule, whose ``denominator`` is the loss's D under train.denominator=auto)."""
 
     def wrap(fn: ScoreFn) -> ScoreFn:
         if name in RULES:
             raise ValueError(f"selection rule {name!r} is already registered")
         unknown = set(needs) - set(OPTIONAL_SIGNALS)
         if unknown:
-            raise ValueError(f"rule {name!r} needs {sorted(unknown)}; optional signals are {tuple(OPTIONAL_SIGNALS)}")
-        RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip(), weight=weight,
-                           denominator=denominator, ignores_keep=ignores_keep, needs=tuple(needs))
+            raise ValueError(f"rule {name!r} needs {sorted(unknown)}; optional signals are "
+                             f"{tuple(OPTIONAL_SIGNALS)}")
+        RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip(),
+                           weight=weight, denominator=denominator, ignores_keep=ignores_keep,
+                           needs=tuple(needs))
         return fn
 
     return wrap
@@ -116,8 +126,8 @@ def _random(x: SelectionInputs):
 
 @register_rule("entropy_sample")
 def _entropy_sample(x: SelectionInputs):
-    """Sample without replacement with p proportional to h^alpha (h = H/log|V|, floored at 1e-8 as in the
-    release helper); the paper's 'entropy sampling'."""
+    """Sample without replacement with p proportional to h^alpha (h = H/log|V|, floored at 1e-8 as
+    in the release helper); the paper's 'entropy sampling'."""
     log_w = x.entropy_alpha * torch.log(x.signals.entropy.clamp_min(1e-8))
     return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
 
@@ -182,7 +192,8 @@ def _need_teacher_entropy(x: SelectionInputs) -> torch.Tensor:
 
 @register_rule("teacher_entropy_topk")
 def _teacher_entropy_topk(x: SelectionInputs):
-    """Top-k by the teacher's entropy H(P_T)/log|V| (the paper's App. B.1 axis): where the teacher is unsure."""
+    """Top-k by the teacher's entropy H(P_T)/log|V| (the paper's App. B.1 axis): where the teacher
+    is unsure."""
     return _need_teacher_entropy(x)
 
 
@@ -192,18 +203,21 @@ def _entropy_log_weights(x: SelectionInputs) -> torch.Tensor:
 
 @register_rule("entropy_jsd_sample", needs=("jsd",))
 def _entropy_jsd_sample(x: SelectionInputs):
-    """Sample without replacement with p proportional to h^alpha * JSD^gamma (both floored at 1e-8; JSD the
-    symmetric one over log 2, full vocabulary): the OPSD release's unused helper (``entropy_weighted_sample``),
-    which joins the paper's two axes in one draw. gamma = 0 is entropy_sample."""
+    """Sample without replacement with p proportional to h^alpha * JSD^gamma (both floored at 1e-8;
+    JSD the symmetric one over log 2, full vocabulary): the OPSD release's unused helper
+    (``entropy_weighted_sample``), which joins the paper's two axes in one draw. gamma = 0 is
+    entropy_sample."""
     if x.signals.jsd is None:
-        raise ValueError("entropy_jsd_sample needs the JSD signal (token_signals(..., with_jsd=True))")
+        raise ValueError("entropy_jsd_sample needs the JSD signal (token_signals(..., "
+                         "with_jsd=True))")
     log_w = _entropy_log_weights(x) + x.jsd_gamma * torch.log(x.signals.jsd.clamp_min(1e-8))
     return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
 
 
-def gumbel_threshold(keys: torch.Tensor, mask: torch.Tensor, keep: float, scope: str) -> torch.Tensor:
-    """The (k+1)-th largest key of each scope group (k as the rules keep), broadcast to (B, T); -inf where the
-    group keeps every valid token."""
+def gumbel_threshold(keys: torch.Tensor, mask: torch.Tensor, keep: float,
+                     scope: str) -> torch.Tensor:
+    """The (k+1)-th largest key of each scope group (k as the rules keep), broadcast to (B, T); -inf
+    where the group keeps every valid token."""
     mask = mask.bool()
     key = keys.float().masked_fill(~mask, -math.inf)
     rows = key.reshape(1, -1) if scope == "batch" else key
@@ -212,13 +226,15 @@ def gumbel_threshold(keys: torch.Tensor, mask: torch.Tensor, keep: float, scope:
     ordered = rows.sort(dim=-1, descending=True).values
     nxt = ordered.gather(-1, k.clamp(max=rows.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
     nxt = torch.where(k < m, nxt, torch.full_like(nxt, -math.inf))  # k = m: nothing was left out
-    return (nxt.expand(mask.numel()) if scope == "batch" else nxt.unsqueeze(-1).expand_as(key)).reshape(mask.shape)
+    return (nxt.expand(mask.numel()) if scope == "batch"
+            else nxt.unsqueeze(-1).expand_as(key)).reshape(mask.shape)
 
 
 def _inverse_inclusion(x: SelectionInputs, score, kept, keep: float, scope: str) -> torch.Tensor:
-    """1/q_t with q_t = P(log w_t + G > kappa) = 1 - exp(-exp(log w_t - kappa)), kappa the (k+1)-th largest
-    perturbed key of the scope: the inclusion probability of t given the threshold (priority sampling; Duffield et
-    al. 2007, Kool et al. 2020). sum_{t kept} x_t / q_t is then an unbiased estimate of sum_t x_t."""
+    """1/q_t with q_t = P(log w_t + G > kappa) = 1 - exp(-exp(log w_t - kappa)), kappa the (k+1)-th
+    largest perturbed key of the scope: the inclusion probability of t given the threshold (priority
+    sampling; Duffield et al. 2007, Kool et al. 2020). sum_{t kept} x_t / q_t is then an unbiased
+    estimate of sum_t x_t."""
     kappa = gumbel_threshold(score, x.signals.mask, keep, scope)
     q = -torch.expm1(-torch.exp(_entropy_log_weights(x) - kappa))
     return torch.where(kept, 1.0 / q.clamp_min(1e-30), 0.0)
@@ -226,9 +242,10 @@ def _inverse_inclusion(x: SelectionInputs, score, kept, keep: float, scope: str)
 
 @register_rule("entropy_sample_is", weight=_inverse_inclusion, denominator="all")
 def _entropy_sample_is(x: SelectionInputs):
-    """Entropy sampling (p ~ h^alpha without replacement) with each kept token weighted by 1/q_t, its inclusion
-    probability given the sample's threshold; D = the valid tokens, so the loss is an unbiased estimate of the
-    all-token loss and its gradient (the correction the paper derives in App. A.3)."""
+    """Entropy sampling (p ~ h^alpha without replacement) with each kept token weighted by 1/q_t,
+    its inclusion probability given the sample's threshold; D = the valid tokens, so the loss is an
+    unbiased estimate of the all-token loss and its gradient (the correction the paper derives in
+    App. A.3)."""
     log_w = _entropy_log_weights(x)
     return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
 
@@ -236,25 +253,28 @@ def _entropy_sample_is(x: SelectionInputs):
 def _relative_confidence(x: SelectionInputs, *_) -> torch.Tensor:
     """sigmoid(H_student - H_teacher) in nats, as constants."""
     if x.log_vocab is None:
-        raise ValueError("relative confidence needs log|V| (select(..., log_vocab=...)) to compare entropies in nats")
+        raise ValueError("relative confidence needs log|V| (select(..., log_vocab=...)) to compare "
+                         "entropies in nats")
     return torch.sigmoid((x.signals.entropy - _need_teacher_entropy(x)) * x.log_vocab)
 
 
 @register_rule("rel_conf", weight=_relative_confidence, denominator="weight", ignores_keep=True)
 def _rel_conf(x: SelectionInputs):
-    """Every token, weighted by sigmoid(H_S - H_T) (TSD-KD's relative confidence): more where the student is
-    less sure than the teacher; ignores keep."""
+    """Every token, weighted by sigmoid(H_S - H_T) (TSD-KD's relative confidence): more where the
+    student is less sure than the teacher; ignores keep."""
     return None
 
 
 @register_rule("rel_conf_topk", weight=_relative_confidence, denominator="weight")
 def _rel_conf_topk(x: SelectionInputs):
-    """The top-k tokens by sigmoid(H_S - H_T), each weighted by it (TSD-KD's relative confidence with a budget)."""
+    """The top-k tokens by sigmoid(H_S - H_T), each weighted by it (TSD-KD's relative confidence
+    with a budget)."""
     return _relative_confidence(x)
 
 
 def _position_ramp(x: SelectionInputs, *_) -> torch.Tensor:
-    """2 (i + 1) / (m + 1) at the i-th of a rollout's m valid tokens: rises linearly, mean 1 per rollout."""
+    """2 (i + 1) / (m + 1) at the i-th of a rollout's m valid tokens: rises linearly, mean 1 per
+    rollout."""
     mask = x.signals.mask.bool()
     position = mask.long().cumsum(-1)
     m = mask.sum(-1, keepdim=True).clamp_min(1)
@@ -263,8 +283,9 @@ def _position_ramp(x: SelectionInputs, *_) -> torch.Tensor:
 
 @register_rule("position_weight", weight=_position_ramp, denominator="weight", ignores_keep=True)
 def _position_weight(x: SelectionInputs):
-    """Every token, weighted by a linear ramp over its response (mean 1): later tokens count more (PW-OPSD, for
-    the self-distillation teacher, whose privileged context helps most late in a solution); ignores keep."""
+    """Every token, weighted by a linear ramp over its response (mean 1): later tokens count more
+    (PW-OPSD, for the self-distillation teacher, whose privileged context helps most late in a
+    solution); ignores keep."""
     return None
 
 
@@ -276,10 +297,11 @@ def keep_count(num_valid: torch.Tensor, keep: float) -> torch.Tensor:
 
 
 def keep_extreme(
-    score: torch.Tensor, mask: torch.Tensor, keep: float, scope: str = "sequence", order: str = "top"
+    score: torch.Tensor, mask: torch.Tensor, keep: float, scope: str = "sequence",
+                 order: str = "top"
 ) -> torch.Tensor:
-    """Boolean mask of the k highest (``order='top'``) or lowest (``'bottom'``) scores among valid positions,
-    with k per scope as in the module docstring. Ties go to the earlier position."""
+    """Boolean mask of the k highest (``order='top'``) or lowest (``'bottom'``) scores among valid
+    positions, with k per scope as in the module docstring. Ties go to the earlier position."""
     if scope not in SCOPES:
         raise ValueError(f"unknown selection scope {scope!r}; known: {', '.join(SCOPES)}")
     mask = mask.bool()
@@ -290,7 +312,8 @@ def keep_extreme(
     k = keep_count(row_mask.sum(-1), keep)
     order_idx = rows.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order_idx)
-    rank.scatter_(-1, order_idx, torch.arange(rows.shape[-1], device=rows.device).expand_as(order_idx))
+    rank.scatter_(-1, order_idx,
+                  torch.arange(rows.shape[-1], device=rows.device).expand_as(order_idx))
     kept = (rank < k.unsqueeze(-1)) & row_mask
     return kept.reshape(mask.shape)
 
@@ -300,9 +323,9 @@ KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
 
 def keep_at(step: int, steps: int, keep: float, kind: str = "constant", start: float = 1.0,
             milestones=()) -> float:
-    """rho at (0-based) ``step`` of ``steps``. constant: ``keep``; linear / cosine: from ``start`` at the first step
-    to ``keep`` at the last; step: ``start`` until the first of ``milestones`` ([[step, rho], ...], 1-based steps
-    as logged), then each milestone's rho from its step on."""
+    """rho at (0-based) ``step`` of ``steps``. constant: ``keep``; linear / cosine: from ``start``
+    at the first step to ``keep`` at the last; step: ``start`` until the first of ``milestones``
+    ([[step, rho], ...], 1-based steps as logged), then each milestone's rho from its step on."""
     if kind == "constant":
         return float(keep)
     if kind in ("linear", "cosine"):
@@ -327,20 +350,23 @@ def validate_keep(keep: float) -> float:
 
 
 def keeps_every_token(rule: str, keep: float) -> bool:
-    """Whether ``rule`` at ``keep`` keeps every valid token with weight 1 whatever the signals: ``all``, or any
-    hard-mask rule at keep = 1 (k = m in every scope). Such a step needs no selection and so no scoring before its
-    loss."""
+    """Whether ``rule`` at ``keep`` keeps every valid token with weight 1 whatever the signals:
+    ``all``, or any hard-mask rule at keep = 1 (k = m in every scope). Such a step needs no
+    selection and so no scoring before its loss."""
     spec = get_rule(rule)
     return spec.weight is None and (spec.ignores_keep or validate_keep(keep) >= 1.0)
 
 
 @dataclass(frozen=True)
 class Selection:
-    """What ``select`` decided, with what it decided from (for token records and rule comparisons)."""
+    """What ``select`` decided, with what it decided from (for token records and rule
+    comparisons)."""
 
     kept: torch.Tensor  # bool (B, T)
-    score: torch.Tensor | None  # the rule's score at each position (None: the rule keeps every valid token)
-    weights: torch.Tensor | None  # per-token loss weights of a weighting rule (0 off the kept tokens; None: 1)
+    # the rule's score at each position (None: the rule keeps every valid token)
+    score: torch.Tensor | None
+    # per-token loss weights of a weighting rule (0 off the kept tokens; None: 1)
+    weights: torch.Tensor | None
     h_hat: torch.Tensor  # the normalised axes the rule saw
     d_hat: torch.Tensor
 
@@ -358,24 +384,29 @@ def select(
     log_vocab: float | None = None,
     jsd_gamma: float = 1.0,
 ) -> Selection:
-    """Which valid positions the loss trains on, with the rule's score, its weights (a weighting rule's) and the
-    normalised axes it saw.
+    """Which valid positions the loss trains on, with the rule's score, its weights (a weighting
+    rule's) and the normalised axes it saw.
 
     rule:           a registered name (see ``RULES``)
     keep:           rho in (0, 1]
     scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
     clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
-    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or 'sequence'
+    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or
+    'sequence'
     entropy_alpha:  exponent of h in entropy sampling (paper: 1)
-    stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes the global
-                    batch's, gathered over ranks); default: those of the valid positions of ``signals``
-    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA draws)
+    stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes
+    the global
+                    batch's, gathered over ranks); default: those of the valid positions of
+                    ``signals``
+    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA
+    draws)
     log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
     jsd_gamma:      exponent of the JSD in entropy_jsd_sample (its release helper's gamma)
     """
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
-                         f"{signals.mask.device}: make it with torch.Generator(device=<the signals' device>)")
+                         f"{signals.mask.device}: make it with torch.Generator(device=<the "
+                         "signals' device>)")
     spec = get_rule(rule)
     keep = validate_keep(keep)
     mask = signals.mask.bool()
@@ -396,6 +427,6 @@ def select(
 
 
 def select_tokens(rule: str, signals: TokenSignals, keep: float, *args, **kwargs) -> torch.Tensor:
-    """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on: ``select(...).kept``
-    (the parameters are ``select``'s)."""
+    """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on:
+    ``select(...).kept`` (the parameters are ``select``'s)."""
     return select(rule, signals, keep, *args, **kwargs).kept

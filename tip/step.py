@@ -1,11 +1,11 @@
 """One OPD optimizer step: score -> select -> backward -> result.
 
 ``StepSettings`` is built once from the config; ``opd_step`` takes a rank's rollouts and returns a
-``StepResult``. Scoring reads the student's hidden states (of the gradient forward itself when the rank's
-rollouts form one micro-batch); the selection is made over the rank's whole batch with the statistics of the
-step's global batch, so it does not depend on the number of processes; the loss projects only the kept
-positions, once per output layer, with its gradients formed in the same chunk loop
-(``tip.losses.fused_divergence_sum``).
+``StepResult``. Scoring reads the student's hidden states (of the gradient forward itself when the
+rank's rollouts form one micro-batch); the selection is made over the rank's whole batch with the
+statistics of the step's global batch, so it does not depend on the number of processes; the loss
+projects only the kept positions, once per output layer, with its gradients formed in the same chunk
+loop (``tip.losses.fused_divergence_sum``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class StepSettings:
     rule: Rule
     divergence: str
     beta: float
-    denominator: str  # train.denominator with auto resolved to the rule's own (tip.losses.DENOMINATORS)
+    # train.denominator with auto resolved to the rule's own (tip.losses.DENOMINATORS)
+    denominator: str
     chunk_size: int  # positions per chunk of signal and loss math
     micro_size: int  # rollouts per forward/backward on one rank
     scope: str
@@ -54,13 +55,15 @@ class StepSettings:
 
     @classmethod
     def of(cls, cfg, chunk_size: int, micro_size: int) -> StepSettings:
-        rule, sel = get_rule(cfg.selector.name), cfg.selection  # (a selector's own parameters: its file)
+        # (a selector's own parameters: its file)
+        rule, sel = get_rule(cfg.selector.name), cfg.selection
         return cls(rule=rule, divergence=cfg.divergence.name, beta=cfg.divergence.beta,
                    denominator=rule.denominator if cfg.train.denominator == "auto"
                    else cfg.train.denominator,
                    chunk_size=chunk_size, micro_size=micro_size, scope=sel.scope,
                    norm_scope=sel.norm_scope, clip_quantile=sel.clip_quantile,
-                   entropy_alpha=cfg.selector.get("entropy_alpha", SELECTOR_PARAMS["entropy_alpha"]),
+                   entropy_alpha=cfg.selector.get("entropy_alpha",
+                                                  SELECTOR_PARAMS["entropy_alpha"]),
                    jsd_gamma=cfg.selector.get("jsd_gamma", SELECTOR_PARAMS["jsd_gamma"]),
                    entropy_threshold=sel.quadrant_thresholds.entropy,
                    divergence_threshold=sel.quadrant_thresholds.divergence)
@@ -76,11 +79,13 @@ class StepSettings:
 
 @dataclass
 class StepResult:
-    """A step's outcome: its metrics, or why it was skipped (nothing applied), and its token records."""
+    """A step's outcome: its metrics, or why it was skipped (nothing applied), and its token
+    records."""
 
     metrics: dict = field(default_factory=dict)
     skipped: str = ""  # the cause, when non-finite values kept the update out
-    token_table: dict | None = None  # every valid token's numbers (tip.token_records), when recorded
+    # every valid token's numbers (tip.token_records), when recorded
+    token_table: dict | None = None
     batch_stats: dict | None = None
 
 
@@ -89,9 +94,9 @@ class NonFiniteStep(RuntimeError):
 
 
 def response_rows(hidden: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states -> (B*(T-1), H): the rows that predict the next token. The response shift lives
-    here: position t predicts token t+1, so the last position predicts nothing (``RolloutBatch.target_mask``
-    and ``next_tokens`` index the same rows)."""
+    """(B, T, H) hidden states -> (B*(T-1), H): the rows that predict the next token. The response
+    shift lives here: position t predicts token t+1, so the last position predicts nothing
+    (``RolloutBatch.target_mask`` and ``next_tokens`` index the same rows)."""
     return hidden[:, :-1].reshape(-1, hidden.shape[-1])
 
 
@@ -106,8 +111,8 @@ def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
 
 
 class StepClock:
-    """Wall time of a step's phases, summed per phase. On GPUs the device is synchronised at each lap, so a
-    phase is charged with its own kernels (a few synchronisations per micro-batch)."""
+    """Wall time of a step's phases, summed per phase. On GPUs the device is synchronised at each
+    lap, so a phase is charged with its own kernels (a few synchronisations per micro-batch)."""
 
     def __init__(self, device: torch.device):
         self.device, self.totals, self.last = device, {}, time.perf_counter()
@@ -123,7 +128,8 @@ class StepClock:
         return {k: round(v, 4) for k, v in self.totals.items()}
 
 
-# ---- score -------------------------------------------------------------------------------------------------
+# ---- score
+# -------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -131,16 +137,20 @@ class ScoredMicro:
     """One micro-batch after scoring: its signals, and what its gradient pass will need."""
 
     signals: TokenSignals
-    teacher_rows: torch.Tensor  # the teacher's final hidden states at the valid positions (flat order)
-    student_rows: torch.Tensor | None = None  # (B*T, H) with the graph, when the one forward is shared
-    fused: FusedDivergence | None = None  # loss and gradients already formed (every token kept, shared)
+    # the teacher's final hidden states at the valid positions (flat order)
+    teacher_rows: torch.Tensor
+    # (B*T, H) with the graph, when the one forward is shared
+    student_rows: torch.Tensor | None = None
+    # loss and gradients already formed (every token kept, shared)
+    fused: FusedDivergence | None = None
 
 
 def head_divergence(s: StepSettings, student, teacher, student_rows: torch.Tensor,
                     teacher_rows: torch.Tensor, with_signals: bool = False,
                     row_weights: torch.Tensor | None = None) -> FusedDivergence:
-    """The divergence summed over rows whose final hidden states are given (the student's with gradient, the
-    teacher's without), each row projected once per output layer; both layers gathered once (ZeRO-3)."""
+    """The divergence summed over rows whose final hidden states are given (the student's with
+    gradient, the teacher's without), each row projected once per output layer; both layers gathered
+    once (ZeRO-3)."""
     head = student.get_output_embeddings()
     return fused_divergence_sum(
         student_rows, head.weight, head.bias, lambda i: head_logits_raw(teacher, teacher_rows[i]),
@@ -152,13 +162,14 @@ def head_divergence(s: StepSettings, student, teacher, student_rows: torch.Tenso
 def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
                 teacher_view: RolloutBatch, keeps_all: bool = False, with_top1: bool = False,
                 with_jsd: bool = False) -> ScoredMicro:
-    """Signals at every response position of ``micro``, and the teacher's final hidden states there. The
-    teacher reads ``teacher_view`` (the same responses, possibly after a privileged prompt).
+    """Signals at every response position of ``micro``, and the teacher's final hidden states there.
+    The teacher reads ``teacher_view`` (the same responses, possibly after a privileged prompt).
 
-    ``forward``: the engine (its forward returns hidden states, with gradient), whose forward the gradient pass
-    then reuses; or None, for a scoring forward of ``student`` without gradient. With a shared forward and
-    ``keeps_all``, the loss's own chunk loop yields the signals (no separate scoring loop). ``with_top1``: each
-    model's top token too; ``with_jsd``: the JSD signal too (a rule that reads it; ``Rule.needs``)."""
+    ``forward``: the engine (its forward returns hidden states, with gradient), whose forward the
+    gradient pass then reuses; or None, for a scoring forward of ``student`` without gradient. With
+    a shared forward and ``keeps_all``, the loss's own chunk loop yields the signals (no separate
+    scoring loop). ``with_top1``: each model's top token too; ``with_jsd``: the JSD signal too (a
+    rule that reads it; ``Rule.needs``)."""
     index = aligned_targets(micro, teacher_view)  # student target position -> the teacher's
     mask = micro.target_mask
     valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
@@ -169,16 +180,20 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
     if forward is not None:
         s_flat = response_rows(forward(micro.input_ids, micro.attention_mask))
         if keeps_all and not with_top1:  # (a step that keeps every token selects nothing: no JSD)
-            fused = head_divergence(s, student, teacher, s_flat[valid], teacher_rows, with_signals=True)
+            fused = head_divergence(s, student, teacher, s_flat[valid], teacher_rows,
+                                    with_signals=True)
             per_position = torch.zeros(len(SIGNAL_ROWS), mask.numel(), dtype=torch.float32,
                                        device=mask.device)
             per_position[:, valid] = fused.signals
-            return ScoredMicro(TokenSignals.from_flat(per_position, mask), teacher_rows, None, fused)
+            return ScoredMicro(TokenSignals.from_flat(per_position, mask), teacher_rows, None,
+                               fused)
         scoring_rows = s_flat.detach()
     else:
         with torch.no_grad():
-            scoring_rows = response_rows(hidden_states(student, micro.input_ids, micro.attention_mask))
-    # One gather of each output layer (one for the live self-teacher, the student) for the whole loop.
+            scoring_rows = response_rows(hidden_states(student, micro.input_ids,
+                                                       micro.attention_mask))
+    # One gather of each output layer (one for the live self-teacher, the student) for the
+    # whole loop.
     with torch.no_grad(), gathered_heads(student, teacher):
         signals = token_signals(lambda i: head_logits_raw(student, scoring_rows[i]),
                                 lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask,
@@ -192,18 +207,20 @@ def merged_signals(scored: list[ScoredMicro], with_top1: bool) -> TokenSignals:
     fields = (*SIGNAL_ROWS, "mask", *(["jsd"] if scored[0].signals.jsd is not None else []))
     top1 = torch.cat([F.pad(m.signals.top1, (0, width - m.signals.top1.shape[-1])) for m in scored],
                      dim=1) if with_top1 else None
-    return TokenSignals(**{f: pad_cat([getattr(m.signals, f) for m in scored], width) for f in fields},
+    return TokenSignals(**{f: pad_cat([getattr(m.signals, f) for m in scored],
+                                      width) for f in fields},
                         top1=top1)
 
 
 def nonfinite_signals(entropy: torch.Tensor, divergence: torch.Tensor) -> str:
-    """Why a step's signals (the scoring pass's valid h and delta) make its loss non-finite, or '' if they are
-    all finite. h comes from the student alone, delta from both models, so a non-finite delta beside finite h
-    points at the teacher."""
+    """Why a step's signals (the scoring pass's valid h and delta) make its loss non-finite, or ''
+    if they are all finite. h comes from the student alone, delta from both models, so a non-finite
+    delta beside finite h points at the teacher."""
     bad_h = int((~torch.isfinite(entropy)).sum())
     bad_d = int((~torch.isfinite(divergence)).sum())
     if bad_h:
-        return (f"the student's logits (scoring pass: entropy non-finite at {bad_h} of {entropy.numel()} "
+        return (f"the student's logits (scoring pass: entropy non-finite at {bad_h} of "
+                f"{entropy.numel()} "
                 "tokens)")
     if bad_d:
         return (f"the teacher's logits (scoring pass: divergence non-finite at {bad_d} of "
@@ -211,7 +228,8 @@ def nonfinite_signals(entropy: torch.Tensor, divergence: torch.Tensor) -> str:
     return ""
 
 
-# ---- select ------------------------------------------------------------------------------------------------
+# ---- select
+# ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -231,8 +249,8 @@ def choose(s: StepSettings, sig: TokenSignals, stats: BatchStats, keep: float, g
     """Selection and taxonomy over the rank's whole batch ("per batch" in the paper) with the batch
     statistics of the step's global batch."""
     selection = None if keeps_all and not record_tokens else select(
-        s.rule.name, sig, keep, s.scope, generator, s.clip_quantile, s.norm_scope, s.entropy_alpha, stats,
-        log_vocab=log_vocab, jsd_gamma=s.jsd_gamma)
+        s.rule.name, sig, keep, s.scope, generator, s.clip_quantile, s.norm_scope, s.entropy_alpha,
+        stats, log_vocab=log_vocab, jsd_gamma=s.jsd_gamma)
     kept = sig.mask.clone() if selection is None else selection.kept
     weights = None if selection is None else selection.weights
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask, s.entropy_threshold,
@@ -240,17 +258,21 @@ def choose(s: StepSettings, sig: TokenSignals, stats: BatchStats, keep: float, g
     return Choice(selection, kept, weights, labels, stats, log_vocab)
 
 
-# ---- backward ----------------------------------------------------------------------------------------------
+# ---- backward
+# ----------------------------------------------------------------------------------------------
 
 
-def backward(s: StepSettings, engine, teacher, micros: list[RolloutBatch], scored: list[ScoredMicro],
-             sig: TokenSignals, choice: Choice, dist: DistInfo, clock: StepClock) -> torch.Tensor:
-    """One backward (and engine step) per micro-batch; returns the summed loss. The loss is normalised by the
-    step's global count and the engine's averaging over accumulation steps and ranks is undone, so the step's
-    gradient is that of one batch holding every rank's rollouts (the paper's Eq. 9)."""
+def backward(s: StepSettings, engine, teacher, micros: list[RolloutBatch],
+             scored: list[ScoredMicro], sig: TokenSignals, choice: Choice, dist: DistInfo,
+             clock: StepClock) -> torch.Tensor:
+    """One backward (and engine step) per micro-batch; returns the summed loss. The loss is
+    normalised by the step's global count and the engine's averaging over accumulation steps and
+    ranks is undone, so the step's gradient is that of one batch holding every rank's rollouts (the
+    paper's Eq. 9)."""
     student = engine.module.lm
     local = loss_denominator(choice.kept, sig.mask, s.denominator, choice.weights)
-    global_count = float(all_reduce_sum(torch.tensor([local], dtype=torch.float64, device=dist.device),
+    global_count = float(all_reduce_sum(torch.tensor([local], dtype=torch.float64,
+                                                     device=dist.device),
                                         dist))
     undo_engine_mean = dist.world_size * len(micros)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -259,124 +281,148 @@ def backward(s: StepSettings, engine, teacher, micros: list[RolloutBatch], score
         if fused is None:
             s_flat = m.student_rows if m.student_rows is not None else \
                 response_rows(engine(micro.input_ids, micro.attention_mask))  # the engine's forward
-            # The output layer runs only on kept rows, chunk by chunk, with their gradients formed in the
-            # same loop: no kept-rows x V logits are held for backward.
-            fused = head_divergence(s, student, teacher, s_flat[kept_m.reshape(-1).nonzero(as_tuple=True)[0]],
+            # The output layer runs only on kept rows, chunk by chunk, with their gradients formed
+            # in the same loop: no kept-rows x V logits are held for backward.
+            fused = head_divergence(s, student, teacher,
+                                    s_flat[kept_m.reshape(-1).nonzero(as_tuple=True)[0]],
                                     m.teacher_rows, row_weights=w_m)
         loss = normalised_loss(fused.total, global_count)
-        # The sum is in the graph even when this rank kept nothing, so every rank runs the same backward.
+        # The sum is in the graph even when this rank kept nothing, so every rank runs the
+        # same backward.
         engine.backward(loss * undo_engine_mean)
         clock.lap("gradient_s")
-        engine.step()  # DeepSpeed wants a step per backward; it updates only at the accumulation boundary
+        # DeepSpeed wants a step per backward; it updates only at the accumulation
+        # boundary
+        engine.step()
         clock.lap("optimizer_s")
         loss_sum += loss.detach().double()
     return loss_sum
 
 
 def _per_micro(scored: list[ScoredMicro], choice: Choice):
-    """Each micro-batch's kept mask and kept tokens' weights; between the passes only the teacher's hidden
-    states at kept positions are held (rho x N x H)."""
+    """Each micro-batch's kept mask and kept tokens' weights; between the passes only the teacher's
+    hidden states at kept positions are held (rho x N x H)."""
     out, offset = [], 0
     for m in scored:
         rows = slice(offset, offset + m.signals.mask.shape[0])
         offset += m.signals.mask.shape[0]
         kept_m = choice.kept[rows, : m.signals.mask.shape[1]]
-        w_m = None if choice.weights is None else choice.weights[rows, : m.signals.mask.shape[1]][kept_m]
+        w_m = (None if choice.weights is None
+               else choice.weights[rows, : m.signals.mask.shape[1]][kept_m])
         m.teacher_rows = m.teacher_rows[kept_m[m.signals.mask]]
         out.append((kept_m, w_m))
     return out
 
 
-# ---- result ------------------------------------------------------------------------------------------------
+# ---- result
+# ------------------------------------------------------------------------------------------------
 
-STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "sum_h_teacher", "sum_w",
-             "sum_w2", "loss")
+STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "sum_h_teacher",
+             "sum_w", "sum_w2", "loss")
 
 
-def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor,
-                     dist: DistInfo, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``. Device
-    tensors throughout (what NCCL needs), with no host synchronisation."""
+def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor,
+                     loss_sum: torch.Tensor, dist: DistInfo,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``.
+    Device tensors throughout (what NCCL needs), with no host synchronisation."""
     m = sig.mask.bool()
     kept_valid = kept.bool() & m
     w = kept_valid.double() if weights is None else torch.where(kept_valid, weights.double(), 0.0)
     local = torch.stack([m.sum().double(), kept_valid.sum().double(),
                          *(torch.where(m, x, 0.0).double().sum()
-                           for x in (sig.entropy, sig.reverse_kl, sig.forward_kl, sig.teacher_entropy)),
+                           for x in (sig.entropy, sig.reverse_kl, sig.forward_kl,
+                                     sig.teacher_entropy)),
                          w.sum(), w.square().sum(), loss_sum.double()])
     quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept, sig.teacher_entropy)
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
 
 
 def applied_grad_norm(engine, loss: float) -> float | None:
-    """The step's gradient norm before clipping; raises ``NonFiniteStep`` when the engine applied a non-finite
-    update, returns NaN when it discarded one (the step is then skipped)."""
+    """The step's gradient norm before clipping; raises ``NonFiniteStep`` when the engine applied a
+    non-finite update, returns NaN when it discarded one (the step is then skipped)."""
     raw = engine.get_global_grad_norm()  # GuardedAdamW's without ZeRO
     grad_norm = None if raw is None else float(raw.item() if torch.is_tensor(raw) else raw)
     if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
         return grad_norm
     what = "loss" if not math.isfinite(loss) else "gradient norm"
-    if not engine.was_step_applied():  # a non-finite gradient norm discards the update at every ZeRO stage
-        raise _Discarded(f"the gradient pass (the {what} went non-finite: loss {loss}, gradient norm "
+    # a non-finite gradient norm discards the update at every ZeRO stage
+    if not engine.was_step_applied():
+        raise _Discarded(f"the gradient pass (the {what} went non-finite: loss {loss}, gradient "
+                         "norm "
                          f"{grad_norm}; the update was discarded)")
     raise NonFiniteStep(f"the {what} of the gradient pass went non-finite (loss {loss}, grad norm "
-                        f"{grad_norm}) after finite signals, and the engine applied the update, so the weights "
-                        "may hold NaN/inf; stopping here (checkpoints saved before this step are intact)")
+                        f"{grad_norm}) after finite signals, and the engine applied the update, so "
+                        "the weights "
+                        "may hold NaN/inf; stopping here (checkpoints saved before this step are "
+                        "intact)")
 
 
 class _Discarded(Exception):
     """A step whose update the engine discarded: it is reported as skipped."""
 
 
-def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None, clock: StepClock) -> dict:
+def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
+                 clock: StepClock) -> dict:
     """What a step logs, from its summed statistics."""
     valid = max(totals["valid_tokens"], 1.0)
     return {
         "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
         "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
-        "mean_delta_fwd": totals["sum_delta_fwd"] / valid, "mean_h_teacher": totals["sum_h_teacher"] / valid,
-        # A weighted rule's kept tokens count as (sum w)^2 / sum w^2 tokens (= kept tokens with hard masks).
+        "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
+            "mean_h_teacher": totals["sum_h_teacher"] / valid,
+        # A weighted rule's kept tokens count as (sum w)^2 / sum w^2 tokens (= kept tokens
+        # with hard masks).
         "effective_tokens": totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30),
         "mean_weight": totals["sum_w"] / max(totals["kept_tokens"], 1.0),
         "grad_norm": grad_norm,
-        "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0), 1e-9),
+        "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0),
+                                                            1e-9),
         **clock.rounded(), **summarise_quadrants(quad),
     }
 
 
-# ---- the step ----------------------------------------------------------------------------------------------
+# ---- the step
+# ----------------------------------------------------------------------------------------------
 
 
 def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: DistInfo, generator,
              keep: float, teacher_prompts: list[list[int]] | None = None, pad_id: int = 0,
              record_tokens: bool = False) -> StepResult:
-    """Score, select, then one backward per micro-batch; the optimizer updates once, after the last one.
-    ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the teacher's view.
+    """Score, select, then one backward per micro-batch; the optimizer updates once, after the last
+    one. ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the
+    teacher's view.
 
-    When the rank's rollouts form one micro-batch, the student runs once: the scoring reads the hidden states
-    of the gradient forward, and a step that keeps every token takes its signals from the loss's own chunk
-    loop. With several micro-batches the selection needs every micro-batch's signals before the first
-    backward, so the student runs twice (a scoring forward without gradient, then the gradient forward).
-    ``record_tokens``: the result holds every valid token's numbers (``tip.token_records``)."""
+    When the rank's rollouts form one micro-batch, the student runs once: the scoring reads the
+    hidden states of the gradient forward, and a step that keeps every token takes its signals from
+    the loss's own chunk loop. With several micro-batches the selection needs every micro-batch's
+    signals before the first backward, so the student runs twice (a scoring forward without
+    gradient, then the gradient forward). ``record_tokens``: the result holds every valid token's
+    numbers (``tip.token_records``)."""
     clock, student = StepClock(dist.device), engine.module.lm
     micros = rollouts.split(s.micro_size)
     views = [m if teacher_prompts is None else with_prompts(
         m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
     shared = engine if len(micros) == 1 else None
     keeps_all = keeps_every_token(s.rule.name, keep)
-    scored = [score_micro(s, shared, student, teacher, m, v, keeps_all, record_tokens, "jsd" in s.rule.needs)
+    scored = [score_micro(s, shared, student, teacher, m, v, keeps_all, record_tokens,
+                          "jsd" in s.rule.needs)
               for m, v in zip(micros, views)]
     clock.lap("scoring_s")
 
     sig = merged_signals(scored, record_tokens)
-    # Every rank's valid h and delta are gathered, so the tokens selected do not depend on the world size.
-    h_all, d_all = (all_gather_rows(x[sig.mask].float(), dist) for x in (sig.entropy, sig.reverse_kl))
-    cause = nonfinite_signals(h_all, d_all)  # every rank sees the same gathered values: all skip together
+    # Every rank's valid h and delta are gathered, so the tokens selected do not depend on the
+    # world size.
+    h_all, d_all = (all_gather_rows(x[sig.mask].float(), dist)
+                    for x in (sig.entropy, sig.reverse_kl))
+    # every rank sees the same gathered values: all skip together
+    cause = nonfinite_signals(h_all, d_all)
     if cause:
         return StepResult(clock.rounded(), skipped=cause)
     stats = BatchStats.of(h_all, d_all, s.clip_quantile)
-    log_vocab = math.log(min(output_width(student), output_width(teacher)))  # the signals' normaliser
+    # the signals' normaliser
+    log_vocab = math.log(min(output_width(student), output_width(teacher)))
     choice = choose(s, sig, stats, keep, generator, log_vocab, keeps_all, record_tokens)
     clock.lap("selection_s")
 
@@ -386,7 +432,8 @@ def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: Dis
 
 
 def step_result(engine, micros: list[RolloutBatch], sig: TokenSignals, choice: Choice,
-                loss_sum: torch.Tensor, dist: DistInfo, clock: StepClock, record_tokens: bool) -> StepResult:
+                loss_sum: torch.Tensor, dist: DistInfo, clock: StepClock,
+                record_tokens: bool) -> StepResult:
     sums, quad = reduce_step_sums(sig, choice.kept, choice.labels, loss_sum, dist, choice.weights)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     try:

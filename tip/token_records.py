@@ -1,10 +1,12 @@
-"""Token records: one row per response token of a step's rollouts, for ``python -m tip.microscope`` and analysis.
+"""Token records: one row per response token of a step's rollouts, for ``python -m tip.microscope``
+and analysis.
 
-``train.token_log_every=N`` writes, at every N-th step, ``tokens/step_<S>.rank<r>.parquet`` (each rank its own
-rollouts) and ``tokens/step_<S>.json`` (rank 0: the rule, keep and the batch statistics that selection used, so
-that any rule can be re-run on the logged signals exactly). Parquet (zstd) rather than compressed JSONL: the
-columns are typed numbers, so a record takes half the bytes, and writing is 20x and reading 5x faster
-(``python bench/token_records.py``; docs/performance.md). The columns are ``COLUMNS``.
+``train.token_log_every=N`` writes, at every N-th step, ``tokens/step_<S>.rank<r>.parquet`` (each
+rank its own rollouts) and ``tokens/step_<S>.json`` (rank 0: the rule, keep and the batch statistics
+that selection used, so that any rule can be re-run on the logged signals exactly). Parquet (zstd)
+rather than compressed JSONL: the columns are typed numbers, so a record takes half the bytes, and
+writing is 20x and reading 5x faster (``python bench/token_records.py``; docs/performance.md). The
+columns are ``COLUMNS``.
 """
 
 from __future__ import annotations
@@ -48,28 +50,33 @@ COLUMNS = {
     "teacher_top_p": "its probability under the teacher",
 }
 OPTIONAL_COLUMNS = OPTIONAL_SIGNALS
-"""Columns after ``COLUMNS``, present when the step computed them: the optional ``TokenSignals`` fields."""
+"""Columns after ``COLUMNS``, present when the step computed them: the optional ``TokenSignals``
+fields."""
 
 
-def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor, labels: torch.Tensor,
-                targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The step's numbers at every valid position, flattened in (rollout, position) order and moved to the host
-    (one transfer per column). ``targets`` (B, T) are the tokens each position predicts; ``signals.top1`` must be
-    present (``token_signals(..., with_top1=True)``)."""
+def token_table(signals: TokenSignals, selection: Selection, kept: torch.Tensor,
+                labels: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step's numbers at every valid position, flattened in (rollout, position) order and moved
+    to the host (one transfer per column). ``targets`` (B, T) are the tokens each position predicts;
+    ``signals.top1`` must be present (``token_signals(..., with_top1=True)``)."""
     mask = signals.mask.bool()
     rows = mask.nonzero(as_tuple=True)[0]
     position = (mask.long().cumsum(1) - 1)[mask]
-    score = selection.score if selection.score is not None else torch.full_like(signals.entropy, float("nan"))
+    score = (selection.score if selection.score is not None
+             else torch.full_like(signals.entropy, float("nan")))
     top1 = signals.top1[:, mask]
     columns = {
         "rollout": rows, "position": position, "token_id": targets[mask],
-        "h": signals.entropy[mask], "delta": signals.reverse_kl[mask], "delta_fwd": signals.forward_kl[mask],
+        "h": signals.entropy[mask], "delta": signals.reverse_kl[mask],
+               "delta_fwd": signals.forward_kl[mask],
         "h_teacher": signals.teacher_entropy[mask],
-        **{name: getattr(signals, name)[mask] for name in OPTIONAL_COLUMNS if getattr(signals, name) is not None},
+        **{name: getattr(signals, name)[mask] for name in OPTIONAL_COLUMNS
+           if getattr(signals, name) is not None},
         "h_hat": selection.h_hat[mask], "d_hat": selection.d_hat[mask], "quadrant": labels[mask],
         "kept": kept.bool()[mask], "score": score.float()[mask],
         "weight": (kept.float() if selection.weights is None else selection.weights.float())[mask],
-        **{name: (top1[i].long() if name.endswith("_id") else top1[i]) for i, name in enumerate(TOP1_FIELDS)},
+        **{name: (top1[i].long() if name.endswith("_id") else top1[i])
+           for i, name in enumerate(TOP1_FIELDS)},
     }
     return {k: v.detach().cpu() for k, v in columns.items()}
 
@@ -79,9 +86,11 @@ def stats_dict(stats: BatchStats) -> dict[str, float]:
 
 
 def stats_of(values: dict[str, float]) -> BatchStats:
-    """The batch statistics of a step's JSON, on the host (where recorded signals are re-examined)."""
+    """The batch statistics of a step's JSON, on the host (where recorded signals are
+    re-examined)."""
     names = {f.name for f in fields(BatchStats)}
-    return BatchStats(**{k: torch.tensor(v, dtype=torch.float32, device="cpu") for k, v in values.items()
+    return BatchStats(**{k: torch.tensor(v, dtype=torch.float32, device="cpu")
+                         for k, v in values.items()
                          if k in names})
 
 
@@ -94,10 +103,12 @@ def step_path(run_dir: Path, step: int, rank: int | None = None) -> Path:
     return Path(run_dir) / TOKENS_DIR / name
 
 
-def write_token_records(run_dir: Path, step: int, rank: int, table: dict[str, torch.Tensor], tokenizer,
-                        prompt_index: list[int], prompt_text: list[str], meta: dict | None) -> Path:
-    """Write one rank's records of ``step`` (atomically: a reader never sees half a file). ``prompt_index`` and
-    ``prompt_text`` are per rollout; ``meta`` (rank 0) goes to the step's JSON."""
+def write_token_records(run_dir: Path, step: int, rank: int, table: dict[str, torch.Tensor],
+                        tokenizer, prompt_index: list[int], prompt_text: list[str],
+                        meta: dict | None) -> Path:
+    """Write one rank's records of ``step`` (atomically: a reader never sees half a file).
+    ``prompt_index`` and ``prompt_text`` are per rollout; ``meta`` (rank 0) goes to the step's
+    JSON."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -149,8 +160,8 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def read_token_records(run_dir: Path, step: int) -> tuple[dict[str, list], dict]:
-    """(columns as lists, the step's JSON) of every rank's records of ``step``, ordered by rank, rollout and
-    position."""
+    """(columns as lists, the step's JSON) of every rank's records of ``step``, ordered by rank,
+    rollout and position."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -161,6 +172,7 @@ def read_token_records(run_dir: Path, step: int) -> tuple[dict[str, list], dict]
     table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
     table = table.cast(pa.schema([f.with_type(pa.string()) if f.name == "prompt_text" else f
                                   for f in table.schema]))
-    table = table.sort_by([("rank", "ascending"), ("rollout", "ascending"), ("position", "ascending")])
+    table = table.sort_by([("rank", "ascending"), ("rollout", "ascending"),
+                           ("position", "ascending")])
     meta = json.loads(step_path(run_dir, step).read_text())
     return table.to_pydict(), meta

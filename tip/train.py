@@ -1,9 +1,10 @@
 """On-policy distillation with token selection: ``python -m tip.train selector=q3 keep=0.1``.
 
 Each step: rollout (the student samples) -> teacher (scores the same tokens) -> signals (entropy,
-divergences) -> select (keep a fraction of tokens) -> loss (divergence over the kept tokens) -> optimizer
-step -> log / evaluate / checkpoint. The step lives in ``tip.step``, the run's parts in ``tip.parts``, the
-run directory's life in ``tip.rundir``; this file is the command line and the loop.
+divergences) -> select (keep a fraction of tokens) -> loss (divergence over the kept tokens) ->
+optimizer step -> log / evaluate / checkpoint. The step lives in ``tip.step``, the run's parts in
+``tip.parts``, the run directory's life in ``tip.rundir``; this file is the command line and the
+loop.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from tip.token_records import write_token_records
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """One training run in ``run_dir``; a rerun in the same directory resumes an unfinished run of the same
-    config (from its last checkpoint, or from the start) and refuses a finished one. ``status.json`` says
-    how it ended."""
+    """One training run in ``run_dir``; a rerun in the same directory resumes an unfinished run of
+    the same config (from its last checkpoint, or from the start) and refuses a finished one.
+    ``status.json`` says how it ended."""
     quiet_library_noise()
     dist = init_distributed(cfg.dist_timeout_s)
     with run_directory(cfg, Path(run_dir), dist) as run:
@@ -44,41 +45,50 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
-    """Set up, evaluate, train for cfg.train.steps (from the run's checkpoint if it has one), evaluate again,
-    save the student."""
+    """Set up, evaluate, train for cfg.train.steps (from the run's checkpoint if it has one),
+    evaluate again, save the student."""
     parts = build_parts(cfg, dist, run.dir)
     try:
         start, results = begin(cfg, parts, run, dist)
         skipped_in_a_row = 0
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            prompt_ids, chosen, indices = rank_prompts(cfg, parts.train_examples, parts.tokenizer, step, dist)
+            prompt_ids, chosen, indices = rank_prompts(cfg, parts.train_examples, parts.tokenizer,
+                                                       step, dist)
             teacher_prompts = teacher_view(cfg, parts, step, chosen)
             seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # this step's stream on this rank
-            rollouts = parts.rollout.generate(prompt_ids, seed, prompt_seeds(cfg.seed, step, indices), chosen)
+            rollouts = parts.rollout.generate(prompt_ids, seed,
+                                              prompt_seeds(cfg.seed, step, indices), chosen)
             t_gen = time.time() - t0
-            # Selection draws from its own stream, seeded per step: a resumed run draws what it would have.
+            # Selection draws from its own stream, seeded per step: a resumed run
+            # draws what it would have.
             generator = torch.Generator(device=dist.device).manual_seed(seed + 2**40)
             keep = keep_at(step, cfg.train.steps, cfg.keep, **cfg.keep_schedule)
             record = bool(cfg.train.token_log_every) and (step + 1) % cfg.train.token_log_every == 0
-            result = opd_step(parts.step, parts.engine, parts.teacher, rollouts.to(dist.device), dist,
-                              generator, keep, teacher_prompts, parts.tokenizer.pad_token_id, record)
+            result = opd_step(parts.step, parts.engine, parts.teacher, rollouts.to(dist.device),
+                              dist, generator, keep, teacher_prompts, parts.tokenizer.pad_token_id,
+                              record)
             metrics = {**result.metrics, "keep": keep, **episode_log(rollouts, dist)}
-            if result.skipped:  # nothing was applied: the student, optimizer and schedule are as before
-                skipped_in_a_row = log_skipped(cfg, parts, run, dist, step, result, skipped_in_a_row, t0)
+            # nothing was applied: the student, optimizer and schedule are as before
+            if result.skipped:
+                skipped_in_a_row = log_skipped(cfg, parts, run, dist, step, result,
+                                               skipped_in_a_row, t0)
                 continue
             skipped_in_a_row = 0
             if result.token_table is not None:
-                metrics["token_log_s"] = record_tokens(cfg, parts, run, dist, step, result, rollouts,
-                                                       chosen, indices, keep)
+                metrics["token_log_s"] = record_tokens(cfg, parts, run, dist, step, result,
+                                                       rollouts, chosen, indices, keep)
             sync_s = parts.rollout.sync()  # the next rollouts come from the updated student
             if sync_s is not None:
                 metrics["weight_sync_s"] = sync_s
             log_step(run, parts, dist, step, metrics, t_gen, time.time() - t0)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
-                run.logger.log({"kind": "eval", "step": step + 1, "when": "during", **parts.evaluate()})
+            every = cfg.train.eval_every
+            if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
+                run.logger.log({"kind": "eval", "step": step + 1, "when": "during",
+                                **parts.evaluate()})
             if cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0:
-                save_training_checkpoint(parts.engine, run.dir, step + 1, {"step": step + 1, "before": results["before"]},
+                save_training_checkpoint(parts.engine, run.dir, step + 1,
+                                         {"step": step + 1, "before": results["before"]},
                                          dist.is_main, cfg.train.max_checkpoints, barrier_of(dist))
         return finish(cfg, parts, run, dist, results)
     finally:
@@ -87,13 +97,16 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
 
 
 def begin(cfg, parts: RunParts, run: OpenRun, dist: DistInfo) -> tuple[int, dict]:
-    """The first step and the results so far: from the run's checkpoint, or after evaluating the student."""
+    """The first step and the results so far: from the run's checkpoint, or after evaluating the
+    student."""
     if run.resume.checkpoint is not None:
         client = load_training_checkpoint(parts.engine, run.resume.checkpoint)
         parts.rollout.sync()
-        run.logger.log({"kind": "resume", "step": client["step"], "checkpoint": str(run.resume.checkpoint)})
+        run.logger.log({"kind": "resume", "step": client["step"],
+                        "checkpoint": str(run.resume.checkpoint)})
         if dist.is_main:
-            print(f"resumed from {run.resume.checkpoint} (step {client['step']} of {cfg.train.steps})",
+            print(f"resumed from {run.resume.checkpoint} (step {client['step']} of "
+                  f"{cfg.train.steps})",
                   flush=True)
         return client["step"], {"before": client["before"]}
     if not cfg.train.eval_before:
@@ -106,8 +119,8 @@ def begin(cfg, parts: RunParts, run: OpenRun, dist: DistInfo) -> tuple[int, dict
 
 
 def teacher_view(cfg, parts: RunParts, step: int, chosen) -> list[list[int]] | None:
-    """The self-teacher's privileged prompts (None for a separate teacher); a snapshot teacher is refreshed
-    from the student every ``teacher.refresh_every`` steps."""
+    """The self-teacher's privileged prompts (None for a separate teacher); a snapshot teacher is
+    refreshed from the student every ``teacher.refresh_every`` steps."""
     if not parts.self_teacher:
         return None
     if parts.teacher is not parts.student and step and step % cfg.teacher.refresh_every == 0:
@@ -128,7 +141,8 @@ def log_skipped(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, step: int, r
     if in_a_row > cfg.train.max_skipped_steps:
         raise NonFiniteStep(f"{in_a_row} steps in a row were skipped (train.max_skipped_steps="
                             f"{cfg.train.max_skipped_steps}), the last for non-finite values from "
-                            f"{result.skipped}; no skipped step was applied, and checkpoints saved before "
+                            f"{result.skipped}; no skipped step was applied, and checkpoints saved "
+                            "before "
                             "them are intact")
     return in_a_row
 
@@ -140,7 +154,8 @@ def record_tokens(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, step: int,
     meta = None
     if dist.is_main:
         meta = {"step": step + 1, "keep": float(keep), **parts.step.selection_meta(),
-                "batch_stats": result.batch_stats, "world_size": dist.world_size, "pair": cfg.pair.name}
+                "batch_stats": result.batch_stats, "world_size": dist.world_size,
+                "pair": cfg.pair.name}
     write_token_records(run.dir, step + 1, dist.rank, result.token_table, parts.tokenizer,
                         [indices[i] for i in rollouts.example_index],
                         [chosen[i].problem for i in rollouts.example_index], meta)
@@ -149,9 +164,11 @@ def record_tokens(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, step: int,
 
 def log_step(run: OpenRun, parts: RunParts, dist: DistInfo, step: int, metrics: dict, t_gen: float,
              elapsed: float) -> None:
-    run.logger.log({"kind": "train", "step": step + 1, **metrics, "lr": parts.scheduler.get_last_lr()[0],
-                    "rollout_s": round(t_gen, 3), "step_s": round(elapsed, 3),
-                    # every rank's response tokens over this rank's rollout time (ranks roll out together)
+    run.logger.log({"kind": "train", "step": step + 1, **metrics,
+                    "lr": parts.scheduler.get_last_lr()[0], "rollout_s": round(t_gen, 3),
+                    "step_s": round(elapsed, 3),
+                    # every rank's response tokens over this rank's rollout
+                    # time (ranks roll out together)
                     "rollout_tokens_per_s": metrics["valid_tokens"] / max(t_gen, 1e-9),
                     "tokens_per_s": metrics["valid_tokens"] / max(elapsed, 1e-9),
                     "peak_mem_mb": peak_memory_mb(dist.device)})
@@ -174,16 +191,18 @@ def finish(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, results: dict) ->
 
 
 def episode_log(rollouts: RolloutBatch, dist: DistInfo) -> dict:
-    """Multi-turn rollouts: the step's episode statistics over every rank (``tip.env.episode_metrics``);
-    nothing for single-turn ones."""
+    """Multi-turn rollouts: the step's episode statistics over every rank
+    (``tip.env.episode_metrics``); nothing for single-turn ones."""
     if rollouts.info is None:
         return {}
-    sums = all_reduce_sum(torch.tensor(rollouts.info, dtype=torch.float64, device=dist.device), dist)
+    sums = all_reduce_sum(torch.tensor(rollouts.info, dtype=torch.float64, device=dist.device),
+                          dist)
     return episode_metrics(sums.tolist())
 
 
 def format_eval(metrics: dict) -> str:
-    """``embedded 0.617 (carry 0.420, borrow 0.700)``: each benchmark's accuracy, then that of its tags."""
+    """``embedded 0.617 (carry 0.420, borrow 0.700)``: each benchmark's accuracy, then that of its
+    tags."""
     parts = []
     for k, v in metrics.items():
         if k.endswith("/accuracy"):
@@ -195,8 +214,8 @@ def format_eval(metrics: dict) -> str:
 
 
 def quiet_library_noise() -> None:
-    """DeepSpeed's collectives warn on every call about torch's renamed functions, and its op probes log each
-    gcc command at INFO under Hydra's logging: neither says anything about the run."""
+    """DeepSpeed's collectives warn on every call about torch's renamed functions, and its op probes
+    log each gcc command at INFO under Hydra's logging: neither says anything about the run."""
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*")
     for name in ("compilers.C.base", "distutils", "setuptools", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -213,7 +232,8 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """``python -m tip.train``: checked for its configs at run time (importing tip.train never exits)."""
+    """``python -m tip.train``: checked for its configs at run time (importing tip.train never
+    exits)."""
     require_conf_dir()
     hydra_main()
 

