@@ -4,6 +4,8 @@ inside tip/. Every import counts, at module level or inside a function (a lazy i
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,10 @@ def test_no_module_shadows_the_standard_library():
     import sys
     shadows = sorted(p.stem for p in PACKAGE.rglob("*.py") if p.stem in sys.stdlib_module_names)
     assert not shadows, f"these names hide the standard library's modules when tip/ is on sys.path: {shadows}"
+
+
+def test_the_configs_allowed_values_pull_in_no_logging_report_or_microscope():
+    code = ("import sys, tip.config; print(sorted(m for m in ('wandb', 'matplotlib', 'tip.report', "
+            "'tip.microscope', 'tip.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -1,6 +1,6 @@
-"""Every command and config key the README shows is real: training and evaluation commands compose through Hydra
-(with every override they name), modules, scripts and make targets exist, and the keys its tables list are in
-the config."""
+"""Every command and config key the README and its guides (docs/*.md) show is real: training and evaluation
+commands compose through Hydra (with every override they name), modules, scripts and make targets exist, and the
+keys their tables list are in the config. The README stays a front page: short, and every guide it links exists."""
 
 import importlib.util
 import re
@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 
 from support import CONF_DIR, DATA_ROOT, ROOT, compose_config
 
-README = (ROOT / "README.md").read_text()
+FRONT_PAGE = (ROOT / "README.md").read_text()
+GUIDES = sorted((ROOT / "docs").glob("*.md"))
+README = "\n".join([FRONT_PAGE, *(g.read_text() for g in GUIDES)])  # commands and keys, wherever they live
 
 
 def code_lines() -> list[str]:
@@ -62,6 +64,19 @@ def test_the_readme_shows_commands():
     assert len(TRAIN) >= 15 and len(EVAL) >= 3
 
 
+def test_the_readme_is_a_front_page_whose_links_exist():
+    assert len(FRONT_PAGE.encode()) <= 25_000, "the README is a front page: move reference text to docs/"
+    for name in ("## Set-up", "## File map", "## A five-minute tour", "## Guides"):
+        assert name in FRONT_PAGE
+    assert re.search(r"```bash\nmake train .*\nmake test .*\n```", FRONT_PAGE), "the two set-up commands"
+    for page, text in [(ROOT / "README.md", FRONT_PAGE), *((g, g.read_text()) for g in GUIDES)]:
+        for target in re.findall(r"\]\(([^)#]+?\.(?:md|png))(?:#[^)]*)?\)", text):
+            if not target.startswith("http"):
+                assert (page.parent / target).is_file(), f"{page.name} links to {target}, which does not exist"
+    for guide in ("concepts", "running", "sweeps", "gpus", "testbed", "performance"):
+        assert f"(docs/{guide}.md)" in FRONT_PAGE
+
+
 @pytest.mark.parametrize("command", TRAIN)
 def test_every_training_command_composes(command):
     tokens = shlex.split(command.replace('ARGS="', "").replace('"', ""))
@@ -81,7 +96,8 @@ def test_every_evaluation_command_composes(command):
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c not in TRAIN and c not in EVAL])
 def test_every_other_command_names_something_that_exists(command):
-    tokens = shlex.split(command)
+    loop = re.fullmatch(r"for \w+ in .*?; do (.*?); done", command)  # a shell loop: its body
+    tokens = shlex.split(loop[1] if loop else command)
     if tokens[0] == "make":
         assert re.search(rf"(?m)^{re.escape(tokens[1])}:", (ROOT / "Makefile").read_text()), command
     elif tokens[:2] == ["python", "-m"]:
@@ -100,12 +116,13 @@ def table_keys() -> list[str]:
     for row in re.findall(r"(?m)^\| `([a-z_]+)\.\*` \| (.*) \|$", README):
         prefix, cells = row
         keys += [f"{prefix}.{k}" for k in re.findall(r"`([a-z_.{},]+)`", cells)]
-    keys += re.findall(r"`((?:train|rollout|selection|eval|teacher|logger|pair|engine|divergence)\.[a-z_]+)`", README)
+    keys += re.findall(r"`((?:train|rollout|selection|selector|eval|teacher|logger|pair|engine|divergence)\.[a-z_]+)`",
+                       README)
     return sorted(k for k in set(keys) if not k.endswith((".json", ".py", ".yaml", ".md")))
 
 
 # Keys that only exist under one option of their group.
-UNDER = {"logger.": "logger=wandb", "teacher.": "teacher=self_privileged",
+UNDER = {"logger.": "logger=wandb", "teacher.": "teacher=self_privileged", "selector.": "selector=entropy_jsd_sample",
          **{f"rollout.{k}": "rollout=vllm" for k in ("vllm_python", "max_model_len", "enforce_eager", "sleep",
                                                     "sync_bucket_mb", "gpu_memory_utilization")}}
 

@@ -1,5 +1,5 @@
-"""A reduced run of the testbed reproduction (README, "Results on the embedded testbed"): one seed, fewer steps and
-cells, the same sweep file and report."""
+"""A reduced run of the testbed reproduction (docs/testbed.md, "Results on the embedded testbed"): one seed,
+fewer steps and cells, the same sweep file and report."""
 
 import csv
 
@@ -21,7 +21,7 @@ def test_reduced_reproduction_sweep_and_report(tmp_path):
     assert set(rows) == {("untrained", 0.0), ("all", 1.0), ("soft_or", 0.5), ("soft_or_bottom", 0.5), ("q3", 0.1)}
     assert all(int(r["seeds"]) == 1 for r in rows.values())
     # All-token OPD improves the student over the untrained baseline on the 512 held-out problems, by fixing the
-    # inconsistent error (borrow); the confident one (carry) stays (README, "The embedded testbed").
+    # inconsistent error (borrow); the confident one (carry) stays (docs/testbed.md, "The embedded testbed").
     untrained, all_tokens = (rows[k] for k in (("untrained", 0.0), ("all", 1.0)))
     assert float(all_tokens["embedded/accuracy"]) > float(untrained["embedded/accuracy"])
     assert float(all_tokens["embedded@borrow/accuracy"]) > float(untrained["embedded@borrow/accuracy"]) + 0.05

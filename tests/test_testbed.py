@@ -120,8 +120,9 @@ def test_build_command_writes_a_loadable_pair_reproducibly(tmp_path):
 
 
 def test_the_shipped_pair_meets_the_testbed_criteria_on_signals():
-    """README, "The embedded testbed": every quadrant exists, Q3 holds the confident error, the two error types sit
-    in the regions they were built for (measured on the untrained student's rollouts, before any rule is run)."""
+    """docs/testbed.md, "The embedded testbed": every quadrant exists, Q3 holds the confident error, the two error
+    types sit in the regions they were built for (measured on the untrained student's rollouts, before any rule is
+    run)."""
     from tip.testbed.criteria import criteria, markdown, measure
 
     m = measure(steps=8)
@@ -134,9 +135,9 @@ def test_the_shipped_pair_meets_the_testbed_criteria_on_signals():
 @pytest.mark.slow
 def test_all_token_opd_fixes_the_inconsistent_error_but_not_the_confident_one(tmp_path):
     """The default run with all tokens moves the borrow, not the carry. The criterion "all-token OPD closes 25-75%
-    of the gap" is NOT met (README, "The embedded testbed": it closes about 6%, since the confident error, which
-    no rule fixes in a dozen steps, holds most of the gap); should a rebuilt pair meet it, this test fails and
-    the README must be updated."""
+    of the gap" is NOT met (docs/testbed.md, "The embedded testbed": it closes about 6%, since the confident error,
+    which no rule fixes in a dozen steps, holds most of the gap); should a rebuilt pair meet it, this test fails and
+    docs/testbed.md must be updated."""
     from tip.benchmarks import evaluate, load_benchmarks, sampling_of
     from tip.models import load_model, load_tokenizer
     from tip.train import train

@@ -87,7 +87,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     prompts = [tok(p.problem)["input_ids"] for p in sample_problems(48, seed=0)]
     fixed = hf_generate(student0, tok, prompts, n=2, temperature=1.0, max_new_tokens=40)
     # lr 3e-4: the step that moves the borrow within 8 steps; most of the mean KL sits at the drilled carry, which
-    # no dozen steps move (README, "The embedded testbed").
+    # no dozen steps move (docs/testbed.md, "The embedded testbed").
     cfg = compose_config("selector=all", "train.steps=8", "train.prompts_per_step=8", "rollout.n=4", "train.lr=3e-4",
                          "eval.benchmarks.embedded.source.size=16", "logger=none")
     train(cfg, tmp_path / "run")

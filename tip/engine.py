@@ -3,7 +3,7 @@ copies, HF checkpoints. (Processes and collectives: tip/distributed.py; atomic o
 tip/checkpoint.py.)
 
 Training always goes through DeepSpeed (ZeRO-3 by default). On CPU the gloo backend is used and math
-is fp32 (these CPUs have no bf16 units: bf16 ran 17-27x slower); on GPU bf16 is the default.
+is fp32 (these CPUs have no bf16 units; docs/performance.md); on GPU bf16 is the default.
 """
 
 from __future__ import annotations

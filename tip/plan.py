@@ -52,8 +52,7 @@ from tip.signals import resolve_chunk_size
 SNAPSHOT_DIR = Path(__file__).resolve().parent / "assets" / "model_configs"
 LOGIT_CHUNK_COPIES = 11.25
 """Peak of the fused loss's chunk loop in chunk x V fp32 tensors (logits, both log-probabilities,
-the divergence's intermediates and its gradient; measured on CPU at 256-1024 rows: 11.25 each
-time)."""
+the divergence's intermediates and its gradient; the measurement: docs/performance.md)."""
 CUDA_RUNTIME_GB = 2.0
 """CUDA context, NCCL communicators and cuBLAS workspaces per GPU: not in any config (typically 1-3
 GB)."""

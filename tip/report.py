@@ -315,8 +315,8 @@ CLAIMS = [
 
 
 def verdict(kind: str, a: dict, b: dict, metric: str) -> tuple[float, float, str]:
-    """d = mean(A) - mean(B) over seeds, SE = sqrt(sA^2/nA + sB^2/nB); the decision rule in the
-    README."""
+    """d = mean(A) - mean(B) over seeds, SE = sqrt(sA^2/nA + sB^2/nB); the decision rule of
+    docs/testbed_results.md."""
     d = a[metric] - b[metric]
     se = math.sqrt(a[f"{metric}_std"] ** 2 / max(a["seeds"], 1) + b[f"{metric}_std"] ** 2
                    / max(b["seeds"], 1))

@@ -4,9 +4,8 @@ and analysis.
 ``train.token_log_every=N`` writes, at every N-th step, ``tokens/step_<S>.rank<r>.parquet`` (each
 rank its own rollouts) and ``tokens/step_<S>.json`` (rank 0: the rule, keep and the batch statistics
 that selection used, so that any rule can be re-run on the logged signals exactly). Parquet (zstd)
-rather than compressed JSONL: the columns are typed numbers, so a record takes half the bytes, and
-writing is 20x and reading 5x faster (``python bench/token_records.py``; docs/performance.md). The
-columns are ``COLUMNS``.
+rather than compressed JSONL: the columns are typed numbers (smaller and faster to write and read:
+docs/performance.md). The columns are ``COLUMNS``.
 """
 
 from __future__ import annotations

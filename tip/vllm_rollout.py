@@ -207,8 +207,8 @@ class VllmWorker:
     def load_weights(self, module) -> int:
         """Send every parameter of ``module`` (HF names) to the engine; returns how many. Under
         ZeRO-3 each is gathered alone and copied to the host (from a GPU: into a reused pinned
-        buffer) before the next. With ``sync_bucket_mb`` 0 each goes in its own message (measured
-        fastest: bench/weight_sync.py); otherwise they are sent in messages of about that size."""
+        buffer) before the next. With ``sync_bucket_mb`` 0 each goes in its own message (the
+        default: docs/performance.md, "Weight sync"); otherwise in messages of about that size."""
         count, bucket, size = 0, [], 0
         for name, param in module.named_parameters():
             with _gathered(param):

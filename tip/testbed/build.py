@@ -17,8 +17,8 @@ error types are in ``tip.tasks``.
   characters that the dropped carries change, its target puts ``carry_tail`` on the right one and
   the rest on the wrong one (weighted ``drill_weight``): a drilled misconception, held with more
   certainty than the ordinary tokens (low entropy, Q3). The borrow, learned from inconsistent data,
-  leaves the student split between two digits (high entropy, Q1). That certainty has a price the
-  README states: a dozen OPD steps do not undo the drilled error.
+  leaves the student split between two digits (high entropy, Q1). That certainty has a price
+  docs/testbed.md states: a dozen OPD steps do not undo the drilled error.
 
 Why not a smaller student trained from scratch: we measured that tiny from-scratch students sit in
 minima so sharp that any AdamW step large enough to matter in a dozen OPD steps makes them worse
