@@ -7,7 +7,7 @@ Each backend samples the same prompts at temperature 1.0 (each completion runs t
 prints generated tokens/s per backend and the ratio vLLM/HF. --real adds Qwen2.5-Coder-0.5B-Instruct
 (`python -m tip.pairs fetch qwen2.5-coder-0.5b-instruct` first).
 
---zero3 measures tip.train's own rollout (set_up, HFRollout) under engine=zero0, engine=zero3 with per-module
+--zero3 measures tip's own rollout (tip.parts.build_parts, HFRollout) under engine=zero0, engine=zero3 with per-module
 gathers (engine.gather_for_generate=never) and engine=zero3 gathered once per call (auto, the default): tokens/s
 before training and after 2 training steps (each variant in a fresh process, the student its own live teacher so
 that only one model loads), the median over --repeats runs side by side, and the ratio to zero0.

@@ -30,12 +30,18 @@ class RolloutBatch:
     # multi-turn rollouts: tip.env.EPISODE_SUMS of this batch's episodes
     info: list[float] | None = None
 
+    # The response shift: position t predicts token t+1, so a batch's L positions give L-1
+    # predictions. These two and ``tip.step.response_rows`` (the hidden states) are its only places.
     @property
     def target_mask(self) -> torch.Tensor:
-        """(B, L-1) bool: the positions whose next-token distribution predicts a response token.
-        Hidden states ``h[:, :-1]`` at these positions are the ones signals and loss are computed
-        on."""
+        """(B, L-1) bool: the positions whose next-token distribution predicts a response token
+        (where signals and loss are computed)."""
         return self.response_mask[:, 1:]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(B, L-1): the token each position predicts."""
+        return self.input_ids[:, 1:]
 
     def responses(self) -> list[list[int]]:
         """The student's tokens of each rollout (without any environment tokens between its

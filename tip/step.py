@@ -94,15 +94,10 @@ class NonFiniteStep(RuntimeError):
 
 
 def response_rows(hidden: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states -> (B*(T-1), H): the rows that predict the next token. The response
-    shift lives here: position t predicts token t+1, so the last position predicts nothing
-    (``RolloutBatch.target_mask`` and ``next_tokens`` index the same rows)."""
+    """(B, T, H) hidden states -> (B*(T-1), H): the rows that predict the next token, in the order
+    of ``RolloutBatch.target_mask`` and ``RolloutBatch.targets`` (the response shift's other two
+    places)."""
     return hidden[:, :-1].reshape(-1, hidden.shape[-1])
-
-
-def next_tokens(batch: RolloutBatch) -> torch.Tensor:
-    """(B, T-1): the token each row of ``response_rows`` predicts."""
-    return batch.input_ids[:, 1:]
 
 
 def pad_cat(tensors: list[torch.Tensor], width: int, value=0) -> torch.Tensor:
@@ -442,7 +437,7 @@ def step_result(engine, micros: list[RolloutBatch], sig: TokenSignals, choice: C
         return StepResult(clock.rounded(), skipped=str(skipped))
     result = StepResult(step_metrics(totals, quad, grad_norm, clock))
     if record_tokens:
-        targets = pad_cat([next_tokens(m) for m in micros], sig.mask.shape[1])
+        targets = pad_cat([m.targets for m in micros], sig.mask.shape[1])
         result.token_table = token_table(sig, choice.selection, choice.kept, choice.labels, targets)
         result.batch_stats = {**stats_dict(choice.stats), "log_vocab": choice.log_vocab}
     return result
