@@ -56,8 +56,8 @@ def opd_loss(
     """Reduce per-kept-token divergences to the OPD loss, (1/D) sum_{t kept} w_t div_t.
 
     kept_divergences: shape (K,), one value per kept valid position
-    global_count:     the step's total denominator over micro-batches and ranks; defaults to this
-    batch's own
+    global_count:     the step's total denominator over micro-batches and ranks; defaults to
+                      this batch's own
     weights:          (B, T) per-token weights of a weighting rule (None: 1, a hard mask)
     """
     kept_mask = keep_mask.bool() & valid_mask.bool()

@@ -392,14 +392,13 @@ def select(
     scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
     clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
     norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or
-    'sequence'
+                    'sequence'
     entropy_alpha:  exponent of h in entropy sampling (paper: 1)
     stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes
-    the global
-                    batch's, gathered over ranks); default: those of the valid positions of
-                    ``signals``
+                    the global batch's, gathered over ranks); default: those of the valid
+                    positions of ``signals``
     generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA
-    draws)
+                    draws)
     log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
     jsd_gamma:      exponent of the JSD in entropy_jsd_sample (its release helper's gamma)
     """

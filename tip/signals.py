@@ -132,9 +132,10 @@ class TokenSignals:
     forward_kl:  delta_fwd = KL(P_T || P_S), nats
     mask:        bool, the valid (response) positions
     teacher_entropy: H(P_T) / log|V| (the paper's App. B.1), when computed
-    jsd:         symmetric JSD(P_S, P_T) / log 2, in [0, 1] (the release helper's axis), when asked
-    for top1:        optional (4, B, T): ``TOP1_FIELDS``, each model's most likely next token and
-    its probability
+    jsd:         symmetric JSD(P_S, P_T) / log 2, in [0, 1] (the release helper's axis), when
+                 asked for
+    top1:        optional (4, B, T): ``TOP1_FIELDS``, each model's most likely next token and its
+                 probability
     """
 
     entropy: torch.Tensor
