@@ -1,9 +1,11 @@
 # Set-up and everyday commands. Everything runs inside .venv, with its bin/ first on PATH so DeepSpeed's
-# JIT ops are always built by the same ninja (two ninjas on PATH make every run rebuild them).
+# JIT ops are always built by the same ninja (two ninjas on PATH make every run rebuild them). DeepSpeed picks
+# its accelerator itself (cuda where CUDA is, cpu elsewhere): forcing one here would keep a GPU run's ZeRO
+# partitions on the CPU.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-RUN := PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu}
+RUN := PATH=$(abspath $(BIN)):$$PATH
 EXTRAS ?= dev,logging,sweeps,datasets,gguf,bench
 
 .PHONY: install train test test-fast lint vllm-env gpu-check

@@ -151,7 +151,42 @@ def test_gpu_check_skips_every_cuda_part_here_and_its_commands_run_on_cpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
     assert len(lines) == 6 and all(line.startswith("SKIP") and "no CUDA device" in line for line in lines), lines
+    assert "DeepSpeed's accelerator cpu" in proc.stdout.splitlines()[0], proc.stdout  # the header says which
     proc = subprocess.run([sys.executable, "-m", "tip.gpu_check", "--on-cpu", "--only", "tip.eval",
                            "--only", "sweep"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS  tip.eval" in proc.stdout and "PASS  sweep of 2 cells in one process" in proc.stdout, proc.stdout
+
+
+def test_make_lets_deepspeed_pick_its_accelerator():
+    """On a GPU machine DeepSpeed must detect cuda: `make train`, `make test` and `make gpu-check` set no
+    DS_ACCELERATOR (tip.distributed sets cpu itself where there is no CUDA)."""
+    for target in ("train", "test", "gpu-check"):
+        dry = subprocess.run(["make", "-n", "-W", "pyproject.toml", target], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+        command = [line for line in dry.splitlines() if "python -m" in line and "pip" not in line][-1]
+        assert "DS_ACCELERATOR" not in command, command
+
+
+def test_gpu_check_refuses_its_cuda_parts_when_deepspeed_is_not_on_cuda():
+    from tip.gpu_check import PARTS, skip_reason
+
+    one_gpu = next(p for p in PARTS if p.gpus == 1 and not p.vllm)
+    reason = skip_reason(one_gpu, on_cpu=False, accelerator="cpu", gpus=8)
+    assert reason and "DeepSpeed's accelerator is 'cpu', not cuda" in reason and "DS_ACCELERATOR" in reason
+    assert skip_reason(one_gpu, on_cpu=False, accelerator="cuda", gpus=8) is None
+    assert "no CUDA device" in skip_reason(one_gpu, on_cpu=False, accelerator="cpu", gpus=0)
+
+
+def test_a_rank_that_sees_one_gpu_uses_it_whatever_its_local_rank():
+    """Sites that bind one GPU per task (srun --gpus-per-task=1, --gpu-bind): local rank 3 sees one device, its
+    own, as cuda:0 (torch.cuda.set_device(3) would fail with "invalid device ordinal"), and its vLLM worker gets it."""
+    from tip.distributed import local_device_index
+    from tip.vllm_rollout import VllmError, worker_visible_devices
+
+    assert local_device_index(3, 1) == 0 and local_device_index(3, 8) == 3
+    assert worker_visible_devices("5", 3, 1) == "5" and worker_visible_devices(None, 3, 1) == "0"
+    with pytest.raises(RuntimeError, match="local rank 3 sees 2 CUDA devices"):
+        local_device_index(3, 2)
+    with pytest.raises(VllmError, match="local rank 3 has no GPU of its own"):
+        worker_visible_devices("0,1", 3, 2)

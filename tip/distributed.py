@@ -110,6 +110,19 @@ def prepare_process_env() -> None:
         env.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device a rank uses among those it sees. Most launchers show every GPU of the node
+    and the local rank picks one; sites that bind one GPU per task (``--gpus-per-task=1``,
+    ``--gpu-bind``) show each task only its own, which is then device 0."""
+    if device_count == 1:
+        return 0
+    if 0 <= local_rank < device_count:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} sees {device_count} CUDA devices and none is its "
+                       "own: run one process per GPU, each seeing every GPU of its node or only "
+                       "its own")
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """The process group (NCCL on GPUs, gloo on CPU). ``timeout_s`` bounds how long a collective
     waits for a rank that never joins (None: DeepSpeed's default, 30 minutes); the first call in a
@@ -128,9 +141,10 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         kwargs.update(init_method=f"file://{store.name}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
     local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        device = torch.device("cuda", local_device_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
 
 

@@ -82,13 +82,30 @@ def vllm_available() -> bool:
                           capture_output=True).returncode == 0
 
 
-def skip_reason(part: Part, on_cpu: bool) -> str | None:
+def deepspeed_accelerator(env: dict[str, str]) -> str:
+    """The accelerator DeepSpeed picks in a part's process (``DS_ACCELERATOR``, else detection)."""
+    code = ("from deepspeed.accelerator import get_accelerator; "
+            "print(get_accelerator().device_name())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() \
+        else f"unknown ({out.stderr.strip()[-200:]})"
+
+
+def skip_reason(part: Part, on_cpu: bool, accelerator: str = "cuda",
+                gpus: int | None = None) -> str | None:
+    """Why ``part`` cannot run here (None: it can). ``gpus``: CUDA devices visible (default: torch's
+    count); ``accelerator``: DeepSpeed's (``deepspeed_accelerator``)."""
     if on_cpu:
         return "needs vLLM (not run with --on-cpu)" if part.vllm else None
-    if not torch.cuda.is_available():
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if gpus == 0:
         return "no CUDA device (torch.cuda.is_available() is False)"
-    if torch.cuda.device_count() < part.gpus:
-        return f"needs {part.gpus} GPUs, {torch.cuda.device_count()} visible"
+    if accelerator != "cuda":
+        return (f"DeepSpeed's accelerator is {accelerator!r}, not cuda (DS_ACCELERATOR="
+                f"{os.environ.get('DS_ACCELERATOR')!r}): its ZeRO partitions would stay on the CPU "
+                "while tip computes on CUDA; unset DS_ACCELERATOR and let DeepSpeed detect the GPU")
+    if gpus < part.gpus:
+        return f"needs {part.gpus} GPUs, {gpus} visible"
     if part.vllm and not vllm_available():
         return ("vLLM is not installed for this interpreter (pip install -e .[gpu], or set "
                 "TIP_VLLM_PYTHON)")
@@ -123,13 +140,17 @@ def verify(part: Part, out: Path) -> str | None:
     return None
 
 
-def run_part(part: Part, on_cpu: bool, timeout_s: int) -> tuple[str, str]:
-    reason = skip_reason(part, on_cpu)
+def part_env() -> dict[str, str]:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_part(part: Part, on_cpu: bool, timeout_s: int, accelerator: str) -> tuple[str, str]:
+    reason = skip_reason(part, on_cpu, accelerator)
     if reason:
         return "SKIP", reason
     out = Path(tempfile.mkdtemp(prefix="tip-gpu-check-")) / "out"
     start = time.time()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = part_env()
     try:
         proc = subprocess.run(part.command(out, "fp32" if on_cpu else "bf16"), capture_output=True,
                               text=True, timeout=timeout_s, env=env)
@@ -152,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per part")
     args = ap.parse_args(argv)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-    print(f"tip gpu-check: torch {torch.__version__}, {device}, {torch.cuda.device_count()} GPU(s)",
-          flush=True)
+    accelerator = deepspeed_accelerator(part_env())
+    print(f"tip gpu-check: torch {torch.__version__}, {device}, {torch.cuda.device_count()} "
+          f"GPU(s), DeepSpeed's accelerator {accelerator}", flush=True)
     failed = False
     for part in PARTS:
         if args.only and not any(s in part.name for s in args.only):
             continue
-        verdict, detail = run_part(part, args.on_cpu, args.timeout)
+        verdict, detail = run_part(part, args.on_cpu, args.timeout, accelerator)
         failed |= verdict == "FAIL"
         print(f"{verdict}  {part.name}: {detail}", flush=True)
     return 1 if failed else 0

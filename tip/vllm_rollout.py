@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tip.distributed import local_device_index
 from tip.rollout import RolloutBatch, eos_ids, pack
 from tip.vllm_worker import recv, send
 
@@ -82,16 +83,17 @@ class VllmRollout:
 def worker_visible_devices(parent_visible: str | None, local_rank: int, device_count: int) -> str:
     """CUDA_VISIBLE_DEVICES for a rank's vLLM worker: the rank's own GPU of the ones its parent
     sees. A worker that inherits every GPU starts on cuda:0, so with 8 ranks per node all eight
-    engines would land on GPU 0."""
+    engines would land on GPU 0. A rank that sees one GPU (one bound per task) gives it that one."""
     if parent_visible is None:
         visible = [str(i) for i in range(device_count)]
     else:
         visible = [d.strip() for d in parent_visible.split(",") if d.strip()]
-    if not 0 <= local_rank < len(visible):
+    try:
+        return visible[local_device_index(local_rank, len(visible))]
+    except RuntimeError:
         raise VllmError(f"local rank {local_rank} has no GPU of its own: "
                         f"CUDA_VISIBLE_DEVICES={parent_visible!r} ({len(visible)} visible); "
-                        "run one process per GPU")
-    return visible[local_rank]
+                        "run one process per GPU") from None
 
 
 class VllmWorker:
