@@ -1,6 +1,8 @@
 """Process environment for multi-node runs, from SLURM's variables as srun and submitit set them (2 nodes x 2
 tasks), without a cluster: the environment is what a launcher hands a process."""
 
+from pathlib import Path
+
 import pytest
 
 from tip.distributed import prepare_process_env, slurm_hostnames, slurm_master_port
@@ -77,3 +79,25 @@ def test_a_multi_node_world_without_a_master_is_refused(clean_env):
     clean_env.setenv("MASTER_PORT", "29500")
     with pytest.raises(RuntimeError, match="MASTER_ADDR is not set for a run over several nodes"):
         prepare_process_env()
+
+
+@pytest.mark.slow
+def test_a_leftover_op_build_lock_of_a_killed_process_does_not_hang_the_next_run(tmp_path, monkeypatch):
+    """torch guards DeepSpeed's op build folder with a plain `lock` file; a process killed mid-build leaves it (and
+    no built op), and every later run used to wait on it forever. A run now takes a flock, clears the leftover,
+    builds the op (about 40 s) and finishes."""
+    import subprocess
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    root = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    leftover = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"  # as torch names it
+    leftover.write_text("")
+    out = subprocess.run([sys.executable, "-m", "tip.train", "experiment=smoke", "train.steps=1", "logger=none",
+                          "train.save_final=false", "train.eval_before=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "removed a leftover build lock" in out.stdout and not leftover.exists()
+    assert list(leftover.parent.glob("*.so")), "the op was built"

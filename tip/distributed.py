@@ -9,11 +9,15 @@ NCCL would refuse.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -110,6 +114,50 @@ def prepare_process_env() -> None:
         env.setdefault("DS_ACCELERATOR", "cpu")
 
 
+OP_LOCK_TIMEOUT_S = float(os.environ.get("TIP_OP_LOCK_TIMEOUT_S", 900))
+"""How long a process waits for another one that is building DeepSpeed's ops."""
+
+
+def extensions_root() -> Path:
+    """Where torch's cpp_extension (and so DeepSpeed's JIT ops) builds: TORCH_EXTENSIONS_DIR, else
+    the user's cache."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+@contextlib.contextmanager
+def op_build_lock(timeout_s: float = OP_LOCK_TIMEOUT_S):
+    """Hold an OS lock (flock) while DeepSpeed may JIT-build or load its ops. torch guards a build
+    folder with a plain ``lock`` file (its FileBaton): a process killed mid-build (a cancelled or
+    preempted job, the OOM killer, Ctrl-C) leaves it behind, and every later build waits on it
+    forever, silently (pytorch issue #189245). The kernel releases a flock when its holder dies, so
+    while holding it any ``lock`` file is a leftover and is removed; the wait is bounded."""
+    root = extensions_root()
+    root.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(root / "tip-op-build.flock", "w") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"waited {timeout_s:.0f} s for another process building DeepSpeed's ops in "
+                        f"{root} (TIP_OP_LOCK_TIMEOUT_S sets the wait); if none is running, remove "
+                        f"{root / 'tip-op-build.flock'}") from None
+                time.sleep(0.5)
+        # <root>/<op>/lock under TORCH_EXTENSIONS_DIR, else <root>/<python and device tag>/<op>/lock
+        for leftover in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+            leftover.unlink(missing_ok=True)
+            print(f"removed a leftover build lock of a killed process: {leftover}", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def local_device_index(local_rank: int, device_count: int) -> int:
     """The CUDA device a rank uses among those it sees. Most launchers show every GPU of the node
     and the local rank picks one; sites that bind one GPU per task (``--gpus-per-task=1``,
@@ -139,7 +187,8 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         store.close()
         os.unlink(store.name)
         kwargs.update(init_method=f"file://{store.name}", rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
+    with op_build_lock():  # on CPU this builds or loads DeepSpeed's shared-memory collectives
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cpu")
     if cuda:
