@@ -254,3 +254,25 @@ def test_a_paper_overlay_trains_on_the_cpu_stand_in(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "final" / "config.json").is_file()
     assert list((tmp_path / "run" / "checkpoints").glob("step_*"))
     assert 0 <= results["after"]["embedded/accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_every_rank_runs_in_rank_0s_directory_when_each_resolves_its_own(tmp_path):
+    """Under torchrun each process resolves hydra.run.dir itself (the default holds the time to the microsecond):
+    checkpoints used to scatter over one folder per rank, and a restart resumed some ranks only. Here each rank
+    resolves a different folder on purpose; everything lands in rank 0's."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(var, None)
+    overrides = ["experiment=smoke", "logger=none", "train.eval_before=false", "train.save_final=false",
+                 "train.steps=1", "train.checkpoint_every=1", f"data_root={DATA_ROOT}",
+                 f"hydra.run.dir={tmp_path}/run_${{oc.env:RANK}}"]
+    proc = subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                           "-m", "tip.train", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run_0" / "status.json").read_text())["status"] == "completed"
+    assert (tmp_path / "run_0" / "checkpoints" / "step_000001").is_dir()
+    assert not (tmp_path / "run_1").exists(), sorted(p.name for p in (tmp_path / "run_1").rglob("*"))
+    assert "the run directory is rank 0's" in proc.stdout

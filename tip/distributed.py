@@ -158,6 +158,15 @@ def op_build_lock(timeout_s: float = OP_LOCK_TIMEOUT_S):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def preload_deepspeed_ops() -> None:
+    """Build or load the op DeepSpeed's process group loads first (on CPU its shared-memory
+    collectives, ``deepspeed.comm.torch.build_shm_op``; none on CUDA), so that the build happens
+    under ``op_build_lock`` and ``deepspeed.init_distributed`` later only loads it."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def local_device_index(local_rank: int, device_count: int) -> int:
     """The CUDA device a rank uses among those it sees. Most launchers show every GPU of the node
     and the local rank picks one; sites that bind one GPU per task (``--gpus-per-task=1``,
@@ -187,8 +196,9 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
         store.close()
         os.unlink(store.name)
         kwargs.update(init_method=f"file://{store.name}", rank=0, world_size=1)
-    with op_build_lock():  # on CPU this builds or loads DeepSpeed's shared-memory collectives
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
+    with op_build_lock():  # one process at a time builds the ops (never around a collective)
+        preload_deepspeed_ops()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, **kwargs)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cpu")
     if cuda:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from tip.checkpoint import atomic_dir
-from tip.distributed import op_build_lock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *DTYPES)  # auto: bf16 on GPU, fp32 on CPU
@@ -102,9 +101,8 @@ class GuardedAdamW(torch.optim.AdamW):
 def build_student_engine(model, ds_config: dict, optimizer, scheduler):
     import deepspeed
 
-    with op_build_lock():  # an engine may JIT-build ops (CPU Adam, async I/O)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config)
     return engine
 
 
@@ -118,8 +116,7 @@ def build_teacher_engine(model, ds_config: dict):
         # stages 0-2 shard only optimizer state and gradients: a frozen model just sits on
         # the device
         return model
-    with op_build_lock():
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
     return engine.module
 

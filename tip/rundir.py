@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -176,6 +177,26 @@ class OpenRun:
     wandb_run: Any = None
 
 
+def agreed_run_dir(run_dir: Path, dist: DistInfo) -> Path:
+    """Rank 0's run directory, for every rank. Each process resolves ``hydra.run.dir`` itself, and
+    the default holds the time to the microsecond: under torchrun or srun (without submitit) the
+    ranks would otherwise write checkpoints into different folders and, on a restart, some would
+    resume while others start over."""
+    if dist.world_size == 1:
+        return run_dir
+    chosen = [str(run_dir)]
+    tdist.broadcast_object_list(chosen, src=0, device=dist.device)
+    if chosen[0] != str(run_dir):
+        print(f"rank {dist.rank}: the run directory is rank 0's, {chosen[0]} (this process "
+              f"resolved hydra.run.dir to {run_dir})", flush=True)
+        with contextlib.suppress(OSError):  # what Hydra wrote there before training started
+            shutil.rmtree(run_dir / ".hydra")
+            for log in run_dir.glob("*.log"):
+                log.unlink()
+            run_dir.rmdir()
+    return Path(chosen[0])
+
+
 def barrier_of(dist: DistInfo):
     return tdist.barrier if dist.world_size > 1 else (lambda: None)
 
@@ -217,7 +238,7 @@ def start_attempt(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> ResumeDecis
 def run_directory(cfg: DictConfig, run_dir: Path, dist: DistInfo):
     """The run directory of one attempt, from the config's checks to ``status.json``'s last word:
     completed, interrupted (SIGTERM, Ctrl-C) or failed (every rank records its own failure)."""
-    run_dir = Path(run_dir)
+    run_dir = agreed_run_dir(Path(run_dir), dist)
     if dist.world_size > 1 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # A launcher stops the other ranks with SIGTERM when one fails: end through the except
         # clause below (or, while blocked in a collective, through rank 0's watch thread)
