@@ -98,6 +98,25 @@ def test_generation_is_split_into_calls_of_at_most_max_seqs():
     assert capped.responses() == whole.responses() and capped.example_index == whole.example_index
 
 
+def test_a_prompts_samples_are_split_when_the_cap_is_below_them():
+    """eval.max_seqs_per_generate below the samples per prompt used to be ignored (a prompt's 16 samples went to
+    one call whatever the cap): the Llama overlay's cap of 8 did nothing. The calls now hold at most the cap, and
+    the rollouts do not depend on it (greedy, prompt by prompt, samples in order)."""
+    tok = load_tokenizer("embedded://student")
+    model = load_model("embedded://student", torch.float32, "student")
+    prompts = [tok(p)["input_ids"] for p in ("12+34-5=", "7+8-9=")]
+    outs = {}
+    for cap in (None, 5, 3, 1):
+        calls = []
+        hook = model.register_forward_pre_hook(  # every forward: the sequences of its call
+            lambda m, args, kwargs, calls=calls: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        outs[cap] = hf_generate(model, tok, prompts, n=5, temperature=0.0, max_new_tokens=20, max_seqs_per_call=cap)
+        hook.remove()
+        assert max(calls) <= (cap or 10), (cap, calls)
+        assert outs[cap].example_index == [0] * 5 + [1] * 5
+    assert all(o.responses() == outs[None].responses() for o in outs.values())
+
+
 def test_rollouts_of_a_checkpointed_model_in_training_mode_are_its_greedy_answers():
     """With activation checkpointing in training mode transformers drops the KV cache and then feeds the model
     only its newest token: rollouts were 40 tokens of garbage. Generation runs in eval mode."""

@@ -165,6 +165,16 @@ def plain_sampling(model):
         model.train(was_training)
 
 
+def generate_calls(prompt_ids: list[list[int]], n: int, cap: int | None):
+    """The ``generate`` calls that ``n`` samples of each prompt take under a cap of ``cap``
+    sequences per call: (prompts, samples of each) in order, prompt by prompt, a prompt's samples
+    split over calls when ``n`` is above the cap."""
+    if cap is None or cap >= n:
+        per_call = len(prompt_ids) if cap is None else cap // n
+        return [(prompt_ids[i:i + per_call], n) for i in range(0, len(prompt_ids), per_call)]
+    return [([p], min(cap, n - start)) for p in prompt_ids for start in range(0, n, cap)]
+
+
 @torch.no_grad()
 def hf_generate(
     model,
@@ -182,10 +192,9 @@ def hf_generate(
     from the model's distribution with only these options (see ``plain_sampling``).
 
     ``max_seqs_per_call`` caps the sequences (prompts x n) of one ``generate`` call, whose KV cache
-    grows with sequences x tokens; prompts are split over as many calls as needed (at least one
-    prompt per call). Under ``synced_gpus`` every rank must make the same number of calls: give
-    every rank the same number of prompts."""
-    per_call = len(prompt_ids) if max_seqs_per_call is None else max(1, max_seqs_per_call // n)
+    grows with sequences x tokens: prompts are split over as many calls as needed, and a prompt's
+    own samples too when n is above the cap. Under ``synced_gpus`` every rank must make the same
+    number of calls: give every rank the same number of prompts."""
     stops = eos_ids(model, tokenizer)
     # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its
     # top-k of 50).
@@ -194,9 +203,9 @@ def hf_generate(
         else dict(do_sample=False)
     responses = []
     with plain_sampling(model):
-        for start in range(0, len(prompt_ids), per_call):
-            responses += _generate_once(model, tokenizer, prompt_ids[start:start + per_call], n,
-                                        max_new_tokens, stops, synced_gpus, sampling)
+        for prompts, k in generate_calls(prompt_ids, n, max_seqs_per_call):
+            responses += _generate_once(model, tokenizer, prompts, k, max_new_tokens, stops,
+                                        synced_gpus, sampling)
     repeated = [p for p in prompt_ids for _ in range(n)]
     return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)],
                 tokenizer.pad_token_id)
