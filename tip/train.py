@@ -60,8 +60,7 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
             rollouts = parts.rollout.generate(prompt_ids, seed,
                                               prompt_seeds(cfg.seed, step, indices), chosen)
             t_gen = time.time() - t0
-            # Selection draws from its own stream, seeded per step: a resumed run
-            # draws what it would have.
+            # Selection has its own stream, seeded per step: a resumed run draws what it would have.
             generator = torch.Generator(device=dist.device).manual_seed(seed + 2**40)
             keep = keep_at(step, cfg.train.steps, cfg.keep, **cfg.keep_schedule)
             record = bool(cfg.train.token_log_every) and (step + 1) % cfg.train.token_log_every == 0
@@ -69,8 +68,7 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
                               dist, generator, keep, teacher_prompts, parts.tokenizer.pad_token_id,
                               record)
             metrics = {**result.metrics, "keep": keep, **episode_log(rollouts, dist)}
-            # nothing was applied: the student, optimizer and schedule are as before
-            if result.skipped:
+            if result.skipped:  # nothing was applied: student, optimizer and schedule as before
                 skipped_in_a_row = log_skipped(cfg, parts, run, dist, step, result,
                                                skipped_in_a_row, t0)
                 continue
