@@ -7,6 +7,7 @@ a block's tail shorter than a chunk header is padding. Each assembled record is 
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -15,7 +16,24 @@ BLOCK = 32 * 1024
 HEADER = 7
 
 
-def records(path: Path) -> list:
+def records(path: Path, wait_s: float = 60.0) -> list:
+    """The run file's records once it is complete. wandb buffers the file and writes it from its own core process
+    (wandb/wandb#9525: an offline run's file is empty while it runs); here, read right after ``run.finish()`` on a
+    loaded machine, a file once lacked its exit record and once its run record. So this waits, up to ``wait_s``,
+    for the exit record every finished run writes; then it returns what is there, and the caller's assertion says
+    what is missing."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            out = _read_records(path)
+        except Exception:  # a record still half written
+            out = []
+        if any(r.WhichOneof("record_type") == "exit" for r in out) or time.monotonic() > deadline:
+            return out if out else _read_records(path)
+        time.sleep(0.5)
+
+
+def _read_records(path: Path) -> list:
     data = path.read_bytes()
     assert data[:4] == b":W&B", data[:7]
     out, pending, pos = [], b"", HEADER
