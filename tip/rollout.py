@@ -94,9 +94,8 @@ def aligned_targets(student: RolloutBatch, teacher: RolloutBatch) -> torch.Tenso
                          "tokens per row")
     index = torch.full((s_mask.numel(),), -1, dtype=torch.long, device=s_mask.device)
     # nonzero() walks rows in order and positions in order within a row, on both sides alike.
-    positions = (m.reshape(-1).nonzero(as_tuple=True)[0] for m in (s_mask, t_mask))
-    s_positions, t_positions = positions
-    index[s_positions] = t_positions
+    index[s_mask.reshape(-1).nonzero(as_tuple=True)[0]] = \
+        t_mask.reshape(-1).nonzero(as_tuple=True)[0]
     return index
 
 
@@ -165,6 +164,14 @@ def plain_sampling(model):
         model.train(was_training)
 
 
+def sampling_kwargs(temperature: float, top_p: float, top_k: int) -> dict:
+    """``generate``'s sampling options: temperature 0 is greedy. top_k=0 and top_p=1.0 switch those
+    warpers off (None would let transformers fill in its top-k of 50)."""
+    if temperature > 0:
+        return dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    return dict(do_sample=False)
+
+
 def generate_calls(prompt_ids: list[list[int]], n: int, cap: int | None):
     """The ``generate`` calls that ``n`` samples of each prompt take under a cap of ``cap``
     sequences per call: (prompts, samples of each) in order, prompt by prompt, a prompt's samples
@@ -196,11 +203,7 @@ def hf_generate(
     own samples too when n is above the cap. Under ``synced_gpus`` every rank must make the same
     number of calls: give every rank the same number of prompts."""
     stops = eos_ids(model, tokenizer)
-    # top_k=0 and top_p=1.0 switch those warpers off (None would let transformers fill in its
-    # top-k of 50).
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
-                    top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False)
+    sampling = sampling_kwargs(temperature, top_p, top_k)
     responses = []
     with plain_sampling(model):
         for prompts, k in generate_calls(prompt_ids, n, max_seqs_per_call):
@@ -256,9 +259,7 @@ def hf_turns(model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, top
     """A turn generator (``tip.env.TurnGenerator``) over transformers' ``generate``: one call per
     round over every running episode (in pieces of ``max_seqs_per_call``), sampling as
     ``hf_generate`` does from the global stream the caller seeds (per-context seeds are vLLM's)."""
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p,
-                    top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False)
+    sampling = sampling_kwargs(temperature, top_p, top_k)
     stops = eos_ids(model, tokenizer)
 
     def generate_turn(contexts, seeds, max_new_tokens):

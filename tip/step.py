@@ -215,8 +215,7 @@ def nonfinite_signals(entropy: torch.Tensor, divergence: torch.Tensor) -> str:
     bad_d = int((~torch.isfinite(divergence)).sum())
     if bad_h:
         return (f"the student's logits (scoring pass: entropy non-finite at {bad_h} of "
-                f"{entropy.numel()} "
-                "tokens)")
+                f"{entropy.numel()} tokens)")
     if bad_d:
         return (f"the teacher's logits (scoring pass: divergence non-finite at {bad_d} of "
                 f"{divergence.numel()} tokens where the student's entropy is finite)")
@@ -333,28 +332,22 @@ def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
 
 
-def applied_grad_norm(engine, loss: float) -> float | None:
-    """The step's gradient norm before clipping; raises ``NonFiniteStep`` when the engine applied a
-    non-finite update, returns NaN when it discarded one (the step is then skipped)."""
+def gradient_outcome(engine, loss: float) -> tuple[float | None, str]:
+    """The step's gradient norm before clipping, and why the engine discarded the update ('' when it
+    did not: the step is then skipped). Raises ``NonFiniteStep`` when the engine applied a
+    non-finite update."""
     raw = engine.get_global_grad_norm()  # GuardedAdamW's without ZeRO
     grad_norm = None if raw is None else float(raw.item() if torch.is_tensor(raw) else raw)
     if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
-        return grad_norm
+        return grad_norm, ""
     what = "loss" if not math.isfinite(loss) else "gradient norm"
-    # a non-finite gradient norm discards the update at every ZeRO stage
-    if not engine.was_step_applied():
-        raise _Discarded(f"the gradient pass (the {what} went non-finite: loss {loss}, gradient "
-                         "norm "
-                         f"{grad_norm}; the update was discarded)")
+    if not engine.was_step_applied():  # a non-finite norm discards the update at every ZeRO stage
+        return grad_norm, (f"the gradient pass (the {what} went non-finite: loss {loss}, gradient "
+                           f"norm {grad_norm}; the update was discarded)")
     raise NonFiniteStep(f"the {what} of the gradient pass went non-finite (loss {loss}, grad norm "
                         f"{grad_norm}) after finite signals, and the engine applied the update, so "
-                        "the weights "
-                        "may hold NaN/inf; stopping here (checkpoints saved before this step are "
-                        "intact)")
-
-
-class _Discarded(Exception):
-    """A step whose update the engine discarded: it is reported as skipped."""
+                        "the weights may hold NaN/inf; stopping here (checkpoints saved before "
+                        "this step are intact)")
 
 
 def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
@@ -431,10 +424,9 @@ def step_result(engine, micros: list[RolloutBatch], sig: TokenSignals, choice: C
                 record_tokens: bool) -> StepResult:
     sums, quad = reduce_step_sums(sig, choice.kept, choice.labels, loss_sum, dist, choice.weights)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
-    try:
-        grad_norm = applied_grad_norm(engine, totals["loss"])
-    except _Discarded as skipped:
-        return StepResult(clock.rounded(), skipped=str(skipped))
+    grad_norm, discarded = gradient_outcome(engine, totals["loss"])
+    if discarded:
+        return StepResult(clock.rounded(), skipped=discarded)
     result = StepResult(step_metrics(totals, quad, grad_norm, clock))
     if record_tokens:
         targets = pad_cat([m.targets for m in micros], sig.mask.shape[1])
