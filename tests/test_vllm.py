@@ -130,3 +130,44 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["kind"] == "train"]
     assert len(steps) == 2 and all(r["weight_sync_s"] >= 0 and r["episode/turns"] >= 1 for r in steps)
+
+
+def test_the_engine_reports_the_log_probabilities_the_trainer_computes(engine):
+    """Sampled at temperature 1 with the engine's log-probabilities asked for: they are the trainer's log P_S of the
+    same tokens (both fp32 here), so a gap in training means different weights, not a different formula."""
+    tok = load_tokenizer("embedded://student")
+    model = load_model("embedded://student", torch.float32, "student")
+    engine.load_weights(model)  # (an earlier test changed the engine's weights)
+    batch = engine.generate(tok, prompts(tok, 6), n=2, temperature=1.0, max_new_tokens=30,
+                            seeds=prompt_seeds(0, 0, list(range(6))), model=model, logprobs=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
+                                 -1)
+    trainer = logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)[batch.target_mask]
+    sampler = batch.sampler_target_logp[batch.target_mask]
+    assert sampler.numel() == int(batch.response_mask.sum()) and sampler.min() < -0.5  # real samples, not argmaxes
+    assert (trainer - sampler).abs().max() < 1e-3
+
+
+def test_a_skipped_weight_sync_stops_the_run(tmp_path, monkeypatch):
+    """With every sync sent, the engine's log-probabilities match the student's (gap ~1e-7 nats in fp32); with the sync
+    skipped after each step (the engine keeps the first weights), the gap grows and the run stops, saying why."""
+    from tip.rollout import OffPolicyRollouts
+    from tip.vllm_rollout import VllmRollout
+
+    overrides = ("experiment=smoke", "rollout=vllm", f"rollout.vllm_python={VLLM_PYTHON}", "logger=none",
+                 "train.save_final=false", "train.eval_before=false", "train.steps=3", "train.lr=1e-3",
+                 "rollout.max_logp_gap=0.003", "train.token_log_every=0")
+    train(compose_config(*overrides), tmp_path / "synced")
+    rows = [json.loads(line) for line in (tmp_path / "synced" / "metrics.jsonl").read_text().splitlines()]
+    gaps = [r["rollout/logp_gap"] for r in rows if r["kind"] == "train"]
+    assert len(gaps) == 3 and max(gaps) < 1e-5, gaps
+
+    monkeypatch.setattr(VllmRollout, "sync", lambda self: {})
+    with pytest.raises(OffPolicyRollouts, match=r"rollout.max_logp_gap=0.003"):
+        train(compose_config(*overrides), tmp_path / "stale")
+    rows = [json.loads(line) for line in (tmp_path / "stale" / "metrics.jsonl").read_text().splitlines()]
+    stale = [r["rollout/logp_gap"] for r in rows if r["kind"] == "train"]
+    assert stale[0] < 1e-5 and stale[-1] > 0.003, stale  # the first rollouts came from the weights trained
+    status = json.loads((tmp_path / "stale" / "status.json").read_text())
+    assert status["status"] == "failed" and "not sampling from the weights" in status["error"]

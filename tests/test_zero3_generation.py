@@ -39,3 +39,35 @@ def test_gathered_generation_samples_what_per_module_gathers_sample_and_training
     assert torch.equal(whole.input_ids, per_module.input_ids)
     assert whole_stats["loss"] > 0 and whole_stats["loss"] == module_stats["loss"]
 
+
+
+def zero3_coordinator(root):
+    """The ZeRO-3 parameter coordinator whose hooks are on ``root`` (the engine's root module)."""
+    import gc
+
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    (offload,) = [o for o in gc.get_objects() if isinstance(o, DeepSpeedZeRoOffload) and o.module is root]
+    return offload.get_param_coordinator()
+
+
+def test_the_zero3_teachers_trace_completes_like_the_students(tmp_path):
+    """DeepSpeed traces a ZeRO-3 module's parameter order from its root module's forward: the teacher, called
+    through its decoder alone, bypassed the root's hook and its trace stayed INVALID every step (no prefetch,
+    persistent parameters gathered on every call). Called through its root, it completes from the second step."""
+    cfg = compose_config("experiment=smoke", "logger=none", "engine=zero3", "train.prompts_per_step=4",
+                         "rollout.n=2", "train.micro_batch_size=2")
+    dist = init_distributed()
+    run = build_parts(cfg, dist, tmp_path)
+    try:
+        teacher, student = zero3_coordinator(run.teacher), zero3_coordinator(run.engine.module)
+        for step in range(3):
+            prompt_ids, _, indices = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
+            rollouts = run.rollout.generate(prompt_ids, step, prompt_seeds(cfg.seed, step, indices))
+            generator = torch.Generator(device=dist.device).manual_seed(step)
+            opd_step(run.step, run.engine, run.teacher, rollouts.to(dist.device), dist, generator, cfg.keep, None,
+                     run.tokenizer.pad_token_id)
+            assert not teacher.is_invalid_trace(), f"step {step + 1}: the teacher's trace is invalid"
+        assert teacher.is_complete_trace() and student.is_complete_trace()
+    finally:
+        release_engines(run.engine, run.teacher)

@@ -218,6 +218,9 @@ def check_rollout(ro) -> None:
             _need(ro[key] in ("auto", True, False), f"rollout.{key}", ro[key],
                   "expected auto, true or false")
         _number("rollout.sync_bucket_mb", ro.sync_bucket_mb, 0.0, math.inf, hi_open=True)
+        if ro.get("max_logp_gap") is not None:
+            _number("rollout.max_logp_gap", ro.max_logp_gap, 0.0, math.inf, lo_open=True,
+                    hi_open=True)
     _number("rollout.top_p", ro.top_p, 0.0, 1.0, lo_open=True)
 
 

@@ -180,11 +180,34 @@ def local_device_index(local_rank: int, device_count: int) -> int:
                        "its own")
 
 
+ALLOCATOR_SETTINGS = "expandable_segments:True"
+"""The trainer's CUDA caching allocator (``PYTORCH_CUDA_ALLOC_CONF``, unless the user set one):
+segments grow and shrink in place, so the memory a step frees is not stranded in blocks of the
+wrong size when vLLM wakes beside it (as the paper's release runs it). Never handed to the vLLM
+worker, whose sleep-mode pool manages its own memory."""
+ALLOCATOR_MARK = "TIP_SET_ALLOC_CONF"  # set when tip, not the user, chose the allocator settings
+
+
+def use_trainer_allocator(env=os.environ) -> None:
+    """Set ``ALLOCATOR_SETTINGS`` before CUDA starts, unless the user chose settings."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTINGS
+        env[ALLOCATOR_MARK] = "1"
+
+
+def worker_allocator_env(env: dict) -> dict:
+    """A child process's environment without the allocator settings tip chose for the trainer."""
+    if env.get(ALLOCATOR_MARK):
+        env = {k: v for k, v in env.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_MARK)}
+    return env
+
+
 def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """The process group (NCCL on GPUs, gloo on CPU). ``timeout_s`` bounds how long a collective
     waits for a rank that never joins (None: DeepSpeed's default, 30 minutes); the first call in a
     process sets it."""
     prepare_process_env()
+    use_trainer_allocator()  # before anything starts CUDA
     import deepspeed
 
     cuda = torch.cuda.is_available()

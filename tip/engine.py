@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tip.checkpoint import atomic_dir
+from tip.models import HiddenStatesLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *DTYPES)  # auto: bf16 on GPU, fp32 on CPU
@@ -106,17 +107,20 @@ def build_student_engine(model, ds_config: dict, optimizer, scheduler):
     return engine
 
 
-def build_teacher_engine(model, ds_config: dict):
+def build_teacher_engine(model, ds_config: dict) -> HiddenStatesLM:
     """A frozen teacher under the same ZeRO stage (so a 70B teacher is sharded too), without
-    optimizer."""
+    optimizer. Wrapped like the student (``HiddenStatesLM``, the engine's root module): its forward
+    returns hidden states, so every teacher forward enters through the root's hooks and DeepSpeed's
+    trace of the teacher completes (prefetching, persistent parameters kept)."""
     import deepspeed
 
     model.requires_grad_(False)
+    wrapped = HiddenStatesLM(model).eval()
     if ds_config["zero_optimization"].get("stage", 0) != 3:
         # stages 0-2 shard only optimizer state and gradients: a frozen model just sits on
         # the device
-        return model
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        return wrapped
+    engine, *_ = deepspeed.initialize(model=wrapped, config=ds_config)
     engine.module.eval()
     return engine.module
 

@@ -30,6 +30,7 @@ from tip.signals import (
     log_probs,
     row_signals,
     softcap,
+    token_log_probs,
 )
 
 DENOMINATORS = ("auto", "kept", "all", "weight")
@@ -49,6 +50,8 @@ class FusedDivergence:
     per_row: torch.Tensor  # (K,) the rows' divergences, detached
     # (len(SIGNAL_ROWS), K): tip.signals.row_signals of the rows (detached), if asked
     signals: torch.Tensor | None
+    # (K,) log P_S of each row's token, if tokens were given
+    target_logp: torch.Tensor | None = None
 
 
 class _FusedHeadDivergence(torch.autograd.Function):
@@ -61,13 +64,15 @@ class _FusedHeadDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_rows, kind, beta, chunk_size, cap, with_signals,
-                before_accumulate, row_weights):
+                before_accumulate, row_weights, targets):
         rows = hidden.shape[0]
         per_row = torch.zeros(rows, dtype=torch.promote_types(hidden.dtype, torch.float32),
                               device=hidden.device)
         total = torch.zeros((), dtype=per_row.dtype, device=hidden.device)  # the (weighted) sum
         signals = torch.zeros(len(SIGNAL_ROWS), rows, dtype=torch.float32, device=hidden.device) \
             if with_signals else None
+        target_logp = None if targets is None else \
+            torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
         # The weight and bias gradients are summed over chunks in (at least) fp32 and rounded to the
@@ -95,6 +100,8 @@ class _FusedHeadDivergence(torch.autograd.Function):
                                               else None,
                                               forward=div.detach() if kind == "forward_kl"
                                               else None)
+            if target_logp is not None:
+                target_logp[idx] = token_log_probs(logp_s.detach(), targets[idx])
             if grad_hidden is not None:
                 grad_hidden[idx] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
@@ -104,7 +111,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.before_accumulate = before_accumulate
-        outputs = [total, per_row] + ([signals] if signals is not None else [])
+        outputs = [total, per_row] + [x for x in (signals, target_logp) if x is not None]
         ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
@@ -122,7 +129,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
                                                     * grad_total.to(grad_bias.dtype)).to(bias_dtype)
         if ctx.before_accumulate is not None:
             ctx.before_accumulate()
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return (grad_hidden, grad_weight, grad_bias, *[None] * 9)
 
 
 def fused_divergence_sum(
@@ -138,6 +145,7 @@ def fused_divergence_sum(
     with_signals: bool = False,
     before_accumulate=None,
     row_weights: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> FusedDivergence:
     """Sum of the divergences of K rows, from the student's hidden states ``hidden`` (K, H) and
     output layer (``weight`` (V, H), ``bias``, optional final-logit ``softcap``), differentiable
@@ -153,7 +161,8 @@ def fused_divergence_sum(
     ``before_accumulate()``, if given, is called at the end of backward, before autograd accumulates
     the returned gradients into ``weight`` and ``bias`` (ZeRO-3 makes an untied layer whole there).
     ``row_weights`` (K,), taken as constants: the sum is then sum_i w_i div_i, and so are its
-    gradients (a weighting rule's per-token weights); ``per_row`` stays unweighted.
+    gradients (a weighting rule's per-token weights); ``per_row`` stays unweighted. ``targets``
+    (K,): also log P_S of each row's token (``target_logp``).
     """
     # apply() runs inside gather(): autograd takes a parameter's shape from its first use in a
     # graph, and an output layer that no decoder module uses (untied) would otherwise be first used
@@ -161,8 +170,12 @@ def fused_divergence_sum(
     with gather():
         out = _FusedHeadDivergence.apply(hidden, weight, bias, teacher, kind, beta, chunk_size,
                                          softcap, with_signals, before_accumulate,
-                                         None if row_weights is None else row_weights.detach())
-    return FusedDivergence(total=out[0], per_row=out[1], signals=out[2] if with_signals else None)
+                                         None if row_weights is None else row_weights.detach(),
+                                         targets)
+    rest = list(out[2:])
+    return FusedDivergence(total=out[0], per_row=out[1],
+                           signals=rest.pop(0) if with_signals else None,
+                           target_logp=rest.pop(0) if targets is not None else None)
 
 
 def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denominator: str,

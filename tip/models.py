@@ -114,7 +114,12 @@ def check_vocab(tokenizer, student_width: int, teacher_width: int, rule: str) ->
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states (B, T, H) of a causal LM without running its output head."""
+    """Final hidden states (B, T, H) of a causal LM without running its output head. A
+    ``HiddenStatesLM`` (the frozen teacher) is called through its own forward: as the root of a
+    ZeRO-3 engine, its hooks start each of DeepSpeed's traces (a call to the decoder alone bypasses
+    them, so the trace never completes: no prefetch, persistent parameters gathered again)."""
+    if isinstance(model, HiddenStatesLM):
+        return model(input_ids, attention_mask)
     out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
@@ -134,6 +139,17 @@ class HiddenStatesLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return hidden_states(self.lm, input_ids, attention_mask)
+
+    # What tip reads of a model beside its forward, so that a wrapped teacher is used as the model.
+    @property
+    def config(self):
+        return self.lm.config
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def get_input_embeddings(self):
+        return self.lm.get_input_embeddings()
 
 
 def final_logit_softcap(model) -> float | None:

@@ -25,11 +25,17 @@ length):
 - rollouts, on top: vLLM's reservation (``rollout.gpu_memory_utilization`` of the GPU) or, with HF
   generate, the student gathered whole (ZeRO-3) and its KV cache; evaluation likewise with the
   evaluation's settings;
-- on CUDA a fixed ``CUDA_RUNTIME_GB`` (context, NCCL, cuBLAS workspaces), which no config gives.
+- on CUDA a fixed ``CUDA_RUNTIME_GB`` (context, NCCL, cuBLAS workspaces), which no config gives,
+  and with rollout=vllm the worker's own process (``VLLM_PROCESS_GB``: a second CUDA context and
+  what sleep keeps), held in every phase.
 
-The peak is resident + the largest phase + runtime. tip.plan says a run fits when that is at most
-``FIT_FRACTION`` of the GPU (the allocator's fragmentation takes the rest). Checked against measured
-CPU peaks in docs/performance.md ("tip.plan against measured peaks").
+Two processes share the GPU with rollout=vllm: the trainer returns its cached blocks before every
+wake-up of the engine (``torch.cuda.empty_cache``), so during a rollout it holds its resident state
+and the engine its ``gpu_memory_utilization`` share; the engine sleeps from its start, so in every
+other phase it holds only its process's context (with ``rollout.sleep=false`` its share is resident
+through the run). The peak is resident + the largest phase + runtime. tip.plan says a run fits
+when that is at most ``FIT_FRACTION`` of the GPU (the allocator's fragmentation takes the rest).
+Checked against measured CPU peaks in docs/performance.md ("tip.plan against measured peaks").
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ the divergence's intermediates and its gradient; the measurement: docs/performan
 CUDA_RUNTIME_GB = 2.0
 """CUDA context, NCCL communicators and cuBLAS workspaces per GPU: not in any config (typically 1-3
 GB)."""
+VLLM_PROCESS_GB = 1.0
+"""The vLLM worker's process beside the trainer's: its CUDA context and the buffers a level-1 sleep
+keeps (its weights go to the host, its KV cache is freed), held awake or asleep."""
 FIT_FRACTION = 0.9
 # the paper's maximum prompt length (Table 9), where the prompts cannot be measured
 PAPER_PROMPT_TOKENS = 2048
@@ -261,6 +270,9 @@ def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, 
              + generation_items(run, student, gpu_bytes))
     if on_cuda:
         items.append(Item("runtime", "CUDA context, NCCL, cuBLAS (fixed)", CUDA_RUNTIME_GB * GB))
+        if run.backend == "vllm":
+            items.append(Item("runtime", "vLLM worker's process: its CUDA context (any phase)",
+                              VLLM_PROCESS_GB * GB))
     notes = []
     if run.offload_optimizer or run.offload_param:
         host = sum(i.bytes for i in items if i.host)

@@ -29,6 +29,9 @@ class RolloutBatch:
     example_index: list[int]  # which prompt each rollout answers
     # multi-turn rollouts: tip.env.EPISODE_SUMS of this batch's episodes
     info: list[float] | None = None
+    # (B, L) fp32: the rollout engine's log-probability of each response token it sampled (0
+    # elsewhere), when the engine reports them (rollout=vllm, single-turn); checks its weights
+    sampler_logp: torch.Tensor | None = None
 
     # The response shift: position t predicts token t+1, so a batch's L positions give L-1
     # predictions. These two and ``tip.step.response_rows`` (the hidden states) are its only places.
@@ -42,6 +45,11 @@ class RolloutBatch:
     def targets(self) -> torch.Tensor:
         """(B, L-1): the token each position predicts."""
         return self.input_ids[:, 1:]
+
+    @property
+    def sampler_target_logp(self) -> torch.Tensor | None:
+        """(B, L-1): the engine's log-probability of the token each position predicts."""
+        return None if self.sampler_logp is None else self.sampler_logp[:, 1:]
 
     def responses(self) -> list[list[int]]:
         """The student's tokens of each rollout (without any environment tokens between its
@@ -61,7 +69,7 @@ class RolloutBatch:
     def to(self, device) -> RolloutBatch:
         return RolloutBatch(self.input_ids.to(device), self.attention_mask.to(device),
                             self.response_mask.to(device), self.prompt_lengths, self.example_index,
-                            self.info)
+                            self.info, _to(self.sampler_logp, device))
 
     def split(self, size: int) -> list[RolloutBatch]:
         """Micro-batches of ``size`` rollouts."""
@@ -72,8 +80,14 @@ class RolloutBatch:
             width = int(self.attention_mask[sl].sum(-1).max())
             out.append(RolloutBatch(self.input_ids[sl, :width], self.attention_mask[sl, :width],
                                     self.response_mask[sl, :width], self.prompt_lengths[sl],
-                                    self.example_index[sl], self.info))
+                                    self.example_index[sl], self.info,
+                                    None if self.sampler_logp is None
+                                    else self.sampler_logp[sl, :width]))
         return out
+
+
+def _to(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def with_prompts(batch: RolloutBatch, prompt_ids: list[list[int]], pad_id: int) -> RolloutBatch:
@@ -99,6 +113,26 @@ def aligned_targets(student: RolloutBatch, teacher: RolloutBatch) -> torch.Tenso
     return index
 
 
+class OffPolicyRollouts(RuntimeError):
+    """The rollout engine does not sample from the weights being trained."""
+
+
+def check_logp_gap(metrics: dict, limit: float | None, step: int) -> None:
+    """Stop the run when the engine's log-probabilities of its own samples differ from the trainer's
+    log P_S of the same tokens by more than ``limit`` nats per token on average
+    (``rollout/logp_gap``; ``rollout.max_logp_gap``, None: no check)."""
+    gap = metrics.get("rollout/logp_gap")
+    if limit is None or gap is None or gap <= limit:
+        return
+    raise OffPolicyRollouts(
+        f"step {step}: the rollout engine's log-probabilities of the tokens it sampled differ from "
+        f"the student's by {gap:.4g} nats per token on average (rollout.max_logp_gap={limit}): "
+        "the engine is not sampling from the weights being trained (a weight sync skipped or "
+        "loaded under wrong names, a sleep level that dropped the weights, a tied output layer "
+        "loaded twice) and every later step would train on off-policy samples; stopping (this "
+        "step was applied; checkpoints saved before it are intact)")
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = ids if isinstance(ids, (list, tuple)) else [ids]
@@ -121,9 +155,11 @@ def seed_of(*parts) -> int:
 
 def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index: list[int],
          pad_id: int, student_masks: list[list[bool]] | None = None,
-         info: list[float] | None = None) -> RolloutBatch:
+         info: list[float] | None = None,
+         sampler_logps: list[list[float]] | None = None) -> RolloutBatch:
     """Right-padded prompt+response rows with their masks. ``student_masks`` (one per response):
-    which response tokens are the student's (default: all)."""
+    which response tokens are the student's (default: all). ``sampler_logps`` (one per response):
+    the engine's log-probability of each response token."""
     rows = [p + r for p, r in zip(prompt_ids, responses)]
     width = max(map(len, rows))
     # Built on the host from Python lists; the trainer moves the batch to its device in one copy.
@@ -135,7 +171,12 @@ def pack(prompt_ids: list[list[int]], responses: list[list[int]], example_index:
         att[i, : len(p) + len(r)] = 1
         resp[i, len(p): len(p) + len(r)] = True if student_masks is None else \
             torch.tensor(student_masks[i], dtype=torch.bool, device="cpu")
-    return RolloutBatch(ids, att, resp, [len(p) for p in prompt_ids], example_index, info)
+    logp = None
+    if sampler_logps is not None:
+        logp = torch.zeros((len(rows), width), dtype=torch.float32, device="cpu")
+        for i, (p, lp) in enumerate(zip(prompt_ids, sampler_logps)):
+            logp[i, len(p): len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32, device="cpu")
+    return RolloutBatch(ids, att, resp, [len(p) for p in prompt_ids], example_index, info, logp)
 
 
 @contextmanager
@@ -246,8 +287,9 @@ class HFRollout:
             yield generate_turn
 
 
-    def sync(self) -> None:
-        """The student is the model: nothing to send."""
+    def sync(self) -> dict:
+        """The student is the model: nothing to send, nothing measured."""
+        return {}
 
     def close(self) -> None:
         pass

@@ -136,6 +136,8 @@ class TokenSignals:
                  asked for
     top1:        optional (4, B, T): ``TOP1_FIELDS``, each model's most likely next token and its
                  probability
+    sampled_logp: log P_S of the token the rollout holds at each position (the check of the
+                 rollout engine's weights), when asked
     """
 
     entropy: torch.Tensor
@@ -145,26 +147,29 @@ class TokenSignals:
     teacher_entropy: torch.Tensor | None = None
     jsd: torch.Tensor | None = None
     top1: torch.Tensor | None = None
+    sampled_logp: torch.Tensor | None = None
 
     @property
     def num_valid(self) -> int:
         return int(self.mask.sum())
 
     @classmethod
-    def from_flat(cls, values: torch.Tensor, mask: torch.Tensor,
-                  with_jsd: bool = False) -> TokenSignals:
+    def from_flat(cls, values: torch.Tensor, mask: torch.Tensor, with_jsd: bool = False,
+                  with_sampled: bool = False) -> TokenSignals:
         """From ``values`` (len(SIGNAL_ROWS), B*T) in ``row_signals`` order, zero at invalid
-        positions, and the (B, T) mask; then the ``jsd_rows`` row (``with_jsd``) and ``top1_rows``
-        when there are more rows."""
+        positions, and the (B, T) mask; then the ``jsd_rows`` row (``with_jsd``), the sampled
+        tokens' log P_S (``with_sampled``) and ``top1_rows`` when there are more rows."""
         mask = mask.bool()
         n = len(SIGNAL_ROWS)
         h, rkl, fkl, h_teacher = (x.view(mask.shape) for x in values[:n])
         jsd_row = values[n].view(mask.shape).clamp(0, 1) if with_jsd else None
         n += int(with_jsd)
+        sampled = values[n].view(mask.shape) if with_sampled else None
+        n += int(with_sampled)
         top1 = values[n:].view(-1, *mask.shape) if values.shape[0] > n else None
         # Rounding can make a KL a hair below 0 for identical rows; KL >= 0 by definition.
         return cls(entropy=h, reverse_kl=rkl.clamp_min(0), forward_kl=fkl.clamp_min(0), mask=mask,
-                   teacher_entropy=h_teacher, jsd=jsd_row, top1=top1)
+                   teacher_entropy=h_teacher, jsd=jsd_row, top1=top1, sampled_logp=sampled)
 
 
 SIGNAL_ROWS = ("entropy", "reverse_kl", "forward_kl", "teacher_entropy")
@@ -200,6 +205,11 @@ def jsd_rows(logp_student: torch.Tensor, logp_teacher: torch.Tensor,
                             signals[SIGNAL_ROWS.index("teacher_entropy")])
     return ((h_mixture.float() - 0.5 * log_v * (h_student + h_teacher))
             / math.log(2.0)).clamp_min(0)
+
+
+def token_log_probs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32: each row's log-probability of its token."""
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1).float()
 
 
 TOP1_FIELDS = ("student_top_id", "student_top_p", "teacher_top_id", "teacher_top_p")
@@ -243,6 +253,7 @@ def token_signals(
     chunk_size: int = 512,
     with_top1: bool = False,
     with_jsd: bool = False,
+    targets: torch.Tensor | None = None,
 ) -> TokenSignals:
     """Entropy and both KL directions at every valid position, computed chunk by chunk without
     gradient.
@@ -251,22 +262,27 @@ def token_signals(
     B*T flat positions as ``mask`` (bool, shape (B, T)). Only valid positions are ever projected or
     soft-maxed. ``with_top1``: also each model's most likely token and its probability
     (``TokenSignals.top1``). ``with_jsd``: also the normalised symmetric JSD (``TokenSignals.jsd``;
-    only the rules that read it pay for it).
+    only the rules that read it pay for it). ``targets`` (B, T): also log P_S of these tokens
+    (``TokenSignals.sampled_logp``).
     """
     mask = mask.bool()
     flat_valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
-    n = len(SIGNAL_ROWS)
-    out = torch.zeros(n + int(with_jsd) + (len(TOP1_FIELDS) if with_top1 else 0), mask.numel(),
+    n, with_sampled = len(SIGNAL_ROWS), targets is not None
+    extra = int(with_jsd) + int(with_sampled)
+    out = torch.zeros(n + extra + (len(TOP1_FIELDS) if with_top1 else 0), mask.numel(),
                       dtype=torch.float32, device=mask.device)
+    flat_targets = None if targets is None else targets.reshape(-1)
     for idx in chunks(flat_valid, chunk_size):
         s_logits, t_logits = common_vocab(student(idx), teacher(idx))
         logp_s, logp_t = log_probs(s_logits), log_probs(t_logits)
         out[:n, idx] = row_signals(logp_s, logp_t)
         if with_jsd:
             out[n, idx] = jsd_rows(logp_s, logp_t, out[:n, idx])
+        if with_sampled:
+            out[n + int(with_jsd), idx] = token_log_probs(logp_s, flat_targets[idx])
         if with_top1:
-            out[n + int(with_jsd):, idx] = top1_rows(logp_s, logp_t)
-    return TokenSignals.from_flat(out, mask, with_jsd)
+            out[n + extra:, idx] = top1_rows(logp_s, logp_t)
+    return TokenSignals.from_flat(out, mask, with_jsd, with_sampled)
 
 
 def signals_from_logits(

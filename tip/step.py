@@ -142,7 +142,8 @@ class ScoredMicro:
 
 def head_divergence(s: StepSettings, student, teacher, student_rows: torch.Tensor,
                     teacher_rows: torch.Tensor, with_signals: bool = False,
-                    row_weights: torch.Tensor | None = None) -> FusedDivergence:
+                    row_weights: torch.Tensor | None = None,
+                    targets: torch.Tensor | None = None) -> FusedDivergence:
     """The divergence summed over rows whose final hidden states are given (the student's with
     gradient, the teacher's without), each row projected once per output layer; both layers gathered
     once (ZeRO-3)."""
@@ -151,7 +152,8 @@ def head_divergence(s: StepSettings, student, teacher, student_rows: torch.Tenso
         student_rows, head.weight, head.bias, lambda i: head_logits_raw(teacher, teacher_rows[i]),
         s.divergence, s.beta, s.chunk_size, softcap=final_logit_softcap(student),
         gather=lambda: gathered_heads(student, teacher), with_signals=with_signals,
-        before_accumulate=lambda: whole_until_accumulated(student), row_weights=row_weights)
+        before_accumulate=lambda: whole_until_accumulated(student), row_weights=row_weights,
+        targets=targets)
 
 
 def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
@@ -164,8 +166,10 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
     gradient pass then reuses; or None, for a scoring forward of ``student`` without gradient. With
     a shared forward and ``keeps_all``, the loss's own chunk loop yields the signals (no separate
     scoring loop). ``with_top1``: each model's top token too; ``with_jsd``: the JSD signal too (a
-    rule that reads it; ``Rule.needs``)."""
-    index = aligned_targets(micro, teacher_view)  # student target position -> the teacher's
+    rule that reads it; ``Rule.needs``). Rollouts that carry the engine's log-probabilities get
+    the student's log P_S of the same tokens (``TokenSignals.sampled_logp``)."""
+    index = aligned_targets(micro, teacher_view)
+    check = micro.sampler_logp is not None  # student target position -> the teacher's
     mask = micro.target_mask
     valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
     with torch.no_grad():
@@ -176,12 +180,15 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
         s_flat = response_rows(forward(micro.input_ids, micro.attention_mask))
         if keeps_all and not with_top1:  # (a step that keeps every token selects nothing: no JSD)
             fused = head_divergence(s, student, teacher, s_flat[valid], teacher_rows,
-                                    with_signals=True)
-            per_position = torch.zeros(len(SIGNAL_ROWS), mask.numel(), dtype=torch.float32,
-                                       device=mask.device)
-            per_position[:, valid] = fused.signals
-            return ScoredMicro(TokenSignals.from_flat(per_position, mask), teacher_rows, None,
-                               fused)
+                                    with_signals=True,
+                                    targets=micro.targets.reshape(-1)[valid] if check else None)
+            per_position = torch.zeros(len(SIGNAL_ROWS) + int(check), mask.numel(),
+                                       dtype=torch.float32, device=mask.device)
+            per_position[:len(SIGNAL_ROWS), valid] = fused.signals
+            if check:
+                per_position[-1, valid] = fused.target_logp
+            return ScoredMicro(TokenSignals.from_flat(per_position, mask, with_sampled=check),
+                               teacher_rows, None, fused)
         scoring_rows = s_flat.detach()
     else:
         with torch.no_grad():
@@ -192,14 +199,16 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
     with torch.no_grad(), gathered_heads(student, teacher):
         signals = token_signals(lambda i: head_logits_raw(student, scoring_rows[i]),
                                 lambda i: head_logits_raw(teacher, t_flat[index[i]]), mask,
-                                s.chunk_size, with_top1, with_jsd)
+                                s.chunk_size, with_top1, with_jsd,
+                                micro.targets if check else None)
     return ScoredMicro(signals, teacher_rows, s_flat if forward is not None else None)
 
 
 def merged_signals(scored: list[ScoredMicro], with_top1: bool) -> TokenSignals:
     """The micro-batches' signals as one (B, T) batch, right-padded to the widest."""
     width = max(m.signals.mask.shape[1] for m in scored)
-    fields = (*SIGNAL_ROWS, "mask", *(["jsd"] if scored[0].signals.jsd is not None else []))
+    fields = (*SIGNAL_ROWS, "mask", *(["jsd"] if scored[0].signals.jsd is not None else []),
+              *(["sampled_logp"] if scored[0].signals.sampled_logp is not None else []))
     top1 = torch.cat([F.pad(m.signals.top1, (0, width - m.signals.top1.shape[-1])) for m in scored],
                      dim=1) if with_top1 else None
     return TokenSignals(**{f: pad_cat([getattr(m.signals, f) for m in scored],
@@ -312,14 +321,16 @@ def _per_micro(scored: list[ScoredMicro], choice: Choice):
 # ------------------------------------------------------------------------------------------------
 
 STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "sum_h_teacher",
-             "sum_w", "sum_w2", "loss")
+             "sum_w", "sum_w2", "loss", "sum_logp_gap", "logp_gap_tokens")
 
 
 def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor,
                      loss_sum: torch.Tensor, dist: DistInfo,
-                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     weights: torch.Tensor | None = None,
+                     sampler_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``.
-    Device tensors throughout (what NCCL needs), with no host synchronisation."""
+    Device tensors throughout (what NCCL needs), with no host synchronisation. ``sampler_logp``
+    (B, T): the rollout engine's log-probabilities of the tokens, compared with the student's."""
     m = sig.mask.bool()
     kept_valid = kept.bool() & m
     w = kept_valid.double() if weights is None else torch.where(kept_valid, weights.double(), 0.0)
@@ -327,9 +338,21 @@ def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor
                          *(torch.where(m, x, 0.0).double().sum()
                            for x in (sig.entropy, sig.reverse_kl, sig.forward_kl,
                                      sig.teacher_entropy)),
-                         w.sum(), w.square().sum(), loss_sum.double()])
+                         w.sum(), w.square().sum(), loss_sum.double(),
+                         *logp_gap_sums(sig, sampler_logp)])
     quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept, sig.teacher_entropy)
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
+
+
+def logp_gap_sums(sig: TokenSignals, sampler_logp: torch.Tensor | None) -> list[torch.Tensor]:
+    """Sum of |log P_engine - log P_S| over the sampled tokens, and their count (0, 0 without the
+    engine's log-probabilities)."""
+    if sampler_logp is None or sig.sampled_logp is None:
+        zero = torch.zeros((), dtype=torch.float64, device=sig.mask.device)
+        return [zero, zero]
+    m = sig.mask.bool()
+    gap = (sig.sampled_logp.double() - sampler_logp.double()).abs()
+    return [torch.where(m, gap, 0.0).sum(), m.sum().double()]
 
 
 def gradient_outcome(engine, loss: float) -> tuple[float | None, str]:
@@ -368,6 +391,8 @@ def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
         "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0),
                                                             1e-9),
         **clock.rounded(), **summarise_quadrants(quad),
+        **({"rollout/logp_gap": totals["sum_logp_gap"] / totals["logp_gap_tokens"]}
+           if totals["logp_gap_tokens"] else {}),
     }
 
 
@@ -422,7 +447,11 @@ def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: Dis
 def step_result(engine, micros: list[RolloutBatch], sig: TokenSignals, choice: Choice,
                 loss_sum: torch.Tensor, dist: DistInfo, clock: StepClock,
                 record_tokens: bool) -> StepResult:
-    sums, quad = reduce_step_sums(sig, choice.kept, choice.labels, loss_sum, dist, choice.weights)
+    sampler = None
+    if micros[0].sampler_logp is not None:
+        sampler = pad_cat([m.sampler_target_logp for m in micros], sig.mask.shape[1])
+    sums, quad = reduce_step_sums(sig, choice.kept, choice.labels, loss_sum, dist, choice.weights,
+                                  sampler)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     grad_norm, discarded = gradient_outcome(engine, totals["loss"])
     if discarded:

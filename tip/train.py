@@ -26,7 +26,7 @@ from tip.distributed import DistInfo, all_reduce_sum, init_distributed
 from tip.engine import copy_weights, release_engines, save_hf_checkpoint
 from tip.env import episode_metrics
 from tip.parts import RunParts, build_parts, privileged_prompts, rank_prompts
-from tip.rollout import RolloutBatch, prompt_seeds
+from tip.rollout import RolloutBatch, check_logp_gap, prompt_seeds
 from tip.rundir import OpenRun, barrier_of, run_directory
 from tip.runlog import peak_memory_mb
 from tip.selection import keep_at
@@ -76,10 +76,9 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
             if result.token_table is not None:
                 metrics["token_log_s"] = record_tokens(cfg, parts, run, dist, step, result,
                                                        rollouts, chosen, indices, keep)
-            sync_s = parts.rollout.sync()  # the next rollouts come from the updated student
-            if sync_s is not None:
-                metrics["weight_sync_s"] = sync_s
+            metrics.update(parts.rollout.sync())  # the next rollouts come from the updated student
             log_step(run, parts, dist, step, metrics, t_gen, time.time() - t0)
+            check_logp_gap(metrics, cfg.rollout.get("max_logp_gap"), step + 1)
             every = cfg.train.eval_every
             if every and (step + 1) % every == 0 and step + 1 < cfg.train.steps:
                 run.logger.log({"kind": "eval", "step": step + 1, "when": "during",
@@ -122,7 +121,7 @@ def teacher_view(cfg, parts: RunParts, step: int, chosen) -> list[list[int]] | N
     if not parts.self_teacher:
         return None
     if parts.teacher is not parts.student and step and step % cfg.teacher.refresh_every == 0:
-        copy_weights(parts.student, parts.teacher)
+        copy_weights(parts.engine.module, parts.teacher)  # both wrapped (HiddenStatesLM)
     return privileged_prompts(cfg, chosen, parts.tokenizer)
 
 

