@@ -73,7 +73,6 @@ def zero3_variant(student: str, overrides: list[str]) -> None:
     from tip.config import CONF_DIR
     from tip.distributed import init_distributed
     from tip.parts import build_parts, rank_prompts
-    from tip.rollout import prompt_seeds as seeds_of
     from tip.step import opd_step
 
     base = ["logger=none", "teacher=self_privileged", "teacher.weights=live", f"pair.student={student}",
@@ -86,14 +85,15 @@ def zero3_variant(student: str, overrides: list[str]) -> None:
     for when in ("before", "after"):
         if when == "after":
             for step in range(2):
-                prompt_ids, _, idx = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
-                batch = run.rollout.generate(prompt_ids, step, seeds_of(cfg.seed, step, idx))
+                share = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
+                batch = run.rollout.generate(share.prompt_ids, step, share.seeds(cfg.seed, step))
                 opd_step(run.step, run.engine, run.teacher, batch.to(dist.device), dist,
                          torch.Generator().manual_seed(step), cfg.keep, None, run.tokenizer.pad_token_id)
-        prompt_ids, _, idx = rank_prompts(cfg, run.train_examples, run.tokenizer, 5, dist)
+        share = rank_prompts(cfg, run.train_examples, run.tokenizer, 5, dist)
+        prompt_ids = share.prompt_ids
         run.rollout.generate(prompt_ids[:1], 0, [0])  # warm-up
         t0 = time.perf_counter()
-        batch = run.rollout.generate(prompt_ids, 7, seeds_of(cfg.seed, 7, idx))
+        batch = run.rollout.generate(prompt_ids, 7, share.seeds(cfg.seed, 7))
         rates[when] = tokens(batch) / (time.perf_counter() - t0)
     print(json.dumps(rates))
 

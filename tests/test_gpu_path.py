@@ -98,12 +98,44 @@ def test_a_prompts_sampling_seed_does_not_depend_on_the_number_of_ranks():
     examples = load_examples(cfg.data.source, "train")
     cpu = torch.device("cpu")
     one = rank_prompts(cfg, examples, tok, 5, DistInfo(0, 1, 0, cpu))
-    seeds_one = dict(zip(one[2], prompt_seeds(cfg.seed, 5, one[2])))
+    seeds_one = dict(zip(one.indices, prompt_seeds(cfg.seed, 5, one.indices)))
     for rank in range(4):
-        ids, chosen, indices = rank_prompts(cfg, examples, tok, 5, DistInfo(rank, 4, rank, cpu))
-        assert [one[1][i] for i in indices] == chosen
-        assert prompt_seeds(cfg.seed, 5, indices) == [seeds_one[i] for i in indices]
+        share = rank_prompts(cfg, examples, tok, 5, DistInfo(rank, 4, rank, cpu))
+        assert [one.chosen[i] for i in share.indices] == share.chosen and share.samples == cfg.rollout.n
+        assert share.seeds(cfg.seed, 5) == [seeds_one[i] for i in share.indices]
     assert len(set(seeds_one.values())) == 8
+
+
+@pytest.mark.parametrize("prompts,n,world", [(8, 4, 16), (8, 4, 32), (8, 16, 16), (6, 4, 8), (8, 4, 8), (3, 2, 1)])
+def test_a_steps_rollouts_shard_by_prompt_and_sample_over_any_dividing_world_size(prompts, n, world):
+    """The paper's 8 prompts x 4 samples on 2 nodes of 8 GPUs were refused (8 prompts do not divide over 16
+    ranks). Sharded by (prompt, sample), every (prompt, sample) of the step is held by exactly one rank, every rank
+    holds as many, and sample j of a prompt draws from the prompt's seed + j on whichever rank holds it."""
+    from tip.distributed import DistInfo
+    from tip.parts import RunSizes, rank_prompts
+    from tip.rollout import prompt_seeds
+
+    cfg = compose_config(f"train.prompts_per_step={prompts}", f"rollout.n={n}")
+    tok = load_tokenizer("embedded://student")
+    examples = load_examples(cfg.data.source, "train")
+    sizes = RunSizes.of(cfg, world)
+    base = dict(zip(range(prompts), prompt_seeds(cfg.seed, 2, list(range(prompts)))))
+    held = []
+    for rank in range(world):
+        share = rank_prompts(cfg, examples, tok, 2, DistInfo(rank, world, rank % 8, torch.device("cpu")))
+        assert len(share.indices) * share.samples == sizes.rollouts_per_rank == prompts * n // world
+        for i, seed in zip(share.indices, share.seeds(cfg.seed, 2)):
+            samples = range(share.first_sample, share.first_sample + share.samples)
+            held += [(i, j) for j in samples]
+            assert seed == base[i] + share.first_sample  # sample j then draws from base + j
+    assert sorted(held) == [(i, j) for i in range(prompts) for j in range(n)]
+
+
+def test_a_world_size_that_does_not_divide_the_steps_rollouts_is_refused():
+    from tip.parts import RunSizes
+
+    with pytest.raises(ConfigError, match=r"the step's 8 rollouts must divide evenly over the GPUs \(16\)"):
+        RunSizes.of(compose_config("train.prompts_per_step=8", "rollout.n=1"), 16, what="GPUs")
 
 
 def test_each_ranks_vllm_worker_gets_its_own_gpu():

@@ -165,6 +165,6 @@ def test_the_cli_prints_the_plan_without_loading_weights():
                          capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert "1 CPU process, fp32, ZeRO-3, rollout=hf" in out
     assert "student embedded://student" in out and "peak" in out
-    bad = subprocess.run([sys.executable, "-m", "tip.plan", "train.prompts_per_step=6", "--gpus", "4"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode != 0 and "train.prompts_per_step=6 is not allowed on 4 GPUs" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "tip.plan", "train.prompts_per_step=3", "rollout.n=1", "--gpus",
+                          "4"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "train.prompts_per_step=3 with rollout.n=1 is not allowed on 4 GPUs" in bad.stderr

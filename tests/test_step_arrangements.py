@@ -10,7 +10,6 @@ import torch
 from tip.distributed import init_distributed
 from tip.engine import release_engines
 from tip.parts import build_parts, rank_prompts
-from tip.rollout import prompt_seeds
 from tip.step import opd_step
 
 from support import compose_config
@@ -29,8 +28,8 @@ def one_step(tmp_path, micro_batch_size, *overrides, rollouts=None):
     run = build_parts(cfg, dist, tmp_path)
     try:
         if rollouts is None:
-            prompt_ids, _, indices = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
-            rollouts = run.rollout.generate(prompt_ids, 5, prompt_seeds(cfg.seed, 0, indices))
+            share = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
+            rollouts = run.rollout.generate(share.prompt_ids, 5, share.seeds(cfg.seed, 0))
         before = weights_of(run.student)
         grads = {}
         hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, grads.get(n, 0) + g.detach().clone()))

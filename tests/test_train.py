@@ -121,11 +121,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, run_dir: Path):
+def _launch(nproc: int, run_dir: Path, prompts: int = 4, n: int = 1):
     """The same global batch: 4 prompts x 1 greedy rollout per step; micro-batches of 2 rollouts, so one process
     accumulates 2 micro-batches where each of two processes runs 1."""
     overrides = ["experiment=smoke", "selector=soft_or", "keep=0.5",  # norm_scope=batch: global statistics
-                 "rollout.temperature=0", "rollout.n=1", "train.prompts_per_step=4", "train.micro_batch_size=2",
+                 "rollout.temperature=0", f"rollout.n={n}", f"train.prompts_per_step={prompts}",
+                 "train.micro_batch_size=2",
                  "train.steps=3", "train.lr=1e-5", "train.warmup_steps=0", "train.save_final=false", "logger=none",
                  f"data_root={DATA_ROOT}", f"hydra.run.dir={run_dir}"]
     bin_dir = Path(sys.executable).parent
@@ -178,6 +179,18 @@ def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkey
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert (run_dir / "failures.attempt-1" / "rank1.json").is_file() and not (run_dir / "failures").exists()
+
+
+@pytest.mark.slow
+def test_one_prompts_samples_split_over_two_processes_train_as_on_one(tmp_path):
+    """1 prompt x 2 samples on 2 processes (refused before: the prompts did not divide over the ranks): each rank
+    holds one sample, and the step is the one-process step (greedy samples, so the tokens are equal too)."""
+    one = _launch(1, tmp_path / "one", prompts=1, n=2)
+    two = _launch(2, tmp_path / "two", prompts=1, n=2)
+    assert [r["valid_tokens"] for r in one] == [r["valid_tokens"] for r in two] and one[0]["valid_tokens"] > 0
+    assert [r["kept_tokens"] for r in one] == [r["kept_tokens"] for r in two]
+    torch.testing.assert_close(two[0]["loss"], one[0]["loss"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(two[0]["grad_norm"], one[0]["grad_norm"], rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.slow

@@ -171,3 +171,31 @@ def test_a_skipped_weight_sync_stops_the_run(tmp_path, monkeypatch):
     assert stale[0] < 1e-5 and stale[-1] > 0.003, stale  # the first rollouts came from the weights trained
     status = json.loads((tmp_path / "stale" / "status.json").read_text())
     assert status["status"] == "failed" and "not sampling from the weights" in status["error"]
+
+
+def test_the_same_samples_are_drawn_whatever_the_world_size(engine):
+    """A step of 2 prompts x 4 samples on 1, 4 and 8 ranks (on 8, one sample per rank): each (prompt, sample)
+    holds the same tokens, drawn by the real engine from the prompt's seed + the sample's number."""
+    from tip.data import load_examples
+    from tip.distributed import DistInfo
+    from tip.parts import rank_prompts
+
+    cfg = compose_config("train.prompts_per_step=2", "rollout.n=4")
+    tok = load_tokenizer("embedded://student")
+    model = load_model("embedded://student", torch.float32, "student")
+    examples = load_examples(cfg.data.source, "train")
+
+    def drawn(world):
+        out = {}
+        for rank in range(world):
+            share = rank_prompts(cfg, examples, tok, 3, DistInfo(rank, world, rank, torch.device("cpu")))
+            batch = engine.generate(tok, share.prompt_ids, n=share.samples, temperature=1.0, max_new_tokens=30,
+                                    seeds=share.seeds(cfg.seed, 3), model=model)
+            for k, response in enumerate(batch.responses()):
+                out[(share.indices[batch.example_index[k]], share.first_sample + k % share.samples)] = response
+        return out
+
+    one = drawn(1)
+    assert sorted(one) == [(i, j) for i in range(2) for j in range(4)]
+    assert len({tuple(r) for r in one.values()}) > 2  # real samples, not one response repeated
+    assert drawn(4) == one and drawn(8) == one

@@ -6,7 +6,6 @@ import torch
 from tip.distributed import init_distributed
 from tip.engine import release_engines
 from tip.parts import build_parts, rank_prompts
-from tip.rollout import prompt_seeds
 from tip.step import opd_step
 
 from support import compose_config
@@ -20,8 +19,8 @@ def generate_then_train(tmp_path, setting):
     offload = run.engine.optimizer.parameter_offload
     try:
         hooks = len(offload.forward_hooks)
-        prompt_ids, _, idx = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
-        batch = run.rollout.generate(prompt_ids, 3, prompt_seeds(cfg.seed, 0, idx))
+        share = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
+        batch = run.rollout.generate(share.prompt_ids, 3, share.seeds(cfg.seed, 0))
         assert len(offload.forward_hooks) == hooks > 0  # DeepSpeed's hooks are registered again
         assert all(p.numel() == 0 for p in run.student.parameters())  # and the weights are shards again
         stats = opd_step(run.step, run.engine, run.teacher, batch.to(dist.device), dist,
@@ -62,8 +61,8 @@ def test_the_zero3_teachers_trace_completes_like_the_students(tmp_path):
     try:
         teacher, student = zero3_coordinator(run.teacher), zero3_coordinator(run.engine.module)
         for step in range(3):
-            prompt_ids, _, indices = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
-            rollouts = run.rollout.generate(prompt_ids, step, prompt_seeds(cfg.seed, step, indices))
+            share = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
+            rollouts = run.rollout.generate(share.prompt_ids, step, share.seeds(cfg.seed, step))
             generator = torch.Generator(device=dist.device).manual_seed(step)
             opd_step(run.step, run.engine, run.teacher, rollouts.to(dist.device), dist, generator, cfg.keep, None,
                      run.tokenizer.pad_token_id)

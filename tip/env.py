@@ -333,14 +333,14 @@ class MultiTurnRollout:
         self.n, self.lockstep = n, lockstep
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
-                 examples=None) -> RolloutBatch:
+                 examples=None, n: int | None = None) -> RolloutBatch:
         if examples is None or len(examples) != len(prompt_ids):
             raise ValueError("multi-turn rollouts need the examples their prompts come from (one "
                              "per prompt)")
         torch.manual_seed(step_seed)
         with self.backend.turns() as generate_turn:
             episodes = run_episodes(generate_turn, self.env, self.fmt, self.limits, examples,
-                                    prompt_ids, self.n, prompt_seeds, self.lockstep)
+                                    prompt_ids, n or self.n, prompt_seeds, self.lockstep)
         return episode_batch(episodes, self.fmt.tokenizer.pad_token_id)
 
     def sync(self):

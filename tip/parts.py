@@ -31,7 +31,7 @@ from tip.engine import (
 )
 from tip.env import EpisodeLimits, MultiTurnRollout, TurnFormat, get_environment
 from tip.models import HiddenStatesLM, check_vocab, load_model, load_tokenizer, output_width
-from tip.rollout import HFRollout
+from tip.rollout import HFRollout, prompt_seeds
 from tip.signals import resolve_chunk_size
 from tip.step import StepSettings
 
@@ -46,13 +46,13 @@ class RunSizes:
 
     @classmethod
     def of(cls, cfg, world_size: int, what: str = "processes") -> RunSizes:
-        prompts = cfg.train.prompts_per_step
-        if prompts % world_size:
+        prompts, n = cfg.train.prompts_per_step, cfg.rollout.n
+        if (prompts * n) % world_size:
             where = f" on {world_size} {what}" if what == "GPUs" else ""
-            raise ConfigError(f"train.prompts_per_step={prompts} is not allowed{where}: it must be "
-                              "a "
-                              f"multiple of the number of {what} ({world_size})")
-        rollouts = prompts // world_size * cfg.rollout.n
+            raise ConfigError(f"train.prompts_per_step={prompts} with rollout.n={n} is not allowed"
+                              f"{where}: the step's {prompts * n} rollouts must divide evenly over "
+                              f"the {what} ({world_size})")
+        rollouts = prompts * n // world_size
         micro = min(cfg.train.micro_batch_size, rollouts)
         return cls(rollouts, micro, math.ceil(rollouts / micro))
 
@@ -184,15 +184,38 @@ def build_models(cfg, dist: DistInfo, dtype: torch.dtype, tokenizer, sizes: RunS
 # -----------------------------------------------------------------------------------------------
 
 
-def rank_prompts(cfg, examples, tokenizer, step: int,
-                 dist) -> tuple[list[list[int]], list, list[int]]:
-    """This rank's share of the step's prompts: a fixed walk through the training set, the same for
-    any world size (rank r takes every world_size-th prompt of the step). Also returns each prompt's
-    index in the step's global batch (what its sampling seed derives from)."""
-    per_step = cfg.train.prompts_per_step
-    indices = list(range(per_step))[dist.rank::dist.world_size]
+@dataclass(frozen=True)
+class RankShare:
+    """A rank's share of a step's rollouts: ``samples`` samples (numbers ``first_sample`` on) of
+    each of its prompts."""
+
+    prompt_ids: list[list[int]]
+    chosen: list  # the prompts' examples
+    indices: list[int]  # each prompt's index in the step's global batch
+    samples: int
+    first_sample: int
+
+    def seeds(self, run_seed: int, step: int) -> list[int]:
+        """Each prompt's sampling seed, offset to this rank's first sample: a backend gives a
+        prompt's j-th sample seed + j (vLLM's parallel sampling, ``tip.env`` episodes), so sample
+        j of a prompt draws from the same seed whichever rank holds it."""
+        return [s + self.first_sample for s in prompt_seeds(run_seed, step, self.indices)]
+
+
+def rank_prompts(cfg, examples, tokenizer, step: int, dist) -> RankShare:
+    """This rank's share of the step's P prompts x n samples: a fixed walk through the training set,
+    sharded by (prompt, sample) so that any world size W dividing P x n runs the same global batch.
+    With g = gcd(P, W), each prompt's samples split into c = W / g chunks (c divides n when W
+    divides P x n), and chunk q of prompt i goes to rank (i c + q) mod W: every rank holds one
+    chunk of P / g prompts. When W divides P (c = 1) rank r takes every W-th prompt, whole."""
+    per_step, n, world = cfg.train.prompts_per_step, cfg.rollout.n, dist.world_size
+    chunks = world // math.gcd(per_step, world)
+    units = [(i, q) for i in range(per_step) for q in range(chunks)][dist.rank::world]
+    indices = [i for i, _ in units]
     chosen = [examples[(step * per_step + i) % len(examples)] for i in indices]
-    return training_prompt_ids(cfg, tokenizer, chosen), chosen, indices
+    samples = n // chunks
+    return RankShare(training_prompt_ids(cfg, tokenizer, chosen), chosen, indices, samples,
+                     (dist.rank % chunks) * samples)
 
 
 def training_prompt_ids(cfg, tokenizer, examples) -> list[list[int]]:

@@ -267,11 +267,12 @@ class HFRollout:
         self.generating = generating
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
-                 examples=None) -> RolloutBatch:
+                 examples=None, n: int | None = None) -> RolloutBatch:
+        """``n`` (default ``rollout.n``) samples of each prompt from the rank's stream."""
         ro = self.cfg
         torch.manual_seed(step_seed)
         with self.generating():
-            return hf_generate(self.student, self.tokenizer, prompt_ids, n=ro.n,
+            return hf_generate(self.student, self.tokenizer, prompt_ids, n=n or ro.n,
                                temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                                max_new_tokens=ro.max_new_tokens, synced_gpus=self.synced_gpus,
                                max_seqs_per_call=ro.max_seqs_per_generate)

@@ -26,7 +26,7 @@ from tip.distributed import DistInfo, all_reduce_sum, init_distributed
 from tip.engine import copy_weights, release_engines, save_hf_checkpoint
 from tip.env import episode_metrics
 from tip.parts import RunParts, build_parts, privileged_prompts, rank_prompts
-from tip.rollout import RolloutBatch, check_logp_gap, prompt_seeds
+from tip.rollout import RolloutBatch, check_logp_gap
 from tip.rundir import OpenRun, barrier_of, run_directory
 from tip.runlog import peak_memory_mb
 from tip.selection import keep_at
@@ -53,12 +53,12 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
         skipped_in_a_row = 0
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            prompt_ids, chosen, indices = rank_prompts(cfg, parts.train_examples, parts.tokenizer,
-                                                       step, dist)
+            share = rank_prompts(cfg, parts.train_examples, parts.tokenizer, step, dist)
+            chosen, indices = share.chosen, share.indices
             teacher_prompts = teacher_view(cfg, parts, step, chosen)
             seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # this step's stream on this rank
-            rollouts = parts.rollout.generate(prompt_ids, seed,
-                                              prompt_seeds(cfg.seed, step, indices), chosen)
+            rollouts = parts.rollout.generate(share.prompt_ids, seed, share.seeds(cfg.seed, step),
+                                              chosen, share.samples)
             t_gen = time.time() - t0
             # Selection has its own stream, seeded per step: a resumed run draws what it would have.
             generator = torch.Generator(device=dist.device).manual_seed(seed + 2**40)

@@ -61,9 +61,12 @@ class VllmRollout:
         self.tokenizer, self.cfg = tokenizer, rollout_cfg
 
     def generate(self, prompt_ids: list[list[int]], step_seed: int, prompt_seeds: list[int],
-                 examples=None) -> RolloutBatch:
+                 examples=None, n: int | None = None) -> RolloutBatch:
+        """``n`` (default ``rollout.n``) samples of each prompt; sample j of a prompt from its
+        seed + j."""
         ro = self.cfg
-        return self.engine.generate(self.tokenizer, prompt_ids, n=ro.n, temperature=ro.temperature,
+        return self.engine.generate(self.tokenizer, prompt_ids, n=n or ro.n,
+                                    temperature=ro.temperature,
                                     top_p=ro.top_p, top_k=ro.top_k,
                                     max_new_tokens=ro.max_new_tokens, seeds=prompt_seeds,
                                     model=self.student, logprobs=True)
