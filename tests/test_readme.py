@@ -124,7 +124,7 @@ def table_keys() -> list[str]:
 # Keys that only exist under one option of their group.
 UNDER = {"logger.": "logger=wandb", "teacher.": "teacher=self_privileged", "selector.": "selector=entropy_jsd_sample",
          **{f"rollout.{k}": "rollout=vllm" for k in ("vllm_python", "max_model_len", "enforce_eager", "sleep",
-                                                    "sync_bucket_mb", "gpu_memory_utilization")}}
+                                                    "sync_bucket_mb", "gpu_memory_utilization", "max_logp_gap")}}
 
 
 def expand(key: str) -> list[str]:

