@@ -135,6 +135,7 @@ def test_a_selectors_parameters_live_in_its_own_file():
     ("q3@0.1", ["selector=q3", "keep=0.1"]),
     ("entropy_jsd_sample@0.2", ["selector=entropy_jsd_sample", "keep=0.2"]),
     ("untrained", ["selector=all", "keep=1.0", "train.steps=0"]),
+    ("rel_conf@1.0/jsd", ["selector=rel_conf", "keep=1.0", "divergence=jsd"]),  # a rule with its source's loss
 ])
 def test_a_cell_is_exactly_the_overrides_it_expands_to(cell, overrides):
     # From a composition with another selector (and its parameters), as a sweep's cells are.
@@ -142,6 +143,12 @@ def test_a_cell_is_exactly_the_overrides_it_expands_to(cell, overrides):
     apply_cell(cfg)
     want = compose_config(*overrides, f"cell={cell}")
     assert OmegaConf.to_container(cfg) == OmegaConf.to_container(want)
+
+
+def test_a_cells_divergence_must_be_one_tip_has():
+    cfg = compose_config("cell=rel_conf@1.0/clipped_fkl")
+    with pytest.raises(ConfigError, match=r"cell divergence='clipped_fkl' is not allowed: expected one of"):
+        apply_cell(cfg)
 
 
 def test_the_rollout_backends_share_their_sampling_keys():

@@ -123,6 +123,7 @@ def table_keys() -> list[str]:
 
 # Keys that only exist under one option of their group.
 UNDER = {"logger.": "logger=wandb", "teacher.": "teacher=self_privileged", "selector.": "selector=entropy_jsd_sample",
+         "selector.is_weight_cap": "selector=entropy_sample_is_capped",
          **{f"rollout.{k}": "rollout=vllm" for k in ("vllm_python", "max_model_len", "enforce_eager", "sleep",
                                                     "sync_bucket_mb", "gpu_memory_utilization", "max_logp_gap")}}
 
@@ -134,7 +135,8 @@ def expand(key: str) -> list[str]:
 
 @pytest.mark.parametrize("key", table_keys())
 def test_every_key_the_readme_names_exists(key):
-    cfg = compose_config(*[option for prefix, option in UNDER.items() if key.startswith(prefix)])
+    prefixes = [prefix for prefix in UNDER if key.startswith(prefix)]  # the longest matching prefix decides
+    cfg = compose_config(*([UNDER[max(prefixes, key=len)]] if prefixes else []))
     for full in expand(key):
         node = cfg
         for part in full.split("."):

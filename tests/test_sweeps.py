@@ -64,8 +64,10 @@ def test_every_sweep_file_lists_valid_cells_and_seeds(sweep):
         if cell == "untrained":
             assert one.train.steps == 0
             continue
-        rule, keep = cell.split("@")
+        rule, rest = cell.split("@")
+        keep, _, divergence = rest.partition("/")  # rule@keep/divergence: a rule with its source's loss
         assert one.selector.name == rule and one.keep == float(keep)
+        assert one.divergence.name == (divergence or "reverse_kl")
 
 
 def test_the_paper_cells_of_each_table():
@@ -79,11 +81,11 @@ def test_the_paper_cells_of_each_table():
     assert cells("table5_main") >= {"entropy_sample@0.5", "entropy_sample@0.2", "soft_or@0.5", "soft_or@0.2"}
     assert cells("table6_top_vs_bottom") >= {"soft_or@0.5", "soft_or_bottom@0.5"}
     assert cells("table8_div_vs_q3") >= {"div_topk@0.5", "div_topk@0.1", "q3@0.1"}
-    assert cells("quadrant_ablation") >= {"q1@0.2", "q2@0.2", "q3@0.2", "q4@0.2"}
+    assert cells("quadrant_ablation") >= {"q1@0.2", "q2@0.2", "q3_only@0.2", "q4@0.2", "q3@0.2"}
     assert cells("testbed_reproduction") == {
         "untrained", "all@1.0", "entropy_sample@0.5", "entropy_sample@0.2", "entropy_sample@0.1", "soft_or@0.5",
         "soft_or@0.2", "soft_or_bottom@0.5", "q3@0.2", "q3@0.1", "div_topk@0.1", "random@0.5", "random@0.1",
-        "q1@0.2", "q2@0.2", "q4@0.2"}
+        "q1@0.2", "q2@0.2", "q3_only@0.2", "q4@0.2"}
 
 
 @pytest.mark.parametrize("cell, message", [
@@ -134,7 +136,8 @@ def test_a_2x2_multirun_and_its_report(launcher, tmp_path):
         assert float(r["embedded/accuracy"]) == pytest.approx(sum(accs) / 2)
         assert float(r["embedded/accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
     md = (out / "table.md").read_text()
-    assert "| rule | keep | tokens kept | effective | embedded (%) |" in md and md.count("| completed |") == 4
+    assert "| rule | keep | tokens kept | effective | kept Q1/Q2/Q3/Q4 | embedded (%) |" in md
+    assert md.count("| completed |") == 4
     image = imread(out / "accuracy_vs_tokens.png")
     assert (out / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200

@@ -121,14 +121,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, run_dir: Path, prompts: int = 4, n: int = 1):
+def _launch(nproc: int, run_dir: Path, prompts: int = 4, n: int = 1, extra: tuple = ()):
     """The same global batch: 4 prompts x 1 greedy rollout per step; micro-batches of 2 rollouts, so one process
     accumulates 2 micro-batches where each of two processes runs 1."""
     overrides = ["experiment=smoke", "selector=soft_or", "keep=0.5",  # norm_scope=batch: global statistics
                  "rollout.temperature=0", f"rollout.n={n}", f"train.prompts_per_step={prompts}",
                  "train.micro_batch_size=2",
                  "train.steps=3", "train.lr=1e-5", "train.warmup_steps=0", "train.save_final=false", "logger=none",
-                 f"data_root={DATA_ROOT}", f"hydra.run.dir={run_dir}"]
+                 f"data_root={DATA_ROOT}", f"hydra.run.dir={run_dir}", *extra]
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
@@ -179,6 +179,17 @@ def test_a_failure_on_another_rank_is_recorded_and_ends_the_run(tmp_path, monkey
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert (run_dir / "failures.attempt-1" / "rank1.json").is_file() and not (run_dir / "failures").exists()
+
+
+@pytest.mark.slow
+def test_batch_scope_keeps_the_top_k_of_the_global_batch_on_two_processes(tmp_path):
+    """selection.scope=batch took each rank's own top-k (the kept set depended on the number of processes); it is
+    now the step's global batch's top K: 2 processes keep the same tokens, quadrant by quadrant, as 1."""
+    one = _launch(1, tmp_path / "one", extra=("selection.scope=batch",))
+    two = _launch(2, tmp_path / "two", extra=("selection.scope=batch",))
+    for key in ("kept_tokens", *(f"q{i}/of_kept" for i in range(1, 5))):
+        torch.testing.assert_close([r[key] for r in two], [r[key] for r in one], rtol=1e-9, atol=1e-9, msg=key)
+    torch.testing.assert_close(two[0]["loss"], one[0]["loss"], rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.slow

@@ -78,6 +78,37 @@ def test_importance_weighted_entropy_sampling_is_unbiased_for_the_all_token_sum(
     assert torch.equal(everything.weights, torch.ones(1, m))
 
 
+def test_gumbel_keys_are_not_truncated():
+    """The keys were -log(-log u) with fp32 u clamped at 1 - 1e-7: none above 15.9, so a token whose log-weight lay
+    more than 15.9 below the threshold (the lowest-entropy ones) could never be drawn. This seed's first million
+    keys hold one of 17.2 (a key above 16.5 turns up about once per 15 million draws)."""
+    from tip.selection import _gumbel
+
+    keys = _gumbel(torch.Size([1_000_000]), torch.Generator().manual_seed(5), "cpu")
+    assert float(keys.max()) > 16.5
+    assert abs(float(keys.mean()) - 0.5772) < 0.005  # Gumbel(0, 1): mean Euler's gamma
+
+
+def test_importance_weights_are_unbiased_with_low_entropies_and_the_capped_variant_is_biased_low():
+    """Entropies log-uniform over [1e-4, 1] (weights reach about 1e3-1e4): the mean of the weighted kept sum is
+    the all-token sum within 3 standard errors. Capping weights at c / rho bounds them and biases the estimate
+    low, as documented."""
+    m, keep, draws = 40, 0.25, 20_000
+    h = torch.logspace(-4, 0, m)
+    x = torch.ones(m)
+    sig = TokenSignals(h.expand(draws, m).clone(), torch.zeros(draws, m), torch.zeros(draws, m),
+                       torch.ones(draws, m, dtype=torch.bool))
+    sel = select("entropy_sample_is", sig, keep, "sequence", torch.Generator().manual_seed(3))
+    per_draw = (torch.where(sel.kept, sel.weights, 0.0) * x).sum(-1).double()
+    se = float(per_draw.std() / math.sqrt(draws))
+    assert abs(float(per_draw.mean()) - m) < 3 * se, (float(per_draw.mean()), se)
+    assert float(sel.weights.max()) > 1e3  # the low-entropy tokens were drawn, with their large weights
+    capped = select("entropy_sample_is_capped", sig, keep, "sequence", torch.Generator().manual_seed(3))
+    assert float(capped.weights.max()) <= 10 / keep + 1e-6
+    low = (torch.where(capped.kept, capped.weights, 0.0) * x).sum(-1).double()
+    assert float(low.mean()) < m - 3 * float(low.std() / math.sqrt(draws))
+
+
 def test_relative_confidence_and_position_weights_by_hand():
     log_v = math.log(100)
     sig = _signals([[0.5, 0.1, 0.3, 0.2]], h_teacher=[[0.1, 0.1, 0.4, 0.0]])
@@ -175,3 +206,35 @@ def test_bad_keep_schedules_are_refused_by_name():
         check_config(compose_config("keep_schedule.kind=step"))
     with pytest.raises(ConfigError, match=r"keep_schedule.milestones\[0\]\[1\]=1.5 is not allowed"):
         check_config(compose_config("keep_schedule.kind=step", "keep_schedule.milestones=[[3,1.5]]"))
+
+
+def test_the_per_rollout_denominator_averages_each_rollouts_mean(tmp_path):
+    """train.denominator=sequence (the paper's Eq. 1 and 9 read per rollout): the step's loss is the mean over
+    rollouts of each rollout's mean divergence over its kept tokens, read back from the token records; the
+    default token mean (kept) differs on the same tokens, since the rollouts differ in length."""
+    from tip.token_records import read_token_records
+    from tip.train import train
+
+    from support import compose_config, read_metrics
+
+    losses = {}
+    for denominator in ("sequence", "kept"):
+        run = tmp_path / denominator
+        train(compose_config("experiment=smoke", "logger=none", "train.steps=1", "train.eval_before=false",
+                             "train.save_final=false", "selector=soft_or", "keep=0.5",
+                             f"train.denominator={denominator}"), run)
+        (row,) = read_metrics(run, "train")
+        losses[denominator] = row["loss"]
+        columns, _ = read_token_records(run, 1)
+        per_rollout = {}
+        for r, kept, delta in zip(columns["rollout"], columns["kept"], columns["delta"]):
+            if kept:
+                per_rollout.setdefault(r, []).append(delta)
+        lengths = {len(v) for v in per_rollout.values()}
+        assert len(lengths) > 1  # rollouts of different lengths, or the two readings would agree
+        if denominator == "sequence":
+            expected = sum(sum(v) / len(v) for v in per_rollout.values()) / len(per_rollout)
+        else:
+            expected = sum(sum(v) for v in per_rollout.values()) / sum(len(v) for v in per_rollout.values())
+        assert row["loss"] == pytest.approx(expected, rel=1e-4), denominator
+    assert losses["sequence"] != pytest.approx(losses["kept"], rel=1e-3)

@@ -81,13 +81,16 @@ def check_source(key: str, source: Any) -> None:
 
 
 def parse_cell(cell: str) -> tuple[str, float]:
-    """``'<selector>@<keep>'`` -> (selector, keep); keep is NaN when it is not a number (unchecked:
-    the report labels even cells that failed on a bad value)."""
-    rule, _, keep = cell.partition("@")
+    """``'<selector>@<keep>[/<divergence>]'`` -> (label, keep), the label ``<selector>`` or
+    ``<selector>/<divergence>``; keep is NaN when it is not a number (unchecked: the report labels
+    even cells that failed on a bad value)."""
+    rule, _, rest = cell.partition("@")
+    keep, _, divergence = rest.partition("/")
+    label = f"{rule}/{divergence}" if divergence else rule
     try:
-        return rule, float(keep)
+        return label, float(keep)
     except ValueError:
-        return rule, float("nan")
+        return label, float("nan")
 
 
 def selector_node(rule: str) -> DictConfig:
@@ -97,20 +100,27 @@ def selector_node(rule: str) -> DictConfig:
 
 def apply_cell(cfg: DictConfig) -> None:
     """``cell=<selector>@<keep>`` is exactly ``selector=<selector> keep=<keep>`` (the selector's
-    file replaces the composed one, parameters included); ``cell=untrained`` is ``selector=all
-    keep=1.0 train.steps=0`` (the student as loaded). Sweeps whose cells are not a grid list them
-    this way."""
+    file replaces the composed one, parameters included); ``cell=<selector>@<keep>/<divergence>``
+    also sets ``divergence.name`` (a rule paired with its source's loss, e.g. rel_conf@1.0/jsd);
+    ``cell=untrained`` is ``selector=all keep=1.0 train.steps=0`` (the student as loaded). Sweeps
+    whose cells are not a grid list them this way."""
     cell = cfg.get("cell")
     if cell is None:
         return
-    allowed = "expected '<selector>@<keep>' (e.g. q3@0.1, all@1.0) or 'untrained'"
+    allowed = ("expected '<selector>@<keep>' (e.g. q3@0.1, all@1.0), '<selector>@<keep>/"
+               "<divergence>' (rel_conf@1.0/jsd) or 'untrained'")
     if cell == "untrained":
         cfg.selector, cfg.keep, cfg.train.steps = selector_node("all"), 1.0, 0
         return
     _need("@" in str(cell), "cell", cell, allowed)
-    rule, keep = parse_cell(str(cell))
+    label, keep = parse_cell(str(cell))
+    rule, _, divergence = label.partition("/")
     _one_of("cell selector", rule, sorted(RULES))
-    _need(keep == keep, "cell", cell, f"{str(cell).partition('@')[2]!r} is not a number; {allowed}")
+    keep_text = str(cell).partition("@")[2].partition("/")[0]
+    _need(keep == keep, "cell", cell, f"{keep_text!r} is not a number; {allowed}")
+    if divergence:
+        _one_of("cell divergence", divergence, DIVERGENCES)
+        cfg.divergence.name = divergence
     cfg.keep, cfg.selector = keep, selector_node(rule)
 
 

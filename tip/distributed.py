@@ -245,6 +245,14 @@ def all_reduce_sum(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """The largest ``x`` over ranks, in place (and returned)."""
+    check_device(x, dist, "all_reduce_max")
+    if dist.world_size > 1:
+        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
+    return x
+
+
 def all_gather_rows(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     """Concatenate every rank's 1-D ``x`` (lengths may differ) in rank order."""
     check_device(x, dist, "all_gather_rows")

@@ -1,9 +1,11 @@
 """Answer extraction and equivalence checking for math benchmarks.
 
-Extraction: the content of the last ``\\boxed{...}`` (brace-matched) or ``\\fbox{...}``; failing
-that, the text after the last "the answer is". Equivalence: math-verify (symbolic and numeric) on
-the extracted answer against the reference, falling back to a normalised string match when
-math-verify cannot parse either side.
+With the math_verify grader a completion is correct when tip's own extraction (the content of the
+last ``\\boxed{...}`` or ``\\fbox{...}``, brace-matched, else the text after the last "the answer
+is") matches the reference as a normalised string, or when math-verify's own extraction of the whole
+completion (its boxed-match priority, every box of an answer spread over several ``\\boxed{}``, its
+"final answer" handling) verifies against the reference symbolically or numerically. The exact
+grader is the string match alone.
 
 math-verify bounds its own work with SIGALRM timeouts, which only work in a process's main thread,
 and sympy can still hang or blow up on adversarial LaTeX. ``grade_many`` therefore grades in worker
@@ -103,15 +105,24 @@ def simple_equal(prediction: str | None, reference: str) -> bool:
         return False
 
 
-def _math_verify_equal(prediction: str, reference: str, timeout_s: int) -> bool | None:
-    """math-verify's verdict, or None when either side does not parse."""
+MAX_COMPLETION_CHARS = 20_000  # math-verify reads the end of a completion, where answers are
+
+
+def _math_verify_equal(completion: str, extracted: str | None, reference: str,
+                       timeout_s: int) -> tuple[bool | None, str | None]:
+    """math-verify's verdict on the completion (its own extraction; tip's extracted answer, boxed,
+    when math-verify finds none) and the answer it read, or (None, None) when nothing parses."""
     from math_verify import parse, verify
 
     gold = parse(f"${reference}$", parsing_timeout=timeout_s)
-    pred = parse(f"\\boxed{{{prediction}}}", parsing_timeout=timeout_s)
-    if not gold or not pred:
-        return None
-    return bool(verify(gold, pred, timeout_seconds=timeout_s))
+    if not gold:
+        return None, None
+    pred = parse(completion[-MAX_COMPLETION_CHARS:], parsing_timeout=timeout_s)
+    if not pred and extracted is not None:
+        pred = parse(f"\\boxed{{{extracted}}}", parsing_timeout=timeout_s)
+    if not pred:
+        return None, None
+    return bool(verify(gold, pred, timeout_seconds=timeout_s)), str(pred[-1])
 
 
 def grade_one(completion: str, reference: str, grader: str = "math_verify",
@@ -121,22 +132,20 @@ def grade_one(completion: str, reference: str, grader: str = "math_verify",
     if grader not in GRADERS:
         raise ValueError(f"unknown grader {grader!r}; known: {', '.join(GRADERS)}")
     extracted = extract_answer(completion)
-    if extracted is None:
-        return Grade(False, None, "no_answer")
-    if len(extracted) > MAX_ANSWER_CHARS:
+    if extracted is not None and len(extracted) > MAX_ANSWER_CHARS:
         return Grade(False, extracted[:100] + "...", "answer_too_long")
-    if simple_equal(extracted, reference):
+    if extracted is not None and simple_equal(extracted, reference):
         return Grade(True, extracted, "string")
     if grader == "exact":
-        return Grade(False, extracted, "string")
+        return Grade(False, extracted, "string" if extracted is not None else "no_answer")
     try:
-        verdict = _math_verify_equal(extracted, reference, timeout_s)
+        verdict, read = _math_verify_equal(completion, extracted, reference, timeout_s)
     # math-verify raises on some malformed input despite raise_on_error=False
     except Exception as err:
         return Grade(False, extracted, f"math_verify_error:{type(err).__name__}")
     if verdict is None:
-        return Grade(False, extracted, "unparsed")
-    return Grade(verdict, extracted, "math_verify")
+        return Grade(False, extracted, "unparsed" if extracted is not None else "no_answer")
+    return Grade(verdict, read if read is not None else extracted, "math_verify")
 
 
 def grade_many(items: Iterable[tuple[str, str]], grader: str = "math_verify", workers: int = 2,

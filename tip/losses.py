@@ -33,12 +33,16 @@ from tip.signals import (
     token_log_probs,
 )
 
-DENOMINATORS = ("auto", "kept", "all", "weight")
-"""train.denominator: D in L = (1/D) sum_{t kept} w_t div_t. kept: the kept tokens (the paper's Eq.
-9); all: the valid tokens (the all-token mean with dropped tokens as 0, what importance weights
-estimate without bias); weight: the sum of the kept tokens' weights (a weighted mean; = kept for
-hard masks); auto (the default): the rule's own (``tip.selection.Rule.denominator``: kept for every
-hard-mask rule, all for entropy_sample_is, weight for the other weighting rules)."""
+DENOMINATORS = ("auto", "kept", "all", "weight", "sequence")
+"""train.denominator: D in L = (1/D) sum_{t kept} w_t div_t. kept: the kept tokens of the step (a
+token mean over the global batch: the OPSD release's convention, and tip's default for hard masks);
+all: the valid tokens (the all-token mean with dropped tokens as 0, what importance weights estimate
+without bias); weight: the sum of the kept tokens' weights (a weighted mean; = kept for hard
+masks); sequence: the paper's Eq. 1 and 9 read per rollout, the mean over rollouts of each
+rollout's (weighted) mean over its kept tokens (``per_rollout_weights``; D = the rollouts with a
+kept token), so a long episode counts as much as a short one; auto (the default): the rule's own
+(``tip.selection.Rule.denominator``: kept for every hard-mask rule, all for entropy_sample_is,
+weight for the other weighting rules)."""
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,21 @@ def loss_denominator(keep_mask: torch.Tensor, valid_mask: torch.Tensor, denomina
         return float(valid_mask.bool().sum())
     if denominator == "weight":
         return float(torch.where(kept, weights.double(), 0.0).sum())
-    raise ValueError(f"unknown loss denominator {denominator!r}; known: kept, all, weight (the "
-                     "recipe resolves auto)")
+    if denominator == "sequence":
+        return float(kept.any(-1).sum())
+    raise ValueError(f"unknown loss denominator {denominator!r}; known: kept, all, weight, "
+                     "sequence (the recipe resolves auto)")
+
+
+def per_rollout_weights(keep_mask: torch.Tensor, valid_mask: torch.Tensor,
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) weights for train.denominator=sequence: each kept token's weight (1 for a hard mask)
+    over its rollout's summed kept weights, so that with D = the rollouts that kept a token the loss
+    is the mean over rollouts of each rollout's weighted mean."""
+    kept = keep_mask.bool() & valid_mask.bool()
+    w = kept.double() if weights is None else torch.where(kept, weights.double(), 0.0)
+    per_rollout = w.sum(-1, keepdim=True)
+    return torch.where(per_rollout > 0, w / per_rollout.clamp_min(1e-300), 0.0).float()
 
 
 def normalised_loss(divergence_sum: torch.Tensor, count: float) -> torch.Tensor:

@@ -89,11 +89,20 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
                                      meta["clip_quantile"], meta["norm_scope"],
                                      meta["entropy_alpha"], stats,
                                      log_vocab=meta["batch_stats"].get("log_vocab"),
-                                     jsd_gamma=meta.get("jsd_gamma", 1.0))
+                                     jsd_gamma=meta.get("jsd_gamma", 1.0),
+                                     is_weight_cap=meta.get("is_weight_cap", 10.0),
+                                     **threshold_kwargs(meta))
                 for i, flag in zip(order, kept[signals.mask].tolist()):
                     flags[i] = flag
             out[rule][_keep_key(keep)] = flags
     return out
+
+
+def threshold_kwargs(meta: dict) -> dict:
+    """The quadrant thresholds the run's rules kept to (records of older runs: the medians)."""
+    found = meta.get("quadrant_thresholds", {})
+    return {"entropy_threshold": found.get("entropy", "median"),
+            "divergence_threshold": found.get("divergence", "median")}
 
 
 def _keep_key(keep: float) -> str:

@@ -35,6 +35,15 @@ import yaml
 from tip.benchmarks import EPISODE_METRICS
 from tip.checkpoint import write_atomic
 from tip.config import parse_cell
+from tip.stats import (
+    Difference,
+    difference,
+    holm,
+    p_beyond,
+    p_equivalent,
+    p_greater,
+    p_less,
+)
 from tip.tasks import CONFIDENT_ERROR, INCONSISTENT_ERROR
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
 
@@ -216,6 +225,9 @@ def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
         for b in benchmarks:
             row[f"{b}/accuracy"], row[f"{b}/accuracy_std"] = _mean_std([c.accuracy[b] for c in done
                                                                         if b in c.accuracy])
+            # seed -> value, for differences paired over the seeds two cells share
+            row[f"{b}/accuracy_by_seed"] = {(c.seed if c.seed is not None else i): c.accuracy[b]
+                                            for i, c in enumerate(done) if b in c.accuracy}
         for key in sorted({k for c in done for k in c.episodes}):
             row[key], _ = _mean_std([c.episodes[key] for c in done if key in c.episodes])
         row["peak_mem_mb"], _ = _mean_std([c.peak_mem_mb for c in done
@@ -229,6 +241,11 @@ def aggregate(cells: list[Cell]) -> tuple[list[dict], list[str]]:
     return rows, benchmarks
 
 
+def kept_composition(row: dict) -> str:
+    shares = [row.get(f"{q}/of_kept", math.nan) for q in QUADRANTS]
+    return "—" if any(math.isnan(x) for x in shares) else "/".join(f"{x:.2f}" for x in shares)
+
+
 def _pct(mean: float, std: float) -> str:
     return "—" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
@@ -238,8 +255,8 @@ def _num(x: float, fmt: str) -> str:
 
 
 def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: list[Cell]) -> str:
-    head = ["rule", "keep", "tokens kept", "effective"] + [f"{b} (%)" for b in benchmarks] + \
-        ["seeds", "peak MB", "step s"]
+    head = ["rule", "keep", "tokens kept", "effective", "kept Q1/Q2/Q3/Q4"] + \
+        [f"{b} (%)" for b in benchmarks] + ["seeds", "peak MB", "step s"]
     lines = [f"# Sweep {Path(sweep_dir).name}", "",
              "Held-out accuracy after training, mean ± std over seeds (sample std; 0 with one "
              "seed). "
@@ -247,14 +264,16 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
              "same for the "
              "effective token count (sum w)^2 / sum w^2 of the kept tokens' loss weights (= tokens "
              "kept for a "
-             "hard-mask rule, less for a weighting rule).", "",
+             "hard-mask rule, less for a weighting rule); `kept Q1/Q2/Q3/Q4`: each quadrant's "
+             "share of the kept tokens (means over steps), what the cell trained on.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rule = r["rule"] + (f" ({r['variant']})" if r["variant"] else "")
         seeds = str(r["seeds"]) + (f" (+{r['failed']} failed)" if r["failed"] else "") + \
             (f" (+{r['unfinished']} unfinished)" if r["unfinished"] else "")
         keep = "—" if r["rule"] == "untrained" else f"{r['keep']:g}"
-        cols = [rule, keep, _num(r["kept_frac"], ".3f"), _num(r["effective_frac"], ".3f")]
+        cols = [rule, keep, _num(r["kept_frac"], ".3f"), _num(r["effective_frac"], ".3f"),
+                kept_composition(r)]
         cols += [_pct(r[f"{b}/accuracy"], r[f"{b}/accuracy_std"]) for b in benchmarks]
         cols += [seeds, _num(r["peak_mem_mb"], ".0f"), _num(r["step_s"], ".2f")]
         lines.append("| " + " | ".join(cols) + " |")
@@ -276,7 +295,8 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
     if quad_rows:
         lines += ["",
                   "Token share of each quadrant and each quadrant's share of the kept tokens "
-                  "(means over steps):", "",
+                  "(means over steps). Sanity check, not a finding: with the default median "
+                  "thresholds Q1 = Q4 and Q2 = Q3 in share by construction.", "",
                   "| rule | keep | " + " | ".join(f"{q.upper()} share" for q in QUADRANTS) + " | " +
                   " | ".join(f"{q.upper()} of kept" for q in QUADRANTS) + " |", "|" + "---|" * 10]
         for r in quad_rows:
@@ -296,9 +316,10 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
 
 
 # The paper's claims, checked when a sweep has the cells they compare (sweeps=testbed_reproduction
-# has all). kind: "gt" (A above B), "close" (A close to B); a pair of cells is (rule, keep); the
-# last field names the problems compared: "" all of them, "@<tag>" those tagged so (the embedded
-# task's error types).
+# has all). kind: "gt" (A above B), "close" (A within MARGIN of B); a pair of cells is (rule, keep);
+# the last field names the problems compared: "" all of them, "@<tag>" those tagged so (the embedded
+# task's error types). The decision rule (verdict_words) was fixed in the commit that added it,
+# before the results it reads were produced (docs/testbed_results.md, "Pre-registration").
 CLAIMS = [
     ("Soft-OR 50% >= all-token", "gt", ("soft_or", 0.5), ("all", 1.0), ""),
     ("Soft-OR top-50% well above bottom-50%", "gt", ("soft_or", 0.5), ("soft_or_bottom", 0.5), ""),
@@ -306,26 +327,46 @@ CLAIMS = [
     ("Q3 at 10% above divergence-only at 10%", "gt", ("q3", 0.1), ("div_topk", 0.1), ""),
     ("Q4-only helps least (below Q1-only)", "gt", ("q1", 0.2), ("q4", 0.2), ""),
     ("Q4-only helps least (below Q2-only)", "gt", ("q2", 0.2), ("q4", 0.2), ""),
-    ("Q4-only helps least (below Q3-only)", "gt", ("q3", 0.2), ("q4", 0.2), ""),
+    ("Q4-only helps least (below Q3-only)", "gt", ("q3_only", 0.2), ("q4", 0.2), ""),
     ("entropy sampling at 10% leaves the confident error unfixed", "close", ("entropy_sample", 0.1),
      ("untrained", 0.0), f"@{CONFIDENT_ERROR}"),
     ("Q3 at 10% fixes the confident error more than entropy sampling at 10%", "gt", ("q3", 0.1),
      ("entropy_sample", 0.1), f"@{CONFIDENT_ERROR}"),
 ]
+MARGIN = 0.02
+"""'close': equivalent within 2 points of accuracy (stated before the results)."""
+ALPHA = 0.05
+"""Familywise error over the claims one report reads (Holm)."""
 
 
-def verdict(kind: str, a: dict, b: dict, metric: str) -> tuple[float, float, str]:
-    """d = mean(A) - mean(B) over seeds, SE = sqrt(sA^2/nA + sB^2/nB); the decision rule of
-    docs/testbed_results.md."""
-    d = a[metric] - b[metric]
-    se = math.sqrt(a[f"{metric}_std"] ** 2 / max(a["seeds"], 1) + b[f"{metric}_std"] ** 2
-                   / max(b["seeds"], 1))
-    if kind == "gt":
-        word = "reproduced" if d > 2 * se else "not reproduced" if d < -2 * se else "inconclusive"
-    else:
-        word = ("reproduced" if abs(d) <= 2 * se and abs(d) < 0.02 else
-                "not reproduced" if abs(d) > 2 * se else "inconclusive")
-    return d, se, word
+def untestable(a: dict, b: dict) -> str:
+    """Why a pair of per-seed value sets cannot tell anything ('' when they can): both at the
+    floor, both at the ceiling, or no variance at all."""
+    values = list(a.values()) + list(b.values())
+    if values and all(v == 0 for v in values):
+        return "both at the floor"
+    if values and all(v == 1 for v in values):
+        return "both at the ceiling"
+    if len(set(a.values())) <= 1 and len(set(b.values())) <= 1:
+        return "no variance"
+    return ""
+
+
+def verdict_words(readings: list[tuple[str, Difference | None]]) -> list[str]:
+    """The decision rule: each reading (kind, the A - B difference, or None when untestable) gets
+    'reproduced', 'not reproduced', 'inconclusive' or 'untestable'. gt: reproduced when 'A > B' is
+    significant, not reproduced when 'A < B' is (one-sided t-tests); close: reproduced when TOST
+    shows |d| < MARGIN, not reproduced when |d| > MARGIN is significant. Each family of p-values
+    is Holm-corrected at ALPHA over the report's readings."""
+    testable = [(i, kind, diff) for i, (kind, diff) in enumerate(readings)
+                if diff is not None and diff.se > 0]
+    support = holm([p_greater(d) if k == "gt" else p_equivalent(d, MARGIN) for _, k, d in testable])
+    against = holm([p_less(d) if k == "gt" else p_beyond(d, MARGIN) for _, k, d in testable])
+    words = ["untestable"] * len(readings)
+    for (i, _, _), p_for, p_against in zip(testable, support, against):
+        words[i] = ("reproduced" if p_for < ALPHA else "not reproduced" if p_against < ALPHA
+                    else "inconclusive")
+    return words
 
 
 def _claim_readings(bench: str, benchmarks: list[str]):
@@ -342,30 +383,40 @@ def _claim_readings(bench: str, benchmarks: list[str]):
 
 def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
     by_cell = {(r["rule"], r["keep"]): r for r in rows if not r["variant"] and r["seeds"]}
-    lines = []
+    found = []
     for bench in (b for b in benchmarks if "@" not in b):
         for text, kind, a, b, problems, metric in _claim_readings(bench, benchmarks):
             if a in by_cell and b in by_cell and metric in by_cell[a] and metric in by_cell[b]:
-                d, se, word = verdict(kind, by_cell[a], by_cell[b], metric)
-                lines.append(f"| {text} | {bench}{problems} | {cell_label(*a)} − "
-                             f"{cell_label(*b)} | {100 * d:+.1f} | {100 * se:.1f} | {word} |")
+                seeds_a, seeds_b = (by_cell[c][f"{metric}_by_seed"] for c in (a, b))
+                why = untestable(seeds_a, seeds_b)
+                found.append((text, kind, a, b, f"{bench}{problems}", why,
+                              None if why else difference(seeds_a, seeds_b)))
+    words = verdict_words([(kind, diff) for _, kind, _, _, _, _, diff in found])
+    lines = []
+    for (text, _, a, b, where, why, diff), word in zip(found, words):
+        d = "—" if diff is None else f"{100 * diff.d:+.1f}"
+        se = "—" if diff is None else f"{100 * diff.se:.1f}" + (" (paired)" if diff.paired else "")
+        lines.append(f"| {text} | {where} | {cell_label(*a)} − {cell_label(*b)} | {d} | {se} | "
+                     f"{word + (f' ({why})' if why else '')} |")
     entropy = [r for r in rows if r["rule"] in ("entropy_sample", "entropy_topk")
                and not math.isnan(r["q3/of_kept"])]
     if not lines and not entropy:
         return ""
     out = ["", "## The paper's claims", "",
-           "d: difference of means over seeds (points); SE = √(s₁²/n₁ + s₂²/n₂). Reproduced when d "
-           "> 2·SE (for "
-           "\"close\": |d| ≤ 2·SE and |d| < 2 points), not reproduced when d < −2·SE (\"close\": "
-           "|d| > 2·SE), "
-           "else inconclusive.", "",
+           f"d: mean difference A − B in points, paired over the seeds both cells share (else "
+           f"Welch's); SE its standard error. \"A above B\": reproduced when a one-sided t-test "
+           f"finds A > B, not reproduced when it finds A < B; \"close\": reproduced when two "
+           f"one-sided tests put |d| below {100 * MARGIN:g} points, not reproduced when |d| is "
+           f"significantly above it; each at a familywise {ALPHA:g} with Holm's correction over "
+           f"the {len(lines)} readings below; else inconclusive. Untestable: both cells at the "
+           "floor or the ceiling, or without variance.", "",
            "| claim | benchmark | cells | d | SE | verdict |", "|---|---|---|---|---|---|", *lines]
     if entropy:
         out += ["",
-                "Entropy-only rules and Q3 tokens (Q3's share of all tokens vs of the kept tokens, "
-                "means over "
-                "seeds and steps):", "", "| rule | keep | Q3 share of tokens | Q3 share of kept |",
-                "|---|---|---|---|"]
+                "Sanity check, true by definition (not a finding): entropy-only rules keep "
+                "high-entropy tokens, so they under-keep Q3 (Q3's share of all tokens vs of the "
+                "kept tokens, means over seeds and steps):", "",
+                "| rule | keep | Q3 share of tokens | Q3 share of kept |", "|---|---|---|---|"]
         out += [f"| {r['rule']} | {r['keep']:g} | {r['q3/frac']:.3f} | {r['q3/of_kept']:.3f} |"
                 for r in entropy]
     return "\n".join(out) + "\n"

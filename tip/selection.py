@@ -6,7 +6,10 @@ bottom) ``k`` valid positions per scope:
 - ``scope='sequence'``: k = max(1, floor(rho * m)) in each rollout with m valid tokens (the paper's
   Eq. 8);
 - ``scope='batch'``:    K = max(1, floor(rho * M)) over all M valid tokens of the batch (the release
-  helper).
+  helper). In a run the batch is the step's global batch: with ``gather`` (the run's all-gather over
+  ranks) the top K is taken over every rank's tokens, so a deterministic rule keeps the same tokens
+  on any number of processes, and a sampled rule draws from the same distribution (its noise comes
+  from each rank's own stream).
 
 Stochastic rules draw from the given ``torch.Generator``. Sampling without replacement with p
 proportional to w is done with the Gumbel-top-k trick (top-k of log w + Gumbel noise), which is
@@ -25,7 +28,7 @@ from typing import Literal
 import torch
 
 from tip.signals import TokenSignals
-from tip.taxonomy import BatchStats, clipped_minmax_normalise, minmax_normalise
+from tip.taxonomy import BatchStats, clipped_minmax_normalise, minmax_normalise, quadrant_labels
 
 SCOPES = ("sequence", "batch")
 
@@ -42,6 +45,11 @@ class SelectionInputs:
     entropy_alpha: float
     log_vocab: float | None = None  # log|V|: turns the normalised entropies back into nats
     jsd_gamma: float = 1.0  # exponent of the normalised JSD in entropy_jsd_sample
+    # each position's quadrant (1..4, 0 invalid) by the taxonomy's thresholds (tip.taxonomy)
+    labels: torch.Tensor | None = None
+    is_weight_cap: float = 10.0  # entropy_sample_is_capped: weights at most this / rho
+    # the step's global batch over ranks, for scope='batch' (None: this process holds all of it)
+    gather: BatchGather | None = None
 
 
 ScoreFn = Callable[[SelectionInputs], torch.Tensor | None]
@@ -63,6 +71,8 @@ class Rule:
     ignores_keep: bool = False  # keeps every valid token whatever rho (its score returns None)
     # optional TokenSignals fields the score reads (computed only for such rules)
     needs: tuple[str, ...] = ()
+    # a quadrant-only rule: it keeps tokens of this quadrant (1..4) only, fewer when it is short
+    quadrant: int | None = None
 
 
 OPTIONAL_SIGNALS = {
@@ -73,15 +83,17 @@ OPTIONAL_SIGNALS = {
 
 RULES: dict[str, Rule] = {}
 
-SELECTOR_PARAMS = {"entropy_alpha": 1.0, "jsd_gamma": 1.0}
+SELECTOR_PARAMS = {"entropy_alpha": 1.0, "jsd_gamma": 1.0, "is_weight_cap": 10.0}
 """Parameters a selector's config file may carry (conf/selector/<rule>.yaml), with the value a rule
 whose file has none would see: entropy_alpha, the exponent of h in the entropy-sampling rules;
-jsd_gamma, the exponent of the JSD in entropy_jsd_sample."""
+jsd_gamma, the exponent of the JSD in entropy_jsd_sample; is_weight_cap, c in
+entropy_sample_is_capped's bound c / rho on a token's weight."""
 
 
 def register_rule(name: str, order: Literal["top", "bottom"] = "top",
                   weight: WeightFn | None = None, denominator: str = "kept",
-                  ignores_keep: bool = False, needs: tuple[str, ...] = ()):
+                  ignores_keep: bool = False, needs: tuple[str, ...] = (),
+                  quadrant: int | None = None):
     """Register a score function as a selection rule under ``name`` (with ``weight``: a weighting
     rule, whose ``denominator`` is the loss's D under train.denominator=auto)."""
 
@@ -94,7 +106,7 @@ def register_rule(name: str, order: Literal["top", "bottom"] = "top",
                              f"{tuple(OPTIONAL_SIGNALS)}")
         RULES[name] = Rule(name=name, score=fn, order=order, doc=(fn.__doc__ or "").strip(),
                            weight=weight, denominator=denominator, ignores_keep=ignores_keep,
-                           needs=tuple(needs))
+                           needs=tuple(needs), quadrant=quadrant)
         return fn
 
     return wrap
@@ -107,9 +119,29 @@ def get_rule(name: str) -> Rule:
         raise ValueError(f"unknown selector {name!r}; known: {', '.join(sorted(RULES))}") from None
 
 
+FINE_LEVELS, FINE_STEP = 3, 2.0 ** -50
+
+
+def fine_uniform(shape: torch.Size, generator: torch.Generator | None, device) -> torch.Tensor:
+    """U(0, 1) in fp64 resolved far below torch.rand's spacing near 0 (2^-53): a draw below 2^-50
+    is redrawn uniformly inside [0, 2^-50), twice, so the smallest values reach about 2^-150.
+    Three uniforms per element, whatever the values (the stream does not depend on them)."""
+    draws = [torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+             for _ in range(FINE_LEVELS)]
+    u, scale = draws[0], 1.0
+    for finer in draws[1:]:
+        scale *= FINE_STEP
+        u = torch.where(u < scale, finer * scale, u)
+    return u
+
+
 def _gumbel(shape: torch.Size, generator: torch.Generator | None, device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0 - 1e-7)
-    return -torch.log(-torch.log(u))
+    """Gumbel(0, 1) keys in fp64, -log E with E = -log(1 - V) ~ Exp(1), V ``fine_uniform``: keys
+    reach about 100 (and 690 at E's fp64 floor). The former -log(-log u) with fp32 u clamped below 1
+    stopped at 15.9, so a token whose log-weight lay more than that below the threshold (the
+    lowest-entropy tokens) could never be drawn, which biased entropy_sample_is."""
+    exponential = -torch.log1p(-fine_uniform(shape, generator, device))
+    return -torch.log(exponential.clamp_min(1e-300))
 
 
 @register_rule("all", ignores_keep=True)
@@ -128,7 +160,7 @@ def _random(x: SelectionInputs):
 def _entropy_sample(x: SelectionInputs):
     """Sample without replacement with p proportional to h^alpha (h = H/log|V|, floored at 1e-8 as
     in the release helper); the paper's 'entropy sampling'."""
-    log_w = x.entropy_alpha * torch.log(x.signals.entropy.clamp_min(1e-8))
+    log_w = _entropy_log_weights(x)
     return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
 
 
@@ -166,21 +198,35 @@ def _soft_or_bottom(x: SelectionInputs):
     return _soft_or(x)
 
 
-@register_rule("q1")
+# Quadrant-only rules keep tokens of their quadrant only, by the thresholds the taxonomy logs
+# (selection.quadrant_thresholds: the global batch's medians by default), filling k inside the
+# quadrant by the quadrant's own score; when the quadrant holds fewer than k tokens they keep all of
+# it and no more (the step logs kept_of_target). Scores alone cannot do it: delta is heavy-tailed,
+# so d_hat sits near 0 for almost every token and h_hat * (1 - d_hat) is entropy top-k, whichever
+# quadrant the tokens are in.
+
+
+@register_rule("q1", quadrant=1)
 def _q1(x: SelectionInputs):
-    """Quadrant-only Q1 (uncertain and disagreeing): h_hat * d_hat, top-k."""
+    """Q1 only (uncertain and disagreeing), filled by h_hat * d_hat."""
     return x.h_hat * x.d_hat
 
 
-@register_rule("q2")
+@register_rule("q2", quadrant=2)
 def _q2(x: SelectionInputs):
-    """Quadrant-only Q2 (uncertain and agreeing): h_hat * (1 - d_hat), top-k."""
+    """Q2 only (uncertain and agreeing), filled by h_hat * (1 - d_hat)."""
     return x.h_hat * (1.0 - x.d_hat)
 
 
-@register_rule("q4")
+@register_rule("q3_only", quadrant=3)
+def _q3_only(x: SelectionInputs):
+    """Q3 only (confident and disagreeing), filled by the Q3 score delta_fwd * (1 - h_hat)."""
+    return _q3(x)
+
+
+@register_rule("q4", quadrant=4)
 def _q4(x: SelectionInputs):
-    """Quadrant-only Q4 (confident and agreeing, 'solved'): (1 - h_hat) * (1 - d_hat), top-k."""
+    """Q4 only (confident and agreeing, 'solved'), filled by (1 - h_hat) * (1 - d_hat)."""
     return (1.0 - x.h_hat) * (1.0 - x.d_hat)
 
 
@@ -198,7 +244,7 @@ def _teacher_entropy_topk(x: SelectionInputs):
 
 
 def _entropy_log_weights(x: SelectionInputs) -> torch.Tensor:
-    return x.entropy_alpha * torch.log(x.signals.entropy.clamp_min(1e-8))
+    return x.entropy_alpha * torch.log(x.signals.entropy.double().clamp_min(1e-8))
 
 
 @register_rule("entropy_jsd_sample", needs=("jsd",))
@@ -210,16 +256,22 @@ def _entropy_jsd_sample(x: SelectionInputs):
     if x.signals.jsd is None:
         raise ValueError("entropy_jsd_sample needs the JSD signal (token_signals(..., "
                          "with_jsd=True))")
-    log_w = _entropy_log_weights(x) + x.jsd_gamma * torch.log(x.signals.jsd.clamp_min(1e-8))
+    log_jsd = torch.log(x.signals.jsd.double().clamp_min(1e-8))
+    log_w = _entropy_log_weights(x) + x.jsd_gamma * log_jsd
     return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
 
 
 def gumbel_threshold(keys: torch.Tensor, mask: torch.Tensor, keep: float,
-                     scope: str) -> torch.Tensor:
+                     scope: str, gather: BatchGather | None = None) -> torch.Tensor:
     """The (k+1)-th largest key of each scope group (k as the rules keep), broadcast to (B, T); -inf
-    where the group keeps every valid token."""
+    where the group keeps every valid token. ``gather``: the batch scope's group is every rank's."""
     mask = mask.bool()
-    key = keys.float().masked_fill(~mask, -math.inf)
+    if scope == "batch" and gather is not None:
+        every = gather.concat(keys.double()[mask])
+        k = int(keep_count(torch.tensor(every.numel(), device=every.device), keep))
+        kappa = every.sort(descending=True).values[k] if k < every.numel() else -math.inf
+        return torch.full(mask.shape, float(kappa), dtype=torch.float64, device=mask.device)
+    key = keys.double().masked_fill(~mask, -math.inf)
     rows = key.reshape(1, -1) if scope == "batch" else key
     m = (mask.reshape(1, -1) if scope == "batch" else mask).sum(-1)
     k = keep_count(m, keep)
@@ -235,19 +287,35 @@ def _inverse_inclusion(x: SelectionInputs, score, kept, keep: float, scope: str)
     largest perturbed key of the scope: the inclusion probability of t given the threshold (priority
     sampling; Duffield et al. 2007, Kool et al. 2020). sum_{t kept} x_t / q_t is then an unbiased
     estimate of sum_t x_t."""
-    kappa = gumbel_threshold(score, x.signals.mask, keep, scope)
+    kappa = gumbel_threshold(score, x.signals.mask, keep, scope, x.gather)
     q = -torch.expm1(-torch.exp(_entropy_log_weights(x) - kappa))
-    return torch.where(kept, 1.0 / q.clamp_min(1e-30), 0.0)
+    return torch.where(kept, 1.0 / q.clamp_min(1e-30), 0.0)  # finite in fp32
 
 
 @register_rule("entropy_sample_is", weight=_inverse_inclusion, denominator="all")
 def _entropy_sample_is(x: SelectionInputs):
     """Entropy sampling (p ~ h^alpha without replacement) with each kept token weighted by 1/q_t,
-    its inclusion probability given the sample's threshold; D = the valid tokens, so the loss is an
-    unbiased estimate of the all-token loss and its gradient (the correction the paper derives in
-    App. A.3)."""
+    its inclusion probability given the sample's threshold; D = the valid tokens. Unbiased given the
+    rollouts and their signals, before gradient clipping: over the draws, the weighted kept sum
+    averages to the all-token sum, so the loss and its gradient are unbiased estimates of the
+    all-token ones (the correction the paper derives in App. A.3). Weights reach 1/q_t, which is
+    large for low-entropy tokens (the step logs max_weight and effective_frac)."""
     log_w = _entropy_log_weights(x)
     return log_w + _gumbel(log_w.shape, x.generator, log_w.device)
+
+
+def _capped_inverse_inclusion(x: SelectionInputs, score, kept, keep: float,
+                              scope: str) -> torch.Tensor:
+    return _inverse_inclusion(x, score, kept, keep, scope).clamp(max=x.is_weight_cap / keep)
+
+
+@register_rule("entropy_sample_is_capped", weight=_capped_inverse_inclusion, denominator="all")
+def _entropy_sample_is_capped(x: SelectionInputs):
+    """entropy_sample_is with each weight capped at c / rho (c = selector.is_weight_cap, 10): a
+    bounded variance, and a bias: a token whose inclusion probability q_t is below rho / c counts
+    c / rho instead of 1/q_t, so the estimate is low by sum over such tokens of x_t (1 - q_t c /
+    rho) in expectation: the lowest-entropy tokens are under-weighted."""
+    return _entropy_sample_is(x)
 
 
 def _relative_confidence(x: SelectionInputs, *_) -> torch.Tensor:
@@ -258,17 +326,19 @@ def _relative_confidence(x: SelectionInputs, *_) -> torch.Tensor:
     return torch.sigmoid((x.signals.entropy - _need_teacher_entropy(x)) * x.log_vocab)
 
 
-@register_rule("rel_conf", weight=_relative_confidence, denominator="weight", ignores_keep=True)
+@register_rule("rel_conf", weight=_relative_confidence, denominator="all", ignores_keep=True)
 def _rel_conf(x: SelectionInputs):
-    """Every token, weighted by sigmoid(H_S - H_T) (TSD-KD's relative confidence): more where the
-    student is less sure than the teacher; ignores keep."""
+    """TSD-KD's direct-distillation weight only: every token weighted by sigmoid(H_S - H_T) (more
+    where the student is less sure than the teacher), the weighted sum divided by the valid-token
+    count as TSD-KD's code does (kmswin1/TSD-KD); TSD-KD uses JSD, which a cell pairs with it as
+    rel_conf@1.0/jsd. The rest of TSD-KD is not in tip. Ignores keep."""
     return None
 
 
 @register_rule("rel_conf_topk", weight=_relative_confidence, denominator="weight")
 def _rel_conf_topk(x: SelectionInputs):
-    """The top-k tokens by sigmoid(H_S - H_T), each weighted by it (TSD-KD's relative confidence
-    with a budget)."""
+    """tip's own budgeted variant (not in TSD-KD): the top-k tokens by TSD-KD's weight
+    sigmoid(H_S - H_T), each weighted by it, a weighted mean."""
     return _relative_confidence(x)
 
 
@@ -283,9 +353,10 @@ def _position_ramp(x: SelectionInputs, *_) -> torch.Tensor:
 
 @register_rule("position_weight", weight=_position_ramp, denominator="weight", ignores_keep=True)
 def _position_weight(x: SelectionInputs):
-    """Every token, weighted by a linear ramp over its response (mean 1): later tokens count more
-    (PW-OPSD, for the self-distillation teacher, whose privileged context helps most late in a
-    solution); ignores keep."""
+    """A linear position ramp, PW-OPSD-inspired: every token weighted by 2 (i + 1) / (m + 1) over
+    its response (mean 1), so later tokens count more. PW-OPSD's own ramp is not published in a form
+    tip could copy (this one is a guess), and its clipped forward-KL target is not in tip. Ignores
+    keep."""
     return None
 
 
@@ -296,26 +367,81 @@ def keep_count(num_valid: torch.Tensor, keep: float) -> torch.Tensor:
     return torch.where(num_valid > 0, k, torch.zeros_like(k))
 
 
-def keep_extreme(
-    score: torch.Tensor, mask: torch.Tensor, keep: float, scope: str = "sequence",
-                 order: str = "top"
-) -> torch.Tensor:
+def keep_extreme(score: torch.Tensor, mask: torch.Tensor, keep: float, scope: str = "sequence",
+                 order: str = "top", eligible: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None,
+                 gather: BatchGather | None = None) -> torch.Tensor:
     """Boolean mask of the k highest (``order='top'``) or lowest (``'bottom'``) scores among valid
-    positions, with k per scope as in the module docstring. Ties go to the earlier position."""
+    positions, with k per scope as in the module docstring (of the valid positions). ``eligible``:
+    only these may be kept (fewer than k when they are fewer). Ties are broken at random with
+    ``generator`` (Soft-OR ties at 1.0 for every token of the clipped top entropy quantile: the
+    earliest of them would win), or go to the earlier position without one. ``gather``: the batch
+    scope's top K is taken over every rank's tokens (``global_top``)."""
     if scope not in SCOPES:
         raise ValueError(f"unknown selection scope {scope!r}; known: {', '.join(SCOPES)}")
     mask = mask.bool()
-    key = score.float() if order == "top" else -score.float()
-    key = key.masked_fill(mask.logical_not(), -math.inf)
+    candidates = mask if eligible is None else mask & eligible.bool()
+    key = score if score.dtype == torch.float64 else score.float()  # fp64 Gumbel keys stay fp64
+    key = (key if order == "top" else -key).masked_fill(candidates.logical_not(), -math.inf)
+    if scope == "batch" and gather is not None:
+        return global_top(key, mask, candidates, keep, generator, gather)
     rows = key.reshape(1, -1) if scope == "batch" else key
     row_mask = mask.reshape(1, -1) if scope == "batch" else mask
     k = keep_count(row_mask.sum(-1), keep)
-    order_idx = rows.argsort(dim=-1, descending=True, stable=True)
+    order_idx = ranked(rows, generator)
     rank = torch.empty_like(order_idx)
     rank.scatter_(-1, order_idx,
                   torch.arange(rows.shape[-1], device=rows.device).expand_as(order_idx))
-    kept = (rank < k.unsqueeze(-1)) & row_mask
+    kept = (rank < k.unsqueeze(-1)).reshape(mask.shape) & candidates
+    return kept
+
+
+@dataclass(frozen=True)
+class BatchGather:
+    """The step's global batch for ``scope='batch'``: ``concat`` concatenates a 1-D tensor over the
+    ranks in rank order (an all-gather), ``rank`` is this process's place in that order."""
+
+    concat: Callable[[torch.Tensor], torch.Tensor]
+    rank: int
+
+
+def global_top(key: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor, keep: float,
+               generator: torch.Generator | None, gather: BatchGather) -> torch.Tensor:
+    """The batch scope over every rank: the top K = keep_count(global valid count) of every rank's
+    candidate keys, ties broken by random priorities from ``generator`` (else by rank, then
+    position); this rank keeps its share. Gathers the counts, the keys and the priorities."""
+    local = key[candidates]
+    counts = gather.concat(torch.stack([candidates.sum(), mask.sum()]))  # (candidates, valid)
+    keys_all = gather.concat(local)
+    k = int(keep_count(counts[1::2].sum(), keep))
+    if generator is not None:
+        priority = gather.concat(torch.rand(local.shape, generator=generator, device=local.device))
+        shuffle = priority.argsort()
+        order = shuffle[keys_all[shuffle].argsort(descending=True, stable=True)]
+    else:
+        order = keys_all.argsort(descending=True, stable=True)
+    chosen = torch.zeros(keys_all.numel(), dtype=torch.bool, device=key.device)
+    chosen[order[:k]] = True
+    start = int(counts[0::2][: gather.rank].sum())
+    kept = torch.zeros(mask.numel(), dtype=torch.bool, device=key.device)
+    kept[candidates.reshape(-1).nonzero(as_tuple=True)[0]] = chosen[start:start + local.numel()]
     return kept.reshape(mask.shape)
+
+
+def ranked(keys: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices that sort each row of ``keys`` from largest to smallest; equal keys in a random order
+    drawn from ``generator`` (a shuffle, then a stable sort), else in position order."""
+    if generator is None:
+        return keys.argsort(dim=-1, descending=True, stable=True)
+    shuffle = torch.rand(keys.shape, generator=generator, device=keys.device).argsort(dim=-1)
+    within = keys.gather(-1, shuffle).argsort(dim=-1, descending=True, stable=True)
+    return shuffle.gather(-1, within)
+
+
+def target_count(mask: torch.Tensor, keep: float, scope: str) -> torch.Tensor:
+    """The number of tokens a rule is asked to keep: k per rollout, or K over the batch."""
+    m = mask.bool().sum() if scope == "batch" else mask.bool().sum(-1)
+    return keep_count(m, keep).sum()
 
 
 KEEP_SCHEDULES = ("constant", "linear", "cosine", "step")
@@ -369,6 +495,8 @@ class Selection:
     weights: torch.Tensor | None
     h_hat: torch.Tensor  # the normalised axes the rule saw
     d_hat: torch.Tensor
+    labels: torch.Tensor  # each position's quadrant (tip.taxonomy.quadrant_labels)
+    target: torch.Tensor  # how many tokens the rule was asked to keep (a quadrant may be short)
 
 
 def select(
@@ -383,6 +511,10 @@ def select(
     stats: BatchStats | None = None,
     log_vocab: float | None = None,
     jsd_gamma: float = 1.0,
+    entropy_threshold: float | str = "median",
+    divergence_threshold: float | str = "median",
+    is_weight_cap: float = SELECTOR_PARAMS["is_weight_cap"],
+    gather: BatchGather | None = None,
 ) -> Selection:
     """Which valid positions the loss trains on, with the rule's score, its weights (a weighting
     rule's) and the normalised axes it saw.
@@ -401,6 +533,10 @@ def select(
                     draws)
     log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
     jsd_gamma:      exponent of the JSD in entropy_jsd_sample (its release helper's gamma)
+    entropy_threshold, divergence_threshold: the quadrant thresholds (``quadrant_labels``), which
+                    the quadrant-only rules keep to
+    is_weight_cap:  c in entropy_sample_is_capped's bound c / rho on a weight
+    gather:         with scope='batch', the run's ranks (the top K of the step's global batch)
     """
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
@@ -417,12 +553,19 @@ def select(
         entropy_alpha=entropy_alpha,
         log_vocab=log_vocab,
         jsd_gamma=jsd_gamma,
+        labels=quadrant_labels(signals.entropy, signals.reverse_kl, mask, entropy_threshold,
+                               divergence_threshold, stats),
+        is_weight_cap=is_weight_cap,
+        gather=gather,
     )
     score = spec.score(inputs)
-    kept = mask.clone() if score is None else keep_extreme(score, mask, keep, scope, spec.order)
+    eligible = None if spec.quadrant is None else inputs.labels == spec.quadrant
+    kept = mask.clone() if score is None else keep_extreme(score, mask, keep, scope, spec.order,
+                                                           eligible, generator, gather)
     weights = None if spec.weight is None else \
         torch.where(kept, spec.weight(inputs, score, kept, keep, scope).float(), 0.0).detach()
-    return Selection(kept, score, weights, inputs.h_hat, inputs.d_hat)
+    target = mask.sum() if score is None else target_count(mask, keep, scope)
+    return Selection(kept, score, weights, inputs.h_hat, inputs.d_hat, inputs.labels, target)
 
 
 def select_tokens(rule: str, signals: TokenSignals, keep: float, *args, **kwargs) -> torch.Tensor:

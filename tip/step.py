@@ -17,8 +17,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
-from tip.losses import FusedDivergence, fused_divergence_sum, loss_denominator, normalised_loss
+from tip.distributed import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
+from tip.losses import (
+    FusedDivergence,
+    fused_divergence_sum,
+    loss_denominator,
+    normalised_loss,
+    per_rollout_weights,
+)
 from tip.models import (
     final_logit_softcap,
     gathered_heads,
@@ -28,7 +34,15 @@ from tip.models import (
     whole_until_accumulated,
 )
 from tip.rollout import RolloutBatch, aligned_targets, with_prompts
-from tip.selection import SELECTOR_PARAMS, Rule, Selection, get_rule, keeps_every_token, select
+from tip.selection import (
+    SELECTOR_PARAMS,
+    BatchGather,
+    Rule,
+    Selection,
+    get_rule,
+    keeps_every_token,
+    select,
+)
 from tip.signals import SIGNAL_ROWS, TokenSignals, token_signals
 from tip.taxonomy import BatchStats, quadrant_labels, quadrant_sums, summarise_quadrants
 from tip.token_records import stats_dict, token_table
@@ -52,6 +66,7 @@ class StepSettings:
     jsd_gamma: float
     entropy_threshold: float | str
     divergence_threshold: float | str
+    is_weight_cap: float = SELECTOR_PARAMS["is_weight_cap"]
 
     @classmethod
     def of(cls, cfg, chunk_size: int, micro_size: int) -> StepSettings:
@@ -66,13 +81,16 @@ class StepSettings:
                                                   SELECTOR_PARAMS["entropy_alpha"]),
                    jsd_gamma=cfg.selector.get("jsd_gamma", SELECTOR_PARAMS["jsd_gamma"]),
                    entropy_threshold=sel.quadrant_thresholds.entropy,
-                   divergence_threshold=sel.quadrant_thresholds.divergence)
+                   divergence_threshold=sel.quadrant_thresholds.divergence,
+                   is_weight_cap=cfg.selector.get("is_weight_cap",
+                                                  SELECTOR_PARAMS["is_weight_cap"]))
 
     def selection_meta(self) -> dict:
         """What token records need beside the signals to re-run any rule on them exactly."""
         return {"selector": self.rule.name, "divergence": self.divergence, "scope": self.scope,
                 "norm_scope": self.norm_scope, "clip_quantile": float(self.clip_quantile),
                 "entropy_alpha": float(self.entropy_alpha), "jsd_gamma": float(self.jsd_gamma),
+                "is_weight_cap": float(self.is_weight_cap),
                 "quadrant_thresholds": {"entropy": self.entropy_threshold,
                                         "divergence": self.divergence_threshold}}
 
@@ -245,20 +263,25 @@ class Choice:
     labels: torch.Tensor  # quadrant of each position
     stats: BatchStats  # of the step's global batch
     log_vocab: float
+    target: torch.Tensor  # how many tokens the rule was asked to keep on this rank
 
 
 def choose(s: StepSettings, sig: TokenSignals, stats: BatchStats, keep: float, generator,
-           log_vocab: float, keeps_all: bool, record_tokens: bool) -> Choice:
+           log_vocab: float, keeps_all: bool, record_tokens: bool,
+           gather: BatchGather | None = None) -> Choice:
     """Selection and taxonomy over the rank's whole batch ("per batch" in the paper) with the batch
-    statistics of the step's global batch."""
+    statistics of the step's global batch; with scope=batch, the top K of the global batch
+    (``gather``)."""
     selection = None if keeps_all and not record_tokens else select(
         s.rule.name, sig, keep, s.scope, generator, s.clip_quantile, s.norm_scope, s.entropy_alpha,
-        stats, log_vocab=log_vocab, jsd_gamma=s.jsd_gamma)
-    kept = sig.mask.clone() if selection is None else selection.kept
-    weights = None if selection is None else selection.weights
+        stats, log_vocab=log_vocab, jsd_gamma=s.jsd_gamma, entropy_threshold=s.entropy_threshold,
+        divergence_threshold=s.divergence_threshold, is_weight_cap=s.is_weight_cap, gather=gather)
+    if selection is not None:
+        return Choice(selection, selection.kept, selection.weights, selection.labels, stats,
+                      log_vocab, selection.target)
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask, s.entropy_threshold,
                              s.divergence_threshold, stats)
-    return Choice(selection, kept, weights, labels, stats, log_vocab)
+    return Choice(None, sig.mask.clone(), None, labels, stats, log_vocab, sig.mask.sum())
 
 
 # ---- backward
@@ -321,13 +344,14 @@ def _per_micro(scored: list[ScoredMicro], choice: Choice):
 # ------------------------------------------------------------------------------------------------
 
 STEP_SUMS = ("valid_tokens", "kept_tokens", "sum_h", "sum_delta", "sum_delta_fwd", "sum_h_teacher",
-             "sum_w", "sum_w2", "loss", "sum_logp_gap", "logp_gap_tokens")
+             "sum_w", "sum_w2", "loss", "sum_logp_gap", "logp_gap_tokens", "target_tokens")
 
 
 def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor,
                      loss_sum: torch.Tensor, dist: DistInfo,
                      weights: torch.Tensor | None = None,
-                     sampler_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     sampler_logp: torch.Tensor | None = None,
+                     target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's additive statistics summed over ranks: ``STEP_SUMS`` (fp64) and ``quadrant_sums``.
     Device tensors throughout (what NCCL needs), with no host synchronisation. ``sampler_logp``
     (B, T): the rollout engine's log-probabilities of the tokens, compared with the student's."""
@@ -339,7 +363,8 @@ def reduce_step_sums(sig: TokenSignals, kept: torch.Tensor, labels: torch.Tensor
                            for x in (sig.entropy, sig.reverse_kl, sig.forward_kl,
                                      sig.teacher_entropy)),
                          w.sum(), w.square().sum(), loss_sum.double(),
-                         *logp_gap_sums(sig, sampler_logp)])
+                         *logp_gap_sums(sig, sampler_logp),
+                         (m.sum() if target is None else target).double()])
     quad = quadrant_sums(labels, sig.entropy, sig.reverse_kl, kept, sig.teacher_entropy)
     return all_reduce_sum(local, dist), all_reduce_sum(quad, dist)
 
@@ -380,12 +405,17 @@ def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
     return {
         "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
         "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
+        # below 1 when a quadrant-only rule's quadrant held fewer tokens than it was asked to keep
+        "kept_of_target": totals["kept_tokens"] / max(totals["target_tokens"], 1.0),
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
         "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
             "mean_h_teacher": totals["sum_h_teacher"] / valid,
         # A weighted rule's kept tokens count as (sum w)^2 / sum w^2 tokens (= kept tokens
         # with hard masks).
         "effective_tokens": totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30),
+        # effective tokens per kept token: 1 for hard masks, small when a few weights dominate
+        "effective_frac": totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30)
+        / max(totals["kept_tokens"], 1.0),
         "mean_weight": totals["sum_w"] / max(totals["kept_tokens"], 1.0),
         "grad_norm": grad_norm,
         "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0),
@@ -418,7 +448,8 @@ def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: Dis
     views = [m if teacher_prompts is None else with_prompts(
         m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
     shared = engine if len(micros) == 1 else None
-    keeps_all = keeps_every_token(s.rule.name, keep)
+    # (per-rollout means weigh each token: no unweighted loss from the scoring pass)
+    keeps_all = keeps_every_token(s.rule.name, keep) and s.denominator != "sequence"
     scored = [score_micro(s, shared, student, teacher, m, v, keeps_all, record_tokens,
                           "jsd" in s.rule.needs)
               for m, v in zip(micros, views)]
@@ -436,7 +467,10 @@ def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: Dis
     stats = BatchStats.of(h_all, d_all, s.clip_quantile)
     # the signals' normaliser
     log_vocab = math.log(min(output_width(student), output_width(teacher)))
-    choice = choose(s, sig, stats, keep, generator, log_vocab, keeps_all, record_tokens)
+    gather = BatchGather(lambda x: all_gather_rows(x, dist), dist.rank)
+    choice = choose(s, sig, stats, keep, generator, log_vocab, keeps_all, record_tokens, gather)
+    if s.denominator == "sequence":
+        choice.weights = per_rollout_weights(choice.kept, sig.mask, choice.weights)
     clock.lap("selection_s")
 
     loss_sum = backward(s, engine, teacher, micros, scored, sig, choice, dist, clock)
@@ -451,12 +485,15 @@ def step_result(engine, micros: list[RolloutBatch], sig: TokenSignals, choice: C
     if micros[0].sampler_logp is not None:
         sampler = pad_cat([m.sampler_target_logp for m in micros], sig.mask.shape[1])
     sums, quad = reduce_step_sums(sig, choice.kept, choice.labels, loss_sum, dist, choice.weights,
-                                  sampler)
+                                  sampler, choice.target)
     totals = dict(zip(STEP_SUMS, sums.tolist()))
     grad_norm, discarded = gradient_outcome(engine, totals["loss"])
     if discarded:
         return StepResult(clock.rounded(), skipped=discarded)
     result = StepResult(step_metrics(totals, quad, grad_norm, clock))
+    if choice.weights is not None:  # a weighting rule: its largest weight over the step's ranks
+        largest = torch.where(choice.kept, choice.weights, 0.0).max().reshape(1).double()
+        result.metrics["max_weight"] = float(all_reduce_max(largest, dist))
     if record_tokens:
         targets = pad_cat([m.targets for m in micros], sig.mask.shape[1])
         result.token_table = token_table(sig, choice.selection, choice.kept, choice.labels, targets)
