@@ -151,4 +151,8 @@ EXTRACTION_CASES = [
 def test_math_verify_reads_answers_over_several_boxes_and_final_answer_lines(completion, reference, correct):
     g = grade_one(completion, reference)
     assert g.correct == correct, g
-    assert grade_many([(completion, reference)], timeout_s=10)[0].correct == correct
+
+
+def test_the_worker_pool_grades_them_alike():
+    grades = grade_many([(c, r) for c, r, _ in EXTRACTION_CASES], timeout_s=10)
+    assert [g.correct for g in grades] == [want for _, _, want in EXTRACTION_CASES]

@@ -105,6 +105,7 @@ def test_untrained_cell_is_the_student_without_steps():
     assert cfg.train.steps == 0 and cfg.selector.name == "all"
 
 
+@pytest.mark.slow
 def test_a_sweep_file_is_a_multirun_without_m_from_any_working_directory(tmp_path):
     """Sweep files declare hydra.mode=MULTIRUN; conf/ and sweeps/ are found from the checkout, not the cwd."""
     elsewhere = tmp_path / "elsewhere"
@@ -118,7 +119,7 @@ def test_a_sweep_file_is_a_multirun_without_m_from_any_working_directory(tmp_pat
     assert all(json.loads((sweep / n / "status.json").read_text())["status"] == "completed" for n in "01")
 
 
-@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("parallel", marks=pytest.mark.slow)])
 def test_a_2x2_multirun_and_its_report(launcher, tmp_path):
     sweep = tmp_path / "sweep"
     proc = multirun(*FAST, "logger=none", "cell=all@1.0,q3@0.2", "seed=0,1", f"hydra/launcher={launcher}",

@@ -208,6 +208,7 @@ def test_bad_keep_schedules_are_refused_by_name():
         check_config(compose_config("keep_schedule.kind=step", "keep_schedule.milestones=[[3,1.5]]"))
 
 
+@pytest.mark.slow
 def test_the_per_rollout_denominator_averages_each_rollouts_mean(tmp_path):
     """train.denominator=sequence (the paper's Eq. 1 and 9 read per rollout): the step's loss is the mean over
     rollouts of each rollout's mean divergence over its kept tokens, read back from the token records; the

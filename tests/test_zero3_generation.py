@@ -1,6 +1,7 @@
 """HF generate under ZeRO-3 with the student gathered once per call (engine.gather_for_generate): the same samples
 as with DeepSpeed's per-module gathers, and the engine's hooks back afterwards, so training goes on."""
 
+import pytest
 import torch
 
 from tip.distributed import init_distributed
@@ -50,6 +51,7 @@ def zero3_coordinator(root):
     return offload.get_param_coordinator()
 
 
+@pytest.mark.slow
 def test_the_zero3_teachers_trace_completes_like_the_students(tmp_path):
     """DeepSpeed traces a ZeRO-3 module's parameter order from its root module's forward: the teacher, called
     through its decoder alone, bypassed the root's hook and its trace stayed INVALID every step (no prefetch,
