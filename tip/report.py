@@ -422,10 +422,16 @@ def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def table_columns(rows: list[dict]) -> list[str]:
+    """The rows' columns with one value per cell (not the per-seed values the verdicts read)."""
+    return [k for k in rows[0] if not k.endswith("_by_seed")] if rows else []
+
+
 def _csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=table_columns(rows), lineterminator="\n",
+                                extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return buf.getvalue()
@@ -549,7 +555,7 @@ def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell]
                      group=lg.get("group") or Path(sweep_dir).name, name="report",
                      job_type="report", mode=mode or resolve_mode(lg.get("mode", "auto")),
                      dir=str(out), reinit="finish_previous")
-    columns = list(rows[0]) if rows else []
+    columns = table_columns(rows)
     run.log({"results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
              "accuracy_vs_tokens": wandb.Image(str(out / "accuracy_vs_tokens.png")),
              "quadrant_kept_shares": wandb.Image(str(out / "quadrant_kept_shares.png"))})
