@@ -24,7 +24,7 @@ import torch
 
 from tip.checkpoint import write_atomic
 from tip.report import pyplot, read_jsonl, save_figure
-from tip.selection import RULES, select_tokens
+from tip.selection import RULES, SELECTOR_PARAMS, select_tokens
 from tip.signals import TokenSignals
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
 from tip.token_records import OPTIONAL_COLUMNS, logged_steps, read_token_records, stats_of
@@ -90,7 +90,8 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
                                      meta["entropy_alpha"], stats,
                                      log_vocab=meta["batch_stats"].get("log_vocab"),
                                      jsd_gamma=meta.get("jsd_gamma", 1.0),
-                                     is_weight_cap=meta.get("is_weight_cap", 10.0),
+                                     is_weight_cap=meta.get("is_weight_cap",
+                                                            SELECTOR_PARAMS["is_weight_cap"]),
                                      **threshold_kwargs(meta))
                 for i, flag in zip(order, kept[signals.mask].tolist()):
                     flags[i] = flag

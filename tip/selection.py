@@ -388,7 +388,9 @@ def keep_extreme(score: torch.Tensor, mask: torch.Tensor, keep: float, scope: st
     rows = key.reshape(1, -1) if scope == "batch" else key
     row_mask = mask.reshape(1, -1) if scope == "batch" else mask
     k = keep_count(row_mask.sum(-1), keep)
-    order_idx = ranked(rows, generator)
+    priorities = None if generator is None else \
+        torch.rand(rows.shape, generator=generator, device=rows.device)
+    order_idx = ranked(rows, priorities)
     rank = torch.empty_like(order_idx)
     rank.scatter_(-1, order_idx,
                   torch.arange(rows.shape[-1], device=rows.device).expand_as(order_idx))
@@ -414,12 +416,9 @@ def global_top(key: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor, 
     counts = gather.concat(torch.stack([candidates.sum(), mask.sum()]))  # (candidates, valid)
     keys_all = gather.concat(local)
     k = int(keep_count(counts[1::2].sum(), keep))
-    if generator is not None:
-        priority = gather.concat(torch.rand(local.shape, generator=generator, device=local.device))
-        shuffle = priority.argsort()
-        order = shuffle[keys_all[shuffle].argsort(descending=True, stable=True)]
-    else:
-        order = keys_all.argsort(descending=True, stable=True)
+    priorities = None if generator is None else \
+        gather.concat(torch.rand(local.shape, generator=generator, device=local.device))
+    order = ranked(keys_all, priorities)
     chosen = torch.zeros(keys_all.numel(), dtype=torch.bool, device=key.device)
     chosen[order[:k]] = True
     start = int(counts[0::2][: gather.rank].sum())
@@ -428,12 +427,13 @@ def global_top(key: torch.Tensor, mask: torch.Tensor, candidates: torch.Tensor, 
     return kept.reshape(mask.shape)
 
 
-def ranked(keys: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices that sort each row of ``keys`` from largest to smallest; equal keys in a random order
-    drawn from ``generator`` (a shuffle, then a stable sort), else in position order."""
-    if generator is None:
+def ranked(keys: torch.Tensor, priorities: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices that sort each row of ``keys`` from largest to smallest; equal keys in the order of
+    ``priorities`` (random draws, of keys' shape: a shuffle, then a stable sort), else in position
+    order."""
+    if priorities is None:
         return keys.argsort(dim=-1, descending=True, stable=True)
-    shuffle = torch.rand(keys.shape, generator=generator, device=keys.device).argsort(dim=-1)
+    shuffle = priorities.argsort(dim=-1)
     within = keys.gather(-1, shuffle).argsort(dim=-1, descending=True, stable=True)
     return shuffle.gather(-1, within)
 

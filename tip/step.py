@@ -186,8 +186,8 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
     scoring loop). ``with_top1``: each model's top token too; ``with_jsd``: the JSD signal too (a
     rule that reads it; ``Rule.needs``). Rollouts that carry the engine's log-probabilities get
     the student's log P_S of the same tokens (``TokenSignals.sampled_logp``)."""
-    index = aligned_targets(micro, teacher_view)
-    check = micro.sampler_logp is not None  # student target position -> the teacher's
+    index = aligned_targets(micro, teacher_view)  # student target position -> the teacher's
+    check = micro.sampler_logp is not None  # the engine's log-probabilities to compare with
     mask = micro.target_mask
     valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
     with torch.no_grad():
@@ -402,6 +402,9 @@ def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
                  clock: StepClock) -> dict:
     """What a step logs, from its summed statistics."""
     valid = max(totals["valid_tokens"], 1.0)
+    # A weighted rule's kept tokens count as (sum w)^2 / sum w^2 tokens (= kept tokens with hard
+    # masks).
+    effective = totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30)
     return {
         "loss": totals["loss"], "valid_tokens": int(totals["valid_tokens"]),
         "kept_tokens": int(totals["kept_tokens"]), "kept_frac": totals["kept_tokens"] / valid,
@@ -409,13 +412,10 @@ def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
         "kept_of_target": totals["kept_tokens"] / max(totals["target_tokens"], 1.0),
         "mean_h": totals["sum_h"] / valid, "mean_delta": totals["sum_delta"] / valid,
         "mean_delta_fwd": totals["sum_delta_fwd"] / valid,
-            "mean_h_teacher": totals["sum_h_teacher"] / valid,
-        # A weighted rule's kept tokens count as (sum w)^2 / sum w^2 tokens (= kept tokens
-        # with hard masks).
-        "effective_tokens": totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30),
+        "mean_h_teacher": totals["sum_h_teacher"] / valid,
+        "effective_tokens": effective,
         # effective tokens per kept token: 1 for hard masks, small when a few weights dominate
-        "effective_frac": totals["sum_w"] ** 2 / max(totals["sum_w2"], 1e-30)
-        / max(totals["kept_tokens"], 1.0),
+        "effective_frac": effective / max(totals["kept_tokens"], 1.0),
         "mean_weight": totals["sum_w"] / max(totals["kept_tokens"], 1.0),
         "grad_norm": grad_norm,
         "trained_tokens_per_s": totals["kept_tokens"] / max(clock.totals.get("gradient_s", 0.0),
