@@ -281,3 +281,15 @@ def test_ties_are_broken_by_the_runs_generator_not_by_position():
     assert len(firsts) > 10  # different tied tokens for different seeds; before: always positions 50-54
     assert torch.equal(select_tokens("soft_or", sig, 0.05, generator=gen(3)),
                        select_tokens("soft_or", sig, 0.05, generator=gen(3)))
+
+
+def test_the_batch_scopes_target_is_the_global_batchs_k_counted_once():
+    """scope=batch over ranks keeps K = floor(rho * M) of the global batch; the target the step logs
+    (kept_of_target) must be that K, not the sum of each rank's own floor (3 + 3 valid tokens at rho = .5: K = 3,
+    where the ranks' own targets were 1 + 1)."""
+    from tip.selection import BatchGather, target_count
+
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    ranks = [BatchGather(lambda x: torch.cat([x, x]), rank) for rank in (0, 1)]  # two ranks of 3 tokens each
+    assert [int(target_count(mask, 0.5, "batch", g)) for g in ranks] == [3, 0]
+    assert int(target_count(mask, 0.5, "batch")) == 1  # one process holding only these 3

@@ -187,7 +187,7 @@ def test_batch_scope_keeps_the_top_k_of_the_global_batch_on_two_processes(tmp_pa
     now the step's global batch's top K: 2 processes keep the same tokens, quadrant by quadrant, as 1."""
     one = _launch(1, tmp_path / "one", extra=("selection.scope=batch",))
     two = _launch(2, tmp_path / "two", extra=("selection.scope=batch",))
-    for key in ("kept_tokens", *(f"q{i}/of_kept" for i in range(1, 5))):
+    for key in ("kept_tokens", "kept_of_target", *(f"q{i}/of_kept" for i in range(1, 5))):
         torch.testing.assert_close([r[key] for r in two], [r[key] for r in one], rtol=1e-9, atol=1e-9, msg=key)
     torch.testing.assert_close(two[0]["loss"], one[0]["loss"], rtol=1e-5, atol=1e-8)
 

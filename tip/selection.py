@@ -438,8 +438,13 @@ def ranked(keys: torch.Tensor, priorities: torch.Tensor | None = None) -> torch.
     return shuffle.gather(-1, within)
 
 
-def target_count(mask: torch.Tensor, keep: float, scope: str) -> torch.Tensor:
-    """The number of tokens a rule is asked to keep: k per rollout, or K over the batch."""
+def target_count(mask: torch.Tensor, keep: float, scope: str,
+                 gather: BatchGather | None = None) -> torch.Tensor:
+    """The number of tokens a rule is asked to keep on this rank: k per rollout, or K over the
+    batch; with ``gather`` the global batch's K, counted on rank 0 (so the ranks' sum is K)."""
+    if scope == "batch" and gather is not None:
+        k = keep_count(gather.concat(mask.bool().sum().reshape(1)).sum(), keep)
+        return k if gather.rank == 0 else torch.zeros_like(k)
     m = mask.bool().sum() if scope == "batch" else mask.bool().sum(-1)
     return keep_count(m, keep).sum()
 
@@ -564,7 +569,7 @@ def select(
                                                            eligible, generator, gather)
     weights = None if spec.weight is None else \
         torch.where(kept, spec.weight(inputs, score, kept, keep, scope).float(), 0.0).detach()
-    target = mask.sum() if score is None else target_count(mask, keep, scope)
+    target = mask.sum() if score is None else target_count(mask, keep, scope, gather)
     return Selection(kept, score, weights, inputs.h_hat, inputs.d_hat, inputs.labels, target)
 
 
