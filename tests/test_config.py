@@ -158,3 +158,31 @@ def test_the_rollout_backends_share_their_sampling_keys():
     for name in ("hf", "vllm"):  # written once, in the file both start from
         text = (Path(CONF_DIR) / "rollout" / f"{name}.yaml").read_text()
         assert not any(line.startswith(f"{k}:") for k in shared for line in text.splitlines())
+
+
+def test_attention_kernels_are_checked_before_any_model_loads():
+    from tip.models import missing_attention, resolve_attention
+
+    with pytest.raises(ConfigError, match="model.attn_implementation='flash' is not allowed: expected one of auto"):
+        check_config(compose_config("model.attn_implementation=flash"))
+    # FlashAttention asked for where it cannot run: the error names why and what is allowed
+    with pytest.raises(ConfigError, match="flash_attention_2 runs on CUDA only.*allowed here: auto, sdpa, eager"):
+        check_config(compose_config("model.attn_implementation=flash_attention_2"))
+    # on a GPU without the package (flash-attn is not installed here): the package is named
+    assert "needs the package flash-attn, which is not installed" in missing_attention("flash_attention_2", "cuda")
+    assert resolve_attention("auto", "cpu") == "sdpa" and resolve_attention("auto", "cuda") == "sdpa"
+    assert resolve_attention("eager", "cpu") == "eager"
+
+
+def test_the_attention_kernels_asked_for_are_the_ones_loaded(tmp_path):
+    from tip.distributed import init_distributed
+    from tip.engine import release_engines
+    from tip.parts import build_parts
+
+    cfg = compose_config("experiment=smoke", "logger=none", "model.attn_implementation=eager", "engine=zero0")
+    run = build_parts(cfg, init_distributed(), tmp_path)
+    try:
+        assert run.student.config._attn_implementation == "eager"
+        assert run.teacher.config._attn_implementation == "eager"
+    finally:
+        release_engines(run.engine, run.teacher)

@@ -15,6 +15,7 @@ from tip.engine import GATHER_FOR_GENERATE, PRECISIONS
 from tip.env import ENVIRONMENTS, EpisodeLimits
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
+from tip.models import ATTENTION, missing_attention
 from tip.rollout import ROLLOUT_BACKENDS
 from tip.selection import KEEP_SCHEDULES, RULES, SCOPES, SELECTOR_PARAMS
 from tip.signals import DIVERGENCES
@@ -126,7 +127,7 @@ def apply_cell(cfg: DictConfig) -> None:
 
 BLOCKS = ("keep_schedule", "selection", "selection.quadrant_thresholds", "train", "rollout",
           "engine", "engine.deepspeed", "pair", "teacher", "selector", "divergence", "data",
-          "data.source", "eval", "eval.benchmarks", "env", "logger")
+          "data.source", "eval", "eval.benchmarks", "env", "logger", "model")
 """Keys that hold a block of keys (a mapping), never a single value."""
 LISTS = ("keep_schedule.milestones",)
 """Keys that hold a list."""
@@ -155,6 +156,7 @@ def check_config(cfg: DictConfig) -> None:
     check_engine(cfg)
     check_teacher(cfg.teacher, cfg.train)
     check_env(cfg.env)
+    check_model(cfg.model.attn_implementation, "model.attn_implementation")
     check_source("data.source", cfg.data.source)
     check_eval(cfg.eval)
 
@@ -198,8 +200,8 @@ def check_train(tr) -> None:
     _integer("train.eval_every", tr.eval_every, 0)
     _need(isinstance(tr.eval_before, bool), "train.eval_before", tr.eval_before,
           "expected true or false")
-    _need(isinstance(tr.gradient_checkpointing, bool), "train.gradient_checkpointing",
-          tr.gradient_checkpointing, "expected true or false")
+    for key in ("gradient_checkpointing", "packing"):
+        _need(isinstance(tr[key], bool), f"train.{key}", tr[key], "expected true or false")
     _number("train.lr", tr.lr, 0.0, math.inf, lo_open=True, hi_open=True)
     _number("train.weight_decay", tr.weight_decay, 0.0, math.inf, hi_open=True)
     _number("train.grad_clip", tr.grad_clip, 0.0, math.inf, hi_open=True)
@@ -248,6 +250,16 @@ def check_engine(cfg: DictConfig) -> None:
     _one_of("logger", cfg.logger.name, ("jsonl", "none", "wandb"))
     if cfg.logger.name == "wandb":
         _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+
+
+def check_model(attn_implementation: str, key: str) -> None:
+    """The attention kernels: a known name, runnable here (a missing package is named before any
+    model loads)."""
+    import torch
+
+    _one_of(key, attn_implementation, tuple(ATTENTION))
+    why = missing_attention(attn_implementation, "cuda" if torch.cuda.is_available() else "cpu")
+    _need(not why, key, attn_implementation, why + "; allowed here: auto, sdpa, eager")
 
 
 def check_teacher(teacher, tr) -> None:

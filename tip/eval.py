@@ -21,13 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from tip.benchmarks import evaluate, load_benchmarks, sampling_of
 from tip.checkpoint import atomic_dir
-from tip.config import CONF_DIR, ConfigError, check_eval, require_conf_dir
+from tip.config import CONF_DIR, ConfigError, check_eval, check_model, require_conf_dir
 from tip.engine import resolve_precision
-from tip.models import load_model, load_tokenizer
+from tip.models import load_model, load_tokenizer, resolve_attention
 
 
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     check_eval(cfg.eval)
+    check_model(cfg.attn_implementation, "attn_implementation")
     if cfg.limit is not None and (not isinstance(cfg.limit, int) or cfg.limit < 1):
         raise ConfigError(f"limit={cfg.limit!r} is not allowed: expected null or an integer >= 1")
     for name in ("metrics.json", *(f"{b}.jsonl" for b in cfg.eval.benchmarks)):
@@ -36,7 +37,8 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_model(cfg.model, resolve_precision(cfg.precision, device), "model").to(device)
+    model = load_model(cfg.model, resolve_precision(cfg.precision, device), "model",
+                       resolve_attention(cfg.attn_implementation, device.type)).to(device)
     benchmarks = load_benchmarks(cfg.eval, cfg.limit)
     records: dict[str, list[dict]] = {}
     metrics = evaluate(model, tokenizer, benchmarks, sampling_of(cfg.eval), cfg.chat_template,

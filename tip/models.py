@@ -7,6 +7,7 @@ unavailable: a hub id that is not cached fails with one message that says how to
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,10 +80,42 @@ def load_tokenizer(ref: str):
     return tok
 
 
-def load_model(ref: str, dtype: torch.dtype, what: str):
+def load_model(ref: str, dtype: torch.dtype, what: str, attn_implementation: str = "sdpa"):
+    """``attn_implementation``: one of ``ATTENTION`` resolved (``resolve_attention``)."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM.from_pretrained, ref, what, dtype=dtype)
+    return _load(AutoModelForCausalLM.from_pretrained, ref, what, dtype=dtype,
+                 attn_implementation=attn_implementation)
+
+
+ATTENTION = {  # model.attn_implementation -> (the module it needs, its pip name), or None
+    "auto": None, "sdpa": None, "eager": None,
+    "flash_attention_2": ("flash_attn", "flash-attn"),
+    "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (flash-attention's hopper/ build)"),
+}
+"""model.attn_implementation: transformers' attention kernels. auto: flash_attention_2 on CUDA
+where flash-attn is installed, else sdpa (torch's scaled_dot_product_attention)."""
+
+
+def missing_attention(value: str, device_type: str) -> str:
+    """Why ``model.attn_implementation=value`` cannot run here ('' when it can)."""
+    need = ATTENTION[value]
+    if need is None:
+        return ""
+    if device_type != "cuda":
+        return f"{value} runs on CUDA only; use sdpa (or auto) on {device_type}"
+    if importlib.util.find_spec(need[0]) is None:
+        return f"{value} needs the package {need[1]}, which is not installed (module {need[0]})"
+    return ""
+
+
+def resolve_attention(value: str, device_type: str) -> str:
+    """The transformers ``attn_implementation`` that ``model.attn_implementation`` names here."""
+    if value != "auto":
+        return value
+    if device_type == "cuda" and not missing_attention("flash_attention_2", device_type):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def output_width(model) -> int:
@@ -113,15 +146,43 @@ def check_vocab(tokenizer, student_width: int, teacher_width: int, rule: str) ->
     return width
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  packed: bool = False) -> torch.Tensor:
     """Final hidden states (B, T, H) of a causal LM without running its output head. A
     ``HiddenStatesLM`` (the frozen teacher) is called through its own forward: as the root of a
     ZeRO-3 engine, its hooks start each of DeepSpeed's traces (a call to the decoder alone bypasses
-    them, so the trace never completes: no prefetch, persistent parameters gathered again)."""
+    them, so the trace never completes: no prefetch, persistent parameters gathered again).
+
+    ``packed``: the right-padded rows run as one row of their real tokens only, each sequence's
+    positions starting at 0 (``pack_rows``), and come back in the (B, T, H) layout with zeros at the
+    padding; the decoder computes nothing on padding."""
     if isinstance(model, HiddenStatesLM):
-        return model(input_ids, attention_mask)
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state
+        return model(input_ids, attention_mask, packed)
+    decoder = model.get_decoder()
+    if not packed:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+    real, flat_ids, positions = pack_rows(input_ids, attention_mask)
+    flat = decoder(input_ids=flat_ids, position_ids=positions, use_cache=False).last_hidden_state
+    out = flat.new_zeros(*input_ids.shape, flat.shape[-1])
+    out[real] = flat[0]
+    return out
+
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Right-padded rows (B, T) as one row of their N real tokens: (real mask (B, T), token ids
+    (1, N), position ids (1, N) restarting at 0 with each sequence).
+
+    Without an attention mask, transformers reads the sequences' borders off the position ids
+    (``masking_utils.find_packed_sequence_indices``): FlashAttention runs its variable-length
+    kernel, SDPA and eager a block-diagonal causal mask. The anchors do the same: TRL's
+    ``padding_free`` (``DataCollatorWithFlattening``), verl's ``use_remove_padding``, OpenRLHF's
+    ``packing_samples``."""
+    real = attention_mask.bool()
+    # (tip's rollouts are right-padded by construction, tip.rollout.pack: not checked, which would
+    # cost a host synchronisation per forward)
+    steps = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return real, input_ids[real].unsqueeze(0), steps[real].unsqueeze(0)
 
 
 class HiddenStatesLM(torch.nn.Module):
@@ -137,8 +198,9 @@ class HiddenStatesLM(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return hidden_states(self.lm, input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                packed: bool = False) -> torch.Tensor:
+        return hidden_states(self.lm, input_ids, attention_mask, packed)
 
     # What tip reads of a model beside its forward, so that a wrapped teacher is used as the model.
     @property

@@ -30,7 +30,14 @@ from tip.engine import (
     whole_for_generation,
 )
 from tip.env import EpisodeLimits, MultiTurnRollout, TurnFormat, get_environment
-from tip.models import HiddenStatesLM, check_vocab, load_model, load_tokenizer, output_width
+from tip.models import (
+    HiddenStatesLM,
+    check_vocab,
+    load_model,
+    load_tokenizer,
+    output_width,
+    resolve_attention,
+)
 from tip.rollout import HFRollout, prompt_seeds
 from tip.signals import resolve_chunk_size
 from tip.step import StepSettings
@@ -151,7 +158,8 @@ def build_models(cfg, dist: DistInfo, dtype: torch.dtype, tokenizer, sizes: RunS
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 (must stay alive while models load)
     self_teacher = cfg.teacher.mode == "self_privileged"
-    student_model = load_model(cfg.pair.student, dtype, "student")
+    attention = resolve_attention(cfg.model.attn_implementation, dist.device.type)
+    student_model = load_model(cfg.pair.student, dtype, "student", attention)
     if cfg.train.gradient_checkpointing:
         # Decoder layers keep only their inputs for backward and recompute the rest; HF applies it
         # in training mode only (the paper's models have no dropout, so the mode changes
@@ -163,7 +171,7 @@ def build_models(cfg, dist: DistInfo, dtype: torch.dtype, tokenizer, sizes: RunS
     # a snapshot starts as the student's copy
     if not self_teacher or cfg.teacher.weights == "snapshot":
         teacher_model = load_model(cfg.pair.student if self_teacher else cfg.pair.teacher, dtype,
-                                   "teacher")
+                                   "teacher", attention)
         check_vocab(tokenizer, output_width(student_model), output_width(teacher_model),
                     cfg.pair.vocab)
     optimizer = GuardedAdamW(student_model.parameters(), lr=cfg.train.lr,

@@ -67,6 +67,8 @@ class StepSettings:
     entropy_threshold: float | str
     divergence_threshold: float | str
     is_weight_cap: float = SELECTOR_PARAMS["is_weight_cap"]
+    # each micro-batch's rollouts run as one row of real tokens (tip.models.pack_rows)
+    packed: bool = False
 
     @classmethod
     def of(cls, cfg, chunk_size: int, micro_size: int) -> StepSettings:
@@ -83,7 +85,8 @@ class StepSettings:
                    entropy_threshold=sel.quadrant_thresholds.entropy,
                    divergence_threshold=sel.quadrant_thresholds.divergence,
                    is_weight_cap=cfg.selector.get("is_weight_cap",
-                                                  SELECTOR_PARAMS["is_weight_cap"]))
+                                                  SELECTOR_PARAMS["is_weight_cap"]),
+                   packed=cfg.train.packing)
 
     def selection_meta(self) -> dict:
         """What token records need beside the signals to re-run any rule on them exactly."""
@@ -192,10 +195,10 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
     valid = mask.reshape(-1).nonzero(as_tuple=True)[0]
     with torch.no_grad():
         t_flat = response_rows(hidden_states(teacher, teacher_view.input_ids,
-                                             teacher_view.attention_mask))
+                                             teacher_view.attention_mask, s.packed))
     teacher_rows = t_flat[index[valid]]
     if forward is not None:
-        s_flat = response_rows(forward(micro.input_ids, micro.attention_mask))
+        s_flat = response_rows(forward(micro.input_ids, micro.attention_mask, s.packed))
         if keeps_all and not with_top1:  # (a step that keeps every token selects nothing: no JSD)
             fused = head_divergence(s, student, teacher, s_flat[valid], teacher_rows,
                                     with_signals=True,
@@ -211,7 +214,7 @@ def score_micro(s: StepSettings, forward, student, teacher, micro: RolloutBatch,
     else:
         with torch.no_grad():
             scoring_rows = response_rows(hidden_states(student, micro.input_ids,
-                                                       micro.attention_mask))
+                                                       micro.attention_mask, s.packed))
     # One gather of each output layer (one for the live self-teacher, the student) for the
     # whole loop.
     with torch.no_grad(), gathered_heads(student, teacher):
@@ -306,7 +309,7 @@ def backward(s: StepSettings, engine, teacher, micros: list[RolloutBatch],
         fused = m.fused
         if fused is None:
             s_flat = m.student_rows if m.student_rows is not None else \
-                response_rows(engine(micro.input_ids, micro.attention_mask))  # the engine's forward
+                response_rows(engine(micro.input_ids, micro.attention_mask, s.packed))
             # The output layer runs only on kept rows, chunk by chunk, with their gradients formed
             # in the same loop: no kept-rows x V logits are held for backward.
             fused = head_divergence(s, student, teacher,
