@@ -168,3 +168,16 @@ def test_the_cli_prints_the_plan_without_loading_weights():
     bad = subprocess.run([sys.executable, "-m", "tip.plan", "train.prompts_per_step=3", "rollout.n=1", "--gpus",
                           "4"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "train.prompts_per_step=3 with rollout.n=1 is not allowed on 4 GPUs" in bad.stderr
+
+
+def test_the_attention_mask_is_counted_unless_flash_attention_builds_none():
+    """SDPA and eager get a boolean T x T mask per row (0.42 GB at 4 x 10k tokens), held through the forward and
+    backward; FlashAttention (variable-length over packed rows) none. Before, tip.plan counted neither."""
+    student, teacher = _shape(), _shape()
+    sdpa = plan_memory(_run(prompt_tokens=2000, response_tokens=8000), student, teacher, 80 * GB, on_cuda=True)
+    flash = plan_memory(_run(prompt_tokens=2000, response_tokens=8000, attention="flash_attention_2"), student,
+                        teacher, 80 * GB, on_cuda=True)
+    assert _item(sdpa, "gradient", "attention mask").bytes == pytest.approx(4 * 10_000 ** 2)
+    assert _item(sdpa, "scoring", "attention mask").bytes == pytest.approx(4 * 10_000 ** 2)
+    assert not [i for i in flash.items if i.what.startswith("attention mask")]
+    assert sdpa.phase_bytes("gradient") == pytest.approx(flash.phase_bytes("gradient") + 0.4 * GB)

@@ -154,3 +154,26 @@ def test_packed_micro_batches_train_as_padded_ones(tmp_path, engine, micro_batch
         elif not key.startswith("q"):
             assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-7), key
     assert_same_gradient(g_packed, g_padded)
+
+
+@pytest.mark.parametrize("one_row", [False, True])
+def test_packed_rows_hold_each_rollout_whole_and_alone(one_row):
+    """tip.models.pack_rows: every rollout's tokens in order, position ids from 0, no row wider than the longest
+    (or one row, for FlashAttention's variable-length kernel); the decoder's hidden states at the real tokens equal
+    the padded forward's (a rollout attending to its neighbour in the row would change them)."""
+    from tip.models import load_model, pack_rows
+
+    lengths = [120, 30, 77, 5, 64, 100]
+    ids = torch.randint(3, 57, (6, 120), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(120)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    rows = pack_rows(ids, mask, one_row=one_row)
+    assert rows.input_ids.shape == ((1, sum(lengths)) if one_row else (4, 120))  # first-fit: 120 | 100 | 77+30+5 | 64
+    flat_ids, flat_pos = rows.input_ids.reshape(-1), rows.position_ids.reshape(-1)
+    assert torch.equal(flat_ids[rows.index], ids[mask.bool()])
+    assert torch.equal(flat_pos[rows.index], torch.cat([torch.arange(n) for n in lengths]))
+    model = load_model("embedded://student", torch.float32, "student")
+    decoder = model.get_decoder()
+    padded = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[mask.bool()]
+    packed = decoder(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(packed.reshape(-1, packed.shape[-1])[rows.index], padded, rtol=1e-4, atol=1e-5)

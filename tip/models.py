@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -162,27 +163,64 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not packed:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
-    real, flat_ids, positions = pack_rows(input_ids, attention_mask)
-    flat = decoder(input_ids=flat_ids, position_ids=positions, use_cache=False).last_hidden_state
+    rows = pack_rows(input_ids, attention_mask,
+                     one_row=model.config._attn_implementation.startswith("flash"))
+    # (use_cache=False matters: with a cache, transformers does not look for packed sequences)
+    flat = decoder(input_ids=rows.input_ids, position_ids=rows.position_ids,
+                   use_cache=False).last_hidden_state
     out = flat.new_zeros(*input_ids.shape, flat.shape[-1])
-    out[real] = flat[0]
+    out[attention_mask.bool()] = flat.reshape(-1, flat.shape[-1])[rows.index]
     return out
 
 
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Right-padded rows (B, T) as one row of their N real tokens: (real mask (B, T), token ids
-    (1, N), position ids (1, N) restarting at 0 with each sequence).
+@dataclass(frozen=True)
+class PackedRows:
+    input_ids: torch.Tensor  # (R, W)
+    position_ids: torch.Tensor  # (R, W): 0, 1, ... from each sequence's start
+    index: torch.Tensor  # (N,): where each real token of the padded rows went, in R x W
 
-    Without an attention mask, transformers reads the sequences' borders off the position ids
-    (``masking_utils.find_packed_sequence_indices``): FlashAttention runs its variable-length
-    kernel, SDPA and eager a block-diagonal causal mask. The anchors do the same: TRL's
-    ``padding_free`` (``DataCollatorWithFlattening``), verl's ``use_remove_padding``, OpenRLHF's
-    ``packing_samples``."""
-    real = attention_mask.bool()
-    # (tip's rollouts are right-padded by construction, tip.rollout.pack: not checked, which would
-    # cost a host synchronisation per forward)
-    steps = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return real, input_ids[real].unsqueeze(0), steps[real].unsqueeze(0)
+
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              one_row: bool = False) -> PackedRows:
+    """Right-padded rows (B, T) packed without their padding: their real tokens laid end to end,
+    each sequence's position ids starting at 0. Without an attention mask, transformers reads the
+    sequences' borders off the position ids (``masking_utils.find_packed_sequence_indices``).
+
+    ``one_row``: every sequence in one row (for FlashAttention, whose variable-length kernel
+    computes within each sequence only). Otherwise (SDPA, eager: a block-diagonal mask over the
+    whole row, so a row's attention costs its length squared) the sequences go first-fit by
+    decreasing length into rows as wide as the longest, and the end of a row not filled is one more
+    sequence of padding, whose outputs are dropped: fewer rows than before, each no wider.
+
+    The anchors: TRL's ``padding_free`` (``DataCollatorWithFlattening``), verl's
+    ``use_remove_padding``, OpenRLHF's ``packing_samples``."""
+    lengths = attention_mask.sum(-1).tolist()  # (one host synchronisation per forward)
+    width = sum(lengths) if one_row else max(lengths)
+    rows: list[list[int]] = []  # the sequences in each row
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    start = [0] * len(lengths)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")
+    host_ids = input_ids.to("cpu")
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            start[i] = r * width + offset
+            positions[r, offset:offset + lengths[i]] = torch.arange(lengths[i], device="cpu")
+            ids[r, offset:offset + lengths[i]] = host_ids[i, :lengths[i]]
+            offset += lengths[i]
+        positions[r, offset:] = torch.arange(width - offset, device="cpu")  # the padding's own run
+    index = torch.cat([torch.arange(start[i], start[i] + n, device="cpu")
+                       for i, n in enumerate(lengths)])
+    device = input_ids.device
+    return PackedRows(ids.to(device), positions.to(device), index.to(device))
 
 
 class HiddenStatesLM(torch.nn.Module):

@@ -52,7 +52,7 @@ import torch
 from tip.config import CONF_DIR, ConfigError, apply_cell, check_config, require_conf_dir
 from tip.engine import resolve_precision
 from tip.env import rollout_tokens
-from tip.models import PairError, resolve_model_ref
+from tip.models import PairError, resolve_attention, resolve_model_ref
 from tip.signals import resolve_chunk_size
 
 SNAPSHOT_DIR = Path(__file__).resolve().parent / "assets" / "model_configs"
@@ -260,6 +260,10 @@ class RunShape:
     eval_response_tokens: int
     reduce_bucket: int
     prefetch_bucket: int
+    # transformers' attention kernels (tip.models.resolve_attention): sdpa and eager build a boolean
+    # T x T mask per row of a forward (packed rows are no wider than the longest rollout, so the
+    # worst case is the padded one); FlashAttention builds none
+    attention: str = "sdpa"
 
 
 def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, gpu_bytes: float,
@@ -316,6 +320,8 @@ def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -
                  else student.activations_per_token)
     activations = Item("", f"student activations ({run.micro} x {seq:,} tokens, checkpointing "
                        f"{'on' if run.checkpointing else 'off'})", per_token * tokens)
+    mask = Item("", f"attention mask ({run.attention}: {run.micro} x {seq:,}^2 bool)",
+                0.0 if run.attention.startswith("flash") else run.micro * seq ** 2)
     held = Item("", f"teacher hidden states, signals ({run.rollouts_per_rank} rollouts)",
                 run.rollouts_per_rank * seq * (frozen.hidden * frozen.weight_bytes + 16))
     rows = min(run.chunk, tokens)  # a chunk never holds more rows than the micro-batch has
@@ -331,11 +337,13 @@ def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -
     # micro-batch at a time; with one micro-batch the student's gradient forward has already
     # run (its activations are held).
     one_forward = run.micro >= run.rollouts_per_rank
-    scoring = ([activations] if one_forward else []) + [
+    scoring = ([activations, mask] if one_forward else []) + [
         Item("", "teacher forward (a layer's working set)", frozen.forward_per_token * tokens),
-                                                        held,
-        Item("", f"signal chunks ({rows} x {student.vocab:,} fp32)", chunk_loop), *zero3]
-    gradient = [activations, held, Item("",
+        mask, held, Item("", f"signal chunks ({rows} x {student.vocab:,} fp32)", chunk_loop),
+        *zero3]
+    if not mask.bytes:
+        scoring = [i for i in scoring if i is not mask]
+    gradient = [activations, *([mask] if mask.bytes else []), held, Item("",
                                         f"loss chunks ({rows} x {student.vocab:,} fp32), output "
                                         "layer's "
                                         "fp32 gradient", chunk_loop + 4 * student.head), *zero3]
@@ -410,6 +418,7 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape,
         reduce_bucket=int(zero.get("reduce_bucket_size", DEEPSPEED_DEFAULTS["reduce_bucket_size"])),
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size",
                                      DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"])),
+        attention=resolve_attention(cfg.model.attn_implementation, device.type),
     )
 
 
@@ -489,6 +498,11 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
                       f"activations {shape.activations_per_token / 1e6:.3f} MB/token, "
                       f"{shape.checkpointed_activations_per_token / 1e6:.3f} with checkpointing "
                       f"(config: {shape.source})")
+    asked = cfg.model.attn_implementation
+    header.append(f"  attention: {run.attention} (model.attn_implementation={asked}"
+                  + ("; flash-attn is not installed here: where it is, auto means "
+                     "flash_attention_2, with no mask)" if asked == "auto"
+                     and not run.attention.startswith("flash") else ")"))
     header.append(f"  per rank: {run.rollouts_per_rank} rollouts of up to {run.prompt_tokens:,} + "
                   f"{run.response_tokens:,} tokens (prompt: {prompt_note}); micro-batch "
                   f"{run.micro} "
