@@ -10,10 +10,12 @@ import pytest
 import tomllib
 import torch
 
+from tip.benchmarks import Sampling, load_benchmarks
 from tip.config import ConfigError
 from tip.data import format_prompt, load_examples
 from tip.models import load_tokenizer
 from tip.parts import training_prompt_ids, vllm_max_model_len
+from tip.rollout import RolloutBatch
 from tip.taxonomy import BatchStats, quantile
 
 from support import ROOT, compose_config
@@ -52,6 +54,13 @@ def test_vllm_context_is_derived_from_the_data_or_refused_when_too_short():
     with pytest.raises(ConfigError, match=rf"rollout.max_model_len={longest + cfg.rollout.max_new_tokens - 1} is "
                                           rf"not allowed: the longest training prompt has {longest} tokens"):
         vllm_max_model_len(cfg, tok, examples)
+    # Evaluation goes through the engine too: a benchmark's longer answers need a longer context.
+    cfg.rollout.max_model_len, cfg.eval.max_new_tokens = None, cfg.rollout.max_new_tokens + 100
+    benchmarks = load_benchmarks(cfg.eval)
+    assert vllm_max_model_len(cfg, tok, examples, benchmarks) >= cfg.eval.max_new_tokens + 1
+    cfg.rollout.max_model_len = longest + cfg.rollout.max_new_tokens
+    with pytest.raises(ConfigError, match=r"the longest embedded prompt has \d+ tokens and eval.max_new_tokens allows"):
+        vllm_max_model_len(cfg, tok, examples, benchmarks)
 
 
 def test_quantile_takes_more_values_than_torch_quantile():
@@ -164,9 +173,11 @@ def test_gpu_speed_settings_default_to_gpu_values_on_gpus_and_keep_the_cpu_path(
     from tip.parts import vllm_speed_settings
 
     ro = compose_config("rollout=vllm").rollout
-    assert vllm_speed_settings(ro, torch.device("cuda", 0)) == {"enforce_eager": False, "sleep": True,
+    assert vllm_speed_settings(ro, torch.device("cuda", 0)) == {"enforce_eager": False, "sleep_level": 2,
+                                                                "weight_transfer": "ipc",
                                                                 "sync_bucket_mb": 0}
-    assert vllm_speed_settings(ro, torch.device("cpu")) == {"enforce_eager": True, "sleep": False, "sync_bucket_mb": 0}
+    assert vllm_speed_settings(ro, torch.device("cpu")) == {"enforce_eager": True, "sleep_level": 0,
+                                                            "weight_transfer": "socket", "sync_bucket_mb": 0}
     engine = compose_config("engine=zero3").engine
     threshold = lambda on_gpu: deepspeed_config(engine, 1, 1, 1.0, torch.bfloat16, on_gpu=on_gpu)[  # noqa: E731
         "zero_optimization"]["stage3_param_persistence_threshold"]
@@ -254,7 +265,7 @@ class RecordingEngine:
         return []
 
     def collective_rpc(self, fn, args=()):
-        self.calls.append(fn.__name__)
+        self.calls.append(fn if isinstance(fn, str) else fn.__name__)
 
     def reset_prefix_cache(self):
         self.calls.append("reset_prefix_cache")
@@ -262,22 +273,76 @@ class RecordingEngine:
 
 def test_a_sleeping_engine_sleeps_from_its_start_and_wakes_only_to_work():
     """The engine sleeps as soon as it is built (before: awake through the trainer's set-up and its first
-    evaluation, holding its whole share beside them), wakes its weights alone for a sync, the rest for a rollout,
-    and sleeps again after each rollout."""
+    evaluation, holding its whole share beside them), wakes its weights alone for a sync, the KV cache for a
+    rollout, and sleeps again after each rollout; an evaluation's requests keep it awake until it is told to sleep
+    (before: a wake-up and a sleep around every request, every turn of an episode)."""
     from tip.vllm_worker import EngineServer
 
     llm = RecordingEngine()
-    server = EngineServer(llm, sleep=True, sampling_params=dict)
+    server = EngineServer(llm, sleep_level=1, sampling_params=dict)
     assert llm.calls == ["sleep(1)"]
     server.load_weights([]), server.load_weights([]), server.weights_done()
     server.generate([[1, 2]], {"n": 1}, [0])
     server.generate([[1, 2]], {"n": 1}, [0])
+    server.generate([[1, 2]], {"n": 1}, [0], sleep_after=False), server.generate([[1, 2]], {"n": 1}, [0], False)
+    server.sleep(), server.sleep()
     assert llm.calls == ["sleep(1)", "wake_up(weights)", "_load_many", "_load_many", "repack_cpu_linears",
-                         "reset_prefix_cache", "wake_up(all)", "generate", "sleep(1)", "wake_up(all)", "generate",
-                         "sleep(1)"]
+                         "reset_prefix_cache", "wake_up(kv_cache)", "generate", "sleep(1)", "wake_up(all)", "generate",
+                         "sleep(1)", "wake_up(all)", "generate", "generate", "sleep(1)"]
     awake = RecordingEngine()
-    EngineServer(awake, sleep=False, sampling_params=dict).generate([[1]], {"n": 1}, [0])
+    EngineServer(awake, sleep_level=0, sampling_params=dict).generate([[1]], {"n": 1}, [0])
     assert awake.calls == ["generate"]
+
+
+def test_a_level_2_sleep_discards_the_weights_and_they_are_sent_before_the_engine_samples_again():
+    """Level 2 frees the weights instead of copying them to the host and back (each sync overwrites all of them);
+    the engine then refuses to sample until weights come, and the trainer re-sends them whenever they were
+    discarded: before a rollout, an evaluation, or a multi-turn rollout's first turn."""
+    from tip.vllm_rollout import VllmRollout
+    from tip.vllm_worker import EngineServer
+
+    llm = RecordingEngine()
+    server = EngineServer(llm, sleep_level=2, sampling_params=dict)
+    with pytest.raises(RuntimeError, match="discarded by a level-2 sleep and none were sent since"):
+        server.generate([[1]], {"n": 1}, [0])
+    server.load_weights([]), server.weights_done(), server.generate([[1]], {"n": 1}, [0])
+    with pytest.raises(RuntimeError, match="discarded"):
+        server.generate([[1]], {"n": 1}, [0])
+    assert llm.calls == ["sleep(2)", "wake_up(weights)", "_load_many", "repack_cpu_linears", "reset_prefix_cache",
+                         "wake_up(kv_cache)", "generate", "sleep(2)"]
+
+    class Engine:  # the trainer's side of the worker, recording what the rollout backend asks of it
+        sleep_level, weights_lost, calls = 2, True, []
+
+        def load_weights(self, module):
+            self.calls.append("load_weights")
+            self.weights_lost = False
+
+        def generate(self, *args, sleep_after=True, **kwargs):
+            self.calls.append(f"generate(sleep_after={sleep_after})")
+            self.weights_lost = sleep_after
+            one = torch.ones(1, 1, dtype=torch.long)
+            return RolloutBatch(one, one, one.bool(), [1], [0])
+
+        def sleep(self):
+            self.calls.append("sleep")
+            self.weights_lost = True
+
+        def take_wake_log(self):
+            return {}
+
+    engine = Engine()
+    rollout = VllmRollout(engine, None, None, compose_config("rollout=vllm").rollout)
+    rollout.generate([[1]], 0, [0]), rollout.generate([[1]], 0, [0])
+    rollout.sync(), rollout.generate([[1]], 0, [0])
+    sampler = rollout.eval_sampler()
+    sampler.samples([[1]], 1, Sampling(), [0]), sampler.samples([[1]], 1, Sampling(), [0]), sampler.done()
+    with rollout.turns() as turn:
+        turn([[1]], [0], 4), turn([[1]], [0], 4)
+    assert engine.calls == ["load_weights", "generate(sleep_after=True)", "load_weights", "generate(sleep_after=True)",
+                            "load_weights", "generate(sleep_after=True)", "load_weights", "generate(sleep_after=False)",
+                            "generate(sleep_after=False)", "sleep", "load_weights", "generate(sleep_after=False)",
+                            "generate(sleep_after=False)", "sleep"]
 
 
 def test_the_trainer_grows_allocator_segments_in_place_and_the_vllm_worker_keeps_its_own():
@@ -298,3 +363,66 @@ def test_the_trainer_grows_allocator_segments_in_place_and_the_vllm_worker_keeps
                          env={k: v for k, v in __import__("os").environ.items() if "ALLOC_CONF" not in k})
     assert out.stdout.strip().splitlines()[-1] == "expandable_segments:True"
 
+
+
+def test_the_whole_student_fits_counts_the_trainers_own_cached_blocks():
+    """engine.gather_for_generate=auto under ZeRO-3 (rollout=hf): Llama-3.1-8B's 16 GB student on a GPU whose driver
+    reports 20 GB free while the trainer's allocator caches 36 GB it does not use (reserved 50, allocated 14). The
+    check read the driver's 20 GB alone and fell back to gathering every layer for every decoded token."""
+    from tip.engine import fits_whole
+
+    gb = 1e9
+    assert fits_whole(16 * gb, driver_free=20 * gb, reserved=50 * gb, allocated=14 * gb)
+    assert not fits_whole(16 * gb, driver_free=20 * gb, reserved=14 * gb, allocated=14 * gb)  # nothing cached
+    assert not fits_whole(16 * gb, driver_free=10 * gb, reserved=30 * gb, allocated=20 * gb)
+
+
+def test_weights_shared_through_cuda_ipc_follow_vllms_weight_transfer_protocol():
+    """rollout.weight_transfer=ipc (auto on GPUs): the worker wakes a sleeping engine's weights, then drives vLLM's
+    weight transfer API (start_weight_update, one update_weights per bucket, finish_weight_update) and ends the sync
+    as the socket path does. The trainer's side builds each bucket's IPCWeightTransferUpdateInfo fields (checked
+    against vLLM's own dataclass in tests/test_vllm.py); reduce_tensor's CUDA handles need a GPU, so a stand-in
+    shares the tensors here."""
+    from tip.vllm_rollout import ipc_update_info, weight_buckets
+    from tip.vllm_worker import EngineServer
+
+    llm = RecordingEngine()
+    server = EngineServer(llm, sleep_level=2, sampling_params=dict)
+    server.start_ipc_update(), server.ipc_update({"names": []}), server.ipc_update({"names": []})
+    server.finish_ipc_update()
+    server.generate([[1]], {"n": 1}, [0])  # the weights came: the engine samples again
+    assert llm.calls == ["sleep(2)", "wake_up(weights)", "start_weight_update", "update_weights", "update_weights",
+                         "finish_weight_update", "repack_cpu_linears", "reset_prefix_cache", "wake_up(kv_cache)",
+                         "generate", "sleep(2)"]
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False))
+    singles = list(weight_buckets(model, 0))
+    assert [[n for n, _ in b] for b in singles] == [["0.weight"], ["0.bias"], ["1.weight"]]
+    assert [[n for n, _ in b] for b in weight_buckets(model, 60)] == [["0.weight", "0.bias"], ["1.weight"]]
+    info, shared = ipc_update_info(singles[0] + singles[2], "GPU-1234", share=lambda t: (None, ("handle", t.shape)))
+    assert info == {"names": ["0.weight", "1.weight"], "dtype_names": ["float32", "float32"],
+                    "shapes": [[3, 4], [2, 3]],
+                    "ipc_handles": [{"GPU-1234": ("handle", (3, 4))}, {"GPU-1234": ("handle", (2, 3))}]}
+    assert shared[0].data_ptr() == model[0].weight.data_ptr()  # the weights themselves, no copy
+
+
+def test_zero3_over_several_nodes_keeps_its_parameter_gathers_within_a_node():
+    """engine.hpz_partition_size=auto: a run spanning nodes gets DeepSpeed's hpZ partition of the node's GPUs (its
+    all-gathers stay on NVLink); one node, or stage 2, none; a set size must divide the world."""
+    from tip.engine import deepspeed_config
+
+    engine = compose_config("engine=zero3").engine
+    two_nodes = deepspeed_config(engine, 1, 1, 1.0, torch.bfloat16, world_size=16, gpus_per_node=8)
+    assert two_nodes["zero_optimization"]["zero_hpz_partition_size"] == 8
+    one_node = deepspeed_config(engine, 1, 1, 1.0, torch.bfloat16, world_size=8, gpus_per_node=8)
+    assert "zero_hpz_partition_size" not in one_node["zero_optimization"]
+    stage2 = deepspeed_config(compose_config("engine=zero2").engine, 1, 1, 1.0, torch.bfloat16, world_size=16,
+                              gpus_per_node=8)
+    assert "zero_hpz_partition_size" not in stage2["zero_optimization"]
+    engine.hpz_partition_size = 3
+    with pytest.raises(ValueError, match="engine.hpz_partition_size=3 does not divide the world size"):
+        deepspeed_config(engine, 1, 1, 1.0, torch.bfloat16, world_size=16, gpus_per_node=8)
+    with pytest.raises(ConfigError, match="engine.hpz_partition_size=0 is not allowed"):
+        from tip.config import check_config
+
+        check_config(compose_config("engine.hpz_partition_size=0"))

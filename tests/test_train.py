@@ -300,3 +300,16 @@ def test_every_rank_runs_in_rank_0s_directory_when_each_resolves_its_own(tmp_pat
     assert (tmp_path / "run_0" / "checkpoints" / "step_000001").is_dir()
     assert not (tmp_path / "run_1").exists(), sorted(p.name for p in (tmp_path / "run_1").rglob("*"))
     assert "the run directory is rank 0's" in proc.stdout
+
+
+@pytest.mark.slow
+def test_zero3_with_hpz_partitions_trains_as_without(tmp_path):
+    """Four processes stand in for 2 nodes of 2 GPUs: engine.hpz_partition_size=2 (what auto picks when a run spans
+    nodes) gives the same losses and gradient norms as plain ZeRO-3. Before, the teacher's load failed with
+    DeepSpeed's "ZeRO parameter intra parallel group is already initialized" (DeepSpeed issue #4901): every ZeRO-3
+    model's zero.Init creates the hpZ group anew."""
+    plain = _launch(4, tmp_path / "plain", extra=("engine.hpz_partition_size=1",))
+    hpz = _launch(4, tmp_path / "hpz", extra=("engine.hpz_partition_size=2",))
+    assert len(plain) == len(hpz) == 3
+    for a, b in zip(plain, hpz):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -28,14 +28,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from tip.data import Example, prompt_token_ids
 from tip.env import EpisodeLimits, TurnFormat, get_environment, run_episodes
 from tip.grading import Grade, grade_many, normalise_answer
-from tip.rollout import hf_generate, hf_turns
+from tip.rollout import RolloutBatch, hf_generate, hf_turns, seed_of
 
 
 @dataclass
@@ -58,6 +58,46 @@ class Sampling:
     max_new_tokens: int = 64
     batch_size: int = 16
     max_seqs_per_generate: int | None = None
+    # problem i of benchmark b draws its samples from seed_of(seed, b, i) (+ j for sample j) where
+    # the engine takes seeds (vLLM); transformers' generate draws from the global stream
+    seed: int = 0
+
+
+class Sampler(Protocol):
+    """Where a benchmark's completions come from: ``HFSampler`` (transformers' generate) or
+    ``tip.vllm_rollout.EngineSampler`` (the rollout engine)."""
+
+    lockstep: bool  # every rank must make the same calls (ZeRO-3 generate is collective)
+
+    def samples(self, prompt_ids: list[list[int]], n: int, sampling: Sampling,
+                seeds: list[int]) -> RolloutBatch: ...
+
+    def turns(self, sampling: Sampling): ...  # a context yielding a tip.env turn generator
+
+    def done(self) -> None: ...
+
+
+class HFSampler:
+    """Completions from transformers' ``generate`` on the model itself, in eval mode, batch by
+    batch (``Sampling.batch_size`` problems); with ``lockstep`` (ZeRO-3 over several ranks) every
+    rank makes the same calls."""
+
+    def __init__(self, model, tokenizer, lockstep: bool = False):
+        self.model, self.tokenizer, self.lockstep = model, tokenizer, lockstep
+
+    def samples(self, prompt_ids, n, sampling, seeds) -> RolloutBatch:
+        return hf_generate(self.model, self.tokenizer, prompt_ids, n=n,
+                           temperature=sampling.temperature, top_p=sampling.top_p,
+                           top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
+                           synced_gpus=self.lockstep,
+                           max_seqs_per_call=sampling.max_seqs_per_generate)
+
+    def turns(self, sampling):
+        return hf_turns(self.model, self.tokenizer, sampling.temperature, sampling.top_p,
+                        sampling.top_k, self.lockstep, sampling.max_seqs_per_generate)
+
+    def done(self) -> None:
+        pass
 
 
 def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
@@ -84,11 +124,19 @@ def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
     return out
 
 
-def sampling_of(eval_cfg) -> Sampling:
+def longest_prompt(bench: Benchmark, tokenizer, chat_template="auto",
+                   chat_template_kwargs=None) -> int:
+    """Tokens of the benchmark's longest prompt (what a generation engine's context must hold)."""
+    prompts = prompt_token_ids(tokenizer, [e.problem for e in bench.examples],
+                               bench.prompt_template, chat_template, chat_template_kwargs)
+    return max(map(len, prompts))
+
+
+def sampling_of(eval_cfg, seed: int = 0) -> Sampling:
     return Sampling(samples=eval_cfg.samples, temperature=eval_cfg.temperature,
                     top_p=eval_cfg.top_p, top_k=eval_cfg.top_k,
                     max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
-                    max_seqs_per_generate=eval_cfg.max_seqs_per_generate)
+                    max_seqs_per_generate=eval_cfg.max_seqs_per_generate, seed=seed)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -135,40 +183,42 @@ def summarise(name: str, grades: list[list[Grade]], ks: list[int] | None = None,
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
+def generate_completions(sampler: Sampler, tokenizer, bench: Benchmark, sampling: Sampling,
                          chat_template="auto", rank: int = 0, world_size: int = 1,
-                         synced_gpus: bool = False, progress: bool = False,
-                         chat_template_kwargs=None,
+                         progress: bool = False, chat_template_kwargs=None,
                          episodes: dict[int, list[dict]] | None = None) -> dict[int, list[str]]:
-    """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: under
-    ZeRO-3 generation is collective, so every rank runs the same number of generate calls). A
-    benchmark with an environment runs episodes; ``episodes`` then receives ``{problem index: [what
-    each episode did]}``."""
+    """``{problem index: [n completions]}`` for this rank's shard (every rank must call this: in
+    lockstep, under ZeRO-3, generation is collective, so every rank runs the same number of
+    generate calls). A benchmark with an environment runs episodes; ``episodes`` then receives
+    ``{problem index: [what each episode did]}``."""
     from tqdm.auto import tqdm
 
     indices = list(range(rank, len(bench.examples), world_size))
     per_rank = math.ceil(len(bench.examples) / world_size)
+    # the rollout engine schedules the rank's whole share itself; generate goes batch by batch
+    size = sampling.batch_size if isinstance(sampler, HFSampler) else max(1, per_rank)
     out: dict[int, list[str]] = {}
-    starts = range(0, per_rank, sampling.batch_size)
-    for start in tqdm(starts, desc=f"generating {bench.name}", disable=not progress):
-        part = indices[start:start + sampling.batch_size]
-        # Under ZeRO-3 generation is collective: every rank makes the same calls, so a rank out of
-        # problems (or with fewer in its last batch) pads with repeats of a problem and
-        # drops their completions.
+    for start in tqdm(range(0, per_rank, size), desc=f"generating {bench.name}",
+                      disable=not progress):
+        part = indices[start:start + size]
+        # In lockstep every rank makes the same calls, so a rank out of problems (or with fewer in
+        # its last batch) pads with repeats of a problem and drops their completions.
         real = len(part)
-        if synced_gpus:
-            target = min(sampling.batch_size, per_rank - start)  # the same on every rank
+        if sampler.lockstep:
+            target = min(size, per_rank - start)  # the same on every rank
             part = ((part or [0]) * target)[:target]
+        if not part:
+            continue
         examples = [bench.examples[i] for i in part]
         prompts = prompt_token_ids(tokenizer, [e.problem for e in examples], bench.prompt_template,
                                    chat_template, chat_template_kwargs)
+        seeds = [seed_of(sampling.seed, bench.name, i) for i in part]
         if bench.env is not None:
-            with hf_turns(model, tokenizer, sampling.temperature, sampling.top_p, sampling.top_k,
-                          synced_gpus, sampling.max_seqs_per_generate) as generate_turn:
+            with sampler.turns(sampling) as generate_turn:
                 done = run_episodes(generate_turn, get_environment(bench.env.name),
                                     TurnFormat(tokenizer, chat_template_kwargs),
                                     EpisodeLimits.of(bench.env), examples, prompts,
-                                    sampling.samples, [0] * len(prompts), lockstep=synced_gpus)
+                                    sampling.samples, seeds, lockstep=sampler.lockstep)
             texts = [tokenizer.decode(e.student_ids(), skip_special_tokens=True) for e in done]
             index = [e.example_index for e in done]
             for e in done:
@@ -178,11 +228,7 @@ def generate_completions(model, tokenizer, bench: Benchmark, sampling: Sampling,
                          "turns": e.turns, "tool_calls": e.tool_calls,
                          "malformed_calls": e.malformed_calls, "end": e.end})
         else:
-            batch = hf_generate(model, tokenizer, prompts, n=sampling.samples,
-                                temperature=sampling.temperature, top_p=sampling.top_p,
-                                top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
-                                synced_gpus=synced_gpus,
-                                max_seqs_per_call=sampling.max_seqs_per_generate)
+            batch = sampler.samples(prompts, sampling.samples, sampling, seeds)
             texts, index = tokenizer.batch_decode(batch.responses(),
                                                   skip_special_tokens=True), batch.example_index
         for text, j in zip(texts, index):
@@ -234,15 +280,26 @@ def evaluate(model, tokenizer, benchmarks: list[Benchmark], sampling: Sampling,
              chat_template="auto", rank: int = 0, world_size: int = 1, synced_gpus: bool = False,
              workers: int = 2, timeout_s: float = 10.0, progress: bool = False,
              records: dict[str, list[dict]] | None = None,
-             chat_template_kwargs=None) -> dict[str, Any]:
+             chat_template_kwargs=None, sampler: Sampler | None = None) -> dict[str, Any]:
     """Metrics of every benchmark, gathered over ranks. ``records``, if given, receives the
-    per-problem records (on every rank, for the problems of all ranks). Generation runs in eval mode
-    (``tip.rollout.hf_generate``)."""
+    per-problem records (on every rank, for the problems of all ranks). Completions come from
+    ``sampler`` (the rollout engine), else from ``model`` itself in eval mode (``HFSampler``; in
+    lockstep with ``synced_gpus``)."""
+    sampler = sampler or HFSampler(model, tokenizer, synced_gpus)
+    try:
+        return _evaluate(sampler, tokenizer, benchmarks, sampling, chat_template, rank, world_size,
+                         workers, timeout_s, progress, records, chat_template_kwargs)
+    finally:
+        sampler.done()
+
+
+def _evaluate(sampler: Sampler, tokenizer, benchmarks, sampling, chat_template, rank, world_size,
+              workers, timeout_s, progress, records, chat_template_kwargs) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for bench in benchmarks:
         episodes: dict[int, list[dict]] = {}
-        completions = generate_completions(model, tokenizer, bench, sampling, chat_template, rank,
-                                           world_size, synced_gpus, progress, chat_template_kwargs,
+        completions = generate_completions(sampler, tokenizer, bench, sampling, chat_template,
+                                           rank, world_size, progress, chat_template_kwargs,
                                            episodes)
         grades = grade_completions(bench, completions, workers, timeout_s, progress)
         local = list(problem_records(bench, completions, grades, episodes))

@@ -16,7 +16,7 @@ from tip.env import ENVIRONMENTS, EpisodeLimits
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.models import ATTENTION, missing_attention
-from tip.rollout import ROLLOUT_BACKENDS
+from tip.rollout import ROLLOUT_BACKENDS, WEIGHT_TRANSFERS
 from tip.selection import KEEP_SCHEDULES, RULES, SCOPES, SELECTOR_PARAMS
 from tip.signals import DIVERGENCES
 from tip.taxonomy import NORM_SCOPES
@@ -229,6 +229,10 @@ def check_rollout(ro) -> None:
         for key in ("enforce_eager", "sleep"):
             _need(ro[key] in ("auto", True, False), f"rollout.{key}", ro[key],
                   "expected auto, true or false")
+        _one_of("rollout.sleep_level", ro.sleep_level, (1, 2))
+        _one_of("rollout.weight_transfer", ro.weight_transfer, ("auto", *WEIGHT_TRANSFERS))
+        _need(isinstance(ro.prefix_caching, bool), "rollout.prefix_caching", ro.prefix_caching,
+              "expected true or false")
         _number("rollout.sync_bucket_mb", ro.sync_bucket_mb, 0.0, math.inf, hi_open=True)
         if ro.get("max_logp_gap") is not None:
             _number("rollout.max_logp_gap", ro.max_logp_gap, 0.0, math.inf, lo_open=True,
@@ -244,6 +248,8 @@ def check_engine(cfg: DictConfig) -> None:
     _one_of("engine.offload_param", cfg.engine.offload_param, ("none", "cpu", "nvme"))
     if "gather_for_generate" in cfg.engine:
         _one_of("engine.gather_for_generate", cfg.engine.gather_for_generate, GATHER_FOR_GENERATE)
+    if cfg.engine.get("hpz_partition_size", "auto") != "auto":
+        _integer("engine.hpz_partition_size", cfg.engine.hpz_partition_size, 1, also="auto")
     _one_of("precision", cfg.precision, PRECISIONS)
     _number("dist_timeout_s", cfg.dist_timeout_s, 0.0, math.inf, lo_open=True, hi_open=True)
     _one_of("pair.vocab", cfg.pair.vocab, ("truncate", "error"))

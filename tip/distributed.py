@@ -41,6 +41,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def gpus_per_node() -> int:
+    """Processes on this node (LOCAL_WORLD_SIZE, which ``prepare_process_env`` fills)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def slurm_hostnames(node_list: str) -> list[str]:
     """Expand SLURM's compressed node list: ``gpu[07-08,10],login1`` -> gpu07, gpu08, gpu10,
     login1."""

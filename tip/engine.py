@@ -32,12 +32,24 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: int,
                      grad_clip: float, dtype: torch.dtype, train: bool = True,
-                     on_gpu: bool | None = None) -> dict[str, Any]:
+                     on_gpu: bool | None = None, world_size: int = 1,
+                     gpus_per_node: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for one engine from ``conf/engine/*.yaml`` (its ``deepspeed`` block is
     that JSON; the batch sizes, clipping and precision are filled here so they cannot disagree with
-    the recipe)."""
+    the recipe).
+
+    ZeRO-3 over several nodes (``world_size`` above ``gpus_per_node``): with
+    ``engine.hpz_partition_size`` auto, each node also keeps the weights partitioned over its own
+    GPUs (ZeRO++'s hpZ, ``zero_hpz_partition_size``), so the forward and backward all-gathers stay
+    on the node's NVLink instead of crossing InfiniBand; it costs a second bf16 partition of the
+    weights per GPU (weights / GPUs per node). Gradients are reduce-scattered over all ranks in
+    fp32 either way (docs/gpus.md, "Several nodes")."""
     cfg = {k: v for k, v in dict(engine_cfg["deepspeed"]).items()}
     zero = dict(cfg.get("zero_optimization", {}))
+    hpz = hpz_partition_size(engine_cfg.get("hpz_partition_size", 1), world_size,
+                             gpus_per_node or world_size)
+    if zero.get("stage", 0) == 3 and hpz > 1:
+        zero["zero_hpz_partition_size"] = hpz
     if not train:  # a frozen teacher has no optimizer state to offload
         zero.pop("offload_optimizer", None)
     if zero.get("stage3_param_persistence_threshold") == "auto":
@@ -57,6 +69,44 @@ def deepspeed_config(engine_cfg: dict[str, Any], micro_batch: int, grad_accum: i
         # partial sum to bf16's 8 bits).
         cfg.update(communication_data_type="fp32", data_types={"grad_accum_dtype": "fp32"})
     return cfg
+
+
+def hpz_partition_size(setting, world_size: int, gpus_per_node: int) -> int:
+    """``engine.hpz_partition_size``: auto is the GPUs of a node when the run spans nodes, else 1
+    (off); an integer must divide the world size."""
+    if setting == "auto":
+        return gpus_per_node if world_size > gpus_per_node else 1
+    if world_size % setting:
+        raise ValueError(f"engine.hpz_partition_size={setting} does not divide the world size "
+                         f"({world_size} ranks)")
+    return setting
+
+
+def reuse_hpz_group() -> None:
+    """Let every ZeRO-3 model of the process share one hpZ group. DeepSpeed creates the group in
+    each ``zero.Init`` (every ``from_pretrained`` of a ZeRO-3 model) and in each ZeRO-3 optimizer,
+    and asserts that it did not exist before, so the teacher's load (or the student's optimizer)
+    fails with "ZeRO parameter intra parallel group is already initialized" (DeepSpeed issue
+    #4901). As the upstream fix does (DeepSpeed PR #8361): keep the existing group when its size is
+    the one asked for, refuse a different size."""
+    from deepspeed.utils import groups
+
+    create = groups._create_zero_param_parallel_group
+    if getattr(create, "tip_reuses", False):
+        return
+
+    def create_once(group_size):
+        existing = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP
+        if existing is None:
+            return create(group_size)
+        size = torch.distributed.get_world_size(existing)
+        if size != min(group_size, torch.distributed.get_world_size()):
+            raise RuntimeError(f"an hpZ group of {size} ranks exists; another model asks for "
+                               f"{group_size}: use one engine.hpz_partition_size")
+        return None
+
+    create_once.tip_reuses = True
+    groups._create_zero_param_parallel_group = create_once
 
 
 def tip_clips_gradients(stage: int) -> bool:
@@ -131,15 +181,25 @@ its whole parameters take at most half of the device's free memory on every rank
 (per-module gathers)."""
 
 
+def fits_whole(whole_bytes: float, driver_free: float, reserved: float, allocated: float) -> bool:
+    """Whether a rank has room for the whole student: its full parameters under half of what the
+    rank could allocate, which is the driver's free memory plus the blocks the trainer's caching
+    allocator holds but does not use (``reserved - allocated``). The driver's figure alone misses
+    those: after a training step they can be tens of GB, and the check would fall back to
+    gathering every layer for every decoded token."""
+    return whole_bytes <= 0.5 * (driver_free + reserved - allocated)
+
+
 def _fits_whole(engine, dist) -> bool:
-    """Whether every rank has room for the whole student (its full parameters under half the free
-    memory)."""
+    """``fits_whole`` on every rank (on CUDA; elsewhere always)."""
     device = dist.device
     if device.type != "cuda":
         return True
     size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
                for p in engine.module.parameters())
-    ok = torch.tensor([float(size <= 0.5 * torch.cuda.mem_get_info(device)[0])], device=device)
+    ok = fits_whole(size, torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device),
+                    torch.cuda.memory_allocated(device))
+    ok = torch.tensor([float(ok)], device=device)
     if dist.world_size > 1:  # every rank must take the same branch: the gather is a collective
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok.item())

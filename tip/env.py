@@ -151,6 +151,14 @@ class EpisodeLimits:
                       if env_cfg.get(f) is not None})
 
 
+def engine_context_tokens(env_cfg: Mapping[str, Any] | None, single_turn_tokens: int) -> int:
+    """The most tokens a generation engine must hold after a prompt: ``rollout_tokens``, and with an
+    environment one more turn (a turn may start at the episode's budget)."""
+    if env_cfg is None or env_cfg.get("name", "none") == "none":
+        return int(single_turn_tokens)
+    return rollout_tokens(env_cfg, single_turn_tokens) + EpisodeLimits.of(env_cfg).max_turn_tokens
+
+
 def rollout_tokens(env_cfg: Mapping[str, Any], single_turn_tokens: int) -> int:
     """The most tokens a rollout holds after its prompt: ``single_turn_tokens``
     (rollout.max_new_tokens or eval.max_new_tokens) without an environment, else the episode's
@@ -345,6 +353,9 @@ class MultiTurnRollout:
 
     def sync(self):
         return self.backend.sync()
+
+    def eval_sampler(self):
+        return self.backend.eval_sampler()
 
     def close(self) -> None:
         self.backend.close()

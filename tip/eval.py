@@ -6,24 +6,29 @@ Several benchmarks at once: ``eval=[math500,aime24,aime25]`` (or ``eval=math``);
 protocol is a preset: ``protocol=paper`` (n=16, T=1.0, top-p 1.0; default), ``protocol=opsd`` (n=16,
 T=0.7, top-p 0.8, top-k 20) or ``protocol=greedy``. Writes ``metrics.json`` and one
 ``<benchmark>.jsonl`` of per-problem records (completions, extracted answers, verdicts, reasons)
-into the run directory, and prints a table.
+into the run directory, and prints a table. ``backend=vllm`` generates with a vLLM engine (each
+problem's samples from its own seed) instead of transformers' generate.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tip.benchmarks import evaluate, load_benchmarks, sampling_of
+from tip.benchmarks import evaluate, load_benchmarks, longest_prompt, sampling_of
 from tip.checkpoint import atomic_dir
 from tip.config import CONF_DIR, ConfigError, check_eval, check_model, require_conf_dir
 from tip.engine import resolve_precision
-from tip.models import load_model, load_tokenizer, resolve_attention
+from tip.env import engine_context_tokens
+from tip.models import load_model, load_tokenizer, resolve_attention, resolve_model_ref
+from tip.rollout import ROLLOUT_BACKENDS
 
 
 def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
@@ -34,16 +39,27 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     for name in ("metrics.json", *(f"{b}.jsonl" for b in cfg.eval.benchmarks)):
         if (run_dir / name).exists():
             raise FileExistsError(f"{run_dir / name} exists; choose another hydra.run.dir")
+    if cfg.backend not in ROLLOUT_BACKENDS:
+        raise ConfigError(f"backend={cfg.backend!r} is not allowed: expected one of "
+                          f"{', '.join(ROLLOUT_BACKENDS)}")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = load_model(cfg.model, resolve_precision(cfg.precision, device), "model",
-                       resolve_attention(cfg.attn_implementation, device.type)).to(device)
     benchmarks = load_benchmarks(cfg.eval, cfg.limit)
+    dtype = resolve_precision(cfg.precision, device)
     records: dict[str, list[dict]] = {}
-    metrics = evaluate(model, tokenizer, benchmarks, sampling_of(cfg.eval), cfg.chat_template,
-                       workers=cfg.grading.workers, timeout_s=cfg.grading.timeout_s, progress=True,
-                       records=records, chat_template_kwargs=cfg.chat_template_kwargs)
+    kwargs = dict(chat_template=cfg.chat_template, workers=cfg.grading.workers,
+                  timeout_s=cfg.grading.timeout_s, progress=True, records=records,
+                  chat_template_kwargs=cfg.chat_template_kwargs)
+    if cfg.backend == "vllm":
+        with vllm_sampler(cfg, tokenizer, benchmarks, dtype, run_dir) as sampler:
+            metrics = evaluate(None, tokenizer, benchmarks, sampling_of(cfg.eval, cfg.seed),
+                               sampler=sampler, **kwargs)
+    else:
+        model = load_model(cfg.model, dtype, "model",
+                           resolve_attention(cfg.attn_implementation, device.type)).to(device)
+        metrics = evaluate(model, tokenizer, benchmarks, sampling_of(cfg.eval, cfg.seed),
+                           **kwargs)
     result = {"model": cfg.model, "protocol": OmegaConf.to_container(cfg.eval, resolve=True),
               "metrics": metrics}
 
@@ -62,6 +78,33 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     print(format_table(metrics), flush=True)
     print(f"results: {run_dir}", flush=True)
     return metrics
+
+
+@contextmanager
+def vllm_sampler(cfg, tokenizer, benchmarks, dtype, run_dir: Path):
+    """backend=vllm: the model in a vLLM worker (``tip.vllm_rollout``) whose context holds the
+    longest prompt and its answer; end-of-sequence ids from the model's generation config."""
+    from transformers import GenerationConfig
+
+    from tip.vllm_rollout import EngineSampler, VllmWorker
+
+    path = resolve_model_ref(cfg.model)
+    context = max(longest_prompt(b, tokenizer, cfg.chat_template, cfg.chat_template_kwargs)
+                  + engine_context_tokens(b.env, cfg.eval.max_new_tokens) for b in benchmarks)
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:  # a model without generation_config.json: the tokenizer's EOS alone
+        generation = None
+    gpu = torch.cuda.is_available()
+    worker = VllmWorker(path, python=cfg.vllm.python,
+                        dtype="float32" if dtype == torch.float32 else "bfloat16",
+                        max_model_len=context, seed=cfg.seed, enforce_eager=not gpu,
+                        gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+                        log_path=run_dir / "vllm_worker.log")
+    try:
+        yield EngineSampler(worker, tokenizer, SimpleNamespace(generation_config=generation))
+    finally:
+        worker.close()
 
 
 def format_table(metrics: dict) -> str:

@@ -254,7 +254,7 @@ class RunShape:
     checkpointing: bool
     backend: str
     vllm_fraction: float
-    vllm_sleeps: bool  # between rollouts vLLM frees its KV cache and moves its weights to the host
+    vllm_sleeps: bool  # outside rollouts and evaluations vLLM frees its KV cache and its weights
     rollout_seqs: int
     eval_seqs: int
     eval_response_tokens: int
@@ -264,6 +264,10 @@ class RunShape:
     # T x T mask per row of a forward (packed rows are no wider than the longest rollout, so the
     # worst case is the padded one); FlashAttention builds none
     attention: str = "sdpa"
+    # 1: a sleeping engine's weights wait in host memory; 2: discarded (re-sent by the next sync)
+    vllm_sleep_level: int = 2
+    prefix_caching: bool = True
+    prompts_per_rank: int = 1
 
 
 def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, gpu_bytes: float,
@@ -278,7 +282,14 @@ def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, 
             items.append(Item("runtime", "vLLM worker's process: its CUDA context (any phase)",
                               VLLM_PROCESS_GB * GB))
     notes = []
-    if run.offload_optimizer or run.offload_param:
+    if run.backend == "vllm" and on_cuda:
+        notes = vllm_kv_notes(run, student, gpu_bytes)
+        if run.vllm_sleeps:  # the engine's phases: resident + its reservation + runtime
+            fixed = sum(i.bytes for i in items if i.phase in ("resident", "runtime") and not i.host)
+            most = max(0.0, (FIT_FRACTION * gpu_bytes - fixed) / gpu_bytes)
+            notes.append(f"rollout.gpu_memory_utilization up to {most:.2f} keeps the rollout and "
+                         f"evaluation phases within {FIT_FRACTION:.0%} of the GPU")
+    if any(i.host for i in items):
         host = sum(i.bytes for i in items if i.host)
         notes.append(f"offloaded to CPU memory: {host / GB:.1f} GB per GPU (x{run.gpus} per node "
                      "of "
@@ -352,30 +363,54 @@ def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -
 
 
 def generation_items(run: RunShape, student: ModelShape, gpu_bytes: float) -> list[Item]:
-    """Rollouts (vLLM's reservation, or HF generate's KV cache) and evaluation."""
+    """Rollouts and evaluation: with rollout=vllm both through the engine (its reservation, held in
+    those phases only when it sleeps); with rollout=hf through HF generate (the student gathered
+    whole at ZeRO-3, and its KV cache)."""
     b, p, items = student.weight_bytes, student.params, []
     seq = run.prompt_tokens + run.response_tokens
     shard = run.gpus if run.stage == 3 else 1
     gathered = b * p * (1 - 1 / shard) if run.stage == 3 and run.gather_for_generate else 0.0
     if run.backend == "vllm":
-        # Asleep during the step, vLLM holds its reservation only while it rolls out;
-        # awake, all the time.
-        items.append(Item("rollout" if run.vllm_sleeps else "resident",
-                          f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU"
-                          + ("" if run.vllm_sleeps else " (rollout.sleep off: held through the "
-                                                        "step)"),
-                          run.vllm_fraction * gpu_bytes))
-    else:
-        if gathered:
-            items.append(Item("rollout", "student gathered for HF generate", gathered))
-        items.append(Item("rollout", f"KV cache ({run.rollout_seqs} x {seq:,} tokens)",
-                          student.kv_per_token * run.rollout_seqs * seq))
+        reservation = run.vllm_fraction * gpu_bytes
+        what = f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU"
+        if not run.vllm_sleeps:  # awake all the time
+            return [Item("resident", what + " (rollout.sleep off: held through the step)",
+                         reservation)]
+        items = [Item(phase, what, reservation) for phase in ("rollout", "evaluation")]
+        if run.vllm_sleep_level == 1:
+            items.append(Item("resident", "vLLM's weights while it sleeps (level 1)", b * p,
+                              host=True))
+        return items
+    if gathered:
+        items.append(Item("rollout", "student gathered for HF generate", gathered))
+    items.append(Item("rollout", f"KV cache ({run.rollout_seqs} x {seq:,} tokens)",
+                      student.kv_per_token * run.rollout_seqs * seq))
     eval_seq = run.prompt_tokens + run.eval_response_tokens
     if gathered:
         items.append(Item("evaluation", "student gathered for HF generate", gathered))
     items.append(Item("evaluation", f"KV cache ({run.eval_seqs} x {eval_seq:,} tokens)",
                       student.kv_per_token * run.eval_seqs * eval_seq))
     return items
+
+
+VLLM_OVERHEAD_GB = 1.5
+"""What vLLM's reservation holds beside the weights and the KV cache (its profiled activations
+and sampler buffers; CUDA graphs at most a few hundred MB more)."""
+
+
+def vllm_kv_notes(run: RunShape, student: ModelShape, gpu_bytes: float) -> list[str]:
+    """The engine's KV cache against a rollout's worst case (every response at full length; with
+    prefix caching a prompt's n samples share its blocks), and the largest reservation that fits."""
+    kv = run.vllm_fraction * gpu_bytes - student.weight_bytes * student.params \
+        - VLLM_OVERHEAD_GB * GB
+    capacity = max(0, int(kv // student.kv_per_token))
+    prompts = run.prompts_per_rank if run.prefix_caching else run.rollouts_per_rank
+    worst = prompts * run.prompt_tokens + run.rollouts_per_rank * run.response_tokens
+    verdict = "enough" if capacity >= worst else \
+        "short: vLLM preempts and recomputes sequences, stretching the longest rollout"
+    return [f"vLLM KV cache: about {capacity:,} tokens for a rollout's worst case of {worst:,} "
+            f"({run.rollouts_per_rank} rollouts, prefix caching "
+            f"{'on' if run.prefix_caching else 'off'}): {verdict}"]
 
 
 def _dtype_name(width: int) -> str:
@@ -398,6 +433,8 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape,
 
     sizes = RunSizes.of(cfg, gpus, what="GPUs")
     rollouts = sizes.rollouts_per_rank
+    vllm = vllm_speed_settings(cfg.rollout, device) if cfg.rollout.backend == "vllm" else \
+        {"sleep_level": 0}
     zero = cfg.engine.deepspeed.zero_optimization
     return RunShape(
         gpus=gpus, stage=cfg.engine.stage, offload_optimizer=cfg.engine.offload_optimizer != "none",
@@ -410,8 +447,9 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape,
         chunk=resolve_chunk_size(cfg.train.chunk_size, student.vocab, device),
         checkpointing=bool(cfg.train.gradient_checkpointing), backend=cfg.rollout.backend,
         vllm_fraction=float(cfg.rollout.get("gpu_memory_utilization", 0.0)),
-        vllm_sleeps=cfg.rollout.backend == "vllm"
-                    and vllm_speed_settings(cfg.rollout, device)["sleep"],
+        vllm_sleeps=bool(vllm["sleep_level"]), vllm_sleep_level=vllm["sleep_level"],
+        prefix_caching=bool(cfg.rollout.get("prefix_caching", False)),
+        prompts_per_rank=max(1, cfg.train.prompts_per_step // gpus),
         rollout_seqs=min(cfg.rollout.get("max_seqs_per_generate", rollouts), rollouts),
         eval_seqs=int(cfg.eval.get("max_seqs_per_generate", 64)),
         eval_response_tokens=rollout_tokens(cfg.get("env"), cfg.eval.max_new_tokens),

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 ROLLOUT_BACKENDS = ("hf", "vllm")
+WEIGHT_TRANSFERS = ("socket", "ipc")
+"""rollout.weight_transfer (auto: ipc on CUDA, socket elsewhere): how the student's weights reach
+the vLLM engine (``tip.vllm_rollout.VllmWorker.load_weights``)."""
 
 
 @dataclass
@@ -291,6 +294,10 @@ class HFRollout:
     def sync(self) -> dict:
         """The student is the model: nothing to send, nothing measured."""
         return {}
+
+    def eval_sampler(self) -> None:
+        """Evaluation generates with the student itself (``tip.benchmarks.HFSampler``)."""
+        return None
 
     def close(self) -> None:
         pass

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tip.distributed import local_device_index, worker_allocator_env
-from tip.rollout import RolloutBatch, eos_ids, pack
+from tip.rollout import WEIGHT_TRANSFERS, RolloutBatch, eos_ids, pack
 from tip.vllm_worker import recv, send
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
@@ -44,12 +44,50 @@ class VllmError(RuntimeError):
     """The vLLM worker could not start or failed a request."""
 
 
-def _gathered(param):
-    if hasattr(param, "ds_id"):
+def _gathered(*params):
+    """ZeRO-3 parameters whole for the duration (one gather for all of them); others as they are."""
+    sharded = [p for p in params if hasattr(p, "ds_id")]
+    if sharded:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
     return nullcontext()
+
+
+def weight_buckets(module, bucket_bytes: int):
+    """``module``'s named parameters in buckets of about ``bucket_bytes`` (whole sizes, which a
+    ZeRO-3 shard's own ``ds_numel`` gives); 0: one parameter per bucket."""
+    bucket, size = [], 0
+    for name, param in module.named_parameters():
+        bucket.append((name, param))
+        size += getattr(param, "ds_numel", param.numel()) * param.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def ipc_update_info(bucket, gpu_uuid: str, share=None) -> tuple[dict, list[torch.Tensor]]:
+    """One bucket of whole parameters as vLLM's ``IPCWeightTransferUpdateInfo`` fields: names,
+    dtype names, shapes, and for each tensor its CUDA IPC handle keyed by the GPU's UUID (the args
+    of ``torch.multiprocessing.reductions.reduce_tensor``, which vLLM's
+    ``IPCWeightTransferEngine.receive_weights`` rebuilds with ``rebuild_cuda_tensor`` on the
+    engine's device), and the tensors shared, which must outlive the engine's copy (vLLM's own
+    trainer side keeps them the same way). ``share`` stands in for ``reduce_tensor`` where CUDA is
+    absent."""
+    if share is None:
+        from torch.multiprocessing.reductions import reduce_tensor as share
+    tensors = [(name, param.data.detach().contiguous()) for name, param in bucket]
+    return {"names": [n for n, _ in tensors],
+            "dtype_names": [str(t.dtype).split(".")[-1] for _, t in tensors],
+            "shapes": [list(t.shape) for _, t in tensors],
+            "ipc_handles": [{gpu_uuid: share(t)[1]} for _, t in tensors]}, [t for _, t in tensors]
+
+
+def cuda_device_uuid() -> str:
+    """The UUID of this process's GPU, by which the engine finds the handles for its own GPU."""
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
 
 class VllmRollout:
@@ -65,6 +103,7 @@ class VllmRollout:
         """``n`` (default ``rollout.n``) samples of each prompt; sample j of a prompt from its
         seed + j."""
         ro = self.cfg
+        self.resend_lost_weights()
         return self.engine.generate(self.tokenizer, prompt_ids, n=n or ro.n,
                                     temperature=ro.temperature,
                                     top_p=ro.top_p, top_k=ro.top_k,
@@ -74,16 +113,32 @@ class VllmRollout:
     @contextmanager
     def turns(self):
         """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``): one engine request
-        per round over every running episode, each context with its own seed."""
+        per round over every running episode, each context with its own seed; the engine stays
+        awake from the first round to the last."""
         ro = self.cfg
+        self.resend_lost_weights()
 
         def generate_turn(contexts, seeds, max_new_tokens):
             return self.engine.generate(self.tokenizer, contexts, n=1, temperature=ro.temperature,
                                         top_p=ro.top_p, top_k=ro.top_k,
                                         max_new_tokens=max_new_tokens, seeds=seeds,
-                                        model=self.student).responses()
+                                        model=self.student, sleep_after=False).responses()
 
-        yield generate_turn
+        try:
+            yield generate_turn
+        finally:
+            self.engine.sleep()
+
+    def resend_lost_weights(self) -> None:
+        """Send the student's weights again if the engine discarded them (a level-2 sleep since the
+        last sync): every sampling request then finds the current weights."""
+        if self.engine.weights_lost:
+            self.engine.load_weights(self.student)
+
+    def eval_sampler(self) -> EngineSampler:
+        """Evaluation through this engine (``tip.benchmarks.evaluate``) from the current weights."""
+        self.resend_lost_weights()
+        return EngineSampler(self.engine, self.tokenizer, self.student)
 
     def sync(self) -> dict:
         """Send the student's current weights; returns the seconds it took and the memory at each
@@ -94,6 +149,38 @@ class VllmRollout:
 
     def close(self) -> None:
         self.engine.close()
+
+
+class EngineSampler:
+    """A benchmark's generation through a vLLM engine (``tip.benchmarks.Sampler``): each rank's
+    problems in one request, each problem's n samples from its own seed (sample j from seed + j),
+    the engine awake from the first request to ``done()``. ``model``: where the end-of-sequence ids
+    are read (its ``generation_config``), as for rollouts."""
+
+    lockstep = False  # each rank's engine is its own: no rank waits for another's requests
+
+    def __init__(self, engine: VllmWorker, tokenizer, model):
+        self.engine, self.tokenizer, self.model = engine, tokenizer, model
+
+    def samples(self, prompt_ids: list[list[int]], n: int, sampling, seeds: list[int]):
+        return self.engine.generate(self.tokenizer, prompt_ids, n=n,
+                                    temperature=sampling.temperature, top_p=sampling.top_p,
+                                    top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
+                                    seeds=seeds, model=self.model, sleep_after=False)
+
+    @contextmanager
+    def turns(self, sampling):
+        def generate_turn(contexts, seeds, max_new_tokens):
+            return self.engine.generate(self.tokenizer, contexts, n=1,
+                                        temperature=sampling.temperature, top_p=sampling.top_p,
+                                        top_k=sampling.top_k, max_new_tokens=max_new_tokens,
+                                        seeds=seeds, model=self.model,
+                                        sleep_after=False).responses()
+
+        yield generate_turn
+
+    def done(self) -> None:
+        self.engine.sleep()
 
 
 def worker_visible_devices(parent_visible: str | None, local_rank: int, device_count: int) -> str:
@@ -119,9 +206,16 @@ class VllmWorker:
     def __init__(self, model_dir: str, python: str | None = None, dtype: str = "float32",
                  max_model_len: int = 1024, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  start_timeout_s: float = 900.0, log_path: Path | None = None, local_rank: int = 0,
-                 enforce_eager: bool = True, sleep: bool = False, sync_bucket_mb: float = 0):
+                 enforce_eager: bool = True, sleep_level: int = 0, sync_bucket_mb: float = 0,
+                 weight_transfer: str = "socket", prefix_caching: bool = True):
+        if weight_transfer not in WEIGHT_TRANSFERS:
+            raise VllmError(f"weight transfer {weight_transfer!r} is not known: "
+                            f"{', '.join(WEIGHT_TRANSFERS)}")
+        self.weight_transfer = weight_transfer
         self.python = python or sys.executable
-        self.max_model_len, self.sleeps = max_model_len, sleep
+        self.max_model_len, self.sleep_level = max_model_len, sleep_level
+        # the engine's weights were discarded (a level-2 sleep) and must be sent before it samples
+        self.weights_lost = sleep_level == 2  # it sleeps from its start
         # the trainer's memory just before each wake-up since the last take_wake_log()
         self.wake_log: list[dict] = []
         self.sync_bucket_bytes = int(sync_bucket_mb * 2**20)
@@ -145,7 +239,8 @@ class VllmWorker:
                authkey.hex(), "--model", model_dir, "--dtype", dtype, "--max-model-len",
                str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization),
                "--seed", str(seed), "--enforce-eager", str(int(enforce_eager)), "--sleep",
-               str(int(sleep))]
+               str(sleep_level), "--weight-transfer", weight_transfer, "--prefix-caching",
+               str(int(prefix_caching))]
         self._log = self.log_path.open("w")
         try:
             self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -196,10 +291,12 @@ class VllmWorker:
     def generate(self, tokenizer, prompt_ids: list[list[int]], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 64,
                  seeds: list[int] | None = None, model=None,
-                 logprobs: bool = False) -> RolloutBatch:
+                 logprobs: bool = False, sleep_after: bool = True) -> RolloutBatch:
         """Rollouts in the same layout as ``tip.rollout.hf_generate`` (right-padded, cut after the
         first EOS). ``logprobs``: the batch carries the engine's log-probability of every sampled
         token (``RolloutBatch.sampler_logp``), which the step compares with the trainer's.
+        ``sleep_after``: a sleeping engine goes back to sleep after this request (else it stays
+        awake for the next, until ``sleep()``).
 
         ``seeds``: one per prompt (``tip.rollout.prompt_seeds``), so each prompt draws from its own
         stream; one seed shared by all prompts would give every prompt's j-th sample the same random
@@ -216,8 +313,13 @@ class VllmWorker:
         sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                         max_tokens=max_new_tokens, stop_token_ids=sorted(eos_ids(model, tokenizer)),
                         logprobs=0 if logprobs else None)
+        if self.weights_lost:
+            raise VllmError("the engine's weights were discarded by its level-2 sleep and not sent "
+                            "since: load_weights() first")
         self._before_wake()
-        outs = self._call("generate", prompt_ids, sampling, seeds or [None] * len(prompt_ids))
+        outs = self._call("generate", prompt_ids, sampling, seeds or [None] * len(prompt_ids),
+                          sleep_after)
+        self.weights_lost = sleep_after and self.sleep_level == 2
         stops = eos_ids(model, tokenizer)
         responses, token_logps = [], []
         for completions in outs:
@@ -229,12 +331,18 @@ class VllmWorker:
         return pack(repeated, responses, [i for i in range(len(prompt_ids)) for _ in range(n)],
                     tokenizer.pad_token_id, sampler_logps=token_logps if logprobs else None)
 
+    def sleep(self) -> None:
+        """Put a sleeping engine back to sleep after requests made with ``sleep_after=False``."""
+        if self.sleep_level:
+            self._call("sleep")
+            self.weights_lost = self.sleep_level == 2
+
     def _before_wake(self) -> None:
         """Before a request that wakes a sleeping engine: return the trainer's cached blocks to the
         driver (what TRL's colocate mode and verl's sharding manager do before ``wake_up``; vllm
         issue #17117 and verl PR #575 show the out-of-memory error without it) and note what the
         trainer holds and what the GPU has free."""
-        if self.sleeps:
+        if self.sleep_level:
             self.wake_log.append(release_cached_memory())
 
     def take_wake_log(self) -> dict:
@@ -249,22 +357,34 @@ class VllmWorker:
     @torch.no_grad()
     def load_weights(self, module) -> int:
         """Send every parameter of ``module`` (HF names) to the engine; returns how many. Under
-        ZeRO-3 each is gathered alone and copied to the host (from a GPU: into a reused pinned
-        buffer) before the next. With ``sync_bucket_mb`` 0 each goes in its own message (the
-        default: docs/performance.md, "Weight sync"); otherwise in messages of about that size."""
-        count, bucket, size = 0, [], 0
+        ZeRO-3 each is gathered alone (``sync_bucket_mb`` 0, the default: docs/performance.md,
+        "Weight sync") or with the others of its bucket of about that size, sent, and released
+        before the next: the whole model is never gathered at once.
+
+        ``weight_transfer``: ``ipc`` shares each gathered GPU tensor with the engine on the same
+        GPU through a CUDA IPC handle (vLLM's weight transfer API, backend "ipc"), and the engine
+        copies it into its own weights before the gather is released (each request is answered
+        after the copy); ``socket`` copies each to the host (from a GPU into a reused pinned
+        buffer) and pickles it to the engine: the CPU path."""
         self._before_wake()  # the first message wakes a sleeping engine's weights
-        for name, param in module.named_parameters():
-            with _gathered(param):
-                bucket.append((name, self._to_host(name, param.data)))
-            size += bucket[-1][1].numel() * bucket[-1][1].element_size()
-            count += 1
-            if size >= self.sync_bucket_bytes:
-                self._call("load_weights", bucket)
-                bucket, size = [], 0
-        if bucket:
-            self._call("load_weights", bucket)
-        self._call("weights_done")
+        count, ipc = 0, self.weight_transfer == "ipc"
+        if ipc:
+            self._call("start_ipc_update")
+        for bucket in weight_buckets(module, self.sync_bucket_bytes):
+            with _gathered(*(p for _, p in bucket)):
+                if ipc:  # the shared tensors stay referenced until the engine has copied them
+                    info, shared = ipc_update_info(bucket, cuda_device_uuid())
+                    self._call("ipc_update", info)
+                    del shared
+                else:
+                    self._call("load_weights", [(n, self._to_host(n, p.data)) for n, p in bucket])
+            count += len(bucket)
+        if ipc:
+            self._call("finish_ipc_update")
+            torch.cuda.ipc_collect()  # the engine has let go of every handle
+        else:
+            self._call("weights_done")
+        self.weights_lost = False
         return count
 
     def _to_host(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
