@@ -193,15 +193,17 @@ def test_gpu_check_skips_every_cuda_part_here_and_its_commands_run_on_cpu():
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
-    assert len(lines) == 8 and all(line.startswith("SKIP") and "no CUDA device" in line for line in lines), lines
+    assert len(lines) == 10 and all(line.startswith("SKIP") and "no CUDA device" in line for line in lines), lines
     assert "DeepSpeed's accelerator cpu" in proc.stdout.splitlines()[0], proc.stdout  # the header says which
     assert "versions: deepspeed 0.19" in proc.stdout and "real model:" in proc.stdout, proc.stdout
     proc = subprocess.run([sys.executable, "-m", "tip.gpu_check", "--on-cpu", "--only", "tip.eval",
-                           "--only", "sweep", "--only", "every parameter sharded"], cwd=ROOT, capture_output=True,
+                           "--only", "sweep", "--only", "every parameter sharded", "--only", "packed"], cwd=ROOT,
+                          capture_output=True,
                           text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS  tip.eval" in proc.stdout and "PASS  sweep of 2 cells in one process" in proc.stdout, proc.stdout
     assert "PASS  ZeRO-3, every parameter sharded, 2 GPUs over NCCL" in proc.stdout, proc.stdout
+    assert "PASS  packed = padded micro-batches" in proc.stdout, proc.stdout
 
 
 def test_gpu_checks_real_model_part_names_what_it_looked_for_when_none_is_here(monkeypatch):

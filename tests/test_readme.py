@@ -125,7 +125,8 @@ def table_keys() -> list[str]:
 UNDER = {"logger.": "logger=wandb", "teacher.": "teacher=self_privileged", "selector.": "selector=entropy_jsd_sample",
          "selector.is_weight_cap": "selector=entropy_sample_is_capped",
          **{f"rollout.{k}": "rollout=vllm" for k in ("vllm_python", "max_model_len", "enforce_eager", "sleep",
-                                                    "sync_bucket_mb", "gpu_memory_utilization", "max_logp_gap")}}
+                                                    "sync_bucket_mb", "gpu_memory_utilization", "max_logp_gap",
+                                                    "sleep_level", "weight_transfer", "prefix_caching")}}
 
 
 def expand(key: str) -> list[str]:

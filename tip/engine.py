@@ -177,8 +177,8 @@ def build_teacher_engine(model, ds_config: dict) -> HiddenStatesLM:
 
 GATHER_FOR_GENERATE = ("auto", "always", "never")
 """engine.gather_for_generate (ZeRO-3): gather the student whole for each generate call. auto: when
-its whole parameters take at most half of the device's free memory on every rank; always; never
-(per-module gathers)."""
+its whole parameters take at most half of what every rank can allocate (``fits_whole``); always;
+never (per-module gathers)."""
 
 
 def fits_whole(whole_bytes: float, driver_free: float, reserved: float, allocated: float) -> bool:
