@@ -124,13 +124,15 @@ def test_an_untied_output_layer_trains_under_zero3_as_under_zero0(tmp_path, unti
     assert_same_gradient(g_zero3, g_zero0)
 
 
+SLOW = pytest.mark.slow
 PACKING_CASES = [  # (engine, micro-batch size, teacher and rule overrides)
     ("zero0", 16, ("selector=soft_or", "keep=0.5")),
-    ("zero0", 5, ("selector=q3", "keep=0.2", "divergence=forward_kl")),
-    ("zero0", 16, ("selector=all", "keep=1.0")),  # signals from the loss's own chunk loop
-    ("zero3", 16, ("selector=entropy_sample", "keep=0.3")),
+    pytest.param("zero0", 5, ("selector=q3", "keep=0.2", "divergence=forward_kl"), marks=SLOW),
+    pytest.param("zero0", 16, ("selector=all", "keep=1.0"), marks=SLOW),  # signals from the loss's own loop
+    pytest.param("zero3", 16, ("selector=entropy_sample", "keep=0.3"), marks=SLOW),
     ("zero3", 5, ("selector=soft_or", "keep=0.5")),
-    ("zero0", 16, ("teacher=self_privileged", "teacher.weights=live", "selector=soft_or", "keep=0.5")),
+    pytest.param("zero0", 16, ("teacher=self_privileged", "teacher.weights=live", "selector=soft_or", "keep=0.5"),
+                 marks=SLOW),
     ("zero3", 5, ("teacher=self_privileged", "teacher.weights=snapshot", "selector=q3", "keep=0.2")),
 ]
 
