@@ -127,7 +127,7 @@ def apply_cell(cfg: DictConfig) -> None:
 
 BLOCKS = ("keep_schedule", "selection", "selection.quadrant_thresholds", "train", "rollout",
           "engine", "engine.deepspeed", "pair", "teacher", "selector", "divergence", "data",
-          "data.source", "eval", "eval.benchmarks", "env", "logger", "model")
+          "data.source", "eval", "eval.benchmarks", "env", "logger", "model", "probe")
 """Keys that hold a block of keys (a mapping), never a single value."""
 LISTS = ("keep_schedule.milestones",)
 """Keys that hold a list."""
