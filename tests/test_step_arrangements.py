@@ -179,3 +179,33 @@ def test_packed_rows_hold_each_rollout_whole_and_alone(one_row):
     padded = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[mask.bool()]
     packed = decoder(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False).last_hidden_state
     torch.testing.assert_close(packed.reshape(-1, packed.shape[-1])[rows.index], padded, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["zero0", pytest.param("zero3", marks=SLOW)])
+def test_sgd_steps_by_minus_lr_times_the_gradient(tmp_path, engine):
+    """train.optimizer=sgd (the optimizer control): the update is exactly -lr x the step's gradient (no clipping at
+    this norm), where AdamW's first step is about lr x sign(g) for every weight."""
+    cfg = compose_config("experiment=smoke", "logger=none", "train.prompts_per_step=4", "rollout.n=2",
+                         "train.warmup_steps=0", "train.lr=0.05", "train.lr_schedule=constant", "train.grad_clip=1e6",
+                         "train.optimizer=sgd", f"engine={engine}", "selector=q3", "keep=0.2")
+    dist = init_distributed()
+    run = build_parts(cfg, dist, tmp_path)
+    try:
+        share = rank_prompts(cfg, run.train_examples, run.tokenizer, 0, dist)
+        rollouts = run.rollout.generate(share.prompt_ids, 5, share.seeds(cfg.seed, 0))
+        before = weights_of(run.student)
+        grads = {}
+        hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, grads.get(n, 0) + g.detach().clone()))
+                 for n, p in run.student.named_parameters()]
+        opd_step(run.step, run.engine, run.teacher, rollouts, dist, torch.Generator().manual_seed(7), cfg.keep, None,
+                 run.tokenizer.pad_token_id)
+        for hook in hooks:
+            hook.remove()
+        after = weights_of(run.student)
+        moved = 0
+        for name, g in grads.items():
+            torch.testing.assert_close(after[name] - before[name], -0.05 * g, rtol=1e-4, atol=1e-7, msg=name)
+            moved += int((g != 0).sum())
+        assert moved > 1000
+    finally:
+        release_engines(run.engine, run.teacher)

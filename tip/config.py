@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tip.data import DATA_KINDS
-from tip.engine import GATHER_FOR_GENERATE, PRECISIONS
+from tip.engine import GATHER_FOR_GENERATE, OPTIMIZERS, PRECISIONS
 from tip.env import ENVIRONMENTS, EpisodeLimits
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
@@ -206,6 +206,7 @@ def check_train(tr) -> None:
     _number("train.weight_decay", tr.weight_decay, 0.0, math.inf, hi_open=True)
     _number("train.grad_clip", tr.grad_clip, 0.0, math.inf, hi_open=True)
     _one_of("train.lr_schedule", tr.lr_schedule, ("cosine", "constant"))
+    _one_of("train.optimizer", tr.optimizer, tuple(OPTIMIZERS))
     _one_of("train.denominator", tr.denominator, DENOMINATORS)
     _integer("train.checkpoint_every", tr.checkpoint_every, 0)
     _integer("train.max_checkpoints", tr.max_checkpoints, 1)

@@ -116,13 +116,13 @@ def tip_clips_gradients(stage: int) -> bool:
     return stage == 0
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that first takes the global gradient norm (fp32), as DeepSpeed's ZeRO optimizers do: a
-    NaN/inf norm discards the step (``overflow``, which the DeepSpeed engine reads: no update, no
-    scheduler step, ``was_step_applied()`` false), else the gradients are clipped to ``max_norm``
-    and AdamW steps. The norm before clipping is ``_global_grad_norm`` (the engine's
-    ``get_global_grad_norm``). ``max_norm=None``: plain AdamW, for use inside a ZeRO optimizer,
-    which does all of this itself."""
+class GuardedStep:
+    """A torch optimizer's step that first takes the global gradient norm (fp32), as DeepSpeed's
+    ZeRO optimizers do: a NaN/inf norm discards the step (``overflow``, which the DeepSpeed engine
+    reads: no update, no scheduler step, ``was_step_applied()`` false), else the gradients are
+    clipped to ``max_norm`` and the optimizer steps. The norm before clipping is
+    ``_global_grad_norm`` (the engine's ``get_global_grad_norm``). ``max_norm=None``: the plain
+    optimizer, for use inside a ZeRO optimizer, which does all of this itself."""
 
     def __init__(self, params, max_norm: float | None = None, **kwargs):
         super().__init__(params, **kwargs)
@@ -147,6 +147,19 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
         return super().step(closure)
+
+
+class GuardedAdamW(GuardedStep, torch.optim.AdamW):
+    """AdamW behind ``GuardedStep`` (train.optimizer=adamw, the paper's)."""
+
+
+class GuardedSGD(GuardedStep, torch.optim.SGD):
+    """Plain SGD behind ``GuardedStep`` (train.optimizer=sgd): the control that tells "these tokens
+    carry signal" from "Adam turns any gradient into a step of the learning rate's size"."""
+
+
+OPTIMIZERS = {"adamw": GuardedAdamW, "sgd": GuardedSGD}
+"""train.optimizer: the student's optimizer (a DeepSpeed client optimizer at every ZeRO stage)."""
 
 
 def build_student_engine(model, ds_config: dict, optimizer, scheduler):

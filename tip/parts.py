@@ -21,7 +21,7 @@ from tip.config import ConfigError
 from tip.data import Example, load_examples, prompt_token_ids
 from tip.distributed import DistInfo, gpus_per_node
 from tip.engine import (
-    GuardedAdamW,
+    OPTIMIZERS,
     build_student_engine,
     build_teacher_engine,
     deepspeed_config,
@@ -192,10 +192,9 @@ def build_models(cfg, dist: DistInfo, dtype: torch.dtype, tokenizer, sizes: RunS
                                    "teacher", attention)
         check_vocab(tokenizer, output_width(student_model), output_width(teacher_model),
                     cfg.pair.vocab)
-    optimizer = GuardedAdamW(student_model.parameters(), lr=cfg.train.lr,
-                             weight_decay=cfg.train.weight_decay,
-                             max_norm=cfg.train.grad_clip if tip_clips_gradients(cfg.engine.stage)
-                             else None)
+    optimizer = OPTIMIZERS[cfg.train.optimizer](
+        student_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        max_norm=cfg.train.grad_clip if tip_clips_gradients(cfg.engine.stage) else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine = build_student_engine(HiddenStatesLM(student_model), ds_cfg, optimizer, scheduler)
     # the live self-teacher: the student's current weights, without gradient
