@@ -195,3 +195,24 @@ def test_probe_settings_are_checked():
     with pytest.raises(ConfigError, match="probe.keeps: 1.5 is not allowed"):
         check_probe(compose_config("probe.keeps=[1.5]"))
     assert OmegaConf.select(compose_config(), "probe.absolute.divergence") == 0.5
+
+
+def test_the_predictions_are_decided_per_batch_as_pre_registered():
+    from tip.probe import verdicts
+
+    def batch(phi, q3_share, es_q3):
+        quads = {q: {"phi": v} for q, v in zip(("Q1", "Q2", "Q3", "Q4"), phi)}
+        return {"quadrants": {"median": quads},
+                "rules": [{"rule": "q3", "keep": 0.1, "descent_share": q3_share},
+                          {"rule": "entropy_sample", "keep": 0.1, "q3_descent_share": es_q3}]}
+
+    result = {"batches": [batch([1.0, 0.1, 1.5, 0.2], 0.6, 0.1), batch([1.0, 0.1, 0.4, 0.2], 0.3, 0.1),
+                          batch([1.0, 0.1, 3.0, 0.0], 0.2, 0.5)]}
+    v = verdicts(result)
+    assert v["P1"]["holds"] == [True, False, True] and v["P1"]["verdict"] == "mixed"  # 7.5x, 2x, Q4 at 0
+    assert v["P2"]["holds"] == [True, False, False] and v["P2"]["verdict"] == "mixed"
+    assert v["P3"]["holds"] == [True, False, False]
+    assert v["P4"]["holds"] == [True, True, False]
+    all_fail = {"batches": [batch([1.0, 0.1, -0.5, 0.2], 0.1, 0.9)] * 3}
+    assert {k: x["verdict"] for k, x in verdicts(all_fail).items()} == dict.fromkeys(("P1", "P2", "P3", "P4"),
+                                                                                       "not reproduced")

@@ -297,12 +297,56 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict:
     result = {"pair": {"student": cfg.pair.student, "teacher": cfg.pair.teacher},
               "divergence": cfg.divergence.name,
               "probe": OmegaConf.to_container(cfg.probe, resolve=True), "batches": batches}
+    result["verdicts"] = verdicts(result)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
     (run_dir / "probe.md").write_text(render(result) + "\n")
     plot(result, run_dir / "probe.png")
     print(render(result), flush=True)
     return result
+
+
+def _phi(batch: dict, q: str) -> float | None:
+    return batch["quadrants"]["median"][q]["phi"]
+
+
+def _rule(batch: dict, rule: str, keep: float) -> dict | None:
+    return next((r for r in batch["rules"] if r["rule"] == rule and r["keep"] == keep), None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+PREDICTIONS = {
+    # name: (what the paper predicts, the value per batch, when it holds) — docs/probe.md,
+    # pre-registered in commit aa0fab7
+    "P1": ("Q3's per-token phi far above Q4's",
+           lambda b: _ratio(_phi(b, "Q3"), _phi(b, "Q4")),
+           lambda b, v: None not in (_phi(b, "Q3"), _phi(b, "Q4")) and _phi(b, "Q3") > 0
+           and _phi(b, "Q3") >= 3 * _phi(b, "Q4")),
+    "P2": ("Q3's per-token phi near Q1's",
+           lambda b: _ratio(_phi(b, "Q3"), _phi(b, "Q1")),
+           lambda b, v: v is not None and _phi(b, "Q1") > 0 and 0.5 <= v <= 2),
+    "P3": ("q3 at keep 0.1 captures most of the all-token descent",
+           lambda b: (_rule(b, "q3", 0.1) or {}).get("descent_share"),
+           lambda b, v: v is not None and v >= 0.5),
+    "P4": ("entropy sampling at 10% captures little of Q3's part",
+           lambda b: (_rule(b, "entropy_sample", 0.1) or {}).get("q3_descent_share"),
+           lambda b, v: v is not None and v <= 0.2),
+}
+"""The paper's predictions the probe decides (docs/probe.md): each holds or not on each batch; over
+the batches a prediction is reproduced (holds on all), not reproduced (on none) or mixed."""
+
+
+def verdicts(result: dict) -> dict[str, dict]:
+    out = {}
+    for name, (claim, value, holds) in PREDICTIONS.items():
+        values = [value(b) for b in result["batches"]]
+        held = [bool(holds(b, v)) for b, v in zip(result["batches"], values)]
+        verdict = "reproduced" if all(held) else "not reproduced" if not any(held) else "mixed"
+        out[name] = {"claim": claim, "values": values, "holds": held, "verdict": verdict}
+    return out
 
 
 def _mean_spread(values: list[float | None]) -> str:
@@ -333,7 +377,14 @@ def render(result: dict) -> str:
                      for k in ("share", "descent_share", "phi_relative", *TOKEN_STATS)]
             lines.append(f"| {q} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Rules", "", "| rule | keep | kept | descent share | cosine with all | "
+    lines += ["## The paper's predictions (pre-registered: docs/probe.md)", "",
+              "| # | prediction | value per batch | holds per batch | verdict |",
+              "|---|---|---|---|---|"]
+    for name, v in verdicts(result).items():
+        values = ", ".join("–" if x is None else f"{x:.3f}" for x in v["values"])
+        lines.append(f"| {name} | {v['claim']} | {values} | "
+                     f"{', '.join('yes' if h else 'no' for h in v['holds'])} | {v['verdict']} |")
+    lines += ["", "## Rules", "", "| rule | keep | kept | descent share | cosine with all | "
               "share of Q3's descent |", "|---|---|---|---|---|---|"]
     for i, row in enumerate(batches[0]["rules"]):
         cells = [_mean_spread([b["rules"][i][k] for b in batches])
