@@ -275,7 +275,8 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict:
     if len(examples) < need:
         raise ConfigError(f"probe needs {need} training prompts (2 x probe.prompts x "
                           f"probe.batches), the data has {len(examples)}")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.randperm(len(examples), device="cpu",
+                           generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
     prompts = training_prompt_ids(cfg, tokenizer, [examples[i] for i in order[:need].tolist()])
     attention = resolve_attention(cfg.model.attn_implementation, device.type)
     # the student's tail is differentiated twice (token_alignments): eager attention has a double
