@@ -181,7 +181,8 @@ def test_packed_rows_hold_each_rollout_whole_and_alone(one_row):
     torch.testing.assert_close(packed.reshape(-1, packed.shape[-1])[rows.index], padded, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("engine", ["zero0", pytest.param("zero3", marks=SLOW)])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero0", "zero3"])
 def test_sgd_steps_by_minus_lr_times_the_gradient(tmp_path, engine):
     """train.optimizer=sgd (the optimizer control): the update is exactly -lr x the step's gradient (no clipping at
     this norm), where AdamW's first step is about lr x sign(g) for every weight."""
