@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,7 @@ def one_evaluation(backend: str, problems: int, cap: int, vllm_python: str) -> d
 def run_child(backend: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", backend, "--problems", str(args.problems), "--cap", str(args.cap),
            "--vllm-python", args.vllm_python]
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
-                         env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(cmd, f"the {backend} evaluation", cwd=ROOT)
 
 
 def main() -> None:

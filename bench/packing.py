@@ -17,10 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from child import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,9 +80,7 @@ def one_arrangement(packing: bool, rollouts: int, cap: int, overrides: list[str]
 def run_child(packing: bool, args) -> dict:
     cmd = [sys.executable, __file__, "--child", str(int(packing)), "--rollouts", str(args.rollouts), "--cap",
            str(args.cap), *args.overrides]
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
-                         env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json(cmd, f"the {'packed' if packing else 'padded'} step", cwd=ROOT)
 
 
 def main() -> None:

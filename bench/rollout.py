@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from child import child_json
 from tip.data import BOXED_INSTRUCTION, load_examples, prompt_token_ids
 from tip.models import load_model, load_tokenizer, resolve_model_ref
 from tip.rollout import hf_generate, prompt_seeds
@@ -99,21 +100,15 @@ def zero3_variant(student: str, overrides: list[str]) -> None:
 
 
 def zero3_bench(models: dict[str, tuple[str, list[str]]], repeats: int) -> None:
-    import json
     import statistics
-    import subprocess
     import sys
 
     for name, (student, extra) in models.items():
         runs: dict[str, list[dict]] = {v: [] for v in ZERO3_VARIANTS}
         for _ in range(repeats):  # side by side: each repeat runs every variant once
             for variant, overrides in ZERO3_VARIANTS.items():
-                out = subprocess.run([sys.executable, __file__, "--zero3-variant", student, *overrides, *extra],
-                                     capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-                if out.returncode:
-                    lines = [ln for ln in out.stderr.splitlines() if "Warning" not in ln and "return func" not in ln]
-                    raise SystemExit(f"{name} {variant} failed (exit {out.returncode}):\n" + "\n".join(lines[-25:]))
-                runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                runs[variant].append(child_json([sys.executable, __file__, "--zero3-variant", student, *overrides,
+                                                 *extra], f"{name} {variant}", env={"DS_ACCELERATOR": "cpu"}))
         med = {v: {w: statistics.median(r[w] for r in rs) for w in ("before", "after")} for v, rs in runs.items()}
         base = med["zero0"]
         print(f"\n{name}: HF generate tokens/s, median of {repeats} (ratio to zero0)")

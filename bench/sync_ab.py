@@ -11,12 +11,11 @@ reports their median. Prints the median over repeats per checkout and the ratio 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from child import child_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +42,8 @@ print(json.dumps({"seconds": statistics.median(times), "gb": gb}))
 
 
 def one(checkout: str, args) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, args.model, args.vllm_python], cwd=checkout, check=True,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": checkout})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return child_json([sys.executable, "-c", CHILD, args.model, args.vllm_python], f"the sync at {checkout}",
+                      cwd=checkout, env={"PYTHONPATH": checkout})
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from tip.probe import (
     probe_tokens,
     quadrant_masks,
     summed_gradient,
-    tail_parameters,
+    train_tail_only,
 )
 from tip.rollout import hf_generate
 from tip.signals import SIGNAL_ROWS, TokenSignals
@@ -53,11 +53,7 @@ def test_per_token_gradient_inner_products_equal_autograd_one_token_at_a_time(pa
     by autograd on the models' own logits, restricted to the last block, the final norm and the output layer; the
     probe's per-token losses are the reverse KL of the logits."""
     student, teacher, probed, held = pair_and_batches
-    params = tail_parameters(student, 1)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = train_tail_only(student, 1)
     tokens = probe_tokens(student, teacher, probed, "reverse_kl", 0.5, blocks=1)
     held_tokens = probe_tokens(student, teacher, held, "reverse_kl", 0.5, blocks=1)
     with cut_before_tail(student, 1):
@@ -107,11 +103,7 @@ def test_per_token_alignments_equal_one_backward_per_token(pair_and_batches):
     from tip.probe import token_alignments
 
     student, teacher, probed, _ = pair_and_batches
-    params = tail_parameters(student, 1)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = train_tail_only(student, 1)
     tokens = probe_tokens(student, teacher, probed, "reverse_kl", 0.5, blocks=1)
     direction = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0),
                             dtype=torch.float64)

@@ -33,7 +33,13 @@ from typing import Any, Protocol
 import torch
 
 from tip.data import Example, prompt_token_ids
-from tip.env import EpisodeLimits, TurnFormat, get_environment, run_episodes
+from tip.env import (
+    EpisodeLimits,
+    TurnFormat,
+    engine_context_tokens,
+    get_environment,
+    run_episodes,
+)
 from tip.grading import Grade, grade_many, normalise_answer
 from tip.rollout import RolloutBatch, hf_generate, hf_turns, seed_of
 
@@ -124,12 +130,13 @@ def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
     return out
 
 
-def longest_prompt(bench: Benchmark, tokenizer, chat_template="auto",
-                   chat_template_kwargs=None) -> int:
-    """Tokens of the benchmark's longest prompt (what a generation engine's context must hold)."""
+def longest_request(bench: Benchmark, tokenizer, max_new_tokens: int, chat_template="auto",
+                    chat_template_kwargs=None) -> tuple[int, int]:
+    """What a generation engine's context must hold for the benchmark: its longest prompt in tokens,
+    and the tokens after it (``max_new_tokens``, or an episode's budget and one more turn)."""
     prompts = prompt_token_ids(tokenizer, [e.problem for e in bench.examples],
                                bench.prompt_template, chat_template, chat_template_kwargs)
-    return max(map(len, prompts))
+    return max(map(len, prompts)), engine_context_tokens(bench.env, max_new_tokens)
 
 
 def sampling_of(eval_cfg, seed: int = 0) -> Sampling:

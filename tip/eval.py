@@ -22,11 +22,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tip.benchmarks import evaluate, load_benchmarks, longest_prompt, sampling_of
+from tip.benchmarks import evaluate, load_benchmarks, longest_request, sampling_of
 from tip.checkpoint import atomic_dir
 from tip.config import CONF_DIR, ConfigError, check_eval, check_model, require_conf_dir
 from tip.engine import resolve_precision
-from tip.env import engine_context_tokens
 from tip.models import load_model, load_tokenizer, resolve_attention, resolve_model_ref
 from tip.rollout import ROLLOUT_BACKENDS
 
@@ -89,8 +88,8 @@ def vllm_sampler(cfg, tokenizer, benchmarks, dtype, run_dir: Path):
     from tip.vllm_rollout import EngineSampler, VllmWorker
 
     path = resolve_model_ref(cfg.model)
-    context = max(longest_prompt(b, tokenizer, cfg.chat_template, cfg.chat_template_kwargs)
-                  + engine_context_tokens(b.env, cfg.eval.max_new_tokens) for b in benchmarks)
+    context = max(sum(longest_request(b, tokenizer, cfg.eval.max_new_tokens, cfg.chat_template,
+                                      cfg.chat_template_kwargs)) for b in benchmarks)
     try:
         generation = GenerationConfig.from_pretrained(path)
     except OSError:  # a model without generation_config.json: the tokenizer's EOS alone

@@ -205,22 +205,21 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
             room.append(width)
         rows[r].append(i)
         room[r] -= lengths[i]
+    # The layout is planned on the host from the lengths; the token ids stay on their device.
     start = [0] * len(lengths)
     positions = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")
-    host_ids = input_ids.to("cpu")
     for r, members in enumerate(rows):
         offset = 0
         for i in members:
             start[i] = r * width + offset
             positions[r, offset:offset + lengths[i]] = torch.arange(lengths[i], device="cpu")
-            ids[r, offset:offset + lengths[i]] = host_ids[i, :lengths[i]]
             offset += lengths[i]
         positions[r, offset:] = torch.arange(width - offset, device="cpu")  # the padding's own run
     index = torch.cat([torch.arange(start[i], start[i] + n, device="cpu")
-                       for i, n in enumerate(lengths)])
-    device = input_ids.device
-    return PackedRows(ids.to(device), positions.to(device), index.to(device))
+                       for i, n in enumerate(lengths)]).to(input_ids.device)
+    ids = input_ids.new_zeros(len(rows) * width)
+    ids[index] = input_ids[attention_mask.bool()]
+    return PackedRows(ids.view(len(rows), width), positions.to(input_ids.device), index)
 
 
 class HiddenStatesLM(torch.nn.Module):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from tip.benchmarks import Benchmark, evaluate, load_benchmarks, longest_prompt, sampling_of
+from tip.benchmarks import Benchmark, evaluate, load_benchmarks, longest_request, sampling_of
 from tip.config import ConfigError
 from tip.data import Example, load_examples, prompt_token_ids
 from tip.distributed import DistInfo, gpus_per_node
@@ -279,9 +279,8 @@ def vllm_max_model_len(cfg, tokenizer, examples, benchmarks=()) -> int:
               engine_context_tokens(cfg.env, cfg.rollout.max_new_tokens), "rollout.max_new_tokens")]
     for bench in benchmarks:
         needs.append((f"the longest {bench.name} prompt",
-                      longest_prompt(bench, tokenizer, cfg.pair.chat_template,
-                                     cfg.pair.chat_template_kwargs),
-                      engine_context_tokens(bench.env, cfg.eval.max_new_tokens),
+                      *longest_request(bench, tokenizer, cfg.eval.max_new_tokens,
+                                       cfg.pair.chat_template, cfg.pair.chat_template_kwargs),
                       "eval.max_new_tokens"))
     what, prompt, room, key = max(needs, key=lambda x: x[1] + x[2])
     needed = prompt + room

@@ -83,6 +83,15 @@ def tail_parameters(model, blocks: int) -> list[torch.nn.Parameter]:
     return params
 
 
+def train_tail_only(model, blocks: int) -> list[torch.nn.Parameter]:
+    """``tail_parameters``, the only parameters of ``model`` that require gradients from now on."""
+    params = tail_parameters(model, blocks)
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 @contextmanager
 def cut_before_tail(model, blocks: int):
     """While inside, the first tail block's input hidden states are detached: backward runs through
@@ -192,11 +201,7 @@ def probe_batch(student, teacher, probed: RolloutBatch, held_out: RolloutBatch, 
     """Every measurement of one (probed, held-out) pair of batches (module docstring). Sums over
     token sets come from the per-token alignments (linear in the set); a rule's cosine needs its
     own gradient's norm, one backward per rule and keep."""
-    params = tail_parameters(student, cfg.probe.blocks)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = train_tail_only(student, cfg.probe.blocks)
     kind, beta = cfg.divergence.name, cfg.divergence.beta
     held = probe_tokens(student, teacher, held_out, kind, beta, cfg.probe.blocks)
     g_ho = summed_gradient(held.losses, params, torch.ones_like(held.losses))
@@ -210,9 +215,11 @@ def probe_batch(student, teacher, probed: RolloutBatch, held_out: RolloutBatch, 
     out = {"tokens": n, "held_out_tokens": int(held_out.target_mask.sum()),
            "tail_parameters": sum(p.numel() for p in params), "all_descent": descent,
            "all_descent_direct": float(g_all @ g_ho), "quadrants": {}, "rules": []}
-    for scheme, absolute in (("median", None), ("absolute", cfg.probe.absolute)):
+    masks = {scheme: quadrant_masks(tokens, absolute)
+             for scheme, absolute in (("median", None), ("absolute", cfg.probe.absolute))}
+    for scheme, by_quadrant in masks.items():
         rows = {}
-        for q, m in quadrant_masks(tokens, absolute).items():
+        for q, m in by_quadrant.items():
             count = int(m.sum())
             aligned = float(phi[m].sum())
             rows[q] = {"share": count / n, "descent_share": aligned / descent,
@@ -221,7 +228,7 @@ def probe_batch(student, teacher, probed: RolloutBatch, held_out: RolloutBatch, 
                        **{s: float(tokens.stats[s][m].mean()) if count else None
                           for s in TOKEN_STATS}}
         out["quadrants"][scheme] = rows
-    q3 = quadrant_masks(tokens)["Q3"]
+    q3 = masks["median"]["Q3"]
     q3_descent = float(phi[q3].sum())
     all_norm = float(g_all.norm())
     for rule in cfg.probe.rules:

@@ -115,17 +115,10 @@ class VllmRollout:
         """A turn generator for multi-turn episodes (``tip.env.TurnGenerator``): one engine request
         per round over every running episode, each context with its own seed; the engine stays
         awake from the first round to the last."""
-        ro = self.cfg
         self.resend_lost_weights()
-
-        def generate_turn(contexts, seeds, max_new_tokens):
-            return self.engine.generate(self.tokenizer, contexts, n=1, temperature=ro.temperature,
-                                        top_p=ro.top_p, top_k=ro.top_k,
-                                        max_new_tokens=max_new_tokens, seeds=seeds,
-                                        model=self.student, sleep_after=False).responses()
-
-        try:
-            yield generate_turn
+        try:  # (the rollout settings carry the sampling fields EngineSampler.turns reads)
+            with EngineSampler(self.engine, self.tokenizer, self.student).turns(self.cfg) as turn:
+                yield turn
         finally:
             self.engine.sleep()
 
