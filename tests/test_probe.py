@@ -186,6 +186,8 @@ def test_probe_settings_are_checked():
         check_probe(compose_config("probe.rules=[q7]"))
     with pytest.raises(ConfigError, match="probe.keeps: 1.5 is not allowed"):
         check_probe(compose_config("probe.keeps=[1.5]"))
+    with pytest.raises(ConfigError, match="probe.absolute.divergence='high' is not allowed: expected a number"):
+        check_probe(compose_config("probe.absolute.divergence=high"))
     assert OmegaConf.select(compose_config(), "probe.absolute.divergence") == 0.5
 
 

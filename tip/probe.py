@@ -257,6 +257,11 @@ def check_probe(cfg) -> None:
     for rule in pr.rules:
         if rule not in RULES:
             raise ConfigError(f"probe.rules: {rule!r} is not a rule; known: {', '.join(RULES)}")
+    for key in ("entropy", "divergence"):
+        value = pr.absolute.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"probe.absolute.{key}={value!r} is not allowed: expected a number "
+                              ">= 0 (h normalised, delta in nats)")
     for keep in pr.keeps:
         if not isinstance(keep, (int, float)) or not 0 < keep <= 1:
             raise ConfigError(f"probe.keeps: {keep!r} is not allowed: expected numbers in (0, 1]")
