@@ -51,6 +51,19 @@ def t_sf(t: float, df: float) -> float:
     return tail if t > 0 else 1.0 - tail
 
 
+def t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p (0.5 < p < 1), by bisection on ``t_sf``."""
+    if not 0.5 < p < 1.0:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1, got {p}")
+    lo, hi = 0.0, 1.0
+    while t_sf(hi, df) > 1.0 - p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_sf(mid, df) > 1.0 - p else (lo, mid)
+    return (lo + hi) / 2.0
+
+
 @dataclass(frozen=True)
 class Difference:
     """A - B over seeds: the mean difference, its standard error, its degrees of freedom, and
