@@ -56,7 +56,12 @@ LENGTH = 12  # letters per prompt
 PARTS = {"confident": (4, 0.20), "inconsistent": (4, 0.20), "choice": (2, 0.15),
          "ordinary": (6, 0.45)}
 ERROR_KINDS = ("confident", "inconsistent")  # the planted errors, the metrics' kinds
-CACHE = Path(os.environ.get("TIP_TESTBED_CACHE", Path.home() / ".cache" / "tip" / "testbed_v2"))
+
+
+def cache_dir() -> Path:
+    """Where builds are kept: $TIP_TESTBED_CACHE, else ~/.cache/tip/testbed_v2."""
+    default = Path.home() / ".cache" / "tip" / "testbed_v2"
+    return Path(os.environ.get("TIP_TESTBED_CACHE", default))
 
 
 @dataclass(frozen=True)
@@ -218,10 +223,13 @@ def match_report(model, cipher: Cipher, tok, student: bool, n: int = 256) -> dic
     return out
 
 
-def build(seed: int, out: Path | None = None) -> Path:
+def build(seed: int, out: Path | None = None, steps_scale: float = 1.0) -> Path:
     """Train the teacher, derive the student, write both with the tokenizer and ``build.json``
-    (atomically) to ``out`` (default: the cache's ``build_<seed>``)."""
-    out = out or CACHE / f"build_{seed}"
+    (atomically) to ``out`` (default: the cache's ``build_<seed>``). ``steps_scale`` multiplies
+    both models' steps (tests)."""
+    out = out or cache_dir() / f"build_{seed}"
+    teacher_steps = max(1, int(TEACHER_SPEC.steps * steps_scale))
+    student_steps = max(1, int(STUDENT_SPEC.steps * steps_scale))
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tok = build_tokenizer()
     cipher = Cipher.of_seed(seed)
@@ -231,14 +239,15 @@ def build(seed: int, out: Path | None = None) -> Path:
     t0 = time.time()
     teacher = make_model(TEACHER_SPEC, len(tok), tok)
     print(f"build {seed}: training the teacher", flush=True)
-    fit(teacher, cipher, tok, TEACHER_SPEC.steps, TEACHER_SPEC.lr, seed, student=False)
-    report["teacher"] = {**asdict(TEACHER_SPEC), "train_seconds": round(time.time() - t0, 1),
+    fit(teacher, cipher, tok, teacher_steps, TEACHER_SPEC.lr, seed, student=False)
+    report["teacher"] = {**asdict(TEACHER_SPEC), "steps": teacher_steps,
+                         "train_seconds": round(time.time() - t0, 1),
                          "match": match_report(teacher, cipher, tok, student=False)}
     t0 = time.time()
     student = copy.deepcopy(teacher)
     print(f"build {seed}: deriving the student", flush=True)
-    fit(student, cipher, tok, STUDENT_SPEC.steps, STUDENT_SPEC.lr, seed + 1000, student=True)
-    report["student"] = {**asdict(STUDENT_SPEC), "init": "teacher",
+    fit(student, cipher, tok, student_steps, STUDENT_SPEC.lr, seed + 1000, student=True)
+    report["student"] = {**asdict(STUDENT_SPEC), "steps": student_steps, "init": "teacher",
                          "train_seconds": round(time.time() - t0, 1),
                          "match": match_report(student, cipher, tok, student=True)}
 
@@ -255,7 +264,7 @@ def build(seed: int, out: Path | None = None) -> Path:
 
 def built(seed: int) -> Path:
     """The cached build of ``seed``, built first if absent."""
-    out = CACHE / f"build_{seed}"
+    out = cache_dir() / f"build_{seed}"
     return out if (out / "build.json").is_file() else build(seed, out)
 
 
@@ -267,8 +276,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--steps-scale", type=float, default=1.0,
+                    help="multiply both models' training steps (tests)")
     args = ap.parse_args(argv)
-    build(args.seed, args.out)
+    build(args.seed, args.out, args.steps_scale)
 
 
 if __name__ == "__main__":

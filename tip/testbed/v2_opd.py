@@ -75,6 +75,15 @@ class Pair:
         return self.student.eval()
 
 
+def cell_loss(per_token: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor,
+              optimizer: str) -> torch.Tensor:
+    """The kept tokens' summed divergence over the arm's denominator (``OPTIMIZER_LOSS``): the kept
+    count (AdamW) or every valid token (SGD)."""
+    kept = kept & mask
+    count = kept.sum() if OPTIMIZER_LOSS[optimizer] == "kept" else mask.sum()
+    return torch.where(kept, per_token, 0.0).sum() / count.clamp_min(1)
+
+
 def kind_masks(cipher: Cipher, prompts: list[str], rows: list[int], width: int,
                start: int) -> dict[str, torch.Tensor]:
     """(B, width) bool per error kind: the target positions (from ``start``) of rollouts answering
@@ -141,9 +150,7 @@ def train_cell(pair: Pair, rule: str, keep: float, optimizer: str, seed: int,
         chosen = select(rule, signals, keep, generator=gen)
         kept = chosen.kept & mask
         per_token = divergence(log_probs(s_logits), log_probs(t_logits), "reverse_kl")
-        count = kept.sum() if OPTIMIZER_LOSS[optimizer] == "kept" else mask.sum()
-        loss = torch.where(kept, per_token, 0.0).sum() / count.clamp_min(1)
-        loss.backward()
+        cell_loss(per_token, kept, mask, optimizer).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         student.eval()

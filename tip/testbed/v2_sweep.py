@@ -28,7 +28,7 @@ from tip.selection import get_rule, select, validate_keep
 from tip.signals import signals_from_logits
 from tip.taxonomy import quadrant_labels, quantile
 from tip.testbed.v2 import ERROR_KINDS, LENGTH, built
-from tip.testbed.v2_opd import BUDGET, Pair, heldout, kind_masks, train_cell
+from tip.testbed.v2_opd import BUDGET, Budget, Pair, heldout, kind_masks, train_cell
 
 GRID = REPO_ROOT / "sweeps" / "testbed_v2" / "grid.yaml"
 # The absolute quadrant thresholds (docs/testbed_v2.md): disagreeing where delta exceeds this many
@@ -55,7 +55,7 @@ def precision_recall(labelled: torch.Tensor, planted: torch.Tensor) -> dict[str,
 
 
 @torch.no_grad()
-def measure_build(pair: Pair, batches: int = 8, seed: int = 0) -> dict:
+def measure_build(pair: Pair, batches: int = 8, seed: int = 0, budget: Budget = BUDGET) -> dict:
     """On the untrained student's rollouts (a cell's batches): each kind's mean h and deltas against
     the entropy thirds, planted positions per rollout, the quadrant labels' precision and recall
     against the planted positions (median and absolute thresholds), and how much div_topk@0.1 and
@@ -63,15 +63,15 @@ def measure_build(pair: Pair, batches: int = 8, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     student, tok, cipher = pair.fresh_student(), pair.tok, pair.cipher
-    prompts = cipher.prompts(batches * BUDGET.prompts, 1000 + seed, "train")
+    prompts = cipher.prompts(batches * budget.prompts, 1000 + seed, "train")
     h_all, at = [], {k: {"h": [], "rkl": [], "fkl": []} for k in ERROR_KINDS}
     labels_of = {"median": [], "absolute": []}
     planted_of = {k: [] for k in ERROR_KINDS}
     rollouts, jaccard = 0, []
     for b in range(batches):
-        part = prompts[b * BUDGET.prompts:(b + 1) * BUDGET.prompts]
+        part = prompts[b * budget.prompts:(b + 1) * budget.prompts]
         batch = hf_generate(student, tok, [tok.convert_tokens_to_ids(list(p)) for p in part],
-                            n=BUDGET.samples, temperature=1.0, max_new_tokens=LENGTH + 1)
+                            n=budget.samples, temperature=1.0, max_new_tokens=LENGTH + 1)
         mask = batch.target_mask
         s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         t_logits = pair.teacher(input_ids=batch.input_ids,
@@ -160,7 +160,7 @@ def check_grid(cells: list[str], optimizers: list[str]) -> None:
 
 
 def run(out: Path, builds: list[int], seeds: list[int], optimizers: list[str], cells: list[str],
-        eval_prompts: int) -> Path:
+        eval_prompts: int, budget: Budget = BUDGET) -> Path:
     check_grid(cells, optimizers)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "cells.jsonl"
@@ -171,13 +171,13 @@ def run(out: Path, builds: list[int], seeds: list[int], optimizers: list[str], c
             done.add((r["build"], r["cell"], r["optimizer"], r["seed"]))
     builds_path = out / "builds.json"
     build_info = json.loads(builds_path.read_text()) if builds_path.is_file() else {}
-    (out / "budget.json").write_text(json.dumps(asdict(BUDGET), indent=2) + "\n")
+    (out / "budget.json").write_text(json.dumps(asdict(budget), indent=2) + "\n")
     t0 = time.time()
     for build in builds:
         pair = Pair.load(built(build))
         evals = pair.cipher.prompts(eval_prompts, 5, "test")
         if str(build) not in build_info:
-            build_info[str(build)] = {"signals": measure_build(pair)}
+            build_info[str(build)] = {"signals": measure_build(pair, budget=budget)}
         for cell in cells:
             rule, keep = parse_cell(cell)
             for optimizer in optimizers:
@@ -187,7 +187,7 @@ def run(out: Path, builds: list[int], seeds: list[int], optimizers: list[str], c
                     if rule == "untrained":
                         metrics = heldout(pair, pair.fresh_student(), evals)
                     else:
-                        metrics = train_cell(pair, rule, keep, optimizer, seed, evals)
+                        metrics = train_cell(pair, rule, keep, optimizer, seed, evals, budget)
                     row = {"build": build, "cell": cell, "optimizer": optimizer, "seed": seed,
                            **metrics}
                     with results_path.open("a") as fh:
