@@ -318,6 +318,9 @@ def test_the_build_command_writes_a_loadable_agentic_pair(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "build.json").read_text())
     assert report["init"] == "embedded://teacher" and report["spec"]["teacher_steps"] == 2
+    off_path = report["teacher_off_path"]  # the teacher also learned the student's states (tip.testbed.agent_dagger)
+    assert off_path["spec"]["steps"] == 1 and off_path["state_rows"] == 2 * 32  # two rounds of 32 states
+    assert 0.0 <= off_path["after"]["off_path"]["well_formed"] <= 1.0
     for name in ("teacher", "student"):
         tok = load_tokenizer(str(out / name))
         TurnFormat(tok)  # it can write tool calls and has the chat template
