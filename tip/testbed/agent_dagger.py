@@ -15,15 +15,20 @@ expert:
   (``viable``: a prefix of some well-formed turn);
 - the expert's label (``expert_rest``): the rest of that turn as the task's expert would write it
   from there. It writes what the teacher would have written when the student is still on that path;
-  otherwise it finishes a head-sum and then makes the correct call, closes the student's call after
-  its expression, or closes its answer. The correct call is the addition until the episode's tool
-  results hold the right sum, then the subtraction; after that, the answer. Only the rest and its
-  end-of-turn token are learned; the student's tokens are context.
+  otherwise it finishes a head-sum and then makes the correct call, finishes the student's call
+  with an expression the context explains (never the subtraction's operands swapped) or closes it,
+  or closes its answer. The correct call is the addition until the episode holds the right sum (a
+  tool result, or a correct head-sum), then the subtraction; after that, the answer. Only the rest
+  and its end-of-turn token are learned; the student's tokens are context.
+
+  A first version re-called the addition after a correct head-sum and finished swapped
+  subtractions too; from its labels the student's 50/50 operand order got no preference, and
+  all-token OPD did not improve on the untrained student (docs/running.md).
 
 Criteria (``criteria``): from held-out states drawn the same way, the teacher's greedy continuation
-is a well-formed turn >= 99% of the time (the first teacher: about 30%); its own held-out greedy
-episodes stay correct; and all-token OPD improves on the untrained student (a training run:
-tests/test_env.py and docs/running.md).
+is a well-formed turn >= 99% of the time (the first teacher: 26%); its own held-out greedy
+episodes stay >= 99% correct; and all-token OPD improves on the untrained student (training runs:
+docs/running.md, "Multi-turn tool use").
 """
 
 from __future__ import annotations
@@ -69,7 +74,8 @@ def well_formed_turn(text: str) -> bool:
 
 
 def expert_turn(a: int, b: int, c: int, results: list[str]) -> str:
-    """The turn the expert writes next, given the tool results the episode holds so far."""
+    """The turn the expert writes next, given the tool results (and a correct head-sum) the episode
+    holds so far."""
     if str(a + b) not in results:
         return call_text(f"{a}+{b}")
     if str(a + b - c) not in results:
@@ -91,9 +97,11 @@ def complete(text: str, limit: int = 80) -> str:
 
 def expert_rest(prefix: str, a: int, b: int, c: int, results: list[str]) -> str:
     """The rest of the turn from the viable ``prefix`` (module docstring)."""
-    target = expert_turn(a, b, c, results)
-    call = target if target.startswith("<tool_call>") else call_text(f"{a + b}-{c}")
     head = HEAD_ONLY.match(prefix)
+    head_sum = regex.match(r"[0-9]+\+[0-9]+=(-?[0-9]+)", head.group()).group(1) if head else None
+    # a correct head-sum is as good as the tool's: the expert goes on to the subtraction
+    target = expert_turn(a, b, c, results + [head_sum] * (head_sum == str(a + b)))
+    call = target if target.startswith("<tool_call>") else call_text(f"{a + b}-{c}")
     after_head = prefix[head.end():] if head else prefix
     if head:
         target = call  # a head-sum is followed by a call
@@ -114,14 +122,14 @@ def expert_rest(prefix: str, a: int, b: int, c: int, results: list[str]) -> str:
 def finish_call(prefix: str, after_head: str, head, a: int, b: int, c: int,
                 results: list[str]) -> str:
     """The rest of a call whose expression was begun: the first expression that the context makes
-    sense of (the expert's, the problem's sum, or the difference of a sum the episode wrote)
-    continuing what was written, closed; else the shortest closing."""
+    sense of (the expert's, the problem's sum, or the difference of a sum the episode wrote, in
+    the task's order) continuing what was written, closed; else the shortest closing."""
     written = regex.search(r'"expr":"([^"]*)$', after_head)
     if written is not None:
         sums = [regex.match(r"[0-9]+\+[0-9]+=(-?[0-9]+)", head.group()).group(1)] if head else []
         sums += list(results)
         candidates = [f"{a}+{b}", f"{b}+{a}", f"{a + b}-{c}"]
-        candidates += [e for s in sums for e in (f"{s}-{c}", f"{c}-{s}")]
+        candidates += [f"{s}-{c}" for s in sums]
         for expr in candidates:
             if expr.startswith(written.group(1)):
                 return expr[len(written.group(1)):] + '"}}</tool_call>'
