@@ -318,9 +318,15 @@ def test_the_build_command_writes_a_loadable_agentic_pair(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "build.json").read_text())
     assert report["init"] == "embedded://teacher" and report["spec"]["teacher_steps"] == 2
-    off_path = report["teacher_off_path"]  # the teacher also learned the student's states (tip.testbed.agent_dagger)
-    assert off_path["spec"]["steps"] == 1 and off_path["state_rows"] == 2 * 32  # two rounds of 32 states
+    # then the teacher learns the student's states (tip.testbed.agent_dagger), the student kept as it is
+    student_weights = (out / "student" / "model.safetensors").read_bytes()
+    done = subprocess.run([sys.executable, "-m", "tip.testbed.agent_dagger", "--pair", str(out), "--steps-scale",
+                           "0.004"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    off_path = json.loads((out / "build.json").read_text())["teacher_off_path"]
+    assert off_path["spec"]["steps"] == 2 and off_path["state_rows"] == 2 * 64  # two rounds of 64 states
     assert 0.0 <= off_path["after"]["off_path"]["well_formed"] <= 1.0
+    assert (out / "student" / "model.safetensors").read_bytes() == student_weights
     for name in ("teacher", "student"):
         tok = load_tokenizer(str(out / name))
         TurnFormat(tok)  # it can write tool calls and has the chat template

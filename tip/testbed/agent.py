@@ -1,8 +1,8 @@
 """The embedded agentic task: the arithmetic problems of ``tip.tasks`` solved with a calculator
 tool.
 
-    python -m tip.testbed.agent        # writes tip/assets/embedded_agent_pair (a few minutes on 2
-    cores)
+    python -m tip.testbed.agent          # writes tip/assets/embedded_agent_pair (8 min, 2 cores)
+    python -m tip.testbed.agent_dagger   # then trains its teacher off its own path (6 min)
 
 A correct episode (the teacher's) calls ``calc`` twice and then answers; every call goes through the
 chat template as a Hermes/Qwen ``<tool_call>`` and the result comes back as a ``tool`` message::
@@ -26,11 +26,10 @@ The student's two errors, at known places (``ERRORS``):
 
 Both models start from the embedded arithmetic pair's teacher with the tokenizer extended by the
 tool-call tokens and a chat template; the teacher is fine-tuned on correct episodes, the student
-derived from it on its own (``tip.testbed.build``'s soft targets and drilled digits). The teacher
-then also learns the student's states (``tip.testbed.agent_dagger``), so that it is a good teacher
-off its own path. Training
-sequences are laid out exactly as rollouts are (``tip.env``): the student's tokens are learned, the
-environment's are context only.
+derived from it on its own (``tip.testbed.build``'s soft targets and drilled digits). The shipped
+teacher then also learned the student's states, so that it is a good teacher off its own path
+(``tip/testbed/agent_dagger.py``, the second command above). Training sequences are laid out exactly
+as rollouts are (``tip.env``): the student's tokens are learned, the environment's are context only.
 """
 
 from __future__ import annotations
@@ -179,9 +178,6 @@ class AgentSpec:
     carry_tail: float = 0.005  # as tip.testbed.build.StudentSpec
     drill_weight: float = 30.0
     smoothing: float = 0.01
-    # then train the teacher on the student's states too (tip.testbed.agent_dagger); false: the
-    # first version's teacher, which saw only its own episodes
-    off_path: bool = True
 
 
 def _fit(model, tok, rows, steps, batch_size, lr, spec: AgentSpec, drilled: bool,
@@ -274,16 +270,6 @@ def build(out: Path = ASSET_DIR, seed: int = 0, spec: AgentSpec | None = None) -
                                     spec.swap_rate),
          spec.student_steps, spec.batch_size, spec.student_lr, spec, drilled=True)
     report["student"] = {"init": "teacher", "train_seconds": round(time.time() - t0, 1)}
-    if spec.off_path:
-        from tip.testbed.agent_dagger import DaggerSpec, criteria, train_off_path
-
-        print("teaching the teacher the student's states (tip.testbed.agent_dagger)", flush=True)
-        dagger = DaggerSpec()
-        dagger.steps = max(1, round(dagger.steps * spec.teacher_steps / AgentSpec.teacher_steps))
-        before = criteria(teacher.eval(), student, tok)
-        done = train_off_path(teacher, student, tok, dagger, seed)
-        report["teacher_off_path"] = {"spec": asdict(dagger), **done, "before": before,
-                                      "after": criteria(teacher.eval(), student, tok)}
     save_pair(out, {"teacher": teacher, "student": student}, tok, report, "heldout_greedy",
               lambda model: episode_accuracy(model, tok))
     return report
