@@ -45,7 +45,6 @@ from pathlib import Path
 import regex
 import torch
 
-from tip.checkpoint import atomic_dir
 from tip.data import Example, prompt_token_ids
 from tip.tasks import call_text
 
@@ -255,7 +254,7 @@ def train_off_path(teacher, student, tok, spec: DaggerSpec, seed: int) -> dict:
     fmt = TurnFormat(tok)
     total = spec.steps * spec.batch_size
     from_states = round(total * spec.state_share)
-    agent_spec = AgentSpec(batch_size=spec.batch_size, smoothing=AgentSpec().smoothing)
+    agent_spec = AgentSpec(batch_size=spec.batch_size)
     done = {"state_rows": 0, "sampling_seconds": 0.0, "train_seconds": 0.0}
     for r in range(spec.rounds):
         round_seed = seed + 1000 * r
@@ -288,6 +287,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tip.testbed.agent import ASSET_DIR
+    from tip.testbed.build import write_pair
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", type=Path, default=ASSET_DIR, help="the agent pair to rewrite")
@@ -307,14 +307,7 @@ def main(argv=None) -> None:
     after = criteria(teacher.eval(), student, tok)
     print(f"after: {after}", flush=True)
     report["teacher_off_path"] = {"spec": asdict(spec), **done, "before": before, "after": after}
-
-    def write(tmp: Path) -> None:
-        for name, model in (("teacher", teacher), ("student", student)):
-            model.save_pretrained(tmp / name)
-            tok.save_pretrained(tmp / name)
-        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    atomic_dir(args.pair, write, replace=True)
+    write_pair(args.pair, {"teacher": teacher, "student": student}, tok, report)
 
 
 if __name__ == "__main__":

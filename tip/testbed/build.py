@@ -283,6 +283,12 @@ def save_pair(out: Path, models_: dict, tok, report: dict, measure_key: str, mea
         report[name]["params"] = sum(p.numel() for p in model.parameters())
         report[name][measure_key] = measure(model)
         print(f"{name}: held-out greedy {measure_key}: {report[name][measure_key]}", flush=True)
+    write_pair(out, models_, tok, report)
+
+
+def write_pair(out: Path, models_: dict, tok, report: dict) -> None:
+    """Each model with the tokenizer in ``out/<name>`` and ``report`` as ``build.json``, all at once
+    (a rebuild replaces the pair; a failed one leaves the old pair whole)."""
 
     def write(tmp: Path) -> None:
         for name, model in models_.items():

@@ -46,8 +46,7 @@ from pathlib import Path
 
 import torch
 
-from tip.checkpoint import atomic_dir
-from tip.testbed.build import ModelSpec, build_tokenizer, make_model
+from tip.testbed.build import ModelSpec, build_tokenizer, make_model, write_pair
 
 LETTERS = "abcdefghijklmnop"
 CODES = "0123456789qrstuvwxyz"
@@ -250,14 +249,7 @@ def build(seed: int, out: Path | None = None, steps_scale: float = 1.0) -> Path:
     report["student"] = {**asdict(STUDENT_SPEC), "steps": student_steps, "init": "teacher",
                          "train_seconds": round(time.time() - t0, 1),
                          "match": match_report(student, cipher, tok, student=True)}
-
-    def write(tmp: Path) -> None:
-        for name, model in (("teacher", teacher), ("student", student)):
-            model.save_pretrained(tmp / name)
-            tok.save_pretrained(tmp / name)
-        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    atomic_dir(out, write, replace=True)
+    write_pair(out, {"teacher": teacher, "student": student}, tok, report)
     print(json.dumps({k: report[k]["match"] for k in ("teacher", "student")}), flush=True)
     return out
 

@@ -97,6 +97,20 @@ def kind_masks(cipher: Cipher, prompts: list[str], rows: list[int], width: int,
     return out
 
 
+def sample_batch(pair: Pair, student, part: list[str], budget: Budget):
+    """The student's rollouts of ``part`` (temperature 1), the teacher's logits over them (B, L-1,
+    V), and each error kind's planted positions among the valid ones (B, L-1)."""
+    tok = pair.tok
+    batch = hf_generate(student, tok, [tok.convert_tokens_to_ids(list(p)) for p in part],
+                        n=budget.samples, temperature=1.0, max_new_tokens=LENGTH + 1)
+    with torch.no_grad():
+        t_logits = pair.teacher(input_ids=batch.input_ids,
+                                attention_mask=batch.attention_mask).logits[:, :-1]
+    mask = batch.target_mask
+    planted = kind_masks(pair.cipher, part, batch.example_index, mask.shape[1], LENGTH)
+    return batch, t_logits, {kind: at & mask for kind, at in planted.items()}
+
+
 @torch.no_grad()
 def heldout(pair: Pair, model, prompts: list[str]) -> dict[str, float]:
     """The primary (teacher-forced log-probability) and secondary (greedy accuracy) metrics per
@@ -131,18 +145,12 @@ def train_cell(pair: Pair, rule: str, keep: float, optimizer: str, seed: int,
                     else (budget.sgd_lr, budget.sgd_max_norm))
     opt = OPTIMIZERS[optimizer](student.parameters(), max_norm=max_norm, lr=lr)
     prompts = pair.cipher.prompts(budget.steps * budget.prompts, 1000 + seed, "train")
-    tok = pair.tok
     recall: dict[str, list[float]] = {kind: [] for kind in ERROR_KINDS}
     kept_share = 0.0
     for step in range(budget.steps):
         part = prompts[step * budget.prompts:(step + 1) * budget.prompts]
-        ids = [tok.convert_tokens_to_ids(list(p)) for p in part]
-        batch = hf_generate(student, tok, ids, n=budget.samples, temperature=1.0,
-                            max_new_tokens=LENGTH + 1)
+        batch, t_logits, planted = sample_batch(pair, student, part, budget)
         mask = batch.target_mask
-        with torch.no_grad():
-            t_logits = pair.teacher(input_ids=batch.input_ids,
-                                    attention_mask=batch.attention_mask).logits[:, :-1]
         student.train()
         s_logits = student(input_ids=batch.input_ids,
                            attention_mask=batch.attention_mask).logits[:, :-1]
@@ -154,9 +162,7 @@ def train_cell(pair: Pair, rule: str, keep: float, optimizer: str, seed: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
         student.eval()
-        planted = kind_masks(pair.cipher, part, batch.example_index, mask.shape[1], LENGTH)
         for kind, at in planted.items():
-            at = at & mask
             recall[kind].append(round(float((kept & at).sum() / at.sum().clamp_min(1)), 4))
         kept_share += float(kept.sum() / mask.sum()) / budget.steps
     out = heldout(pair, student, eval_prompts)

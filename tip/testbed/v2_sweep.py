@@ -23,12 +23,11 @@ import yaml
 
 from tip.config import REPO_ROOT
 from tip.engine import OPTIMIZERS
-from tip.rollout import hf_generate
 from tip.selection import get_rule, select, validate_keep
 from tip.signals import signals_from_logits
 from tip.taxonomy import quadrant_labels, quantile
-from tip.testbed.v2 import ERROR_KINDS, LENGTH, built
-from tip.testbed.v2_opd import BUDGET, Budget, Pair, heldout, kind_masks, train_cell
+from tip.testbed.v2 import ERROR_KINDS, built
+from tip.testbed.v2_opd import BUDGET, Budget, Pair, heldout, sample_batch, train_cell
 
 GRID = REPO_ROOT / "sweeps" / "testbed_v2" / "grid.yaml"
 # The absolute quadrant thresholds (docs/testbed_v2.md): disagreeing where delta exceeds this many
@@ -62,29 +61,24 @@ def measure_build(pair: Pair, batches: int = 8, seed: int = 0, budget: Budget = 
     q3@0.1 keep in common."""
     torch.manual_seed(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    student, tok, cipher = pair.fresh_student(), pair.tok, pair.cipher
-    prompts = cipher.prompts(batches * budget.prompts, 1000 + seed, "train")
+    student = pair.fresh_student()
+    prompts = pair.cipher.prompts(batches * budget.prompts, 1000 + seed, "train")
     h_all, at = [], {k: {"h": [], "rkl": [], "fkl": []} for k in ERROR_KINDS}
     labels_of = {"median": [], "absolute": []}
     planted_of = {k: [] for k in ERROR_KINDS}
     rollouts, jaccard = 0, []
     for b in range(batches):
         part = prompts[b * budget.prompts:(b + 1) * budget.prompts]
-        batch = hf_generate(student, tok, [tok.convert_tokens_to_ids(list(p)) for p in part],
-                            n=budget.samples, temperature=1.0, max_new_tokens=LENGTH + 1)
+        batch, t_logits, planted = sample_batch(pair, student, part, budget)
         mask = batch.target_mask
-        s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        t_logits = pair.teacher(input_ids=batch.input_ids,
-                                attention_mask=batch.attention_mask).logits
-        s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
+        s_logits = student(input_ids=batch.input_ids,
+                           attention_mask=batch.attention_mask).logits[:, :-1]
         sig = signals_from_logits(s_logits, t_logits, mask)
-        planted = kind_masks(cipher, part, batch.example_index, mask.shape[1], LENGTH)
         labels_of["median"].append(quadrant_labels(sig.entropy, sig.reverse_kl, mask)[mask])
         differs = s_logits.argmax(-1) != t_logits.argmax(-1)
         labels_of["absolute"].append(absolute_labels(sig, differs)[mask])
         h_all.append(sig.entropy[mask])
         for kind, where in planted.items():
-            where = where & mask
             planted_of[kind].append(where[mask])
             at[kind]["h"].append(sig.entropy[where])
             at[kind]["rkl"].append(sig.reverse_kl[where])
