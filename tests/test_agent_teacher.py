@@ -20,6 +20,9 @@ from tip.testbed.agent_dagger import (
     viable,
     well_formed_turn,
 )
+from tip.testbed.agent_dagger import (
+    main as dagger_main,
+)
 
 CALL = '<tool_call>{"name":"calc","arguments":{"expr":"'
 
@@ -69,6 +72,11 @@ def test_state_rows_learn_only_the_rest_of_the_turn():
     rest = tok(call_text("47+38"), add_special_tokens=False)["input_ids"] + [fmt.stop_ids[0]]
     assert ids == [5, 6] + context + rest
     assert labels == [-100] * (2 + len(context)) + rest and set(alt) == {-100}
+
+
+def test_a_pair_directory_without_a_pair_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(SystemExit, match=r"no agent pair there \(no build.json\); build one with python -m "):
+        dagger_main(["--pair", str(tmp_path)])
 
 
 @pytest.mark.slow

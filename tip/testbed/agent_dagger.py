@@ -294,6 +294,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps-scale", type=float, default=1.0)
     args = ap.parse_args(argv)
+    if not (args.pair / "build.json").is_file():
+        raise SystemExit(f"--pair {args.pair}: no agent pair there (no build.json); build one with "
+                         "python -m tip.testbed.agent --out <dir>")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tok = AutoTokenizer.from_pretrained(args.pair / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(args.pair / "teacher")
