@@ -35,9 +35,11 @@ def _flags(browser: str) -> list[str]:
     return flags + (["--no-sandbox"] if os.geteuid() == 0 else [])  # as root Chromium refuses its sandbox
 
 
-def rendered_body(browser: str, page: Path, fragment: str = "") -> dict[str, str]:
-    """The ``data-*`` attributes of <body> after the page's scripts ran."""
-    out = subprocess.run([*_flags(browser), "--dump-dom", page.resolve().as_uri() + fragment],
+def rendered_body(browser: str, page: Path, fragment: str = "", size: str = "1500,1000") -> dict[str, str]:
+    """The ``data-*`` attributes of <body> after the page's scripts ran, in a window of ``size`` pixels (a
+    desktop's: panels side by side)."""
+    out = subprocess.run([*_flags(browser), f"--window-size={size}", "--dump-dom",
+                          page.resolve().as_uri() + fragment],
                          capture_output=True, text=True, timeout=180)
     body = re.search(r"<body([^>]*)>", out.stdout)
     if body is None:

@@ -35,9 +35,12 @@ def test_bad_data_stops_a_run_before_any_model_loads(tmp_path, where):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(GOOD + "{not json\n")
     node = "data.source" if where == "data" else "eval.benchmarks.gsm8k.source"
-    # A teacher that does not exist: had a model been loaded first, the error would name it instead.
+    # A teacher that cannot load (a folder whose config names no model): had a model been loaded first, the
+    # error would name it instead.
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text("{}")
     cfg = compose_config("data=gsm8k", "eval=gsm8k", f"data_root={tmp_path}", "logger=none",
-                         f"{node}.path={bad}", "pair.teacher=/nonexistent/teacher")
+                         f"{node}.path={bad}", f"pair.teacher={tmp_path / 'teacher'}")
     other = "eval.benchmarks.gsm8k.source" if where == "data" else "data.source"
     good = tmp_path / "good.jsonl"
     good.write_text(GOOD)

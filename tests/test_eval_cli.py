@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+from tip.models import EMBEDDED_MODELS
 
 from support import DATA_ROOT, ROOT
 
@@ -36,8 +39,15 @@ def test_embedded_task_with_the_papers_protocol(tmp_path):
 
 
 def test_five_math500_problems_and_a_list_of_benchmarks(tmp_path, needs_shared_data):
-    run_eval(tmp_path, "model=embedded://student", "eval=[embedded,math500]", "limit=5", "protocol=greedy",
+    # The embedded student has 256 positions, fewer than a MATH-500 prompt in its character tokens: a copy built
+    # for more (RoPE positions) takes them; the student itself is refused (tests/test_refusals.py).
+    model = tmp_path / "student"
+    shutil.copytree(EMBEDDED_MODELS["student"][0], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 2048}))
+    run_eval(tmp_path / "eval", f"model={model}", "eval=[embedded,math500]", "limit=5", "protocol=greedy",
              "eval.max_new_tokens=24")
+    tmp_path = tmp_path / "eval"
     metrics = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     assert metrics["math500/n"] == 5 and metrics["embedded/n"] == 5
     rows = records(tmp_path / "math500.jsonl")
@@ -50,7 +60,7 @@ def test_existing_results_are_never_overwritten(tmp_path):
     run_eval(tmp_path, "eval=embedded", "limit=2", "protocol=greedy")
     before = (tmp_path / "metrics.json").read_bytes()
     proc = run_eval(tmp_path, "eval=embedded", "limit=2", "protocol=greedy", check=False)
-    assert proc.returncode != 0 and "exists; choose another hydra.run.dir" in proc.stderr
+    assert proc.returncode != 0 and "exists: a finished evaluation is never overwritten" in proc.stderr
     assert (tmp_path / "metrics.json").read_bytes() == before
 
 

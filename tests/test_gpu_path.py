@@ -14,7 +14,7 @@ from tip.benchmarks import Sampling, load_benchmarks
 from tip.config import ConfigError
 from tip.data import format_prompt, load_examples
 from tip.models import load_tokenizer
-from tip.parts import training_prompt_ids, vllm_max_model_len
+from tip.parts import longest_requests, training_prompt_ids, vllm_max_model_len
 from tip.rollout import RolloutBatch
 from tip.taxonomy import BatchStats, quantile
 
@@ -49,18 +49,18 @@ def test_vllm_context_is_derived_from_the_data_or_refused_when_too_short():
     examples = load_examples(cfg.data.source, "train")
     longest = max(map(len, training_prompt_ids(cfg, tok, examples)))
     assert cfg.rollout.max_model_len is None
-    assert vllm_max_model_len(cfg, tok, examples) == longest + cfg.rollout.max_new_tokens
+    assert vllm_max_model_len(cfg, longest_requests(cfg, tok, examples)) == longest + cfg.rollout.max_new_tokens
     cfg.rollout.max_model_len = longest + cfg.rollout.max_new_tokens - 1
     with pytest.raises(ConfigError, match=rf"rollout.max_model_len={longest + cfg.rollout.max_new_tokens - 1} is "
                                           rf"not allowed: the longest training prompt has {longest} tokens"):
-        vllm_max_model_len(cfg, tok, examples)
+        vllm_max_model_len(cfg, longest_requests(cfg, tok, examples))
     # Evaluation goes through the engine too: a benchmark's longer answers need a longer context.
     cfg.rollout.max_model_len, cfg.eval.max_new_tokens = None, cfg.rollout.max_new_tokens + 100
     benchmarks = load_benchmarks(cfg.eval)
-    assert vllm_max_model_len(cfg, tok, examples, benchmarks) >= cfg.eval.max_new_tokens + 1
+    assert vllm_max_model_len(cfg, longest_requests(cfg, tok, examples, benchmarks)) >= cfg.eval.max_new_tokens + 1
     cfg.rollout.max_model_len = longest + cfg.rollout.max_new_tokens
     with pytest.raises(ConfigError, match=r"the longest embedded prompt has \d+ tokens and eval.max_new_tokens allows"):
-        vllm_max_model_len(cfg, tok, examples, benchmarks)
+        vllm_max_model_len(cfg, longest_requests(cfg, tok, examples, benchmarks))
 
 
 def test_quantile_takes_more_values_than_torch_quantile():

@@ -100,4 +100,5 @@ def test_a_leftover_op_build_lock_of_a_killed_process_does_not_hang_the_next_run
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "removed a leftover build lock" in out.stdout and not leftover.exists()
+    assert "building DeepSpeed's CPU op once for this environment (about 1-3 minutes" in out.stdout  # not silent
     assert list(leftover.parent.glob("*.so")), "the op was built"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from browser import chromium, rendered_body, screenshot
 from tip.microscope import compare_rules
@@ -69,6 +70,8 @@ def test_the_page_renders_in_a_real_browser(page, tmp_path):
     body = rendered_body(browser, path)
     assert body.get("status") == "ready", body  # no script error (it would set status=error and the message)
     assert int(body["tokens"]) == n and int(body["selected"]) == kept
+    # The comparison table's last column ("agrees") is not hidden under the Signals panel beside it.
+    assert body["overlaps"] == "0", body
     # A link that picks another rule outlines that rule's tokens.
     q3 = data["comparison"]["q3"]["0.2"].count("1")
     body = rendered_body(browser, path, "#rule=q3&keep=0.2")
@@ -88,8 +91,12 @@ def test_the_report_plots_each_quadrants_kept_share_per_rule(page, tmp_path):
     for i, cell in enumerate(("soft_or@0.5", "q3@0.2")):
         d = sweep / str(i)
         shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("tokens", "microscope", "checkpoints"))
-        (d / ".hydra").mkdir()
+        (d / ".hydra").mkdir(exist_ok=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- cell={cell}\n")
+        config = yaml.safe_load((d / "config.yaml").read_text())  # the report reads what the cell ran
+        config["selector"]["name"], config["keep"] = cell.split("@")[0], float(cell.split("@")[1])
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
     series = kept_share_series(find_cells(sweep))
     assert sorted(series) == ["q3@0.2", "soft_or@0.5"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ from tip.report import aggregate, claims_markdown, find_cells
 
 
 def _cell(root, name, cell, seed, after):
+    (root / "multirun.yaml").write_text("hydra: {}\n")  # what Hydra's sweeper writes into a sweep directory
     d = root / name
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"cell={cell}", f"seed={seed}"]))
@@ -100,3 +101,19 @@ def test_tool_use_after_training_reaches_its_own_table(tmp_path):
     md = markdown(tmp_path, rows, benchmarks, cells)
     assert "Tool use after training" in md
     assert "| q3 | 0.2 | 1.000 | 1.500 | 0.000 | 2.000 |" in md and "| all | 1 | 0.000 | 0.500 | 1.000 | 2.000 |" in md
+
+
+def test_a_cell_is_read_from_what_it_ran_and_a_folder_of_unrelated_runs_is_refused(tmp_path):
+    """The rule, keep and seed come from the run's own resolved config.yaml: a record in .hydra/overrides.yaml
+    that says otherwise (as a refused rerun once rewrote it) does not relabel the cell."""
+    import pytest
+
+    _cell(tmp_path, "0", "all@1.0", 0, {"embedded/accuracy": 0.5})
+    (tmp_path / "0" / "config.yaml").write_text(yaml.safe_dump(
+        {"cell": "all@1.0", "seed": 0, "keep": 1.0, "selector": {"name": "all"}, "train": {"steps": 12}}))
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["cell=q3@0.1", "seed=3"]))
+    cell, = find_cells(tmp_path)
+    assert (cell.rule, cell.keep, cell.seed) == ("all", 1.0, 0)
+    (tmp_path / "multirun.yaml").unlink()  # e.g. outputs/<date>: single runs side by side, not a sweep
+    with pytest.raises(SystemExit, match="is not a sweep directory"):
+        find_cells(tmp_path)

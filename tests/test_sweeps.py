@@ -225,5 +225,7 @@ def test_a_run_directory_with_another_config_is_refused(tmp_path):
     train(cfg, tmp_path / "run")
     (tmp_path / "run" / "status.json").unlink()  # as if it had died before finishing
     other = compose_config("experiment=smoke", "train.steps=1", "logger=none", "train.save_final=false", "seed=1")
-    with pytest.raises(FileExistsError, match="already holds a run with another config"):
+    refusal = (r"holds an unfinished run with another config \(data.source.seed: 0 there, 1 now; seed: 0 there, 1 "
+               r"now\)\. To resume it, rerun with its values")
+    with pytest.raises(FileExistsError, match=refusal):
         train(other, tmp_path / "run")

@@ -44,8 +44,11 @@ def test_without_an_api_key_the_run_is_offline_and_holds_metrics_and_config(tmp_
 
 
 def test_a_failing_run_still_finishes_its_wandb_run_marked_failed(tmp_path, no_wandb_key):
-    cfg = compose_config("experiment=smoke", "logger=wandb", "pair.teacher=/nonexistent/teacher")
-    with pytest.raises(Exception, match="could not load teacher '/nonexistent/teacher'"):
+    teacher = tmp_path / "teacher"  # passes the checks before the run (a folder with a config) and fails to load
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    cfg = compose_config("experiment=smoke", "logger=wandb", f"pair.teacher={teacher}")
+    with pytest.raises(ValueError, match="Unrecognized model"):
         train(cfg, tmp_path / "run")
     assert exit_code(run_file(tmp_path / "run")) == 1
 

@@ -1,6 +1,11 @@
-"""Checks on a composed config, run before any model loads: a wrong value fails with one message
-naming the key, the value and what is allowed. (Unknown config-group options and unknown keys are
-already refused by Hydra.)"""
+"""Checks on a composed config, run before any model loads and before DeepSpeed builds its op: a
+wrong value fails with one message naming the key, the value and what is allowed.
+
+Hydra refuses an unknown group option (``experiment=smok``: no group default is ``optional``) and an
+unknown key (``kep=0.1``); ``check_overrides`` refuses what Hydra lets through: a key added with
+``+`` that nothing reads, and ``cell=`` beside the ``selector=`` or ``keep=`` it would replace;
+``check_site_dir`` a file in ``conf/local/`` that no config reads; ``check_runnable`` what the
+machine cannot run (a precision, vLLM, a model path)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tip.data import DATA_KINDS
 from tip.engine import GATHER_FOR_GENERATE, OPTIMIZERS, PRECISIONS
 from tip.env import ENVIRONMENTS, EpisodeLimits
+from tip.errors import UserError
 from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.models import ATTENTION, missing_attention
@@ -26,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"  # every config group; conf/sweeps links to the top-level sweeps/
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value that cannot run."""
 
 
@@ -69,14 +75,15 @@ def _threshold(key: str, value: Any) -> None:
           key, value, "expected 'median' or a number")
 
 
-def check_source(key: str, source: Any) -> None:
+def check_source(key: str, source: Any, files: bool = True) -> None:
     kind = source.get("kind")
     _one_of(f"{key}.kind", kind, DATA_KINDS)
-    if kind == "jsonl":
+    if kind == "jsonl" and files:
         path = Path(str(source.get("path")))
         _need(path.is_file(), f"{key}.path", str(path),
               "no such file; set data_root=<folder holding the JSONL files> or the path itself, "
-              f"or {key}.kind=hub to read the hub copy")
+              f"or {key}.kind=hub to read the hub copy (how to get the files: docs/running.md, "
+              "Data)")
     if kind in ("embedded", "embedded_agent"):
         _integer(f"{key}.size", source.get("size"), 1)
 
@@ -147,9 +154,11 @@ def check_shapes(cfg: DictConfig) -> None:
               "expected a list, e.g. [[5, 0.5], [10, 0.2]]")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Every check of a composed config, section by section."""
+def check_config(cfg: DictConfig, files: bool = True) -> None:
+    """Every check of a composed config, section by section; ``files=False`` leaves out whether the
+    data files exist (``tip.plan`` reads none)."""
     check_shapes(cfg)
+    _integer("seed", cfg.seed, 0)
     check_selection(cfg)
     check_train(cfg.train)
     check_rollout(cfg.rollout)
@@ -157,8 +166,8 @@ def check_config(cfg: DictConfig) -> None:
     check_teacher(cfg.teacher, cfg.train)
     check_env(cfg.env)
     check_model(cfg.model.attn_implementation, "model.attn_implementation")
-    check_source("data.source", cfg.data.source)
-    check_eval(cfg.eval)
+    check_source("data.source", cfg.data.source, files)
+    check_eval(cfg.eval, files)
 
 
 def check_selection(cfg: DictConfig) -> None:
@@ -183,7 +192,13 @@ def check_selection(cfg: DictConfig) -> None:
     _one_of("selection.scope", sel.scope, SCOPES)
     _one_of("selection.norm_scope", sel.norm_scope, NORM_SCOPES)
     _number("selection.clip_quantile", sel.clip_quantile, 0.0, 1.0, lo_open=True)
+    # A rule reads the parameters its own file declares, no others (``+selector.entropy_alpha=2``
+    # on q3 would be ignored).
+    own = sorted(set(selector_node(cfg.selector.name)) - {"name"})
     for key in sorted(set(cfg.selector) - {"name"}):
+        _need(key in own, f"selector.{key}", cfg.selector[key],
+              f"selector={cfg.selector.name} has no parameter {key!r}; it takes "
+              + (", ".join(own) if own else "none"))
         _one_of("selector parameter", key, sorted(SELECTOR_PARAMS))
         _number(f"selector.{key}", cfg.selector[key], 0.0, math.inf, hi_open=True)
     _threshold("selection.quadrant_thresholds.entropy", sel.quadrant_thresholds.entropy)
@@ -305,12 +320,12 @@ def check_launcher(launcher: str | None, cuda_available: bool) -> None:
           "per cell) or basic (cells one after another, each with every GPU of its launcher)")
 
 
-def check_eval(ev) -> None:
+def check_eval(ev, files: bool = True) -> None:
     """The ``eval`` node: benchmarks and the sampling protocol."""
     _need(len(ev.benchmarks) > 0, "eval.benchmarks", dict(ev.benchmarks),
           "expected at least one benchmark")
     for name, bench in ev.benchmarks.items():
-        check_source(f"eval.benchmarks.{name}.source", bench.source)
+        check_source(f"eval.benchmarks.{name}.source", bench.source, files)
         _one_of(f"eval.benchmarks.{name}.grader", bench.get("grader", "math_verify"), GRADERS)
     if ev.get("limit") is not None:
         _integer("eval.limit", ev.limit, 1)
@@ -321,3 +336,105 @@ def check_eval(ev) -> None:
     _integer("eval.top_k", ev.top_k, 0)
     _number("eval.temperature", ev.temperature, 0.0, math.inf, hi_open=True)
     _number("eval.top_p", ev.top_p, 0.0, 1.0, lo_open=True)
+
+
+FREE_FORM = ("engine.deepspeed", "pair.chat_template_kwargs")
+"""Blocks handed whole to another library (DeepSpeed's config, the chat template's arguments): a
+key added there is read by that library, so ``+`` may add one."""
+
+
+def check_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> None:
+    """What the command line's overrides (Hydra's ``overrides.task``) ask that Hydra lets through
+    but nothing would read: a key added with ``+``/``++`` outside ``FREE_FORM`` (``+train.step=5``
+    where the key is ``steps``), a key removed with ``~``, and ``cell=`` beside the ``selector=``,
+    ``selector.<param>=`` or ``keep=`` that the cell replaces."""
+    for text in overrides:
+        key, _, value = text.partition("=")
+        bare = key.lstrip("+~")
+        if "/" in bare or bare.startswith("hydra.") or not key.startswith(("+", "~")) \
+                or any(bare == f or bare.startswith(f + ".") for f in FREE_FORM):
+            continue
+        block, _, leaf = bare.rpartition(".")
+        if key.startswith("~"):
+            raise ConfigError(f"{text} is not allowed: it removes {bare}, which tip reads; set "
+                              f"{bare}=<value> instead")
+        if block == "selector":
+            continue  # a rule's parameters are checked against its own file (check_selection)
+        if key.startswith("++") and _in_base(block, leaf, overrides):
+            continue  # ++ on a key that is there is a plain override
+        node = OmegaConf.select(cfg, block) if block else cfg
+        takes = sorted(k for k in node if k != leaf) if isinstance(node, DictConfig) else []
+        where = f"{block} has no key {leaf!r}" if block else f"there is no top-level key {leaf!r}"
+        raise ConfigError(f"{text} is not allowed: {where}, and tip reads none it adds; "
+                          f"{block or 'the top level'} takes {', '.join(takes)}")
+    given = {o.partition("=")[0].lstrip("+") for o in overrides}
+    replaced = sorted(k for k in given if k in ("selector", "keep") or k.startswith("selector."))
+    if cfg.get("cell") is not None and replaced:
+        raise ConfigError(f"cell={cfg.cell} is not allowed beside {', '.join(replaced)}: a cell "
+                          "sets the selector (its own file) and keep itself; give either cell= "
+                          "or selector=/keep=")
+
+
+def _in_base(block: str, leaf: str, overrides) -> bool:
+    """Whether ``block.leaf`` is in the config composed without the ``+``/``++`` overrides (what
+    ``++`` then only overrides)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    kept = [o for o in overrides if not o.startswith(("+", "~"))]
+    if GlobalHydra.instance().is_initialized():
+        base = compose("config", overrides=kept)
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            base = compose("config", overrides=kept)
+    node = OmegaConf.select(base, block) if block else base
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def check_output_dirs(argv: list[str]) -> None:
+    """``hydra.run.dir=`` / ``hydra.sweep.dir=`` naming a file: Hydra would fail creating it with a
+    raw traceback before tip runs, so the command line is read first."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and Path(value).expanduser().is_file():
+            _need(False, key, value, "it is a file; expected a directory (new, or a run's own)")
+
+
+SITE_FILES = {"slurm.yaml": "hydra/launcher=slurm's site values (partition, account, ...)"}
+"""The files of ``conf/local/`` (git-ignored) that a config reads."""
+
+
+def check_site_dir(local: Path = CONF_DIR / "local") -> None:
+    """A file in ``conf/local/`` that no config reads (``slurm.yml``) would be skipped silently
+    (the launcher's site file is an optional default): refuse it, naming the files that are read."""
+    if not local.is_dir():
+        return
+    for path in sorted(local.iterdir()):
+        if path.name not in SITE_FILES and not path.name.startswith("."):
+            read = "; ".join(f"{local / n}: {what}" for n, what in SITE_FILES.items())
+            raise ConfigError(f"{path} is not read by any config; the site files are {read}")
+
+
+def check_runnable(cfg: DictConfig) -> None:
+    """What this machine must have for the config, checked without loading anything: the precision
+    on this device, vLLM for rollout=vllm, the pair's models at their paths."""
+    import torch
+
+    from tip.models import check_model_ref
+    from tip.vllm_rollout import missing_vllm
+
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        _need(False, "precision", cfg.precision, "DeepSpeed has no fp16 on the CPU; here use "
+              "auto (fp32), fp32 or bf16")
+    if cfg.rollout.backend == "vllm":
+        why = missing_vllm(cfg.rollout.get("vllm_python"))
+        _need(not why, "rollout", "vllm", why + "; on CPU, `make vllm-env` builds .venv-vllm, then "
+              "rollout.vllm_python=.venv-vllm/bin/python (or TIP_VLLM_PYTHON); on GPUs, "
+              "pip install vllm")
+    refs = [("pair.student", cfg.pair.student)]
+    if cfg.teacher.mode == "separate":
+        refs.append(("pair.teacher", cfg.pair.teacher))
+    if cfg.pair.get("tokenizer"):
+        refs.append(("pair.tokenizer", cfg.pair.tokenizer))
+    for key, ref in refs:
+        check_model_ref(key, str(ref))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tip.errors import UserError
 from tip.tasks import agent_problems, sample_problems
 
 BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
@@ -29,7 +30,7 @@ DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 DAPO_SPLITS = ("train", "validation")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data configuration that cannot be served."""
 
 
@@ -46,16 +47,21 @@ class Example:
 def _jsonl_rows(path: Path):
     """(line number, object) for every non-blank line; a line that is not a JSON object names file
     and line."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno} is not UTF-8 text (byte "
+                                f"{raw[err.start]:#04x} at column {err.start + 1}); data files "
+                                "must be UTF-8 JSONL") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg} at column "
-                                f"{err.colno}); each line "
-                                "must be one JSON object") from None
+                                f"{err.colno}); each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object")
             yield lineno, row

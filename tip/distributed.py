@@ -163,12 +163,42 @@ def op_build_lock(timeout_s: float = OP_LOCK_TIMEOUT_S):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def key_extensions_cache(env=os.environ) -> None:
+    """Give this environment's DeepSpeed and torch their own folder of JIT ops, under torch's
+    default root (unless TORCH_EXTENSIONS_DIR is set). torch rebuilds an op whenever the sources'
+    paths or flags differ from the last build in its folder, so two checkouts (two virtual
+    environments) sharing one folder evicted each other's build at every switch (60-160 s each);
+    keyed by the DeepSpeed install, each reuses its own good build."""
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return
+    import hashlib
+    import importlib.util
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    spec = importlib.util.find_spec("deepspeed")
+    where = os.path.realpath(spec.origin) if spec and spec.origin else "none"
+    accelerator = f"cu{torch.version.cuda}" if torch.cuda.is_available() else "cpu"
+    key = hashlib.sha1(f"{where}|{torch.__version__}|{sys.version}|{accelerator}".encode())
+    env["TORCH_EXTENSIONS_DIR"] = str(Path(get_default_build_root())
+                                      / f"tip-{accelerator}-{key.hexdigest()[:12]}")
+
+
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU collectives, the op its process group loads first
+
+
 def preload_deepspeed_ops() -> None:
     """Build or load the op DeepSpeed's process group loads first (on CPU its shared-memory
     collectives, ``deepspeed.comm.torch.build_shm_op``; none on CUDA), so that the build happens
-    under ``op_build_lock`` and ``deepspeed.init_distributed`` later only loads it."""
+    under ``op_build_lock`` and ``deepspeed.init_distributed`` later only loads it. A first build
+    is announced: the run is otherwise silent for a minute or more."""
     from deepspeed.comm.torch import build_shm_op
 
+    built = list(extensions_root().glob(f"**/{SHM_OP}/*.so"))
+    if not torch.cuda.is_available() and not built and os.environ.get("RANK", "0") == "0":
+        print(f"building DeepSpeed's CPU op once for this environment (about 1-3 minutes on 2 "
+              f"cores; cached in {extensions_root()})", flush=True)
     build_shm_op()
 
 
@@ -213,6 +243,7 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     process sets it."""
     prepare_process_env()
     use_trainer_allocator()  # before anything starts CUDA
+    key_extensions_cache()
     import deepspeed
 
     cuda = torch.cuda.is_available()

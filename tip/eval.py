@@ -13,6 +13,7 @@ problem's samples from its own seed) instead of transformers' generate.
 from __future__ import annotations
 
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,13 +21,29 @@ from types import SimpleNamespace
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tip.benchmarks import evaluate, load_benchmarks, longest_request, sampling_of
 from tip.checkpoint import atomic_dir
-from tip.config import CONF_DIR, ConfigError, check_eval, check_model, require_conf_dir
+from tip.config import (
+    CONF_DIR,
+    ConfigError,
+    check_eval,
+    check_model,
+    check_output_dirs,
+    require_conf_dir,
+)
 from tip.engine import resolve_precision
-from tip.models import load_model, load_tokenizer, resolve_attention, resolve_model_ref
+from tip.errors import one_line_errors
+from tip.models import (
+    check_model_ref,
+    load_model,
+    load_tokenizer,
+    refuse_beyond_context,
+    resolve_attention,
+    resolve_model_ref,
+)
 from tip.rollout import ROLLOUT_BACKENDS
 
 
@@ -37,14 +54,22 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError(f"limit={cfg.limit!r} is not allowed: expected null or an integer >= 1")
     for name in ("metrics.json", *(f"{b}.jsonl" for b in cfg.eval.benchmarks)):
         if (run_dir / name).exists():
-            raise FileExistsError(f"{run_dir / name} exists; choose another hydra.run.dir")
+            raise ConfigError(f"{run_dir / name} exists: a finished evaluation is never "
+                              "overwritten; choose another hydra.run.dir")
     if cfg.backend not in ROLLOUT_BACKENDS:
         raise ConfigError(f"backend={cfg.backend!r} is not allowed: expected one of "
                           f"{', '.join(ROLLOUT_BACKENDS)}")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    check_model_ref("model", str(cfg.model))
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
+                               "tokenizer" if cfg.tokenizer else "model")
     benchmarks = load_benchmarks(cfg.eval, cfg.limit)
+    for bench in benchmarks:  # before generating: past its positions a model runs on for minutes
+        prompt, room = longest_request(bench, tokenizer, cfg.eval.max_new_tokens,
+                                       cfg.chat_template, cfg.chat_template_kwargs)
+        refuse_beyond_context("model", str(cfg.model), f"the longest {bench.name} prompt", prompt,
+                              room, "eval.max_new_tokens")
     dtype = resolve_precision(cfg.precision, device)
     records: dict[str, list[dict]] = {}
     kwargs = dict(chat_template=cfg.chat_template, workers=cfg.grading.workers,
@@ -122,13 +147,17 @@ def _fmt(v) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def hydra_main(cfg: DictConfig) -> None:
-    run_eval(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hc = HydraConfig.get()
+    with one_line_errors(hc.mode == RunMode.MULTIRUN):
+        run_eval(cfg, Path(hc.runtime.output_dir))
 
 
 def main() -> None:
     """``python -m tip.eval``: checked for its configs at run time (importing tip.eval never
     exits)."""
     require_conf_dir()
+    with one_line_errors(multirun=False):
+        check_output_dirs(sys.argv[1:])
     hydra_main()
 
 

@@ -241,7 +241,11 @@ def log_to_wandb(run, run_dir: Path) -> None:
 def parse_args(argv: list[str]) -> tuple[Path, dict]:
     """``<run dir> [step=S] [keeps=a,b] [out=path]``; anything else is refused by name."""
     usage = "usage: python -m tip.microscope <run dir> [step=S] [keeps=0.1,0.2,0.5] [out=page.html]"
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):  # asked for: the usage, and success
+        print(f"{usage}\n\nDraws which tokens each rule keeps, step by step, from a run's token "
+              "records (train.token_log_every); writes <run dir>/microscope/index.html, or out=.")
+        raise SystemExit(0)
+    if not argv:
         raise SystemExit(usage)
     run_dir, options = Path(argv[0]), {}
     for arg in argv[1:]:

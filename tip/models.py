@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tip.errors import UserError
 from tip.signals import softcap
 
 EMBEDDED_SCHEME = "embedded://"
@@ -29,7 +30,7 @@ EMBEDDED_MODELS = {  # embedded://NAME -> (its directory, the command that rebui
 }
 
 
-class PairError(ValueError):
+class PairError(UserError):
     """A teacher/student pair that cannot be used as configured."""
 
 
@@ -56,26 +57,95 @@ def resolve_model_ref(ref: str) -> str:
     return ref
 
 
-def _load(loader, ref: str, what: str, **kwargs):
+def looks_local(ref: str) -> bool:
+    """A reference that names a folder on this machine, never a hub id: an absolute or relative
+    path (``/m``, ``./m``, ``../m``, ``~/m``), one with more than one ``/`` (a hub id is ``name`` or
+    ``org/name``), or one that exists here, or whose first folder does (``outputs/run``)."""
+    return (ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
+            or Path(ref).expanduser().exists()
+            or ("/" in ref and Path(ref.split("/")[0]).is_dir()))
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def check_model_ref(key: str, ref: str) -> None:
+    """Can ``ref`` load here, judged without loading it: the embedded and PyPI pairs are built, a
+    local path is a model folder (it is never tried as a hub id, which would retry the network for
+    a typo), and a hub id is cached when the hub is offline. Raises ``PairError`` naming ``key``."""
+    if "://" in ref:
+        resolve_model_ref(ref)  # the embedded or PyPI pair is built
+        return
+    if looks_local(ref):
+        folder = Path(ref).expanduser()
+        if not (folder / "config.json").is_file():
+            found = "is not a folder" if not folder.is_dir() else "holds no config.json"
+            raise PairError(f"{key}={ref!r} is not allowed: {folder} {found}; expected a local "
+                            "model folder in HF format, a hub id (org/name), or embedded://NAME")
+        return
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(ref, "config.json"), str) or key == "pair.tokenizer":
+        return
+    if hub_offline():
+        raise PairError(f"{key}={ref!r} is not allowed: the hub id is not in the Hugging Face "
+                        "cache and HF_HUB_OFFLINE is set; download it where the hub is "
+                        "reachable (`huggingface-cli download`) or give a local folder")
+    try:  # its config only (the weights come when it loads): a typo fails before any model loads
+        hf_hub_download(ref, "config.json")
+    except Exception as err:  # noqa: BLE001 (the hub's errors have no common base but Exception)
+        raise PairError(f"{key}={ref!r} is not allowed: it is not a local folder, not in the "
+                        f"Hugging Face cache, and the hub did not serve it "
+                        f"({type(err).__name__}); give a local model folder, or download it "
+                        "where the hub is reachable (`huggingface-cli download`)") from None
+
+
+def context_length(ref: str) -> int | None:
+    """The positions the model was built for (``max_position_embeddings`` of its config), read
+    without loading it; None when its config does not say."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_ref(ref))
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def refuse_beyond_context(key: str, ref: str, what: str, prompt: int, room: int,
+                          room_key: str) -> None:
+    """Refuse, before generating, a request longer than the model's context: ``what`` (a prompt
+    of ``prompt`` tokens) plus ``room`` new tokens (``room_key``). Past its positions a model
+    generates on for minutes behind one warning, into garbage."""
+    context = context_length(ref)
+    if context is not None and prompt + room > context:
+        raise PairError(f"{room_key}={room} is not allowed with {key}={ref}: {what} has {prompt} "
+                        f"tokens, so a request needs {prompt + room} positions and the model has "
+                        f"{context} (max_position_embeddings); {room_key} can be at most "
+                        f"{max(context - prompt, 0)}")
+
+
+def _load(loader, ref: str, what: str, key: str = "pair.student", **kwargs):
+    check_model_ref(key, ref)
     path = resolve_model_ref(ref)
     try:
         return loader(path, **kwargs)
-    except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = (
-            "it is not a local directory, and it is not in the Hugging Face cache"
-            + (" (HF_HUB_OFFLINE is set)" if offline else " or the hub could not be reached")
-            + ". Point the pair at a local HF directory (pair.teacher=/path pair.student=/path), "
-              "or run where the hub"
-            " is reachable, or pre-download it with `huggingface-cli download`."
-        )
-        raise PairError(f"could not load {what} {ref!r}: {hint}") from err
+    except OSError:
+        where = (" (HF_HUB_OFFLINE is set)" if hub_offline()
+                 else " or the hub could not be reached")
+        raise PairError(f"could not load {what} {ref!r}: it is not a local directory, and it is "
+                        f"not in the Hugging Face cache{where}. Point {key}= at a local HF "
+                        "directory, run where the hub is reachable, or download it first "
+                        "(`huggingface-cli download`)") from None
 
 
-def load_tokenizer(ref: str):
+def load_tokenizer(ref: str, key: str = "pair.student"):
+    """``key``: the config key that named ``ref``, for the error message."""
     from transformers import AutoTokenizer
 
-    tok = _load(AutoTokenizer.from_pretrained, ref, "tokenizer")
+    tok = _load(AutoTokenizer.from_pretrained, ref, "tokenizer", key)
     if tok.pad_token_id is None:  # Llama-style tokenizers ship without one; rollouts need padding
         tok.pad_token = tok.eos_token
     return tok
@@ -85,7 +155,8 @@ def load_model(ref: str, dtype: torch.dtype, what: str, attn_implementation: str
     """``attn_implementation``: one of ``ATTENTION`` resolved (``resolve_attention``)."""
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM.from_pretrained, ref, what, dtype=dtype,
+    key = {"student": "pair.student", "teacher": "pair.teacher"}.get(what, what)
+    return _load(AutoModelForCausalLM.from_pretrained, ref, what, key, dtype=dtype,
                  attn_implementation=attn_implementation)
 
 

@@ -43,6 +43,7 @@ from tip.models import (
     load_model,
     load_tokenizer,
     output_width,
+    refuse_beyond_context,
     resolve_attention,
 )
 from tip.rollout import HFRollout, prompt_seeds
@@ -128,8 +129,9 @@ def build_parts(cfg: DictConfig, dist: DistInfo, run_dir: Path) -> RunParts:
     turn_format = checked_turn_format(cfg, tokenizer)
     train_examples = load_examples(cfg.data.source, "train")
     benchmarks = load_benchmarks(cfg.eval)
-    max_model_len = vllm_max_model_len(cfg, tokenizer, train_examples, benchmarks) \
-        if cfg.rollout.backend == "vllm" else None
+    needs = longest_requests(cfg, tokenizer, train_examples, benchmarks)
+    check_context(cfg, needs)
+    max_model_len = vllm_max_model_len(cfg, needs) if cfg.rollout.backend == "vllm" else None
     sizes = RunSizes.of(cfg, dist.world_size)
     engine, teacher, scheduler = build_models(cfg, dist, dtype, tokenizer, sizes)
     student = engine.module.lm
@@ -268,12 +270,10 @@ def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def vllm_max_model_len(cfg, tokenizer, examples, benchmarks=()) -> int:
-    """The vLLM engine's context: ``rollout.max_model_len``, or (null) what the longest request
-    needs: a training prompt plus ``rollout.max_new_tokens``, or a benchmark's prompt plus
-    ``eval.max_new_tokens`` (evaluation goes through the engine too). A set value too small is
-    refused here, before the engine starts: vLLM would otherwise end those requests early without
-    an error and train on (or grade) cut responses."""
+def longest_requests(cfg, tokenizer, examples, benchmarks=()) -> list[tuple[str, int, int, str]]:
+    """(what, prompt tokens, tokens after it, the key that sets them) of the longest training
+    request (a prompt plus ``rollout.max_new_tokens``, or an episode's budget) and of each
+    benchmark's (a prompt plus ``eval.max_new_tokens``)."""
     longest = max(map(len, training_prompt_ids(cfg, tokenizer, examples)))
     needs = [("the longest training prompt", longest,
               engine_context_tokens(cfg.env, cfg.rollout.max_new_tokens), "rollout.max_new_tokens")]
@@ -282,6 +282,25 @@ def vllm_max_model_len(cfg, tokenizer, examples, benchmarks=()) -> int:
                       *longest_request(bench, tokenizer, cfg.eval.max_new_tokens,
                                        cfg.pair.chat_template, cfg.pair.chat_template_kwargs),
                       "eval.max_new_tokens"))
+    return needs
+
+
+def check_context(cfg, needs: list[tuple[str, int, int, str]]) -> None:
+    """Every request fits the student's and the teacher's positions (read from their configs,
+    before either loads)."""
+    models = [("pair.student", cfg.pair.student)]
+    if cfg.teacher.mode == "separate":
+        models.append(("pair.teacher", cfg.pair.teacher))
+    for key, ref in models:
+        for what, prompt, room, room_key in needs:
+            refuse_beyond_context(key, ref, what, prompt, room, room_key)
+
+
+def vllm_max_model_len(cfg, needs: list[tuple[str, int, int, str]]) -> int:
+    """The vLLM engine's context: ``rollout.max_model_len``, or (null) what the longest request
+    needs (``longest_requests``: evaluation goes through the engine too). A set value too small is
+    refused here, before the engine starts: vLLM would otherwise end those requests early without
+    an error and train on (or grade) cut responses."""
     what, prompt, room, key = max(needs, key=lambda x: x[1] + x[2])
     needed = prompt + room
     if cfg.rollout.max_model_len is None:

@@ -49,9 +49,10 @@ from pathlib import Path
 
 import torch
 
-from tip.config import CONF_DIR, ConfigError, apply_cell, check_config, require_conf_dir
+from tip.config import CONF_DIR, apply_cell, check_config, require_conf_dir
 from tip.engine import resolve_precision
 from tip.env import rollout_tokens
+from tip.errors import UserError
 from tip.models import PairError, resolve_attention, resolve_model_ref
 from tip.signals import resolve_chunk_size
 
@@ -470,7 +471,8 @@ def longest_prompt(cfg) -> tuple[int, str]:
 
     fallback = (PAPER_PROMPT_TOKENS, "the paper's maximum prompt ({}; --prompt-tokens sets it)")
     source = cfg.data.source
-    if source.kind == "hub" or (source.kind == "dapo" and not Path(source.path).exists()):
+    if source.kind == "hub" or (source.kind in ("dapo", "jsonl")
+                                and not Path(str(source.path)).exists()):
         return fallback[0], fallback[1].format("the data is not on this machine")
     try:
         path = resolve_model_ref(cfg.pair.tokenizer or cfg.pair.student)
@@ -510,7 +512,7 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     apply_cell(cfg)
-    check_config(cfg)
+    check_config(cfg, files=False)  # the plan reads no benchmark, and training data only if here
     dev = torch.device(device)
     dtype = resolve_precision(cfg.precision, dev)
     self_teacher = cfg.teacher.mode == "self_privileged"
@@ -563,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.gpus < 1:
         ap.error(f"--gpus={args.gpus} is not allowed: at least 1")
+    if not args.gpu_gb > 0 or not math.isfinite(args.gpu_gb):
+        ap.error(f"--gpu-gb={args.gpu_gb:g} is not allowed: a GPU's memory in GB, above 0 "
+                 "(80 for an H100-80GB)")
+    if args.prompt_tokens is not None and args.prompt_tokens < 1:
+        ap.error(f"--prompt-tokens={args.prompt_tokens} is not allowed: at least 1")
     plan, header = estimate(args.overrides, args.gpus, args.device, args.gpu_gb, args.prompt_tokens)
     print(render(plan, header, args.gpu_gb * GB if args.device == "cuda" else None))
     return 0
@@ -571,5 +578,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, PairError) as err:
+    except UserError as err:  # a config value, a data file, a model path
         sys.exit(f"tip.plan: {err}")

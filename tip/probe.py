@@ -39,6 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tip.config import CONF_DIR, ConfigError, check_config, require_conf_dir
+from tip.errors import one_line_errors
 from tip.models import (
     final_logit_softcap,
     hidden_states,
@@ -275,7 +276,8 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict:
     check_config(cfg)
     check_probe(cfg)
     if (run_dir / "probe.json").exists():
-        raise FileExistsError(f"{run_dir / 'probe.json'} exists; choose another hydra.run.dir")
+        raise ConfigError(f"{run_dir / 'probe.json'} exists: a finished probe is never "
+                          "overwritten; choose another hydra.run.dir")
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from tip.engine import resolve_precision
@@ -316,6 +318,7 @@ def run_probe(cfg: DictConfig, run_dir: Path) -> dict:
     (run_dir / "probe.md").write_text(render(result) + "\n")
     plot(result, run_dir / "probe.png")
     print(render(result), flush=True)
+    print(f"wrote probe.json, probe.md and probe.png to {run_dir}", flush=True)
     return result
 
 
@@ -442,7 +445,8 @@ def plot(result: dict, path: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
-    run_probe(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with one_line_errors(multirun=False):
+        run_probe(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def main() -> None:

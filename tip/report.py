@@ -114,14 +114,18 @@ def _cell_config(path: Path) -> dict:
 
 
 def _rule_and_keep(cfg: dict, overrides: dict[str, str]) -> tuple[str, float]:
-    cell = overrides.get("cell", cfg.get("cell"))
+    """What the cell ran: the selector and keep of its resolved config.yaml (``cell=`` already
+    applied there); the ``cell=`` override only for a cell refused before it wrote one."""
+    cell = cfg.get("cell", overrides.get("cell"))
     steps = (cfg.get("train") or {}).get("steps")
     if cell == "untrained" or steps == 0:
         return "untrained", 0.0
-    if cell and "@" in str(cell):
+    if (cfg.get("selector") or {}).get("name"):
+        rule, keep = cfg["selector"]["name"], cfg.get("keep", float("nan"))
+    elif cell and "@" in str(cell):
         rule, keep = parse_cell(str(cell))
     else:
-        rule, keep = (cfg.get("selector") or {}).get("name", "?"), cfg.get("keep", float("nan"))
+        rule, keep = "?", float("nan")
     try:
         keep = float(keep)
     except (TypeError, ValueError):
@@ -136,7 +140,7 @@ def read_cell(path: Path) -> Cell:
     pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
     cfg = _cell_config(path)
     rule, keep = _rule_and_keep(cfg, pairs)
-    seed = pairs.get("seed", cfg.get("seed"))
+    seed = cfg.get("seed", pairs.get("seed"))
     variant = ",".join(o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in GRID_KEYS
                        and not o.startswith("hydra."))
     status_file = path / "status.json"
@@ -176,12 +180,17 @@ def read_cell(path: Path) -> Cell:
 
 
 def find_cells(sweep_dir: Path) -> list[Cell]:
+    """The cells of one sweep (a directory with Hydra's ``multirun.yaml``); a folder of unrelated
+    runs (``outputs/<date>``) is refused: their rows would sit in one table as if comparable."""
+    if not (Path(sweep_dir) / "multirun.yaml").is_file():
+        raise SystemExit(f"{sweep_dir} is not a sweep directory (no multirun.yaml): tip.report "
+                         "reads the cells of one sweep, e.g. outputs/sweeps/table5_main_<date>; "
+                         "separate runs are not compared")
     dirs = [d for d in Path(sweep_dir).iterdir()
             if d.is_dir() and ((d / ".hydra").is_dir() or (d / "status.json").is_file())]
     if not dirs:
-        raise SystemExit(f"{sweep_dir} holds no sweep cells (no <n>/.hydra folders): pass a "
-                         "multirun directory, "
-                         "e.g. outputs/sweeps/table5_main_<date>")
+        raise SystemExit(f"{sweep_dir} holds no sweep cells (no <n>/status.json): pass a "
+                         "multirun directory, e.g. outputs/sweeps/table5_main_<date>")
     dirs.sort(key=lambda d: (0, int(d.name)) if d.name.isdigit() else (1, d.name))
     cells = [read_cell(d) for d in dirs]
     # Overrides that every cell shares (pair=..., experiment=...) describe the sweep, not a variant.

@@ -1,10 +1,13 @@
-"""Run logging: metrics.jsonl (always), a printed step line and quadrant table, and optional W&B."""
+"""Run logging: metrics.jsonl (always), a printed step line and quadrant table, optional W&B, and
+rank 0's console kept in ``<run>/train.log``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -93,3 +96,52 @@ class RunLogger:
     def close(self) -> None:
         if self._fh:
             self._fh.close()
+
+
+class _Tee:
+    """A text stream that writes to the console and to the run's log."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        with contextlib.suppress(ValueError):  # the log closed at the run's end
+            self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        with contextlib.suppress(ValueError):
+            self.log.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the console
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def console_log(run_dir: Path, is_main: bool):
+    """Rank 0's console (stdout, stderr, the logging module's console handlers) also goes to
+    ``<run>/train.log``, appended attempt after attempt; yields the log file (None on other
+    ranks), where a failure's full traceback is written while the console gets one line."""
+    if not is_main:
+        yield None
+        return
+    import logging
+
+    log = open(Path(run_dir) / "train.log", "a", encoding="utf-8", buffering=1)
+    log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} attempt of "
+              f"{' '.join(sys.argv[1:]) or 'the default'}\n")
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(saved[0], log), _Tee(saved[1], log)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream in saved]
+    for h in handlers:
+        h.setStream(sys.stdout if h.stream is saved[0] else sys.stderr)
+    try:
+        yield log
+    finally:
+        for h in handlers:
+            h.setStream(saved[0] if h.stream is sys.stdout else saved[1])
+        sys.stdout, sys.stderr = saved
+        log.close()

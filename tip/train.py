@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,27 +19,44 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tip.checkpoint import load_training_checkpoint, save_training_checkpoint
-from tip.config import CONF_DIR, check_launcher, require_conf_dir
+from tip.config import (
+    CONF_DIR,
+    check_launcher,
+    check_output_dirs,
+    check_site_dir,
+    require_conf_dir,
+)
 from tip.distributed import DistInfo, all_reduce_sum, init_distributed
 from tip.engine import copy_weights, release_engines, save_hf_checkpoint
 from tip.env import episode_metrics
+from tip.errors import one_line_errors
 from tip.parts import RunParts, build_parts, privileged_prompts, rank_prompts
 from tip.rollout import RolloutBatch, check_logp_gap
-from tip.rundir import OpenRun, barrier_of, run_directory
+from tip.rundir import (
+    OpenRun,
+    barrier_of,
+    checked_config,
+    refuse_finished,
+    run_directory,
+)
 from tip.runlog import peak_memory_mb
 from tip.selection import keep_at
 from tip.step import NonFiniteStep, StepResult, opd_step
 from tip.token_records import write_token_records
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """One training run in ``run_dir``; a rerun in the same directory resumes an unfinished run of
     the same config (from its last checkpoint, or from the start) and refuses a finished one.
-    ``status.json`` says how it ended."""
+    ``status.json`` says how it ended. The config is checked first, before DeepSpeed builds its op
+    and before any model loads."""
     quiet_library_noise()
+    refuse_finished(Path(run_dir))
+    checked_config(cfg, Path(run_dir), overrides)
     dist = init_distributed(cfg.dist_timeout_s)
     with run_directory(cfg, Path(run_dir), dist) as run:
         return train_loop(cfg, run, dist)
@@ -221,8 +239,9 @@ def quiet_library_noise() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
-    check_launcher(hc.runtime.choices.get("hydra/launcher"), torch.cuda.is_available())
-    results = train(cfg, Path(hc.runtime.output_dir))
+    with one_line_errors(hc.mode == RunMode.MULTIRUN):
+        check_launcher(hc.runtime.choices.get("hydra/launcher"), torch.cuda.is_available())
+        results = train(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     # The sweep's objective: mean held-out accuracy after training.
     after = [v for k, v in results["after"].items() if k.endswith("/accuracy")]
     return sum(after) / len(after)
@@ -232,6 +251,9 @@ def main() -> None:
     """``python -m tip.train``: checked for its configs at run time (importing tip.train never
     exits)."""
     require_conf_dir()
+    with one_line_errors(multirun=False):
+        check_site_dir()
+        check_output_dirs(sys.argv[1:])
     hydra_main()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,21 @@ def release_cached_memory() -> dict:
     free, _ = torch.cuda.mem_get_info()
     return {"reserved_mb": round(torch.cuda.memory_reserved() / 2**20, 1),
             "free_mb": round(free / 2**20, 1)}
+
+
+def missing_vllm(python: str | None) -> str:
+    """Why the vLLM worker cannot start under ``python`` (None: this interpreter); '' when it can.
+    Asked before any model loads (the worker itself starts after both models)."""
+    exe = python or sys.executable
+    if python and not shutil.which(python):
+        return f"rollout.vllm_python={python!r} is not an interpreter"
+    if not python or os.path.realpath(shutil.which(python)) == os.path.realpath(sys.executable):
+        import importlib.util
+
+        return "" if importlib.util.find_spec("vllm") else f"{exe} has no vllm"
+    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"
+    found = subprocess.run([exe, "-c", probe], capture_output=True, timeout=120).returncode == 0
+    return "" if found else f"{exe} has no vllm"
 
 
 class VllmError(RuntimeError):
