@@ -267,19 +267,37 @@ def _wait_for(path: Path, what, timeout=300):
 @pytest.mark.slow
 def test_one_run_per_directory_and_a_stopped_or_killed_run_resumes(tmp_path):
     run = tmp_path / "run"
-    long = (*SMOKE, "train.steps=40", "train.checkpoint_every=4", f"hydra.run.dir={run}")
+    long = (*SMOKE, "train.steps=30", "train.checkpoint_every=4", f"hydra.run.dir={run}")
     first = subprocess.Popen([sys.executable, "-m", "tip.train", *long], cwd=ROOT, env=tip_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(run / "metrics.jsonl", lambda text: '"step": 2' in text)
-        # The same command again (launched twice, or requeued while the old job runs): refused at once.
+        # The same command again (launched twice, or requeued while the old job runs): refused at once...
         second = tip(*long)
         assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr[-2000:]
         assert "is in use by a run that is still going" in second.stderr
-        first.send_signal(signal.SIGTERM)  # scancel, or a time limit: one process, no launcher
-        first.wait(timeout=120)
+        assert first.poll() is None
+        first.communicate(timeout=600)
     finally:
         first.kill()
+    # ... and the first finishes intact: every step once, in one attempt.
+    assert first.returncode == 0
+    assert json.loads((run / "status.json").read_text()) == {"status": "completed", "attempt": 1}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 31))
+    assert not list(run.glob("metrics.attempt-*")) and not (run / "failures").exists()
+
+    # Stopped with SIGTERM (scancel, a time limit; one process, no launcher): recorded as interrupted.
+    run = tmp_path / "stopped"
+    long = (*long[:-1], f"hydra.run.dir={run}")
+    stopped = subprocess.Popen([sys.executable, "-m", "tip.train", *long], cwd=ROOT, env=tip_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(run / "metrics.jsonl", lambda text: '"step": 5' in text)
+        stopped.send_signal(signal.SIGTERM)
+        stopped.wait(timeout=120)
+    finally:
+        stopped.kill()
     assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     # Resumed, then killed with -9 (nothing can clean up): the kernel drops the lock with the process.
     resumed = subprocess.Popen([sys.executable, "-m", "tip.train", *long], cwd=ROOT, env=tip_env(),
@@ -295,5 +313,5 @@ def test_one_run_per_directory_and_a_stopped_or_killed_run_resumes(tmp_path):
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "completed" and status["attempt"] == 3 and status["resumed_from_step"] >= 8
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 31))
     assert (run / "train.log").read_text().count("attempt of") == 3
