@@ -43,7 +43,7 @@ def one_arrangement(packing: bool, rollouts: int, cap: int, overrides: list[str]
     from tip.engine import release_engines
     from tip.parts import build_parts, rank_prompts
     from tip.rollout import pack
-    from tip.step import opd_step
+    from tip.step import StepInputs, opd_step
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", "logger=none", f"train.prompts_per_step={rollouts}",
@@ -66,7 +66,7 @@ def one_arrangement(packing: bool, rollouts: int, cap: int, overrides: list[str]
     before = status_kb("VmRSS")
     for i in range(4):
         t0 = time.perf_counter()
-        opd_step(run.step, run.engine, run.teacher, batch, dist, torch.Generator().manual_seed(i), cfg.keep)
+        opd_step(run.step, run.engine, run.teacher, StepInputs(batch, cfg.keep, torch.Generator().manual_seed(i)), dist)
         if i:  # the first is a warm-up
             times.append(time.perf_counter() - t0)
     peak_kb = status_kb("VmHWM") - before

@@ -86,10 +86,7 @@ def zero3_variant(student: str, overrides: list[str]) -> None:
     for when in ("before", "after"):
         if when == "after":
             for step in range(2):
-                share = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
-                batch = run.rollout.generate(share.prompt_ids, step, share.seeds(cfg.seed, step))
-                opd_step(run.step, run.engine, run.teacher, batch.to(dist.device), dist,
-                         torch.Generator().manual_seed(step), cfg.keep, None, run.tokenizer.pad_token_id)
+                opd_step(run.step, run.engine, run.teacher, run.step_inputs(cfg, step, dist)[0], dist)
         share = rank_prompts(cfg, run.train_examples, run.tokenizer, 5, dist)
         prompt_ids = share.prompt_ids
         run.rollout.generate(prompt_ids[:1], 0, [0])  # warm-up

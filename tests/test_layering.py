@@ -94,3 +94,62 @@ def test_the_configs_allowed_values_pull_in_no_logging_report_or_microscope():
             "'tip.microscope', 'tip.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_steps_seeds_are_derived_in_one_place():
+    """The step's seed formulas live in tip.rollout.StepSeeds; the loop, the benches and the step ask for them."""
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "bench").glob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        if "1_000_003" in text or "2**40" in text:
+            found.append(path.relative_to(PACKAGE.parent).as_posix())
+    assert found == ["tip/rollout.py"]
+
+
+def test_the_step_and_select_take_their_settings_whole():
+    import inspect
+
+    from tip.selection import select
+    from tip.step import opd_step
+
+    assert len(inspect.signature(opd_step).parameters) <= 5
+    assert len(inspect.signature(select).parameters) <= 8
+
+
+def _concatenated_pieces(source: str):
+    """Each implicit concatenation of string literals: its pieces (tokens) and the token after it."""
+    import io
+    import tokenize
+
+    pieces = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.STRING:
+            pieces.append(tok)
+        elif tok.type not in (tokenize.NL, tokenize.COMMENT):
+            if len(pieces) > 1:
+                yield pieces
+            pieces = []
+
+
+def test_no_message_is_split_into_fragments():
+    """A literal split over lines keeps whole phrases on each: no piece of at most 3 words (and 30 characters) in
+    the middle of a message, nor at its end where it would have fitted on the line before (a mechanical rewrap
+    once left 'DeepSpeed ' and 'or ' alone on their lines)."""
+    import re
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for pieces in _concatenated_pieces(source):
+            for k, tok in enumerate(pieces):
+                text = tok.string[re.match(r"[A-Za-z]*(['\"])", tok.string).end():-1]
+                if len(text.split()) > 3 or len(text) > 30:
+                    continue
+                if k == len(pieces) - 1:  # the last piece: a fragment only if it fitted on the line before
+                    before = pieces[k - 1]
+                    tail = lines[tok.end[0] - 1][tok.end[1]:]
+                    if before.end[0] == tok.start[0] or before.end[1] + len(text) + len(tail) > 100:
+                        continue
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{tok.start[0]}: {text!r}")
+    assert not found, "\n".join(found)

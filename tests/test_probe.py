@@ -210,3 +210,20 @@ def test_the_predictions_are_decided_per_batch_as_pre_registered():
     all_fail = {"batches": [batch([1.0, 0.1, -0.5, 0.2], 0.1, 0.9)] * 3}
     assert {k: x["verdict"] for k, x in verdicts(all_fail).items()} == dict.fromkeys(("P1", "P2", "P3", "P4"),
                                                                                        "not reproduced")
+
+
+def test_the_probe_selects_each_rule_as_a_run_of_it_would():
+    """The probe compared rules with their knobs dropped (every rule at entropy_alpha 1 whatever the config said);
+    it now builds the same SelectionParams a run builds: the configured rule's as configured, each other rule's from
+    its own file."""
+    from tip.probe import rule_params
+    from tip.selection import SelectionParams
+    from tip.step import StepSettings
+
+    cfg = compose_config("selector=entropy_sample", "selector.entropy_alpha=2", "selection.scope=batch",
+                         "probe.rules=[entropy_sample,entropy_jsd_sample,q3]")
+    params = rule_params(cfg)
+    run = StepSettings.of(cfg, chunk_size=64, micro_size=4).selection
+    assert params["entropy_sample"] == run == SelectionParams("entropy_sample", scope="batch", entropy_alpha=2.0)
+    assert params["entropy_jsd_sample"] == SelectionParams("entropy_jsd_sample", scope="batch")
+    assert params["q3"].rule == "q3" and params["q3"].scope == "batch"

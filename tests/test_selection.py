@@ -226,12 +226,12 @@ def test_a_quadrant_only_rule_keeps_tokens_of_its_quadrant(rule, scope):
     """Before, q2 = h_hat * (1 - d_hat) was entropy top-k (q2@0.2 kept 97% Q1 tokens on the testbed) and q4 kept
     mostly Q3: d_hat sits near 0 for almost every token. Now every kept token is of the named quadrant (the
     taxonomy's median labels), k of them where the quadrant holds k."""
-    from tip.selection import select
+    from tip.selection import SelectionParams, select
     from tip.taxonomy import quadrant_labels
 
     sig = heavy_tailed_signals()
     labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask)
-    sel = select(rule, sig, 0.2, scope)
+    sel = select(SelectionParams(rule, scope=scope), sig, 0.2)
     in_quadrant = labels == QUADRANT_RULES[rule]
     assert (sel.kept & ~in_quadrant).sum() == 0
     if scope == "sequence":

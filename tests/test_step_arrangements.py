@@ -10,7 +10,7 @@ import torch
 from tip.distributed import init_distributed
 from tip.engine import release_engines
 from tip.parts import build_parts, privileged_prompts, rank_prompts
-from tip.step import opd_step
+from tip.step import StepInputs, opd_step
 
 from support import compose_config
 
@@ -37,8 +37,8 @@ def one_step(tmp_path, micro_batch_size, *overrides, rollouts=None):
         hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, grads.get(n, 0) + g.detach().clone()))
                  for n, p in run.student.named_parameters()]
         generator = torch.Generator(device=dist.device).manual_seed(7)
-        stats = opd_step(run.step, run.engine, run.teacher, rollouts.to(dist.device), dist, generator, cfg.keep,
-                         teacher_prompts, run.tokenizer.pad_token_id).metrics
+        stats = opd_step(run.step, run.engine, run.teacher,
+                         StepInputs(rollouts.to(dist.device), cfg.keep, generator, teacher_prompts), dist).metrics
         for hook in hooks:
             hook.remove()
         after = weights_of(run.student)
@@ -198,8 +198,8 @@ def test_sgd_steps_by_minus_lr_times_the_gradient(tmp_path, engine):
         grads = {}
         hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, grads.get(n, 0) + g.detach().clone()))
                  for n, p in run.student.named_parameters()]
-        opd_step(run.step, run.engine, run.teacher, rollouts, dist, torch.Generator().manual_seed(7), cfg.keep, None,
-                 run.tokenizer.pad_token_id)
+        opd_step(run.step, run.engine, run.teacher, StepInputs(rollouts, cfg.keep, torch.Generator().manual_seed(7)),
+                 dist)
         for hook in hooks:
             hook.remove()
         after = weights_of(run.student)

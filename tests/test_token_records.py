@@ -105,8 +105,8 @@ def test_the_rule_comparison_is_select_tokens_on_the_same_signals(recorded_run):
             for idx in _rollouts(cols).values():
                 sig = TokenSignals(*(torch.tensor([[cols[c][i] for i in idx]]) for c in ("h", "delta", "delta_fwd")),
                                    torch.ones(1, len(idx), dtype=torch.bool))
-                kept = select_tokens(rule, sig, keep, "sequence", None, meta["clip_quantile"], "batch",
-                                     meta["entropy_alpha"], stats)[0]
+                kept = select_tokens(rule, sig, keep, None, clip_quantile=meta["clip_quantile"], norm_scope="batch",
+                                     entropy_alpha=meta["entropy_alpha"], stats=stats)[0]
                 for i, flag in zip(idx, kept.tolist()):
                     want[i] = flag
             assert comparison[rule][f"{keep:g}"] == want, (rule, keep)

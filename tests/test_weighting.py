@@ -9,7 +9,7 @@ from tip.config import ConfigError, check_config
 from tip.losses import fused_divergence_sum, loss_denominator
 from tip.reference_loss import kept_token_divergence, opd_loss
 from tip.report import read_cell
-from tip.selection import gumbel_threshold, keep_at, select
+from tip.selection import SelectionParams, gumbel_threshold, keep_at, select
 from tip.signals import TokenSignals, entropy, jsd, jsd_rows, log_probs, logits_rows, row_signals, token_signals
 from tip.train import train
 
@@ -64,7 +64,7 @@ def test_importance_weighted_entropy_sampling_is_unbiased_for_the_all_token_sum(
     sig = TokenSignals(h.expand(draws, m).clone(), torch.zeros(draws, m), torch.zeros(draws, m),
                        torch.ones(draws, m, dtype=torch.bool))
     gen = torch.Generator().manual_seed(2)
-    sel = select("entropy_sample_is", sig, k_frac, "sequence", gen)
+    sel = select("entropy_sample_is", sig, k_frac, gen)
     assert (sel.kept.sum(-1) == 2).all()
     estimate = (torch.where(sel.kept, sel.weights, 0.0) * x).sum(-1).mean()
     assert float(estimate) == pytest.approx(float(x.sum()), rel=0.01)
@@ -74,7 +74,7 @@ def test_importance_weighted_entropy_sampling_is_unbiased_for_the_all_token_sum(
     assert torch.equal(gumbel_threshold(torch.tensor([[3.0, 1.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool), 0.5,
                                         "sequence"), torch.full((1, 3), 2.0))
     one = TokenSignals(h[None], torch.zeros(1, m), torch.zeros(1, m), torch.ones(1, m, dtype=torch.bool))
-    everything = select("entropy_sample_is", one, 1.0, "sequence", gen)
+    everything = select("entropy_sample_is", one, 1.0, gen)
     assert torch.equal(everything.weights, torch.ones(1, m))
 
 
@@ -98,12 +98,12 @@ def test_importance_weights_are_unbiased_with_low_entropies_and_the_capped_varia
     x = torch.ones(m)
     sig = TokenSignals(h.expand(draws, m).clone(), torch.zeros(draws, m), torch.zeros(draws, m),
                        torch.ones(draws, m, dtype=torch.bool))
-    sel = select("entropy_sample_is", sig, keep, "sequence", torch.Generator().manual_seed(3))
+    sel = select("entropy_sample_is", sig, keep, torch.Generator().manual_seed(3))
     per_draw = (torch.where(sel.kept, sel.weights, 0.0) * x).sum(-1).double()
     se = float(per_draw.std() / math.sqrt(draws))
     assert abs(float(per_draw.mean()) - m) < 3 * se, (float(per_draw.mean()), se)
     assert float(sel.weights.max()) > 1e3  # the low-entropy tokens were drawn, with their large weights
-    capped = select("entropy_sample_is_capped", sig, keep, "sequence", torch.Generator().manual_seed(3))
+    capped = select("entropy_sample_is_capped", sig, keep, torch.Generator().manual_seed(3))
     assert float(capped.weights.max()) <= 10 / keep + 1e-6
     low = (torch.where(capped.kept, capped.weights, 0.0) * x).sum(-1).double()
     assert float(low.mean()) < m - 3 * float(low.std() / math.sqrt(draws))
@@ -163,8 +163,8 @@ def test_entropy_jsd_sampling_draws_with_p_proportional_to_h_alpha_jsd_gamma():
                        torch.ones(draws, 2, dtype=torch.bool), jsd=j.expand(draws, 2).clone())
     for alpha, gamma in ((1.0, 1.0), (1.0, 0.0), (2.0, 1.0)):
         w = h[0] ** alpha * j[0] ** gamma
-        kept = select("entropy_jsd_sample", sig, 0.5, "sequence", torch.Generator().manual_seed(4),
-                      entropy_alpha=alpha, jsd_gamma=gamma).kept
+        params = SelectionParams("entropy_jsd_sample", entropy_alpha=alpha, jsd_gamma=gamma)
+        kept = select(params, sig, 0.5, torch.Generator().manual_seed(4)).kept
         assert (kept.sum(-1) == 1).all()
         assert float(kept[:, 0].float().mean()) == pytest.approx(float(w[0] / w.sum()), abs=0.015)
     with pytest.raises(ValueError, match="needs the JSD signal"):

@@ -7,7 +7,7 @@ import torch
 from tip.distributed import init_distributed
 from tip.engine import release_engines
 from tip.parts import build_parts, rank_prompts
-from tip.step import opd_step
+from tip.step import StepInputs, opd_step
 
 from support import compose_config
 
@@ -24,9 +24,8 @@ def generate_then_train(tmp_path, setting):
         batch = run.rollout.generate(share.prompt_ids, 3, share.seeds(cfg.seed, 0))
         assert len(offload.forward_hooks) == hooks > 0  # DeepSpeed's hooks are registered again
         assert all(p.numel() == 0 for p in run.student.parameters())  # and the weights are shards again
-        stats = opd_step(run.step, run.engine, run.teacher, batch.to(dist.device), dist,
-                         torch.Generator(device=dist.device).manual_seed(1), cfg.keep, None,
-                         run.tokenizer.pad_token_id).metrics
+        inputs = StepInputs(batch.to(dist.device), cfg.keep, torch.Generator(device=dist.device).manual_seed(1))
+        stats = opd_step(run.step, run.engine, run.teacher, inputs, dist).metrics
         return batch, stats
     finally:
         release_engines(run.engine, run.teacher)
@@ -66,8 +65,8 @@ def test_the_zero3_teachers_trace_completes_like_the_students(tmp_path):
             share = rank_prompts(cfg, run.train_examples, run.tokenizer, step, dist)
             rollouts = run.rollout.generate(share.prompt_ids, step, share.seeds(cfg.seed, step))
             generator = torch.Generator(device=dist.device).manual_seed(step)
-            opd_step(run.step, run.engine, run.teacher, rollouts.to(dist.device), dist, generator, cfg.keep, None,
-                     run.tokenizer.pad_token_id)
+            opd_step(run.step, run.engine, run.teacher, StepInputs(rollouts.to(dist.device), cfg.keep, generator),
+                     dist)
             assert not teacher.is_invalid_trace(), f"step {step + 1}: the teacher's trace is invalid"
         assert teacher.is_complete_trace() and student.is_complete_trace()
     finally:

@@ -121,10 +121,8 @@ def load_benchmarks(eval_cfg, limit: int | None = None) -> list[Benchmark]:
             from tip.config import ConfigError
 
             raise ConfigError(f"eval.benchmarks.{name} is the embedded agentic task, whose samples "
-                              "are tool-use "
-                              "episodes: it needs an environment (python -m tip.train "
-                              "env=embedded_agent; "
-                              "python -m tip.eval ... env.name=calc)")
+                              "are tool-use episodes: it needs an environment (python -m tip.train "
+                              "env=embedded_agent; python -m tip.eval ... env.name=calc)")
         out.append(Benchmark(name, examples[:limit] if limit else examples, b.prompt_template,
                              b.get("grader", "math_verify"), env))
     return out

@@ -42,9 +42,8 @@ def require_conf_dir() -> None:
     package."""
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"tip's configs are not at {CONF_DIR}: tip runs from a checkout of its "
-                         "repository, installed "
-                         "in place (`make install`, or `pip install -e .`); a plain wheel install "
-                         "has no conf/")
+                         f"repository, installed in place (`make install`, or `pip install -e .`); "
+                         f"a plain wheel install has no conf/")
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -81,9 +80,9 @@ def check_source(key: str, source: Any, files: bool = True) -> None:
     if kind == "jsonl" and files:
         path = Path(str(source.get("path")))
         _need(path.is_file(), f"{key}.path", str(path),
-              "no such file; set data_root=<folder holding the JSONL files> or the path itself, "
+              f"no such file; set data_root=<folder holding the JSONL files> or the path itself, "
               f"or {key}.kind=hub to read the hub copy (how to get the files: docs/running.md, "
-              "Data)")
+              f"Data)")
     if kind in ("embedded", "embedded_agent"):
         _integer(f"{key}.size", source.get("size"), 1)
 
@@ -235,8 +234,7 @@ def check_rollout(ro) -> None:
     _integer("rollout.max_new_tokens", ro.max_new_tokens, 1)
     _need(ro.temperature in (0, 1), "rollout.temperature", ro.temperature,
           "expected 1.0 (signals and loss are those of P_S at temperature 1, so rollouts must be "
-          "its samples) "
-          "or 0 (greedy, for deterministic tests)")
+          "its samples) or 0 (greedy, for deterministic tests)")
     if ro.backend == "hf":
         _integer("rollout.max_seqs_per_generate", ro.max_seqs_per_generate, 1)
     if ro.backend == "vllm":
@@ -371,8 +369,8 @@ def check_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     replaced = sorted(k for k in given if k in ("selector", "keep") or k.startswith("selector."))
     if cfg.get("cell") is not None and replaced:
         raise ConfigError(f"cell={cfg.cell} is not allowed beside {', '.join(replaced)}: a cell "
-                          "sets the selector (its own file) and keep itself; give either cell= "
-                          "or selector=/keep=")
+                          f"sets the selector (its own file) and keep itself; give either cell= or "
+                          f"selector=/keep=")
 
 
 def _in_base(block: str, leaf: str, overrides) -> bool:
@@ -429,8 +427,8 @@ def check_runnable(cfg: DictConfig) -> None:
     if cfg.rollout.backend == "vllm":
         why = missing_vllm(cfg.rollout.get("vllm_python"))
         _need(not why, "rollout", "vllm", why + "; on CPU, `make vllm-env` builds .venv-vllm, then "
-              "rollout.vllm_python=.venv-vllm/bin/python (or TIP_VLLM_PYTHON); on GPUs, "
-              "pip install vllm")
+              "rollout.vllm_python=.venv-vllm/bin/python (or TIP_VLLM_PYTHON); on GPUs, pip "
+              "install vllm")
     refs = [("pair.student", cfg.pair.student)]
     if cfg.teacher.mode == "separate":
         refs.append(("pair.teacher", cfg.pair.teacher))

@@ -23,9 +23,8 @@ DATA_KINDS = ("embedded", "embedded_agent", "jsonl", "hub", "dapo")
 # DAPO-Math-17k wraps every problem in its own answer-format instruction; the paper's release strips
 # it (and appends the boxed instruction through the prompt template).
 DAPO_PREFIX = ("Solve the following math problem step by step. The last line of your response "
-               "should be of the "
-               "form Answer: $Answer (without quotes) where $Answer is the answer to the "
-               "problem.\n\n")
+               "should be of the form Answer: $Answer (without quotes) where $Answer is the answer "
+               "to the problem.\n\n")
 DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 DAPO_SPLITS = ("train", "validation")
 
@@ -71,8 +70,7 @@ def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
     if not path.is_file():
         raise DataError(
             f"data file {str(path)!r} does not exist; set data_root=<folder> (or the file's own "
-            "path option), "
-            "or use a hub dataset id"
+            f"path option), or use a hub dataset id"
         )
     out = []
     for lineno, row in _jsonl_rows(path):
@@ -130,10 +128,8 @@ def dapo_rows(source: Mapping[str, Any]) -> list[dict]:
     except Exception as err:
         where = f"{path} does not exist, and " if path is not None else ""
         raise DataError(f"could not load {source['hub_id']!r}: {where}the hub could not be read "
-                        f"({err}). Download "
-                        "it where the hub is reachable and set data.source.path to the file "
-                        "(JSONL or Parquet "
-                        f"in the hub's schema)") from err
+                        f"({err}). Download it where the hub is reachable and set data.source.path "
+                        f"to the file (JSONL or Parquet in the hub's schema)") from err
 
 
 def prepare_dapo(rows: list[dict], split: str, seed: int = 42,
@@ -185,8 +181,7 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
         examples = _from_jsonl(Path(str(source["path"])), fields)
         if not examples:
             raise DataError(f"data file {str(source['path'])!r} holds no examples (it is empty); "
-                            "expected one JSON "
-                            "object per line")
+                            f"expected one JSON object per line")
     elif kind == "dapo":
         examples = prepare_dapo(dapo_rows(source), source.get("split", split),
                                 int(source.get("seed", 42)),

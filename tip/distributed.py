@@ -104,16 +104,14 @@ def prepare_process_env() -> None:
     if "MASTER_ADDR" not in env:
         if world > int(env.get("LOCAL_WORLD_SIZE", world)):
             raise RuntimeError(f"MASTER_ADDR is not set for a run over several nodes ({world} "
-                               "processes, "
-                               f"{env['LOCAL_WORLD_SIZE']} per node): each node would rendezvous "
-                               "with itself. Launch "
-                               "with srun, torchrun --rdzv-endpoint or deepspeed --hostfile, or "
-                               "export MASTER_ADDR")
+                               f"processes, {env['LOCAL_WORLD_SIZE']} per node): each node would "
+                               f"rendezvous with itself. Launch with srun, torchrun "
+                               f"--rdzv-endpoint or deepspeed --hostfile, or export MASTER_ADDR")
         env["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
         if world != 1:
-            raise RuntimeError("MASTER_PORT must be set for multi-process runs (a launcher sets "
-                               "it)")
+            raise RuntimeError("MASTER_PORT must be set for multi-process runs (a launcher "
+                               "sets it)")
         env["MASTER_PORT"] = str(_free_port())
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -211,8 +209,8 @@ def local_device_index(local_rank: int, device_count: int) -> int:
     if 0 <= local_rank < device_count:
         return local_rank
     raise RuntimeError(f"local rank {local_rank} sees {device_count} CUDA devices and none is its "
-                       "own: run one process per GPU, each seeing every GPU of its node or only "
-                       "its own")
+                       f"own: run one process per GPU, each seeing every GPU of its node or only "
+                       f"its own")
 
 
 ALLOCATOR_SETTINGS = "expandable_segments:True"
@@ -269,8 +267,8 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
 def check_device(x: torch.Tensor, dist: DistInfo, what: str) -> None:
     if x.device != dist.device:
         raise RuntimeError(f"{what} got a tensor on {x.device}, but the run's device is "
-                           f"{dist.device}: "
-                           "collectives (NCCL) take tensors on the run's device only")
+                           f"{dist.device}: collectives (NCCL) take tensors on the run's device "
+                           f"only")
 
 
 def all_reduce_sum(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:

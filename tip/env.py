@@ -59,8 +59,8 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             calls.append(ToolCall(None, {},
-                                  'malformed tool call: expected {"name": <string>, "arguments": '
-                                  '{...}}'))
+                                  "malformed tool call: expected {\"name\": <string>, "
+                                  "\"arguments\": {...}}"))
             continue
         args = obj.get("arguments", {})
         if isinstance(args, str):  # some models write the arguments as a JSON string
@@ -179,8 +179,7 @@ class TurnFormat:
     def __init__(self, tokenizer, chat_template_kwargs: Mapping[str, Any] | None = None):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("multi-turn rollouts need a tokenizer with a chat template (tool "
-                             "messages go through "
-                             "it); this pair's tokenizer has none")
+                             "messages go through it); this pair's tokenizer has none")
         self.tokenizer, self.kwargs = tokenizer, dict(chat_template_kwargs or {})
         has_im_end = "<|im_end|>" in tokenizer.get_vocab()
         im_end = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if has_im_end else []
@@ -192,11 +191,9 @@ class TurnFormat:
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
                 raise ValueError(f"this pair's tokenizer cannot write {piece!r} (it becomes the "
-                                 "unknown token), "
-                                 "so its student cannot call tools; use a pair whose tokenizer has "
-                                 "the tool-call "
-                                 "tokens (e.g. pair=embedded_agent, or a Qwen/Hermes-style chat "
-                                 "model)")
+                                 f"unknown token), so its student cannot call tools; use a pair "
+                                 f"whose tokenizer has the tool-call tokens (e.g. "
+                                 f"pair=embedded_agent, or a Qwen/Hermes-style chat model)")
 
     def between_turns(self, results: Sequence[str], ended_with_stop: bool) -> str:
         """Text after an assistant turn with tool ``results``, up to the next assistant header. When

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from tip.checkpoint import write_atomic
+from tip.config import selector_node
 from tip.report import pyplot, read_jsonl, save_figure
-from tip.selection import RULES, SELECTOR_PARAMS, select_tokens
+from tip.selection import RULES, SelectionParams, select
 from tip.signals import TokenSignals
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
 from tip.token_records import OPTIONAL_COLUMNS, logged_steps, read_token_records, stats_of
@@ -72,38 +73,28 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
     """``{rule: {keep: kept flag per record}}`` for every registered rule whose signals the records
     hold (a rule that reads an optional signal, such as the JSD, needs a run whose own rule computed
     it), re-run on the logged signals with the step's selection settings and batch statistics
-    (``select_tokens`` itself, per rank as in the run)."""
+    (``select`` itself, per rank as in the run)."""
     stats = stats_of(meta["batch_stats"])
     n = len(cols["h"])
     out: dict[str, dict[str, list[bool]]] = {}
     by_rank = signals_by_rank(cols)
+    run = SelectionParams.of_meta(meta)
     for rule in RULES:
         if any(name not in cols for name in RULES[rule].needs):
             continue
+        # the run's rule with its own knobs; another rule with those of its own file
+        params = run if rule == run.rule else run.for_rule(selector_node(rule))
         out[rule] = {}
         for keep in keeps:
             flags = [False] * n
             for signals, order in by_rank.values():
                 generator = torch.Generator(device="cpu").manual_seed(COMPARISON_SEED)
-                kept = select_tokens(rule, signals, keep, meta["scope"], generator,
-                                     meta["clip_quantile"], meta["norm_scope"],
-                                     meta["entropy_alpha"], stats,
-                                     log_vocab=meta["batch_stats"].get("log_vocab"),
-                                     jsd_gamma=meta.get("jsd_gamma", 1.0),
-                                     is_weight_cap=meta.get("is_weight_cap",
-                                                            SELECTOR_PARAMS["is_weight_cap"]),
-                                     **threshold_kwargs(meta))
+                kept = select(params, signals, keep, generator, stats,
+                              meta["batch_stats"].get("log_vocab")).kept
                 for i, flag in zip(order, kept[signals.mask].tolist()):
                     flags[i] = flag
             out[rule][_keep_key(keep)] = flags
     return out
-
-
-def threshold_kwargs(meta: dict) -> dict:
-    """The quadrant thresholds the run's rules kept to (records of older runs: the medians)."""
-    found = meta.get("quadrant_thresholds", {})
-    return {"entropy_threshold": found.get("entropy", "median"),
-            "divergence_threshold": found.get("divergence", "median")}
 
 
 def _keep_key(keep: float) -> str:
@@ -145,8 +136,8 @@ def page_data(run_dir: Path, step: int, keeps=DEFAULT_KEEPS) -> dict:
                               for k, flags in by_keep.items()}
                        for rule, by_keep in comparison.items()},
         "rule_docs": {rule: spec.doc for rule, spec in RULES.items()},
-        "not_compared": {rule: f"needs {', '.join(RULES[rule].needs)}, which this run did not "
-                               "record"
+        "not_compared": {rule: f"needs {', '.join(RULES[rule].needs)}, which this run did "
+                               "not record"
                          for rule in RULES if rule not in comparison},
         "quadrants": {q: {"name": QUADRANT_NAMES[q],
                           "colour": QUADRANT_COLOURS[q]} for q in QUADRANTS},

@@ -137,8 +137,8 @@ def _load(loader, ref: str, what: str, key: str = "pair.student", **kwargs):
                  else " or the hub could not be reached")
         raise PairError(f"could not load {what} {ref!r}: it is not a local directory, and it is "
                         f"not in the Hugging Face cache{where}. Point {key}= at a local HF "
-                        "directory, run where the hub is reachable, or download it first "
-                        "(`huggingface-cli download`)") from None
+                        f"directory, run where the hub is reachable, or download it first "
+                        f"(`huggingface-cli download`)") from None
 
 
 def load_tokenizer(ref: str, key: str = "pair.student"):

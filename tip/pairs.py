@@ -135,9 +135,8 @@ def resolve(ref: str) -> str:
     path = model_dir(name)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{ref} has not been fetched yet; run `python -m tip.pairs fetch "
-                                f"{name}` "
-                                f"(it downloads {MODELS[name].gguf_bytes / 1e9:.1f} GB once, into "
-                                f"{path.parent})")
+                                f"{name}` (it downloads {MODELS[name].gguf_bytes / 1e9:.1f} GB "
+                                f"once, into {path.parent})")
     return str(path)
 
 
@@ -238,8 +237,8 @@ def main(argv=None) -> None:
     names = [n for arg in args.names for n in GROUPS.get(arg, (arg,))]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
-        ap.error(f"unknown or missing model names {unknown}; known: "
-                 f"{', '.join([*GROUPS, *MODELS])}")
+        known = ", ".join([*GROUPS, *MODELS])
+        ap.error(f"unknown or missing model names {unknown}; known: {known}")
     for name in names:
         print(f"{name}: ready at {fetch(name)}", flush=True)
 

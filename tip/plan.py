@@ -128,10 +128,9 @@ def load_model_config(ref: str):
         return AutoConfig.for_model(**fields), f"tip's snapshot {snapshot.name} (shape fields only)"
     known = ", ".join(sorted(p.stem.replace("--", "/") for p in SNAPSHOT_DIR.glob("*.json")))
     raise PairError(f"no config for {ref!r}: not a local directory with config.json, not in the "
-                    "Hugging Face cache, "
-                    f"and not one of tip's snapshots ({known}); point the pair at a local "
-                    "directory, or download "
-                    f"the config with `huggingface-cli download {ref} config.json`")
+                    f"Hugging Face cache, and not one of tip's snapshots ({known}); point the pair "
+                    f"at a local directory, or download the config with `huggingface-cli download "
+                    f"{ref} config.json`")
 
 
 def _flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -293,8 +292,7 @@ def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, 
     if any(i.host for i in items):
         host = sum(i.bytes for i in items if i.host)
         notes.append(f"offloaded to CPU memory: {host / GB:.1f} GB per GPU (x{run.gpus} per node "
-                     "of "
-                     f"{run.gpus} GPUs)")
+                     f"of {run.gpus} GPUs)")
     return Plan(items, notes)
 
 
@@ -355,10 +353,9 @@ def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -
         *zero3]
     if not mask.bytes:
         scoring = [i for i in scoring if i is not mask]
-    gradient = [activations, *([mask] if mask.bytes else []), held, Item("",
-                                        f"loss chunks ({rows} x {student.vocab:,} fp32), output "
-                                        "layer's "
-                                        "fp32 gradient", chunk_loop + 4 * student.head), *zero3]
+    loss = Item("", f"loss chunks ({rows} x {student.vocab:,} fp32), output layer's fp32 gradient",
+                chunk_loop + 4 * student.head)
+    gradient = [activations, *([mask] if mask.bytes else []), held, loss, *zero3]
     return [Item("scoring", i.what, i.bytes) for i in scoring] + [Item("gradient", i.what, i.bytes)
                                                                   for i in gradient]
 
@@ -527,15 +524,13 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
     ranks = f"{gpus} GPU{'s' if gpus > 1 else ''}" if dev.type == "cuda" else \
         f"{gpus} CPU process{'es' if gpus > 1 else ''}"
     header = [f"tip.plan {' '.join(overrides)}: {ranks}, {_dtype_name(dtype.itemsize)}, "
-              f"ZeRO-{run.stage}, "
-              f"rollout={run.backend}"]
+              f"ZeRO-{run.stage}, rollout={run.backend}"]
     for role, shape in (("student", student), ("teacher", teacher)):
         if shape is None:
             header.append(f"  {role}: the student itself (self-distillation, live weights)")
             continue
         header.append(f"  {role} {shape.ref}: {_count(shape.params)} parameters, {shape.layers} "
-                      "layers; "
-                      f"activations {shape.activations_per_token / 1e6:.3f} MB/token, "
+                      f"layers; activations {shape.activations_per_token / 1e6:.3f} MB/token, "
                       f"{shape.checkpointed_activations_per_token / 1e6:.3f} with checkpointing "
                       f"(config: {shape.source})")
     asked = cfg.model.attn_implementation
@@ -545,9 +540,8 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
                      and not run.attention.startswith("flash") else ")"))
     header.append(f"  per rank: {run.rollouts_per_rank} rollouts of up to {run.prompt_tokens:,} + "
                   f"{run.response_tokens:,} tokens (prompt: {prompt_note}); micro-batch "
-                  f"{run.micro} "
-                  f"({math.ceil(run.rollouts_per_rank / run.micro)} per step); chunk {run.chunk} "
-                  "rows")
+                  f"{run.micro} ({math.ceil(run.rollouts_per_rank / run.micro)} per step); chunk "
+                  f"{run.chunk} rows")
     return plan, header
 
 

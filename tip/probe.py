@@ -38,7 +38,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tip.config import CONF_DIR, ConfigError, check_config, require_conf_dir
+from tip.config import CONF_DIR, ConfigError, check_config, require_conf_dir, selector_node
 from tip.errors import one_line_errors
 from tip.models import (
     final_logit_softcap,
@@ -48,7 +48,7 @@ from tip.models import (
     resolve_attention,
 )
 from tip.rollout import RolloutBatch, hf_generate
-from tip.selection import RULES, select
+from tip.selection import RULES, SelectionParams, select
 from tip.signals import (
     SIGNAL_ROWS,
     TokenSignals,
@@ -172,16 +172,22 @@ def quadrant_masks(tokens: ProbedTokens, absolute: dict | None = None) -> dict[s
     return {q: labels == i + 1 for i, q in enumerate(QUADRANTS)}
 
 
-def rule_mask(tokens: ProbedTokens, rule: str, keep: float, seed: int, sel_cfg) -> torch.Tensor:
-    """(N,) bool: the tokens ``rule`` keeps at ``keep``, by the selection code training runs."""
+def rule_params(cfg: DictConfig) -> dict[str, SelectionParams]:
+    """Each of ``probe.rules`` as a run of it would select: the run's shared selection settings, the
+    rule's own parameters (the configured selector's as configured, every other rule's from its
+    own file)."""
+    return {rule: SelectionParams.of(cfg.selector if rule == cfg.selector.name
+                                     else selector_node(rule), cfg.selection)
+            for rule in cfg.probe.rules}
+
+
+def rule_mask(tokens: ProbedTokens, params: SelectionParams, keep: float,
+              seed: int) -> torch.Tensor:
+    """(N,) bool: the tokens the rule keeps at ``keep``, by the selection code training runs."""
     sig = tokens.signals
     generator = torch.Generator(device=sig.mask.device).manual_seed(seed)
-    stats = BatchStats.of(sig.entropy[sig.mask], sig.reverse_kl[sig.mask], sel_cfg.clip_quantile)
-    selection = select(rule, sig, keep, sel_cfg.scope, generator, sel_cfg.clip_quantile,
-                       sel_cfg.norm_scope, stats=stats,
-                       entropy_threshold=sel_cfg.quadrant_thresholds.entropy,
-                       divergence_threshold=sel_cfg.quadrant_thresholds.divergence)
-    return selection.kept[sig.mask]
+    stats = BatchStats.of(sig.entropy[sig.mask], sig.reverse_kl[sig.mask], params.clip_quantile)
+    return select(params, sig, keep, generator, stats).kept[sig.mask]
 
 
 def token_alignments(losses: torch.Tensor, params: list, direction: torch.Tensor) -> torch.Tensor:
@@ -232,9 +238,9 @@ def probe_batch(student, teacher, probed: RolloutBatch, held_out: RolloutBatch, 
     q3 = masks["median"]["Q3"]
     q3_descent = float(phi[q3].sum())
     all_norm = float(g_all.norm())
-    for rule in cfg.probe.rules:
+    for rule, rule_selection in rule_params(cfg).items():
         for keep in cfg.probe.keeps:
-            kept = rule_mask(tokens, rule, float(keep), seed, cfg.selection)
+            kept = rule_mask(tokens, rule_selection, float(keep), seed)
             norm = float(summed_gradient(tokens.losses, params, kept.float()).norm())
             out["rules"].append({
                 "rule": rule, "keep": float(keep), "kept_frac": float(kept.float().mean()),
@@ -382,8 +388,8 @@ def render(result: dict) -> str:
              "", f"{len(batches)} batches, {batches[0]['tokens']} probed tokens in the first; "
              f"divergence {result['divergence']}; gradients over the last "
              f"{result['probe']['blocks']} block(s) and the output layer "
-             f"({batches[0]['tail_parameters']:,} parameters). "
-             "Each cell: mean over batches [min, max].", ""]
+             f"({batches[0]['tail_parameters']:,} parameters). Each cell: mean over batches [min, "
+             f"max].", ""]
     for scheme in ("median", "absolute"):
         lines += [f"## Quadrants, {scheme} thresholds", "",
                   "| quadrant | share | descent share | phi / mean phi | h | delta | delta_fwd | "

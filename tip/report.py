@@ -268,13 +268,11 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
         [f"{b} (%)" for b in benchmarks] + ["seeds", "peak MB", "step s"]
     lines = [f"# Sweep {Path(sweep_dir).name}", "",
              "Held-out accuracy after training, mean ± std over seeds (sample std; 0 with one "
-             "seed). "
-             "`tokens kept`: mean fraction of valid response tokens in the loss; `effective`: the "
-             "same for the "
-             "effective token count (sum w)^2 / sum w^2 of the kept tokens' loss weights (= tokens "
-             "kept for a "
-             "hard-mask rule, less for a weighting rule); `kept Q1/Q2/Q3/Q4`: each quadrant's "
-             "share of the kept tokens (means over steps), what the cell trained on.", "",
+             "seed). `tokens kept`: mean fraction of valid response tokens in the loss; "
+             "`effective`: the same for the effective token count (sum w)^2 / sum w^2 of the kept "
+             "tokens' loss weights (= tokens kept for a hard-mask rule, less for a weighting "
+             "rule); `kept Q1/Q2/Q3/Q4`: each quadrant's share of the kept tokens (means over "
+             "steps), what the cell trained on.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rule = r["rule"] + (f" ({r['variant']})" if r["variant"] else "")
@@ -291,9 +289,8 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
     if episode_keys:
         lines += ["",
                   "Tool use after training (multi-turn benchmarks; means over seeds): the share of "
-                  "episodes with a "
-                  "well-formed tool call, then well-formed calls, malformed calls and turns per "
-                  "episode:", "",
+                  "episodes with a well-formed tool call, then well-formed calls, malformed calls "
+                  "and turns per episode:", "",
                   "| rule | keep | " + " | ".join(episode_keys) + " |",
                   "|" + "---|" * (2 + len(episode_keys))]
         for r in rows:

@@ -142,6 +142,33 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
+@dataclass(frozen=True)
+class StepSeeds:
+    """Every random stream of one training step on one rank, from (run seed, step, rank): the one
+    seed scheme of a run (docs/concepts.md, "Seeds"). A resumed run draws what it would have."""
+
+    run_seed: int
+    step: int  # 0-based
+    rank: int
+
+    @property
+    def engine(self) -> int:
+        """The rollout backend's step seed (HF generate's torch stream on this rank)."""
+        return self.run_seed * 1_000_003 + self.step * 101 + self.rank
+
+    @property
+    def selection(self) -> int:
+        """The selection's draws (random, entropy sampling), apart from the engine's."""
+        return self.engine + 2**40
+
+    def prompts(self, prompt_indices: list[int]) -> list[int]:
+        """Each prompt's sampling seed (``prompt_seeds``)."""
+        return prompt_seeds(self.run_seed, self.step, prompt_indices)
+
+    def selection_generator(self, device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.selection)
+
+
 def prompt_seeds(run_seed: int, step: int, prompt_indices: list[int]) -> list[int]:
     """One sampling seed per prompt, from (run seed, step, the prompt's index in the step's global
     batch): draws are independent across prompts, steps and ranks, and a prompt's seed does not

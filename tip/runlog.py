@@ -39,9 +39,8 @@ def throughput_line(record: dict[str, Any]) -> str:
 def episode_line(record: dict[str, Any]) -> str:
     """What the step's episodes did (means per episode over every rank's)."""
     return (f"      episodes: score {record['episode/score']:.3f}  turns "
-            f"{record['episode/turns']:.2f}  tool calls "
-            f"{record['episode/tool_calls']:.2f} (malformed "
-            f"{record['episode/malformed_calls']:.2f})  at turn limit "
+            f"{record['episode/turns']:.2f}  tool calls {record['episode/tool_calls']:.2f} "
+            f"(malformed {record['episode/malformed_calls']:.2f})  at turn limit "
             f"{record['episode/hit_turn_limit']:.3f}  environment tokens "
             f"{record['episode/env_token_frac']:.3f}")
 
@@ -53,8 +52,7 @@ def quadrant_table(stats: dict[str, float]) -> str:
     for q in QUADRANTS:
         lines.append(f"  {q.upper()}  {stats[f'{q}/frac']:5.3f}  {stats[f'{q}/mean_h']:9.3g}  "
                      f"{stats[f'{q}/mean_delta']:10.3g}  {stats[f'{q}/kept']:5.3f}  "
-                     f"{stats[f'{q}/of_kept']:7.3f}"
-                     f"   {q.upper()} {QUADRANT_NAMES[q]}")
+                     f"{stats[f'{q}/of_kept']:7.3f}   {q.upper()} {QUADRANT_NAMES[q]}")
     return "\n".join(lines)
 
 
@@ -83,9 +81,9 @@ class RunLogger:
                                step=step)
         if not quiet and record.get("kind") == "train":
             print(f"step {record['step']:4d}  loss {record['loss']:.4f}  kept "
-                  f"{record['kept_frac']:.3f}  "
-                  f"h {record['mean_h']:.3g}  delta {record['mean_delta']:.3g}  "
-                  f"{record['tokens_per_s']:.0f} tok/s  peak {record['peak_mem_mb']:.0f} MB",
+                  f"{record['kept_frac']:.3f}  h {record['mean_h']:.3g}  delta "
+                  f"{record['mean_delta']:.3g}  {record['tokens_per_s']:.0f} tok/s  peak "
+                  f"{record['peak_mem_mb']:.0f} MB",
                   flush=True)
             print(throughput_line(record), flush=True)
             if "episode/turns" in record:  # multi-turn rollouts (tip.env)

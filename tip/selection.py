@@ -20,6 +20,7 @@ Adding a rule is one small function decorated with ``@register_rule``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,71 @@ SELECTOR_PARAMS = {"entropy_alpha": 1.0, "jsd_gamma": 1.0, "is_weight_cap": 10.0
 whose file has none would see: entropy_alpha, the exponent of h in the entropy-sampling rules;
 jsd_gamma, the exponent of the JSD in entropy_jsd_sample; is_weight_cap, c in
 entropy_sample_is_capped's bound c / rho on a token's weight."""
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """A rule and every knob ``select`` reads besides the tensors: built once from a run's settings
+    (``of``) and passed whole, so that a run, the probe and the microscope select alike and no knob
+    is dropped on the way.
+
+    rule:           a registered name (see ``RULES``)
+    scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
+    clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
+    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or
+                    'sequence'
+    entropy_threshold, divergence_threshold: the quadrant thresholds (``quadrant_labels``), which
+                    the quadrant-only rules keep to
+    entropy_alpha, jsd_gamma, is_weight_cap: the rule's own parameters (``SELECTOR_PARAMS``)
+    """
+
+    rule: str
+    scope: str = "sequence"
+    clip_quantile: float = 0.98
+    norm_scope: str = "batch"
+    entropy_threshold: float | str = "median"
+    divergence_threshold: float | str = "median"
+    entropy_alpha: float = SELECTOR_PARAMS["entropy_alpha"]
+    jsd_gamma: float = SELECTOR_PARAMS["jsd_gamma"]
+    is_weight_cap: float = SELECTOR_PARAMS["is_weight_cap"]
+
+    @classmethod
+    def of(cls, selector, selection) -> SelectionParams:
+        """From a run's ``selector`` block (the rule's own file: its name and parameters) and its
+        ``selection`` block (what every rule shares); mappings, as the config holds them."""
+        thresholds = selection["quadrant_thresholds"]
+        return cls(rule=selector["name"], scope=selection["scope"],
+                   clip_quantile=float(selection["clip_quantile"]),
+                   norm_scope=selection["norm_scope"],
+                   entropy_threshold=thresholds["entropy"],
+                   divergence_threshold=thresholds["divergence"],
+                   **{k: float(selector[k]) for k in SELECTOR_PARAMS if k in selector})
+
+    def for_rule(self, selector) -> SelectionParams:
+        """The same shared settings for another rule, with that rule's own parameters (``selector``:
+        its file's block; a parameter it does not set takes the default)."""
+        return dataclasses.replace(self, rule=selector["name"],
+                                   **{k: float(selector.get(k, v))
+                                      for k, v in SELECTOR_PARAMS.items()})
+
+    def as_meta(self) -> dict:
+        """As token records keep it (``of_meta`` reads it back)."""
+        return {"selector": self.rule, "scope": self.scope, "norm_scope": self.norm_scope,
+                "clip_quantile": float(self.clip_quantile),
+                **{k: float(getattr(self, k)) for k in SELECTOR_PARAMS},
+                "quadrant_thresholds": {"entropy": self.entropy_threshold,
+                                        "divergence": self.divergence_threshold}}
+
+    @classmethod
+    def of_meta(cls, meta: dict) -> SelectionParams:
+        """What a step's token records were selected with; records from before a parameter
+        existed hold its default (and the medians as thresholds)."""
+        thresholds = meta.get("quadrant_thresholds") or {}
+        return cls(rule=meta["selector"], scope=meta["scope"],
+                   clip_quantile=meta["clip_quantile"], norm_scope=meta["norm_scope"],
+                   entropy_threshold=thresholds.get("entropy", "median"),
+                   divergence_threshold=thresholds.get("divergence", "median"),
+                   **{k: meta.get(k, v) for k, v in SELECTOR_PARAMS.items()})
 
 
 def register_rule(name: str, order: Literal["top", "bottom"] = "top",
@@ -505,75 +571,66 @@ class Selection:
 
 
 def select(
-    rule: str,
+    params: SelectionParams | str,
     signals: TokenSignals,
     keep: float,
-    scope: str = "sequence",
     generator: torch.Generator | None = None,
-    clip_quantile: float = 0.98,
-    norm_scope: str = "batch",
-    entropy_alpha: float = 1.0,
     stats: BatchStats | None = None,
     log_vocab: float | None = None,
-    jsd_gamma: float = 1.0,
-    entropy_threshold: float | str = "median",
-    divergence_threshold: float | str = "median",
-    is_weight_cap: float = SELECTOR_PARAMS["is_weight_cap"],
     gather: BatchGather | None = None,
 ) -> Selection:
     """Which valid positions the loss trains on, with the rule's score, its weights (a weighting
     rule's) and the normalised axes it saw.
 
-    rule:           a registered name (see ``RULES``)
+    params:         the rule and its knobs (``SelectionParams``; a rule's name: every knob at its
+                    default)
     keep:           rho in (0, 1]
-    scope:          'sequence' (k per rollout, default) or 'batch' (k over the batch)
-    clip_quantile:  the entropy quantile clipped before min-max (paper: 0.98)
-    norm_scope:     where h_hat and d_hat take their statistics: 'batch' (paper, default) or
-                    'sequence'
-    entropy_alpha:  exponent of h in entropy sampling (paper: 1)
+    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA
+                    draws)
     stats:          with norm_scope='batch', the batch statistics to normalise with (a run passes
                     the global batch's, gathered over ranks); default: those of the valid
                     positions of ``signals``
-    generator:      must live on the signals' device (PyTorch refuses a CPU generator for CUDA
-                    draws)
     log_vocab:      log|V|, for rules that compare entropies in nats (rel_conf)
-    jsd_gamma:      exponent of the JSD in entropy_jsd_sample (its release helper's gamma)
-    entropy_threshold, divergence_threshold: the quadrant thresholds (``quadrant_labels``), which
-                    the quadrant-only rules keep to
-    is_weight_cap:  c in entropy_sample_is_capped's bound c / rho on a weight
     gather:         with scope='batch', the run's ranks (the top K of the step's global batch)
     """
+    p = SelectionParams(params) if isinstance(params, str) else params
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
                          f"{signals.mask.device}: make it with torch.Generator(device=<the "
-                         "signals' device>)")
-    spec = get_rule(rule)
+                         f"signals' device>)")
+    spec = get_rule(p.rule)
     keep = validate_keep(keep)
     mask = signals.mask.bool()
     inputs = SelectionInputs(
         signals=signals,
-        h_hat=clipped_minmax_normalise(signals.entropy, mask, clip_quantile, norm_scope, stats),
-        d_hat=minmax_normalise(signals.reverse_kl, mask, norm_scope, stats),
+        h_hat=clipped_minmax_normalise(signals.entropy, mask, p.clip_quantile, p.norm_scope,
+                                       stats),
+        d_hat=minmax_normalise(signals.reverse_kl, mask, p.norm_scope, stats),
         generator=generator,
-        entropy_alpha=entropy_alpha,
+        entropy_alpha=p.entropy_alpha,
         log_vocab=log_vocab,
-        jsd_gamma=jsd_gamma,
-        labels=quadrant_labels(signals.entropy, signals.reverse_kl, mask, entropy_threshold,
-                               divergence_threshold, stats),
-        is_weight_cap=is_weight_cap,
+        jsd_gamma=p.jsd_gamma,
+        labels=quadrant_labels(signals.entropy, signals.reverse_kl, mask, p.entropy_threshold,
+                               p.divergence_threshold, stats),
+        is_weight_cap=p.is_weight_cap,
         gather=gather,
     )
     score = spec.score(inputs)
     eligible = None if spec.quadrant is None else inputs.labels == spec.quadrant
-    kept = mask.clone() if score is None else keep_extreme(score, mask, keep, scope, spec.order,
+    kept = mask.clone() if score is None else keep_extreme(score, mask, keep, p.scope, spec.order,
                                                            eligible, generator, gather)
     weights = None if spec.weight is None else \
-        torch.where(kept, spec.weight(inputs, score, kept, keep, scope).float(), 0.0).detach()
-    target = mask.sum() if score is None else target_count(mask, keep, scope, gather)
+        torch.where(kept, spec.weight(inputs, score, kept, keep, p.scope).float(), 0.0).detach()
+    target = mask.sum() if score is None else target_count(mask, keep, p.scope, gather)
     return Selection(kept, score, weights, inputs.h_hat, inputs.d_hat, inputs.labels, target)
 
 
-def select_tokens(rule: str, signals: TokenSignals, keep: float, *args, **kwargs) -> torch.Tensor:
+def select_tokens(rule: SelectionParams | str, signals: TokenSignals, keep: float,
+                  generator: torch.Generator | None = None, **knobs) -> torch.Tensor:
     """Keep-mask (bool, same shape as ``signals.mask``) of the positions the loss trains on:
-    ``select(...).kept`` (the parameters are ``select``'s)."""
-    return select(rule, signals, keep, *args, **kwargs).kept
+    ``select(...).kept``; ``knobs`` are ``SelectionParams`` fields (``scope="batch"``) or
+    ``select``'s own (``stats``, ``log_vocab``, ``gather``)."""
+    own = {k: knobs.pop(k) for k in ("stats", "log_vocab", "gather") if k in knobs}
+    params = SelectionParams(rule, **knobs) if isinstance(rule, str) else \
+        dataclasses.replace(rule, **knobs)
+    return select(params, signals, keep, generator, **own).kept

@@ -35,10 +35,10 @@ from tip.models import (
 )
 from tip.rollout import RolloutBatch, aligned_targets, with_prompts
 from tip.selection import (
-    SELECTOR_PARAMS,
     BatchGather,
     Rule,
     Selection,
+    SelectionParams,
     get_rule,
     keeps_every_token,
     select,
@@ -53,49 +53,30 @@ class StepSettings:
     """What every step reads from the config, looked up once."""
 
     rule: Rule
+    selection: SelectionParams  # the rule and every knob select reads
     divergence: str
     beta: float
     # train.denominator with auto resolved to the rule's own (tip.losses.DENOMINATORS)
     denominator: str
     chunk_size: int  # positions per chunk of signal and loss math
     micro_size: int  # rollouts per forward/backward on one rank
-    scope: str
-    norm_scope: str
-    clip_quantile: float
-    entropy_alpha: float
-    jsd_gamma: float
-    entropy_threshold: float | str
-    divergence_threshold: float | str
-    is_weight_cap: float = SELECTOR_PARAMS["is_weight_cap"]
     # each micro-batch's rollouts run as one row of real tokens (tip.models.pack_rows)
     packed: bool = False
+    pad_id: int = 0  # the tokenizer's, where the teacher's view re-pads the rollouts
 
     @classmethod
-    def of(cls, cfg, chunk_size: int, micro_size: int) -> StepSettings:
-        # (a selector's own parameters: its file)
-        rule, sel = get_rule(cfg.selector.name), cfg.selection
-        return cls(rule=rule, divergence=cfg.divergence.name, beta=cfg.divergence.beta,
+    def of(cls, cfg, chunk_size: int, micro_size: int, pad_id: int = 0) -> StepSettings:
+        rule = get_rule(cfg.selector.name)
+        return cls(rule=rule, selection=SelectionParams.of(cfg.selector, cfg.selection),
+                   divergence=cfg.divergence.name, beta=cfg.divergence.beta,
                    denominator=rule.denominator if cfg.train.denominator == "auto"
                    else cfg.train.denominator,
-                   chunk_size=chunk_size, micro_size=micro_size, scope=sel.scope,
-                   norm_scope=sel.norm_scope, clip_quantile=sel.clip_quantile,
-                   entropy_alpha=cfg.selector.get("entropy_alpha",
-                                                  SELECTOR_PARAMS["entropy_alpha"]),
-                   jsd_gamma=cfg.selector.get("jsd_gamma", SELECTOR_PARAMS["jsd_gamma"]),
-                   entropy_threshold=sel.quadrant_thresholds.entropy,
-                   divergence_threshold=sel.quadrant_thresholds.divergence,
-                   is_weight_cap=cfg.selector.get("is_weight_cap",
-                                                  SELECTOR_PARAMS["is_weight_cap"]),
-                   packed=cfg.train.packing)
+                   chunk_size=chunk_size, micro_size=micro_size, packed=cfg.train.packing,
+                   pad_id=pad_id)
 
     def selection_meta(self) -> dict:
         """What token records need beside the signals to re-run any rule on them exactly."""
-        return {"selector": self.rule.name, "divergence": self.divergence, "scope": self.scope,
-                "norm_scope": self.norm_scope, "clip_quantile": float(self.clip_quantile),
-                "entropy_alpha": float(self.entropy_alpha), "jsd_gamma": float(self.jsd_gamma),
-                "is_weight_cap": float(self.is_weight_cap),
-                "quadrant_thresholds": {"entropy": self.entropy_threshold,
-                                        "divergence": self.divergence_threshold}}
+        return {**self.selection.as_meta(), "divergence": self.divergence}
 
 
 @dataclass
@@ -276,14 +257,12 @@ def choose(s: StepSettings, sig: TokenSignals, stats: BatchStats, keep: float, g
     statistics of the step's global batch; with scope=batch, the top K of the global batch
     (``gather``)."""
     selection = None if keeps_all and not record_tokens else select(
-        s.rule.name, sig, keep, s.scope, generator, s.clip_quantile, s.norm_scope, s.entropy_alpha,
-        stats, log_vocab=log_vocab, jsd_gamma=s.jsd_gamma, entropy_threshold=s.entropy_threshold,
-        divergence_threshold=s.divergence_threshold, is_weight_cap=s.is_weight_cap, gather=gather)
+        s.selection, sig, keep, generator, stats, log_vocab, gather)
     if selection is not None:
         return Choice(selection, selection.kept, selection.weights, selection.labels, stats,
                       log_vocab, selection.target)
-    labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask, s.entropy_threshold,
-                             s.divergence_threshold, stats)
+    labels = quadrant_labels(sig.entropy, sig.reverse_kl, sig.mask, s.selection.entropy_threshold,
+                             s.selection.divergence_threshold, stats)
     return Choice(None, sig.mask.clone(), None, labels, stats, log_vocab, sig.mask.sum())
 
 
@@ -433,12 +412,23 @@ def step_metrics(totals: dict, quad: torch.Tensor, grad_norm: float | None,
 # ----------------------------------------------------------------------------------------------
 
 
-def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: DistInfo, generator,
-             keep: float, teacher_prompts: list[list[int]] | None = None, pad_id: int = 0,
-             record_tokens: bool = False) -> StepResult:
+@dataclass
+class StepInputs:
+    """What one step trains on, as the run's parts make it (``tip.parts.RunParts.step_inputs``)."""
+
+    rollouts: RolloutBatch  # on the run's device
+    keep: float  # rho at this step (the keep schedule's)
+    generator: torch.Generator  # the selection's draws (``tip.rollout.StepSeeds.selection``)
+    # one prompt per prompt of the rank, replacing the student's in the teacher's view (the
+    # self-teacher's privileged context); None: the teacher sees the student's prompts
+    teacher_prompts: list[list[int]] | None = None
+    record_tokens: bool = False  # the result holds every valid token's numbers
+
+
+def opd_step(s: StepSettings, engine, teacher, inputs: StepInputs,
+             dist: DistInfo) -> StepResult:
     """Score, select, then one backward per micro-batch; the optimizer updates once, after the last
-    one. ``teacher_prompts`` (one per prompt of the rank) replace the student's prompts in the
-    teacher's view.
+    one.
 
     When the rank's rollouts form one micro-batch, the student runs once: the scoring reads the
     hidden states of the gradient forward, and a step that keeps every token takes its signals from
@@ -447,9 +437,11 @@ def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: Dis
     gradient, then the gradient forward). ``record_tokens``: the result holds every valid token's
     numbers (``tip.token_records``)."""
     clock, student = StepClock(dist.device), engine.module.lm
-    micros = rollouts.split(s.micro_size)
-    views = [m if teacher_prompts is None else with_prompts(
-        m, [teacher_prompts[i] for i in m.example_index], pad_id).to(dist.device) for m in micros]
+    keep, generator, record_tokens = inputs.keep, inputs.generator, inputs.record_tokens
+    micros = inputs.rollouts.split(s.micro_size)
+    views = [m if inputs.teacher_prompts is None else with_prompts(
+        m, [inputs.teacher_prompts[i] for i in m.example_index], s.pad_id).to(dist.device)
+        for m in micros]
     shared = engine if len(micros) == 1 else None
     # (per-rollout means weigh each token: no unweighted loss from the scoring pass)
     keeps_all = keeps_every_token(s.rule.name, keep) and s.denominator != "sequence"
@@ -467,7 +459,7 @@ def opd_step(s: StepSettings, engine, teacher, rollouts: RolloutBatch, dist: Dis
     cause = nonfinite_signals(h_all, d_all)
     if cause:
         return StepResult(clock.rounded(), skipped=cause)
-    stats = BatchStats.of(h_all, d_all, s.clip_quantile)
+    stats = BatchStats.of(h_all, d_all, s.selection.clip_quantile)
     # the signals' normaliser
     log_vocab = math.log(min(output_width(student), output_width(teacher)))
     gather = BatchGather(lambda x: all_gather_rows(x, dist), dist.rank)

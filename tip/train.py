@@ -31,10 +31,10 @@ from tip.config import (
     require_conf_dir,
 )
 from tip.distributed import DistInfo, all_reduce_sum, init_distributed
-from tip.engine import copy_weights, release_engines, save_hf_checkpoint
+from tip.engine import release_engines, save_hf_checkpoint
 from tip.env import episode_metrics
 from tip.errors import one_line_errors
-from tip.parts import RunParts, build_parts, privileged_prompts, rank_prompts
+from tip.parts import RunParts, build_parts
 from tip.rollout import RolloutBatch, check_logp_gap
 from tip.rundir import (
     OpenRun,
@@ -44,7 +44,6 @@ from tip.rundir import (
     run_directory,
 )
 from tip.runlog import peak_memory_mb
-from tip.selection import keep_at
 from tip.step import NonFiniteStep, StepResult, opd_step
 from tip.token_records import write_token_records
 
@@ -71,20 +70,10 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
         skipped_in_a_row = 0
         for step in range(start, cfg.train.steps):
             t0 = time.time()
-            share = rank_prompts(cfg, parts.train_examples, parts.tokenizer, step, dist)
-            chosen, indices = share.chosen, share.indices
-            teacher_prompts = teacher_view(cfg, parts, step, chosen)
-            seed = cfg.seed * 1_000_003 + step * 101 + dist.rank  # this step's stream on this rank
-            rollouts = parts.rollout.generate(share.prompt_ids, seed, share.seeds(cfg.seed, step),
-                                              chosen, share.samples)
+            inputs, share = parts.step_inputs(cfg, step, dist)
             t_gen = time.time() - t0
-            # Selection has its own stream, seeded per step: a resumed run draws what it would have.
-            generator = torch.Generator(device=dist.device).manual_seed(seed + 2**40)
-            keep = keep_at(step, cfg.train.steps, cfg.keep, **cfg.keep_schedule)
-            record = bool(cfg.train.token_log_every) and (step + 1) % cfg.train.token_log_every == 0
-            result = opd_step(parts.step, parts.engine, parts.teacher, rollouts.to(dist.device),
-                              dist, generator, keep, teacher_prompts, parts.tokenizer.pad_token_id,
-                              record)
+            result = opd_step(parts.step, parts.engine, parts.teacher, inputs, dist)
+            rollouts, keep = inputs.rollouts, inputs.keep
             metrics = {**result.metrics, "keep": keep, **episode_log(rollouts, dist)}
             if result.skipped:  # nothing was applied: student, optimizer and schedule as before
                 skipped_in_a_row = log_skipped(cfg, parts, run, dist, step, result,
@@ -93,7 +82,7 @@ def train_loop(cfg: DictConfig, run: OpenRun, dist: DistInfo) -> dict:
             skipped_in_a_row = 0
             if result.token_table is not None:
                 metrics["token_log_s"] = record_tokens(cfg, parts, run, dist, step, result,
-                                                       rollouts, chosen, indices, keep)
+                                                       rollouts, share.chosen, share.indices, keep)
             metrics.update(parts.rollout.sync())  # the next rollouts come from the updated student
             log_step(run, parts, dist, step, metrics, t_gen, time.time() - t0)
             check_logp_gap(metrics, cfg.rollout.get("max_logp_gap"), step + 1)
@@ -133,16 +122,6 @@ def begin(cfg, parts: RunParts, run: OpenRun, dist: DistInfo) -> tuple[int, dict
     return 0, {"before": before}
 
 
-def teacher_view(cfg, parts: RunParts, step: int, chosen) -> list[list[int]] | None:
-    """The self-teacher's privileged prompts (None for a separate teacher); a snapshot teacher is
-    refreshed from the student every ``teacher.refresh_every`` steps."""
-    if not parts.self_teacher:
-        return None
-    if parts.teacher is not parts.student and step and step % cfg.teacher.refresh_every == 0:
-        copy_weights(parts.engine.module, parts.teacher)  # both wrapped (HiddenStatesLM)
-    return privileged_prompts(cfg, chosen, parts.tokenizer)
-
-
 def log_skipped(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, step: int, result: StepResult,
                 in_a_row: int, t0: float) -> int:
     """Log a skipped step; stop the run past ``train.max_skipped_steps`` in a row."""
@@ -154,11 +133,10 @@ def log_skipped(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, step: int, r
         print(f"step {step + 1:4d}  SKIPPED ({in_a_row} in a row): non-finite values from "
               f"{result.skipped}", flush=True)
     if in_a_row > cfg.train.max_skipped_steps:
-        raise NonFiniteStep(f"{in_a_row} steps in a row were skipped (train.max_skipped_steps="
-                            f"{cfg.train.max_skipped_steps}), the last for non-finite values from "
-                            f"{result.skipped}; no skipped step was applied, and checkpoints saved "
-                            "before "
-                            "them are intact")
+        raise NonFiniteStep(f"{in_a_row} steps in a row were skipped "
+                            f"(train.max_skipped_steps={cfg.train.max_skipped_steps}), the last "
+                            f"for non-finite values from {result.skipped}; no skipped step was "
+                            f"applied, and checkpoints saved before them are intact")
     return in_a_row
 
 

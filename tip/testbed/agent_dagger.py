@@ -50,8 +50,8 @@ from tip.tasks import call_text
 
 NUMBER = r"-?[0-9]+"
 HEAD = r"[0-9]+\+[0-9]+=" + NUMBER + r"[;,]"
-CALL = (r'<tool_call>\{"name":"calc","arguments":\{"expr":"' + NUMBER + r'(?:[+-][0-9]+)*"\}\}'
-        r"</tool_call>")
+CALL = (r'<tool_call>\{"name":"calc","arguments":\{"expr":"' + NUMBER
+        + r'(?:[+-][0-9]+)*"\}\}</tool_call>')
 BOX = r"\\boxed\{" + NUMBER + r"\}"
 TURN = regex.compile(rf"(?:{HEAD})?{CALL}|{BOX}")
 """A well-formed assistant turn of the agentic task: an optional head-sum, then one calc call; or a

@@ -140,7 +140,7 @@ def criteria(m: dict) -> list[Criterion]:
             Criterion(f"{CONFIDENT_ERROR} (confident) mean forward KL (nats)",
                       confident["mean_fkl"], ">= 1", confident["mean_fkl"] >= 1),
             Criterion(f"{INCONSISTENT_ERROR} (inconsistent) mean h, in units of the highest "
-                      "third's bound",
+                      f"third's bound",
                       inconsistent["mean_h"] / high_third, ">= 1",
                       inconsistent["mean_h"] >= high_third)]
     return out
@@ -156,8 +156,8 @@ def markdown(m: dict, rows: list[Criterion]) -> str:
         f"{q.upper()} {v['frac']:.3f}, {v['mean_h']:.3g}, {v['mean_delta']:.3g}"
                           for q, v in m["quadrants"].items())]
     lines += [f"{kind}: {v['positions']} positions, mean h {v['mean_h']:.3g}, forward KL "
-              f"{v['mean_fkl']:.3g}, "
-              f"reverse KL {v['mean_rkl']:.3g}" for kind, v in m["errors"].items()]
+              f"{v['mean_fkl']:.3g}, reverse KL "
+              f"{v['mean_rkl']:.3g}" for kind, v in m["errors"].items()]
     return "\n".join(lines)
 
 

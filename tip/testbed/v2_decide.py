@@ -146,8 +146,8 @@ def cell_table(rows: list[dict], optimizer: str, metric: str) -> dict[str, tuple
 
 def markdown(rows: list[dict]) -> str:
     lines = ["# Testbed v2: decisions", ""]
-    for metric_prefix, title in (("logp", "primary: held-out log-probability of the correct "
-                                  "token (nats)"), ("greedy", "secondary: greedy accuracy")):
+    for metric_prefix, title in (("logp", "primary: held-out log-probability of the correct token "
+                                  "(nats)"), ("greedy", "secondary: greedy accuracy")):
         lines += [f"## Predictions, {title}", "",
                   "| prediction | optimizer | verdict | comparisons (mean [95% interval over "
                   "builds]) |",

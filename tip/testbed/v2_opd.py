@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tip.engine import OPTIMIZERS
+from tip.losses import loss_denominator, normalised_loss
 from tip.models import load_model, load_tokenizer
 from tip.rollout import hf_generate
 from tip.selection import select
@@ -78,10 +79,11 @@ class Pair:
 def cell_loss(per_token: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor,
               optimizer: str) -> torch.Tensor:
     """The kept tokens' summed divergence over the arm's denominator (``OPTIMIZER_LOSS``): the kept
-    count (AdamW) or every valid token (SGD)."""
+    count (AdamW) or every valid token (SGD), normalised as a training run normalises it
+    (``tip.losses``)."""
     kept = kept & mask
-    count = kept.sum() if OPTIMIZER_LOSS[optimizer] == "kept" else mask.sum()
-    return torch.where(kept, per_token, 0.0).sum() / count.clamp_min(1)
+    return normalised_loss(torch.where(kept, per_token, 0.0).sum(),
+                           loss_denominator(kept, mask, OPTIMIZER_LOSS[optimizer]))
 
 
 def kind_masks(cipher: Cipher, prompts: list[str], rows: list[int], width: int,
@@ -167,8 +169,8 @@ def train_cell(pair: Pair, rule: str, keep: float, optimizer: str, seed: int,
         kept_share += float(kept.sum() / mask.sum()) / budget.steps
     out = heldout(pair, student, eval_prompts)
     if not all(math.isfinite(v) for v in out.values()):
-        raise FloatingPointError(f"{rule}@{keep} ({optimizer}, seed {seed}) ended non-finite: "
-                                 f"{out}")
+        raise FloatingPointError(f"{rule}@{keep} ({optimizer}, seed {seed}) ended "
+                                 f"non-finite: {out}")
     out.update({f"recall@{k}": sum(v) / len(v) for k, v in recall.items()})
     out["recall_per_step"] = recall
     out["kept_share"] = kept_share

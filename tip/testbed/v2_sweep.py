@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from tip.config import REPO_ROOT
+from tip.config import parse_cell as parse_run_cell
 from tip.engine import OPTIMIZERS
 from tip.selection import get_rule, select, validate_keep
 from tip.signals import signals_from_logits
@@ -131,14 +132,14 @@ def build_criteria(m: dict, calibration: dict | None) -> list[dict]:
 
 
 def parse_cell(cell: str) -> tuple[str, float]:
-    """``rule@keep`` or ``untrained``."""
+    """``rule@keep`` or ``untrained``, read by the library's cell parser (``tip.config``; the
+    testbed trains reverse KL only, so a cell names no divergence)."""
     if cell == "untrained":
         return "untrained", 0.0
-    rule, _, keep = cell.partition("@")
-    try:
-        return rule, float(keep)
-    except ValueError:
-        raise ValueError(f"cell {cell!r}: expected rule@keep (e.g. q3@0.1) or untrained") from None
+    rule, keep = parse_run_cell(cell)
+    if "/" in rule or keep != keep:
+        raise ValueError(f"cell {cell!r}: expected rule@keep (e.g. q3@0.1) or untrained")
+    return rule, keep
 
 
 def check_grid(cells: list[str], optimizers: list[str]) -> None:
