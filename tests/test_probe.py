@@ -203,8 +203,8 @@ def test_the_predictions_are_decided_per_batch_as_pre_registered():
     result = {"batches": [batch([1.0, 0.1, 1.5, 0.2], 0.6, 0.1), batch([1.0, 0.1, 0.4, 0.2], 0.3, 0.1),
                           batch([1.0, 0.1, 3.0, 0.0], 0.2, 0.5)]}
     v = verdicts(result)
-    assert v["P1"]["holds"] == [True, False, True] and v["P1"]["verdict"] == "mixed"  # 7.5x, 2x, Q4 at 0
-    assert v["P2"]["holds"] == [True, False, False] and v["P2"]["verdict"] == "mixed"
+    assert v["P1"]["holds"] == [True, False, True] and v["P1"]["verdict"] == "inconclusive"  # 7.5x, 2x, Q4 at 0
+    assert v["P2"]["holds"] == [True, False, False] and v["P2"]["verdict"] == "inconclusive"
     assert v["P3"]["holds"] == [True, False, False]
     assert v["P4"]["holds"] == [True, True, False]
     all_fail = {"batches": [batch([1.0, 0.1, -0.5, 0.2], 0.1, 0.9)] * 3}

@@ -76,12 +76,12 @@ def test_shared_seeds_are_paired_and_many_claims_are_corrected_for():
     assert paired.paired and paired.se < 0.002
     unpaired = difference(better, {s + 100: v for s, v in base.items()})  # no shared seeds: Welch
     assert not unpaired.paired and unpaired.se > 0.03
-    assert verdict_words([("gt", paired)]) == ["reproduced"]
-    assert verdict_words([("gt", unpaired)]) == ["inconclusive"]
+    assert verdict_words([("greater", paired)]) == ["reproduced"]
+    assert verdict_words([("greater", unpaired)]) == ["inconclusive"]
     borderline = difference({0: 0.52, 1: 0.55, 2: 0.50, 3: 0.56}, {0: 0.50, 1: 0.50, 2: 0.50, 3: 0.51})
-    assert verdict_words([("gt", borderline)]) == ["reproduced"]
+    assert verdict_words([("greater", borderline)]) == ["reproduced"]
     weak = difference({0: 0.5, 1: 0.6, 2: 0.4, 3: 0.5}, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5})
-    assert verdict_words([("gt", borderline)] + [("gt", weak)] * 5)[0] == "inconclusive"
+    assert verdict_words([("greater", borderline)] + [("greater", weak)] * 5)[0] == "inconclusive"
 
 
 def test_tool_use_after_training_reaches_its_own_table(tmp_path):

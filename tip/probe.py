@@ -38,6 +38,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from tip.claims import by_batches
 from tip.config import CONF_DIR, ConfigError, check_config, require_conf_dir, selector_node
 from tip.errors import one_line_errors
 from tip.models import (
@@ -358,7 +359,8 @@ PREDICTIONS = {
            lambda b, v: v is not None and v <= 0.2),
 }
 """The paper's predictions the probe decides (docs/probe.md): each holds or not on each batch; over
-the batches a prediction is reproduced (holds on all), not reproduced (on none) or mixed."""
+the batches a prediction is reproduced (holds on all), not reproduced (on none) or inconclusive
+(on some; the pre-registration called it "mixed"), by ``tip.claims.by_batches``."""
 
 
 def verdicts(result: dict) -> dict[str, dict]:
@@ -366,8 +368,8 @@ def verdicts(result: dict) -> dict[str, dict]:
     for name, (claim, value, holds) in PREDICTIONS.items():
         values = [value(b) for b in result["batches"]]
         held = [bool(holds(b, v)) for b, v in zip(result["batches"], values)]
-        verdict = "reproduced" if all(held) else "not reproduced" if not any(held) else "mixed"
-        out[name] = {"claim": claim, "values": values, "holds": held, "verdict": verdict}
+        out[name] = {"claim": claim, "values": values, "holds": held,
+                     "verdict": by_batches(held)}
     return out
 
 

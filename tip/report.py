@@ -34,6 +34,7 @@ import yaml
 
 from tip.benchmarks import EPISODE_METRICS
 from tip.checkpoint import write_atomic
+from tip.claims import UNTESTABLE, Claim, by_tests
 from tip.config import parse_cell
 from tip.stats import (
     Difference,
@@ -322,25 +323,27 @@ def markdown(sweep_dir: Path, rows: list[dict], benchmarks: list[str], cells: li
 
 
 # The paper's claims, checked when a sweep has the cells they compare (sweeps=testbed_reproduction
-# has all). kind: "gt" (A above B), "close" (A within MARGIN of B); a pair of cells is (rule, keep);
-# the last field names the problems compared: "" all of them, "@<tag>" those tagged so (the embedded
-# task's error types). The decision rule (verdict_words) was fixed in the commit that added it,
-# before the results it reads were produced (docs/testbed_results.md, "Pre-registration").
-CLAIMS = [
-    ("Soft-OR 50% >= all-token", "gt", ("soft_or", 0.5), ("all", 1.0), ""),
-    ("Soft-OR top-50% well above bottom-50%", "gt", ("soft_or", 0.5), ("soft_or_bottom", 0.5), ""),
-    ("Q3 at 10% close to all-token", "close", ("q3", 0.1), ("all", 1.0), ""),
-    ("Q3 at 10% above divergence-only at 10%", "gt", ("q3", 0.1), ("div_topk", 0.1), ""),
-    ("Q4-only helps least (below Q1-only)", "gt", ("q1", 0.2), ("q4", 0.2), ""),
-    ("Q4-only helps least (below Q2-only)", "gt", ("q2", 0.2), ("q4", 0.2), ""),
-    ("Q4-only helps least (below Q3-only)", "gt", ("q3_only", 0.2), ("q4", 0.2), ""),
-    ("entropy sampling at 10% leaves the confident error unfixed", "close", ("entropy_sample", 0.1),
-     ("untrained", 0.0), f"@{CONFIDENT_ERROR}"),
-    ("Q3 at 10% fixes the confident error more than entropy sampling at 10%", "gt", ("q3", 0.1),
-     ("entropy_sample", 0.1), f"@{CONFIDENT_ERROR}"),
-]
+# has all) (``tip.claims.Claim``): "greater" (A above B), "close" (A within MARGIN of B); a cell is
+# (rule, keep); the metric names the problems compared: "" all of them, "@<tag>" those tagged so
+# (the embedded task's error types). The decision rule (verdict_words) was fixed in the commit
+# that added it, before the results it reads were produced (docs/testbed_results.md,
+# "Pre-registration").
 MARGIN = 0.02
 """'close': equivalent within 2 points of accuracy (stated before the results)."""
+CLAIMS = [
+    Claim("Soft-OR 50% >= all-token", "greater", "", ("soft_or", 0.5), ("all", 1.0)),
+    Claim("Soft-OR top-50% well above bottom-50%", "greater", "", ("soft_or", 0.5),
+          ("soft_or_bottom", 0.5)),
+    Claim("Q3 at 10% close to all-token", "close", "", ("q3", 0.1), ("all", 1.0), MARGIN),
+    Claim("Q3 at 10% above divergence-only at 10%", "greater", "", ("q3", 0.1), ("div_topk", 0.1)),
+    Claim("Q4-only helps least (below Q1-only)", "greater", "", ("q1", 0.2), ("q4", 0.2)),
+    Claim("Q4-only helps least (below Q2-only)", "greater", "", ("q2", 0.2), ("q4", 0.2)),
+    Claim("Q4-only helps least (below Q3-only)", "greater", "", ("q3_only", 0.2), ("q4", 0.2)),
+    Claim("entropy sampling at 10% leaves the confident error unfixed", "close",
+          f"@{CONFIDENT_ERROR}", ("entropy_sample", 0.1), ("untrained", 0.0), MARGIN),
+    Claim("Q3 at 10% fixes the confident error more than entropy sampling at 10%", "greater",
+          f"@{CONFIDENT_ERROR}", ("q3", 0.1), ("entropy_sample", 0.1)),
+]
 ALPHA = 0.05
 """Familywise error over the claims one report reads (Holm)."""
 
@@ -360,18 +363,18 @@ def untestable(a: dict, b: dict) -> str:
 
 def verdict_words(readings: list[tuple[str, Difference | None]]) -> list[str]:
     """The decision rule: each reading (kind, the A - B difference, or None when untestable) gets
-    'reproduced', 'not reproduced', 'inconclusive' or 'untestable'. gt: reproduced when 'A > B' is
-    significant, not reproduced when 'A < B' is (one-sided t-tests); close: reproduced when TOST
-    shows |d| < MARGIN, not reproduced when |d| > MARGIN is significant. Each family of p-values
-    is Holm-corrected at ALPHA over the report's readings."""
+    'reproduced', 'not reproduced', 'inconclusive' or 'untestable' (``tip.claims``). greater:
+    reproduced when 'A > B' is significant, not reproduced when 'A < B' is (one-sided t-tests);
+    close: reproduced when TOST shows |d| < MARGIN, not reproduced when |d| > MARGIN is
+    significant. Each family of p-values is Holm-corrected at ALPHA over the report's readings."""
     testable = [(i, kind, diff) for i, (kind, diff) in enumerate(readings)
                 if diff is not None and diff.se > 0]
-    support = holm([p_greater(d) if k == "gt" else p_equivalent(d, MARGIN) for _, k, d in testable])
-    against = holm([p_less(d) if k == "gt" else p_beyond(d, MARGIN) for _, k, d in testable])
-    words = ["untestable"] * len(readings)
+    support = holm([p_greater(d) if k == "greater" else p_equivalent(d, MARGIN)
+                    for _, k, d in testable])
+    against = holm([p_less(d) if k == "greater" else p_beyond(d, MARGIN) for _, k, d in testable])
+    words = [UNTESTABLE] * len(readings)
     for (i, _, _), p_for, p_against in zip(testable, support, against):
-        words[i] = ("reproduced" if p_for < ALPHA else "not reproduced" if p_against < ALPHA
-                    else "inconclusive")
+        words[i] = by_tests(p_for, p_against, ALPHA)
     return words
 
 
@@ -379,12 +382,12 @@ def _claim_readings(bench: str, benchmarks: list[str]):
     """Each claim on the problems it names; a claim on all problems is also read on those of the
     inconsistent error type where the benchmark tags them (on the embedded testbed the only error a
     dozen steps can fix)."""
-    for text, kind, a, b, problems in CLAIMS:
-        readings = [problems]
-        if not problems and f"{bench}@{INCONSISTENT_ERROR}" in benchmarks:
+    for claim in CLAIMS:
+        readings = [claim.metric]
+        if not claim.metric and f"{bench}@{INCONSISTENT_ERROR}" in benchmarks:
             readings.append(f"@{INCONSISTENT_ERROR}")
         for p in readings:
-            yield text, kind, a, b, p, f"{bench}{p}/accuracy"
+            yield claim.statement, claim.comparison, claim.a, claim.b, p, f"{bench}{p}/accuracy"
 
 
 def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:

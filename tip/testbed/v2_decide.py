@@ -28,6 +28,7 @@ import json
 import statistics
 from pathlib import Path
 
+from tip.claims import UNTESTABLE, by_interval, combine
 from tip.stats import t_quantile
 
 EQUIVALENCE_MARGIN = 0.1  # nats of mean log-probability
@@ -89,21 +90,9 @@ def paired(rows: list[dict], optimizer: str, metric: str, a: str, b: str | None,
 
 
 def verdict(test: str, lo: float, hi: float) -> str:
-    if test == "differ":
-        if lo > 0 or hi < 0:
-            return "reproduced"
-        if -EQUIVALENCE_MARGIN < lo and hi < EQUIVALENCE_MARGIN:
-            return "not reproduced"
-        return "inconclusive"
-    return "reproduced" if lo > 0 else "not reproduced" if hi < 0 else "inconclusive"
-
-
-def combine(verdicts: list[str]) -> str:
-    if not verdicts or "untestable" in verdicts:
-        return "untestable"
-    if all(v == "reproduced" for v in verdicts):
-        return "reproduced"
-    return "not reproduced" if "not reproduced" in verdicts else "inconclusive"
+    """The registered rule (module docstring) in the shared words (``tip.claims``): gt and fixes
+    compare as "greater", differ with the equivalence margin and any non-zero effect."""
+    return by_interval("differ" if test == "differ" else "greater", lo, hi, EQUIVALENCE_MARGIN)
 
 
 def decide(rows: list[dict], metric_prefix: str = "logp") -> list[dict]:
@@ -117,7 +106,7 @@ def decide(rows: list[dict], metric_prefix: str = "logp") -> list[dict]:
                                    fixes=test == "fixes")
                 if not per_build:
                     parts.append({"test": test, "kind": kind, "a": a, "b": b,
-                                  "verdict": "untestable", "builds": 0})
+                                  "verdict": UNTESTABLE, "builds": 0})
                     continue
                 mean, lo, hi = interval(per_build)
                 parts.append({"test": test, "kind": kind, "a": a, "b": b, "mean": mean, "lo": lo,
@@ -156,7 +145,7 @@ def markdown(rows: list[dict]) -> str:
             comps = "; ".join(
                 f"{c['test']} {c['kind']}: {c['a']}{' vs ' + c['b'] if c['b'] else ''} "
                 + (f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] {c['verdict']}"
-                   if c["builds"] else "untestable") for c in d["comparisons"])
+                   if c["builds"] else UNTESTABLE) for c in d["comparisons"])
             lines.append(f"| {d['prediction']} {d['statement']} | {d['optimizer']} | "
                          f"**{d['verdict']}** | {comps} |")
         lines.append("")
