@@ -41,8 +41,8 @@ def test_every_results_document_speaks_the_one_vocabulary():
     """The sweep report, testbed v2 and the probe decide with tip.claims; each of their verdicts is one of its
     words (the probe's 'mixed' is now 'inconclusive')."""
     from tip.probe import PREDICTIONS, verdicts
-    from tip.report import CLAIMS, verdict_words
     from tip.stats import difference
+    from tip.sweep_claims import CLAIMS, verdict_words
     from tip.testbed.v2_decide import verdict
 
     assert all(isinstance(c, Claim) for c in CLAIMS)

@@ -10,7 +10,8 @@ import yaml
 
 from browser import chromium, rendered_body, screenshot
 from tip.microscope import compare_rules
-from tip.report import find_cells, kept_share_series, plot_kept_shares
+from tip.sweep_cells import find_cells
+from tip.sweep_plots import kept_share_series, plot_kept_shares
 from tip.token_records import read_token_records
 from tip.train import train
 

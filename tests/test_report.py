@@ -4,7 +4,8 @@ import json
 
 import yaml
 
-from tip.report import aggregate, claims_markdown, find_cells
+from tip.sweep_cells import aggregate, find_cells
+from tip.sweep_claims import claims_markdown
 
 
 def _cell(root, name, cell, seed, after):
@@ -53,8 +54,8 @@ def test_accuracy_per_error_type_reaches_the_table_and_the_claims_on_the_confide
 def test_close_is_an_equivalence_test_so_noise_no_longer_passes_it():
     """'close' was |d| <= 2 SE: a noisier cell passed more easily. Now the difference's interval must lie within
     the stated 2-point margin (TOST): equal means with a wide spread are inconclusive, a tight spread reproduces."""
-    from tip.report import verdict_words
     from tip.stats import difference
+    from tip.sweep_claims import verdict_words
 
     same = {0: 0.6, 1: 0.6, 2: 0.6, 3: 0.6}
     noisy = {0: 0.40, 1: 0.80, 2: 0.45, 3: 0.75}  # mean 0.6, spread of 20 points
@@ -67,8 +68,8 @@ def test_close_is_an_equivalence_test_so_noise_no_longer_passes_it():
 def test_shared_seeds_are_paired_and_many_claims_are_corrected_for():
     """Seed-to-seed noise both cells share cancels in paired differences; Holm's correction makes a claim that is
     significant alone inconclusive among many weaker ones."""
-    from tip.report import verdict_words
     from tip.stats import difference
+    from tip.sweep_claims import verdict_words
 
     base = {s: 0.5 + 0.1 * (s % 3) for s in range(6)}  # large shared noise across seeds
     better = {s: v + 0.01 + 0.002 * (s % 2) for s, v in base.items()}
@@ -85,7 +86,7 @@ def test_shared_seeds_are_paired_and_many_claims_are_corrected_for():
 
 
 def test_tool_use_after_training_reaches_its_own_table(tmp_path):
-    from tip.report import markdown
+    from tip.sweep_cells import markdown
 
     for i, (cell, share, malformed) in enumerate((("all@1.0", 0.0, 1.0), ("q3@0.2", 1.0, 0.0))):
         for seed in (0, 1):

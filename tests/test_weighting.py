@@ -8,9 +8,9 @@ import torch
 from tip.config import ConfigError, check_config
 from tip.losses import fused_divergence_sum, loss_denominator
 from tip.reference_loss import kept_token_divergence, opd_loss
-from tip.report import read_cell
 from tip.selection import SelectionParams, gumbel_threshold, keep_at, select
 from tip.signals import TokenSignals, entropy, jsd, jsd_rows, log_probs, logits_rows, row_signals, token_signals
+from tip.sweep_cells import read_cell
 from tip.train import train
 
 from support import compose_config, read_metrics

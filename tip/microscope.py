@@ -24,9 +24,10 @@ import torch
 
 from tip.checkpoint import write_atomic
 from tip.config import selector_node
-from tip.report import pyplot, read_jsonl, save_figure
 from tip.selection import RULES, SelectionParams, select
 from tip.signals import TokenSignals
+from tip.sweep_cells import read_jsonl
+from tip.sweep_plots import pyplot, save_figure
 from tip.taxonomy import QUADRANT_NAMES, QUADRANTS
 from tip.token_records import OPTIONAL_COLUMNS, logged_steps, read_token_records, stats_of
 
