@@ -45,7 +45,7 @@ def run(name, ref, prompts_text, n, max_new, vllm_python, max_model_len):
     if not vllm_python or not Path(vllm_python).exists():
         print(f"{name}: vLLM skipped (no interpreter with vllm; `make vllm-env`)")
         return
-    from tip.vllm_rollout import VllmWorker
+    from tip.vllm_worker import VllmWorker
 
     eng = VllmWorker(resolve_model_ref(ref), python=vllm_python, max_model_len=max_model_len)
     try:

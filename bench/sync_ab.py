@@ -23,7 +23,7 @@ CHILD = """
 import json, statistics, sys, time
 import torch
 from tip.models import load_model, resolve_model_ref
-from tip.vllm_rollout import VllmWorker
+from tip.vllm_worker import VllmWorker
 
 ref, python = sys.argv[1], sys.argv[2]
 model = load_model(ref, torch.float32, "student")

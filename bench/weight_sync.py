@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tip.vllm_worker import recv, send  # noqa: E402
+from tip.vllm_server import recv, send  # noqa: E402
 
 # One Qwen3-4B decoder layer (hidden 2560, intermediate 9728, 32 query / 8 KV heads of 128): its parameters.
 LAYER = [(4096, 2560), (1024, 2560), (1024, 2560), (2560, 4096), (9728, 2560), (9728, 2560), (2560, 9728),

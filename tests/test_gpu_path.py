@@ -149,7 +149,7 @@ def test_a_world_size_that_does_not_divide_the_steps_rollouts_is_refused():
 
 def test_each_ranks_vllm_worker_gets_its_own_gpu():
     """A worker inheriting every visible GPU starts on cuda:0: with 8 ranks per node, 8 engines on GPU 0."""
-    from tip.vllm_rollout import VllmError, worker_visible_devices
+    from tip.vllm_worker import VllmError, worker_visible_devices
 
     assert [worker_visible_devices(None, r, 4) for r in range(4)] == ["0", "1", "2", "3"]
     assert worker_visible_devices("4,5,6,7", 2, 4) == "6"  # the parent's own list, not 0..n
@@ -238,7 +238,7 @@ def test_a_rank_that_sees_one_gpu_uses_it_whatever_its_local_rank():
     """Sites that bind one GPU per task (srun --gpus-per-task=1, --gpu-bind): local rank 3 sees one device, its
     own, as cuda:0 (torch.cuda.set_device(3) would fail with "invalid device ordinal"), and its vLLM worker gets it."""
     from tip.distributed import local_device_index
-    from tip.vllm_rollout import VllmError, worker_visible_devices
+    from tip.vllm_worker import VllmError, worker_visible_devices
 
     assert local_device_index(3, 1) == 0 and local_device_index(3, 8) == 3
     assert worker_visible_devices("5", 3, 1) == "5" and worker_visible_devices(None, 3, 1) == "0"
@@ -278,7 +278,7 @@ def test_a_sleeping_engine_sleeps_from_its_start_and_wakes_only_to_work():
     evaluation, holding its whole share beside them), wakes its weights alone for a sync, the KV cache for a
     rollout, and sleeps again after each rollout; an evaluation's requests keep it awake until it is told to sleep
     (before: a wake-up and a sleep around every request, every turn of an episode)."""
-    from tip.vllm_worker import EngineServer
+    from tip.vllm_server import EngineServer
 
     llm = RecordingEngine()
     server = EngineServer(llm, sleep_level=1, sampling_params=dict)
@@ -301,7 +301,7 @@ def test_a_level_2_sleep_discards_the_weights_and_they_are_sent_before_the_engin
     the engine then refuses to sample until weights come, and the trainer re-sends them whenever they were
     discarded: before a rollout, an evaluation, or a multi-turn rollout's first turn."""
     from tip.vllm_rollout import VllmRollout
-    from tip.vllm_worker import EngineServer
+    from tip.vllm_server import EngineServer
 
     llm = RecordingEngine()
     server = EngineServer(llm, sleep_level=2, sampling_params=dict)
@@ -385,8 +385,8 @@ def test_weights_shared_through_cuda_ipc_follow_vllms_weight_transfer_protocol()
     as the socket path does. The trainer's side builds each bucket's IPCWeightTransferUpdateInfo fields (checked
     against vLLM's own dataclass in tests/test_vllm.py); reduce_tensor's CUDA handles need a GPU, so a stand-in
     shares the tensors here."""
-    from tip.vllm_rollout import ipc_update_info, weight_buckets
-    from tip.vllm_worker import EngineServer
+    from tip.vllm_server import EngineServer
+    from tip.vllm_worker import ipc_update_info, weight_buckets
 
     llm = RecordingEngine()
     server = EngineServer(llm, sleep_level=2, sampling_params=dict)

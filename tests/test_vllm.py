@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def engine():
-    from tip.vllm_rollout import VllmWorker
+    from tip.vllm_worker import VllmWorker
 
     # Weights go in buckets of 0.25 MB (several parameters per message); training below uses one per message.
     eng = VllmWorker(resolve_model_ref("embedded://student"), python=VLLM_PYTHON, max_model_len=128,
@@ -101,7 +101,7 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     from tip.env import CalculatorEnv, EpisodeLimits, TurnFormat, episode_batch, run_episodes
     from tip.rollout import hf_turns
     from tip.testbed.agent import sample_examples
-    from tip.vllm_rollout import VllmWorker
+    from tip.vllm_worker import VllmWorker
 
     tok = load_tokenizer("embedded://agent_student")
     model = load_model("embedded://agent_student", torch.float32, "student")
@@ -258,7 +258,7 @@ def test_the_ipc_weight_transfer_is_vllms_own_api(tmp_path):
     import pickle
     import subprocess
 
-    from tip.vllm_rollout import VllmWorker, ipc_update_info
+    from tip.vllm_worker import VllmWorker, ipc_update_info
 
     tok = load_tokenizer("embedded://student")
     model = load_model("embedded://student", torch.float32, "student")

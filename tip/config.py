@@ -419,7 +419,7 @@ def check_runnable(cfg: DictConfig) -> None:
     import torch
 
     from tip.models import check_model_ref
-    from tip.vllm_rollout import missing_vllm
+    from tip.vllm_worker import missing_vllm
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         _need(False, "precision", cfg.precision, "DeepSpeed has no fp16 on the CPU; here use "

@@ -110,7 +110,8 @@ def vllm_sampler(cfg, tokenizer, benchmarks, dtype, run_dir: Path):
     longest prompt and its answer; end-of-sequence ids from the model's generation config."""
     from transformers import GenerationConfig
 
-    from tip.vllm_rollout import EngineSampler, VllmWorker
+    from tip.vllm_rollout import EngineSampler
+    from tip.vllm_worker import VllmWorker
 
     path = resolve_model_ref(cfg.model)
     context = max(sum(longest_request(b, tokenizer, cfg.eval.max_new_tokens, cfg.chat_template,

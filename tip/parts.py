@@ -359,7 +359,8 @@ def single_turn_rollout(cfg, student, tokenizer, dist, dtype, run_dir: Path, syn
     if ro.backend == "hf":
         return HFRollout(student, tokenizer, ro, synced_gpus, generating)
     from tip.models import resolve_model_ref
-    from tip.vllm_rollout import VllmRollout, VllmWorker
+    from tip.vllm_rollout import VllmRollout
+    from tip.vllm_worker import VllmWorker
 
     worker = VllmWorker(resolve_model_ref(cfg.pair.student), python=ro.vllm_python,
                         dtype="float32" if dtype == torch.float32 else "bfloat16",

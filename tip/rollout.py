@@ -20,7 +20,7 @@ import torch
 ROLLOUT_BACKENDS = ("hf", "vllm")
 WEIGHT_TRANSFERS = ("socket", "ipc")
 """rollout.weight_transfer (auto: ipc on CUDA, socket elsewhere): how the student's weights reach
-the vLLM engine (``tip.vllm_rollout.VllmWorker.load_weights``)."""
+the vLLM engine (``tip.vllm_worker.VllmWorker.load_weights``)."""
 
 
 @dataclass
