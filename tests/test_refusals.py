@@ -121,6 +121,24 @@ def test_bad_values_fail_in_one_line_before_the_op_build_and_any_model(tmp_path,
     assert status["status"] == "failed" and message in status["error"]
 
 
+def test_vllm_is_looked_for_in_the_interpreter_named(tmp_path):
+    """Every virtual environment's python links to the same base interpreter: resolving the link took another
+    environment (.venv-vllm) for the trainer's own and refused it for lacking vLLM."""
+    import importlib.util
+
+    from tip.vllm_worker import missing_vllm
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
+    python = tmp_path / "env" / "bin" / "python"
+    assert missing_vllm(str(python)) == f"{python} has no vllm"
+    site, = (tmp_path / "env" / "lib").glob("python3*/site-packages")
+    (site / "vllm").mkdir()
+    (site / "vllm" / "__init__.py").write_text("")  # a stand-in package: only its presence is asked
+    assert missing_vllm(str(python)) == ""
+    assert (missing_vllm(None) == "") == (importlib.util.find_spec("vllm") is not None)
+    assert missing_vllm("/no/python") == "rollout.vllm_python='/no/python' is not an interpreter"
+
+
 def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine\n")
     out = tip(f"hydra.run.dir={tmp_path / 'notes.txt'}", timeout=120)

@@ -45,7 +45,9 @@ def missing_vllm(python: str | None) -> str:
     exe = python or sys.executable
     if python and not shutil.which(python):
         return f"rollout.vllm_python={python!r} is not an interpreter"
-    if not python or os.path.realpath(shutil.which(python)) == os.path.realpath(sys.executable):
+    # Not resolved through symlinks: every virtual environment's python links to the same base
+    # interpreter, with other packages.
+    if not python or os.path.abspath(shutil.which(python)) == os.path.abspath(sys.executable):
         import importlib.util
 
         return "" if importlib.util.find_spec("vllm") else f"{exe} has no vllm"
