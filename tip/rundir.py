@@ -264,10 +264,12 @@ def agreed_run_dir(run_dir: Path, dist: DistInfo) -> Path:
     if chosen[0] != str(run_dir):
         print(f"rank {dist.rank}: the run directory is rank 0's, {chosen[0]} (this process "
               f"resolved hydra.run.dir to {run_dir})", flush=True)
-        with contextlib.suppress(OSError):  # what Hydra wrote there before training started
-            shutil.rmtree(run_dir / ".hydra")
-            for log in run_dir.glob("*.log"):
-                log.unlink()
+        # what Hydra made there before training started (the folder; .hydra and a log when its
+        # own writing is on); a folder holding anything else is left as it is
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        for log in run_dir.glob("*.log"):
+            log.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
             run_dir.rmdir()
     return Path(chosen[0])
 
