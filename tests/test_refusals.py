@@ -91,8 +91,8 @@ def test_a_rule_takes_only_the_parameters_of_its_own_file():
 
 ONE_LINE_CASES = [
     ("keep=0", "keep=0 is not allowed"),
-    ("pair.teacher=/no/such/teacher", "pair.teacher='/no/such/teacher' is not allowed: /no/such/teacher is not a "
-                                      "folder"),
+    pytest.param("pair.teacher=/no/such/teacher", "pair.teacher='/no/such/teacher' is not allowed: /no/such/teacher "
+                 "is not a folder", marks=pytest.mark.slow),
     pytest.param("seed=abc", "seed='abc' is not allowed: expected an integer", marks=pytest.mark.slow),
     pytest.param("precision=fp16", "precision='fp16' is not allowed: DeepSpeed has no fp16 on the CPU",
                  marks=pytest.mark.slow),
@@ -139,6 +139,32 @@ def test_vllm_is_looked_for_in_the_interpreter_named(tmp_path):
     assert missing_vllm("/no/python") == "rollout.vllm_python='/no/python' is not an interpreter"
 
 
+def test_model_paths_contexts_and_run_directories_are_checked_without_loading(tmp_path):
+    """The checks the command lines below run, in process (test-fast): a local path is never a hub id, a request
+    beyond the model's positions is refused with both numbers, a run directory that is a file is refused."""
+    from tip.config import check_output_dirs
+    from tip.models import PairError, check_model_ref, looks_local, refuse_beyond_context
+
+    assert looks_local("/models/x") and looks_local("./x") and looks_local("a/b/c") and not looks_local("org/name")
+    with pytest.raises(PairError, match=r"pair.teacher='/no/such' is not allowed: /no/such is not a folder"):
+        check_model_ref("pair.teacher", "/no/such")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PairError, match="holds no config.json"):
+        check_model_ref("model", str(tmp_path / "empty"))
+    check_model_ref("pair.student", "embedded://student")
+    refuse_beyond_context("model", "embedded://student", "the longest prompt", 200, 56, "eval.max_new_tokens")
+    with pytest.raises(PairError, match=r"eval.max_new_tokens=57 is not allowed with model=embedded://student: the "
+                                        r"longest prompt has 200 tokens, so a request needs 257 positions and the "
+                                        r"model has 256 \(max_position_embeddings\); eval.max_new_tokens can be at "
+                                        r"most 56"):
+        refuse_beyond_context("model", "embedded://student", "the longest prompt", 200, 57, "eval.max_new_tokens")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError, match=r"hydra.run.dir='.*notes.txt' is not allowed: it is a file"):
+        check_output_dirs([f"hydra.run.dir={tmp_path / 'notes.txt'}"])
+    check_output_dirs([f"hydra.run.dir={tmp_path / 'new'}", "keep=0.1"])
+
+
+@pytest.mark.slow
 def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine\n")
     out = tip(f"hydra.run.dir={tmp_path / 'notes.txt'}", timeout=120)
@@ -148,6 +174,7 @@ def test_a_run_directory_that_is_a_file_is_one_line(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_a_model_path_is_never_tried_as_a_hub_id_and_eval_names_its_own_key(tmp_path):
     out = tip("model=/no/such/model", f"hydra.run.dir={tmp_path / 'eval'}", module="tip.eval", timeout=120)
     assert out.returncode == 2
@@ -156,6 +183,7 @@ def test_a_model_path_is_never_tried_as_a_hub_id_and_eval_names_its_own_key(tmp_
                                   "embedded://NAME")
 
 
+@pytest.mark.slow
 def test_a_request_longer_than_the_models_context_is_refused_before_generating(tmp_path):
     """The embedded student has 256 positions; 8,192 new tokens asked of it ran for over 10 minutes."""
     out = tip("model=embedded://student", "eval.max_new_tokens=1000", f"hydra.run.dir={tmp_path / 'eval'}",
@@ -224,9 +252,13 @@ def test_the_op_cache_is_keyed_by_the_environment(monkeypatch, tmp_path):
     assert chosen == {"TORCH_EXTENSIONS_DIR": str(tmp_path)}  # the user's choice stands
 
 
-def test_the_microscope_help_succeeds():
-    out = tip("--help", module="tip.microscope", timeout=120)
-    assert out.returncode == 0 and out.stdout.startswith("usage: python -m tip.microscope <run dir>")
+def test_the_microscope_help_succeeds(capsys):
+    from tip.microscope import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0  # asked for: success (it exited 1)
+    assert capsys.readouterr().out.startswith("usage: python -m tip.microscope <run dir>")
 
 
 # 2 and 3. Refused reruns change no file; one run per directory; a killed run resumes.
