@@ -152,12 +152,12 @@ def test_model_paths_contexts_and_run_directories_are_checked_without_loading(tm
     with pytest.raises(PairError, match="holds no config.json"):
         check_model_ref("model", str(tmp_path / "empty"))
     check_model_ref("pair.student", "embedded://student")
-    refuse_beyond_context("model", "embedded://student", "the longest prompt", 200, 56, "eval.max_new_tokens")
+    refuse_beyond_context("model", "embedded://student", [("the longest prompt", 200, 56, "eval.max_new_tokens")])
     with pytest.raises(PairError, match=r"eval.max_new_tokens=57 is not allowed with model=embedded://student: the "
                                         r"longest prompt has 200 tokens, so a request needs 257 positions and the "
                                         r"model has 256 \(max_position_embeddings\); eval.max_new_tokens can be at "
                                         r"most 56"):
-        refuse_beyond_context("model", "embedded://student", "the longest prompt", 200, 57, "eval.max_new_tokens")
+        refuse_beyond_context("model", "embedded://student", [("the longest prompt", 200, 57, "eval.max_new_tokens")])
     (tmp_path / "notes.txt").write_text("mine\n")
     with pytest.raises(ConfigError, match=r"hydra.run.dir='.*notes.txt' is not allowed: it is a file"):
         check_output_dirs([f"hydra.run.dir={tmp_path / 'notes.txt'}"])

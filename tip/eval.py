@@ -65,18 +65,21 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model,
                                "tokenizer" if cfg.tokenizer else "model")
     benchmarks = load_benchmarks(cfg.eval, cfg.limit)
-    for bench in benchmarks:  # before generating: past its positions a model runs on for minutes
-        prompt, room = longest_request(bench, tokenizer, cfg.eval.max_new_tokens,
-                                       cfg.chat_template, cfg.chat_template_kwargs)
-        refuse_beyond_context("model", str(cfg.model), f"the longest {bench.name} prompt", prompt,
-                              room, "eval.max_new_tokens")
+    # the longest request of each benchmark, refused before generating when beyond the model's
+    # positions (past them a model runs on for minutes); the vLLM engine's context holds them
+    requests = [(f"the longest {b.name} prompt",
+                 *longest_request(b, tokenizer, cfg.eval.max_new_tokens, cfg.chat_template,
+                                  cfg.chat_template_kwargs), "eval.max_new_tokens")
+                for b in benchmarks]
+    refuse_beyond_context("model", str(cfg.model), requests)
     dtype = resolve_precision(cfg.precision, device)
     records: dict[str, list[dict]] = {}
     kwargs = dict(chat_template=cfg.chat_template, workers=cfg.grading.workers,
                   timeout_s=cfg.grading.timeout_s, progress=True, records=records,
                   chat_template_kwargs=cfg.chat_template_kwargs)
     if cfg.backend == "vllm":
-        with vllm_sampler(cfg, tokenizer, benchmarks, dtype, run_dir) as sampler:
+        context = max(prompt + room for _, prompt, room, _ in requests)
+        with vllm_sampler(cfg, tokenizer, context, dtype, run_dir) as sampler:
             metrics = evaluate(None, tokenizer, benchmarks, sampling_of(cfg.eval, cfg.seed),
                                sampler=sampler, **kwargs)
     else:
@@ -105,17 +108,16 @@ def run_eval(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 @contextmanager
-def vllm_sampler(cfg, tokenizer, benchmarks, dtype, run_dir: Path):
-    """backend=vllm: the model in a vLLM worker (``tip.vllm_rollout``) whose context holds the
-    longest prompt and its answer; end-of-sequence ids from the model's generation config."""
+def vllm_sampler(cfg, tokenizer, context: int, dtype, run_dir: Path):
+    """backend=vllm: the model in a vLLM worker (``tip.vllm_worker``) whose context (``context``
+    positions) holds the longest prompt and its answer; end-of-sequence ids from the model's
+    generation config."""
     from transformers import GenerationConfig
 
     from tip.vllm_rollout import EngineSampler
     from tip.vllm_worker import VllmWorker
 
     path = resolve_model_ref(cfg.model)
-    context = max(sum(longest_request(b, tokenizer, cfg.eval.max_new_tokens, cfg.chat_template,
-                                      cfg.chat_template_kwargs)) for b in benchmarks)
     try:
         generation = GenerationConfig.from_pretrained(path)
     except OSError:  # a model without generation_config.json: the tokenizer's EOS alone

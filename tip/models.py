@@ -114,17 +114,18 @@ def context_length(ref: str) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def refuse_beyond_context(key: str, ref: str, what: str, prompt: int, room: int,
-                          room_key: str) -> None:
-    """Refuse, before generating, a request longer than the model's context: ``what`` (a prompt
-    of ``prompt`` tokens) plus ``room`` new tokens (``room_key``). Past its positions a model
-    generates on for minutes behind one warning, into garbage."""
+def refuse_beyond_context(key: str, ref: str,
+                          requests: list[tuple[str, int, int, str]]) -> None:
+    """Refuse, before generating, a request longer than the model's context (its config read
+    once): each request is (what, its prompt's tokens, the new tokens after it, the key that sets
+    them). Past its positions a model generates on for minutes behind one warning, into garbage."""
     context = context_length(ref)
-    if context is not None and prompt + room > context:
-        raise PairError(f"{room_key}={room} is not allowed with {key}={ref}: {what} has {prompt} "
-                        f"tokens, so a request needs {prompt + room} positions and the model has "
-                        f"{context} (max_position_embeddings); {room_key} can be at most "
-                        f"{max(context - prompt, 0)}")
+    for what, prompt, room, room_key in requests:
+        if context is not None and prompt + room > context:
+            raise PairError(f"{room_key}={room} is not allowed with {key}={ref}: {what} has "
+                            f"{prompt} tokens, so a request needs {prompt + room} positions and "
+                            f"the model has {context} (max_position_embeddings); {room_key} can "
+                            f"be at most {max(context - prompt, 0)}")
 
 
 def _load(loader, ref: str, what: str, key: str = "pair.student", **kwargs):

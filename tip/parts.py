@@ -317,8 +317,7 @@ def check_context(cfg, needs: list[tuple[str, int, int, str]]) -> None:
     if cfg.teacher.mode == "separate":
         models.append(("pair.teacher", cfg.pair.teacher))
     for key, ref in models:
-        for what, prompt, room, room_key in needs:
-            refuse_beyond_context(key, ref, what, prompt, room, room_key)
+        refuse_beyond_context(key, ref, needs)
 
 
 def vllm_max_model_len(cfg, needs: list[tuple[str, int, int, str]]) -> int:

@@ -161,10 +161,6 @@ class StepSeeds:
         """The selection's draws (random, entropy sampling), apart from the engine's."""
         return self.engine + 2**40
 
-    def prompts(self, prompt_indices: list[int]) -> list[int]:
-        """Each prompt's sampling seed (``prompt_seeds``)."""
-        return prompt_seeds(self.run_seed, self.step, prompt_indices)
-
     def selection_generator(self, device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.selection)
 
