@@ -261,6 +261,20 @@ def test_the_microscope_help_succeeds(capsys):
     assert capsys.readouterr().out.startswith("usage: python -m tip.microscope <run dir>")
 
 
+@pytest.mark.slow
+def test_a_resume_with_another_config_is_refused_before_the_op_build(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')  # an unfinished attempt
+    (run / "config.yaml").write_text("seed: 5\n")
+    before = files_of(run)
+    env = {**tip_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path / "no_ops_yet")}
+    out = tip("logger=none", f"hydra.run.dir={run}", env=env)
+    assert out.returncode == 2 and "holds an unfinished run with another config" in out.stderr
+    assert "seed: 5 there, 0 now" in out.stderr and "built successfully" not in out.stdout
+    assert not any((tmp_path / "no_ops_yet").glob("**/*.so")) and files_of(run) == before
+
+
 # 2 and 3. Refused reruns change no file; one run per directory; a killed run resumes.
 
 SMOKE = ("experiment=smoke", "logger=none", "train.save_final=false", "train.eval_before=false")

@@ -20,7 +20,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tip.checkpoint import load_training_checkpoint, save_training_checkpoint
 from tip.config import (
@@ -40,7 +40,7 @@ from tip.rundir import (
     OpenRun,
     barrier_of,
     checked_config,
-    refuse_finished,
+    decide_resume,
     run_directory,
 )
 from tip.runlog import peak_memory_mb
@@ -54,8 +54,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | tuple[str, ...]
     ``status.json`` says how it ended. The config is checked first, before DeepSpeed builds its op
     and before any model loads."""
     quiet_library_noise()
-    refuse_finished(Path(run_dir))
     checked_config(cfg, Path(run_dir), overrides)
+    # read-only: a finished run, or an unfinished one of another config, is refused before the op
+    # build too (run_directory decides again, under the directory's lock)
+    decide_resume(Path(run_dir), OmegaConf.to_yaml(cfg, resolve=True))
     dist = init_distributed(cfg.dist_timeout_s)
     with run_directory(cfg, Path(run_dir), dist) as run:
         return train_loop(cfg, run, dist)
