@@ -42,8 +42,8 @@ def require_conf_dir() -> None:
     package."""
     if not (CONF_DIR / "config.yaml").is_file():
         raise SystemExit(f"tip's configs are not at {CONF_DIR}: tip runs from a checkout of its "
-                         f"repository, installed in place (`make install`, or `pip install -e .`); "
-                         f"a plain wheel install has no conf/")
+                         "repository, installed in place (`make install`, or `pip install -e .`); "
+                         "a plain wheel install has no conf/")
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -80,9 +80,9 @@ def check_source(key: str, source: Any, files: bool = True) -> None:
     if kind == "jsonl" and files:
         path = Path(str(source.get("path")))
         _need(path.is_file(), f"{key}.path", str(path),
-              f"no such file; set data_root=<folder holding the JSONL files> or the path itself, "
+              "no such file; set data_root=<folder holding the JSONL files> or the path itself, "
               f"or {key}.kind=hub to read the hub copy (how to get the files: docs/running.md, "
-              f"Data)")
+              "Data)")
     if kind in ("embedded", "embedded_agent"):
         _integer(f"{key}.size", source.get("size"), 1)
 
@@ -293,7 +293,7 @@ def check_teacher(teacher, tr) -> None:
     if teacher.weights == "snapshot" and tr.checkpoint_every:
         _need(tr.checkpoint_every % teacher.refresh_every == 0, "train.checkpoint_every",
               tr.checkpoint_every,
-              f"with teacher.weights=snapshot it must be a multiple of teacher.refresh_every "
+              "with teacher.weights=snapshot it must be a multiple of teacher.refresh_every "
               f"({teacher.refresh_every}), so a resumed run rebuilds the same snapshot")
     _need("{solution}" in teacher.context_template, "teacher.context_template",
           teacher.context_template, "it must contain {solution} (the privileged context)")
@@ -369,8 +369,8 @@ def check_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     replaced = sorted(k for k in given if k in ("selector", "keep") or k.startswith("selector."))
     if cfg.get("cell") is not None and replaced:
         raise ConfigError(f"cell={cfg.cell} is not allowed beside {', '.join(replaced)}: a cell "
-                          f"sets the selector (its own file) and keep itself; give either cell= or "
-                          f"selector=/keep=")
+                          "sets the selector (its own file) and keep itself; give either cell= or "
+                          "selector=/keep=")
 
 
 def _in_base(block: str, leaf: str, overrides) -> bool:

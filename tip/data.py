@@ -70,7 +70,7 @@ def _from_jsonl(path: Path, fields: Mapping[str, str]) -> list[Example]:
     if not path.is_file():
         raise DataError(
             f"data file {str(path)!r} does not exist; set data_root=<folder> (or the file's own "
-            f"path option), or use a hub dataset id"
+            "path option), or use a hub dataset id"
         )
     out = []
     for lineno, row in _jsonl_rows(path):
@@ -129,7 +129,7 @@ def dapo_rows(source: Mapping[str, Any]) -> list[dict]:
         where = f"{path} does not exist, and " if path is not None else ""
         raise DataError(f"could not load {source['hub_id']!r}: {where}the hub could not be read "
                         f"({err}). Download it where the hub is reachable and set data.source.path "
-                        f"to the file (JSONL or Parquet in the hub's schema)") from err
+                        "to the file (JSONL or Parquet in the hub's schema)") from err
 
 
 def prepare_dapo(rows: list[dict], split: str, seed: int = 42,
@@ -181,7 +181,7 @@ def load_examples(source: Mapping[str, Any], split: str = "train") -> list[Examp
         examples = _from_jsonl(Path(str(source["path"])), fields)
         if not examples:
             raise DataError(f"data file {str(source['path'])!r} holds no examples (it is empty); "
-                            f"expected one JSON object per line")
+                            "expected one JSON object per line")
     elif kind == "dapo":
         examples = prepare_dapo(dapo_rows(source), source.get("split", split),
                                 int(source.get("seed", 42)),

@@ -105,8 +105,8 @@ def prepare_process_env() -> None:
         if world > int(env.get("LOCAL_WORLD_SIZE", world)):
             raise RuntimeError(f"MASTER_ADDR is not set for a run over several nodes ({world} "
                                f"processes, {env['LOCAL_WORLD_SIZE']} per node): each node would "
-                               f"rendezvous with itself. Launch with srun, torchrun "
-                               f"--rdzv-endpoint or deepspeed --hostfile, or export MASTER_ADDR")
+                               "rendezvous with itself. Launch with srun, torchrun "
+                               "--rdzv-endpoint or deepspeed --hostfile, or export MASTER_ADDR")
         env["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
         if world != 1:
@@ -195,7 +195,7 @@ def preload_deepspeed_ops() -> None:
 
     built = list(extensions_root().glob(f"**/{SHM_OP}/*.so"))
     if not torch.cuda.is_available() and not built and os.environ.get("RANK", "0") == "0":
-        print(f"building DeepSpeed's CPU op once for this environment (about 1-3 minutes on 2 "
+        print("building DeepSpeed's CPU op once for this environment (about 1-3 minutes on 2 "
               f"cores; cached in {extensions_root()})", flush=True)
     build_shm_op()
 
@@ -209,8 +209,8 @@ def local_device_index(local_rank: int, device_count: int) -> int:
     if 0 <= local_rank < device_count:
         return local_rank
     raise RuntimeError(f"local rank {local_rank} sees {device_count} CUDA devices and none is its "
-                       f"own: run one process per GPU, each seeing every GPU of its node or only "
-                       f"its own")
+                       "own: run one process per GPU, each seeing every GPU of its node or only "
+                       "its own")
 
 
 ALLOCATOR_SETTINGS = "expandable_segments:True"
@@ -268,7 +268,7 @@ def check_device(x: torch.Tensor, dist: DistInfo, what: str) -> None:
     if x.device != dist.device:
         raise RuntimeError(f"{what} got a tensor on {x.device}, but the run's device is "
                            f"{dist.device}: collectives (NCCL) take tensors on the run's device "
-                           f"only")
+                           "only")
 
 
 def all_reduce_sum(x: torch.Tensor, dist: DistInfo) -> torch.Tensor:

@@ -191,9 +191,9 @@ class TurnFormat:
             ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
                 raise ValueError(f"this pair's tokenizer cannot write {piece!r} (it becomes the "
-                                 f"unknown token), so its student cannot call tools; use a pair "
-                                 f"whose tokenizer has the tool-call tokens (e.g. "
-                                 f"pair=embedded_agent, or a Qwen/Hermes-style chat model)")
+                                 "unknown token), so its student cannot call tools; use a pair "
+                                 "whose tokenizer has the tool-call tokens (e.g. "
+                                 "pair=embedded_agent, or a Qwen/Hermes-style chat model)")
 
     def between_turns(self, results: Sequence[str], ended_with_stop: bool) -> str:
         """Text after an assistant turn with tool ``results``, up to the next assistant header. When

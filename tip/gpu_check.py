@@ -169,7 +169,7 @@ def real_model() -> tuple[str | None, str]:
             if isinstance(try_to_load_from_cache(ref, "config.json"), str):
                 return ref, "the Hugging Face cache"
     return None, (f"none of {', '.join(wanted)} is on this machine (nothing is downloaded; "
-                  f"TIP_GPU_CHECK_MODEL names another)")
+                  "TIP_GPU_CHECK_MODEL names another)")
 
 
 def deepspeed_accelerator(env: dict[str, str]) -> str:

@@ -96,7 +96,7 @@ def check_model_ref(key: str, ref: str) -> None:
         hf_hub_download(ref, "config.json")
     except Exception as err:  # noqa: BLE001 (the hub's errors have no common base but Exception)
         raise PairError(f"{key}={ref!r} is not allowed: it is not a local folder, not in the "
-                        f"Hugging Face cache, and the hub did not serve it "
+                        "Hugging Face cache, and the hub did not serve it "
                         f"({type(err).__name__}); give a local model folder, or download it "
                         "where the hub is reachable (`huggingface-cli download`)") from None
 
@@ -138,8 +138,8 @@ def _load(loader, ref: str, what: str, key: str = "pair.student", **kwargs):
                  else " or the hub could not be reached")
         raise PairError(f"could not load {what} {ref!r}: it is not a local directory, and it is "
                         f"not in the Hugging Face cache{where}. Point {key}= at a local HF "
-                        f"directory, run where the hub is reachable, or download it first "
-                        f"(`huggingface-cli download`)") from None
+                        "directory, run where the hub is reachable, or download it first "
+                        "(`huggingface-cli download`)") from None
 
 
 def load_tokenizer(ref: str, key: str = "pair.student"):

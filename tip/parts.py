@@ -148,8 +148,8 @@ def build_parts(cfg: DictConfig, dist: DistInfo, run_dir: Path) -> RunParts:
     dtype = resolve_precision(cfg.precision, dist.device)
     if dtype != torch.float32 and cfg.engine.stage == 0:
         raise ConfigError(f"engine={cfg.engine.name} is not allowed with {dtype} weights: "
-                          f"DeepSpeed accumulates gradients in fp32 only at ZeRO stages 1-3; use "
-                          f"engine=zero2 or zero3, or precision=fp32")
+                          "DeepSpeed accumulates gradients in fp32 only at ZeRO stages 1-3; use "
+                          "engine=zero2 or zero3, or precision=fp32")
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
     turn_format = checked_turn_format(cfg, tokenizer)
     train_examples = load_examples(cfg.data.source, "train")
@@ -282,7 +282,7 @@ def privileged_prompts(cfg, chosen, tokenizer) -> list[list[int]]:
     context)."""
     for e in chosen:
         if not e.solution:
-            raise ConfigError(f"teacher=self_privileged needs reference solutions, but "
+            raise ConfigError("teacher=self_privileged needs reference solutions, but "
                               f"{cfg.data.name!r} example {e.id!r} has none")
     template = cfg.teacher.context_template
     texts = [template.replace("{problem}", e.problem).replace("{solution}", e.solution)

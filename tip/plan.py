@@ -129,7 +129,7 @@ def load_model_config(ref: str):
     known = ", ".join(sorted(p.stem.replace("--", "/") for p in SNAPSHOT_DIR.glob("*.json")))
     raise PairError(f"no config for {ref!r}: not a local directory with config.json, not in the "
                     f"Hugging Face cache, and not one of tip's snapshots ({known}); point the pair "
-                    f"at a local directory, or download the config with `huggingface-cli download "
+                    "at a local directory, or download the config with `huggingface-cli download "
                     f"{ref} config.json`")
 
 

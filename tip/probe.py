@@ -391,7 +391,7 @@ def render(result: dict) -> str:
              f"divergence {result['divergence']}; gradients over the last "
              f"{result['probe']['blocks']} block(s) and the output layer "
              f"({batches[0]['tail_parameters']:,} parameters). Each cell: mean over batches [min, "
-             f"max].", ""]
+             "max].", ""]
     for scheme in ("median", "absolute"):
         lines += [f"## Quadrants, {scheme} thresholds", "",
                   "| quadrant | share | descent share | phi / mean phi | h | delta | delta_fwd | "

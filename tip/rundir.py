@@ -206,7 +206,7 @@ def decide_resume(run_dir: Path, config_text: str) -> ResumeDecision:
         resume = " ".join(f"{k}={_shown(a)}" for k, a, _ in differences or [])
         raise RunDirError(f"{run_dir} holds an unfinished run with another config ({what}). "
                           + (f"To resume it, rerun with its values ({resume}); " if resume else "")
-                          + f"to start afresh without touching it, "
+                          + "to start afresh without touching it, "
                             f"hydra.run.dir={fresh_dir_beside(run_dir)}")
     found = latest_checkpoint(run_dir)
     return ResumeDecision(found[0], found[1], True) if found else ResumeDecision(None, 0, True)
@@ -358,7 +358,7 @@ def lock_run_dir(run_dir: Path):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunDirError(f"{run_dir} is in use by a run that is still going ({holder}): one run "
-                          f"per directory; wait for it, stop it, or start a new run elsewhere "
+                          "per directory; wait for it, stop it, or start a new run elsewhere "
                           f"(hydra.run.dir={fresh_dir_beside(Path(run_dir))})") from None
     except OSError as err:
         if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):

@@ -597,7 +597,7 @@ def select(
     if generator is not None and generator.device.type != signals.mask.device.type:
         raise ValueError(f"the selection generator is on {generator.device} but the signals are on "
                          f"{signals.mask.device}: make it with torch.Generator(device=<the "
-                         f"signals' device>)")
+                         "signals' device>)")
     spec = get_rule(p.rule)
     keep = validate_keep(keep)
     mask = signals.mask.bool()

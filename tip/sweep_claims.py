@@ -108,9 +108,9 @@ def claims_markdown(rows: list[dict], benchmarks: list[str]) -> str:
     if not lines and not entropy:
         return ""
     out = ["", "## The paper's claims", "",
-           f"d: mean difference A − B in points, paired over the seeds both cells share (else "
-           f"Welch's); SE its standard error. \"A above B\": reproduced when a one-sided t-test "
-           f"finds A > B, not reproduced when it finds A < B; \"close\": reproduced when two "
+           "d: mean difference A − B in points, paired over the seeds both cells share (else "
+           "Welch's); SE its standard error. \"A above B\": reproduced when a one-sided t-test "
+           "finds A > B, not reproduced when it finds A < B; \"close\": reproduced when two "
            f"one-sided tests put |d| below {100 * MARGIN:g} points, not reproduced when |d| is "
            f"significantly above it; each at a familywise {ALPHA:g} with Holm's correction over "
            f"the {len(lines)} readings below; else inconclusive. Untestable: both cells at the "

@@ -67,7 +67,7 @@ class SweepDirGuard(Callback):
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if changed:
                 what = "; ".join(f"{k}: {old.get(k, '(absent)')} there, {new.get(k, '(absent)')} "
-                                 f"now" for k in changed)
+                                 "now" for k in changed)
                 raise SweepDirError(f"{sweep_dir} holds another sweep ({what}); one directory "
                                     "holds one sweep: give this one its own hydra.sweep.dir")
             n = planned_cells(config)

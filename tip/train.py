@@ -138,7 +138,7 @@ def log_skipped(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, step: int, r
         raise NonFiniteStep(f"{in_a_row} steps in a row were skipped "
                             f"(train.max_skipped_steps={cfg.train.max_skipped_steps}), the last "
                             f"for non-finite values from {result.skipped}; no skipped step was "
-                            f"applied, and checkpoints saved before them are intact")
+                            "applied, and checkpoints saved before them are intact")
     return in_a_row
 
 

@@ -119,7 +119,7 @@ def worker_visible_devices(parent_visible: str | None, local_rank: int, device_c
     except RuntimeError:
         raise VllmError(f"local rank {local_rank} has no GPU of its own: "
                         f"CUDA_VISIBLE_DEVICES={parent_visible!r} ({len(visible)} visible); run "
-                        f"one process per GPU") from None
+                        "one process per GPU") from None
 
 
 class VllmWorker:
@@ -188,7 +188,7 @@ class VllmWorker:
             thread.join(1.0)
             if self.proc.poll() is not None and "conn" not in box:
                 raise VllmError(f"the vLLM worker exited (code {self.proc.returncode}) before "
-                                f"connecting; is vllm installed for "
+                                "connecting; is vllm installed for "
                                 f"{self.python}?\n{self._log_tail()}")
             timeout_s -= 1.0
             if timeout_s <= 0:
@@ -205,7 +205,7 @@ class VllmWorker:
         try:
             kind, payload = recv(self.conn)
         except EOFError:
-            raise VllmError(f"the vLLM worker died (code "
+            raise VllmError("the vLLM worker died (code "
                             f"{self.proc.wait()})\n{self._log_tail()}") from None
         if kind != "ok":
             raise VllmError(f"vLLM worker: {payload}")
@@ -230,8 +230,8 @@ class VllmWorker:
         if longest + max_new_tokens > self.max_model_len:
             raise VllmError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
                             f"exceeds the engine's max_model_len={self.max_model_len}: vLLM would "
-                            f"cut the response silently; raise rollout.max_model_len (or leave it "
-                            f"null to derive it from the data)")
+                            "cut the response silently; raise rollout.max_model_len (or leave it "
+                            "null to derive it from the data)")
         sampling = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
                         max_tokens=max_new_tokens, stop_token_ids=sorted(eos_ids(model, tokenizer)),
                         logprobs=0 if logprobs else None)

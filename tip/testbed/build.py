@@ -257,7 +257,7 @@ def build(out: Path, seed: int = 0, batch_size: int = 128, teacher: ModelSpec = 
     if student_only:
         if not (out / "teacher" / "config.json").is_file():
             raise SystemExit(f"--student-only needs a built pair in {out} (no teacher/config.json "
-                             f"there)")
+                             "there)")
         teacher_model = Qwen3ForCausalLM.from_pretrained(out / "teacher").eval()
         report["teacher"] = json.loads((out / "build.json").read_text())["teacher"]
     else:

@@ -140,7 +140,7 @@ def criteria(m: dict) -> list[Criterion]:
             Criterion(f"{CONFIDENT_ERROR} (confident) mean forward KL (nats)",
                       confident["mean_fkl"], ">= 1", confident["mean_fkl"] >= 1),
             Criterion(f"{INCONSISTENT_ERROR} (inconsistent) mean h, in units of the highest "
-                      f"third's bound",
+                      "third's bound",
                       inconsistent["mean_h"] / high_third, ">= 1",
                       inconsistent["mean_h"] >= high_third)]
     return out
