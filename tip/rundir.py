@@ -43,10 +43,13 @@ ATTEMPT_KEYS = ("attempt", "resumed_from_step")
 
 def write_status(run_dir: Path, status: str, **extra) -> None:
     """``running`` | ``completed`` | ``interrupted`` | ``failed`` (with the error), read by
-    ``tip.report``; the attempt's number and resume step stay."""
+    ``tip.report``; the attempt's number and resume step stay (``start_attempt`` sets them)."""
     kept = {k: v for k, v in (read_status(run_dir) or {}).items() if k in ATTEMPT_KEYS}
-    write_atomic(Path(run_dir) / STATUS_FILE,
-                 json.dumps({"status": status, **kept, **extra}, indent=1) + "\n")
+    _write_status_record(run_dir, {"status": status, **kept, **extra})
+
+
+def _write_status_record(run_dir: Path, record: dict) -> None:
+    write_atomic(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=1) + "\n")
 
 
 FAILURES_DIR = "failures"
@@ -314,9 +317,10 @@ def start_attempt(cfg: DictConfig, run_dir: Path, dist: DistInfo) -> ResumeDecis
         set_aside_failures(run_dir)  # an earlier attempt's rank failures are not this attempt's
         (run_dir / "config.yaml").write_text(config_text)
         write_hydra_record(run_dir)
-        write_atomic(run_dir / STATUS_FILE, json.dumps(
-            {"status": "running", "attempt": attempt,
-             **({"resumed_from_step": resume.step} if resume.checkpoint else {})}, indent=1) + "\n")
+        # a new attempt's own keys, not the last attempt's
+        _write_status_record(run_dir, {"status": "running", "attempt": attempt,
+                                       **({"resumed_from_step": resume.step}
+                                          if resume.checkpoint else {})})
     barrier_of(dist)()
     return resume
 

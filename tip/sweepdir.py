@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -52,8 +53,9 @@ class SweepDirGuard(Callback):
             self.check(config)
         except SweepDirError as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise SystemExit(2) from err
-            print(f"error: {err}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+            else:
+                print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         print(f"sweep directory: {config.hydra.sweep.dir}", flush=True)
 
