@@ -23,7 +23,7 @@ from tip.grading import GRADERS
 from tip.losses import DENOMINATORS
 from tip.models import ATTENTION, missing_attention
 from tip.rollout import ROLLOUT_BACKENDS, WEIGHT_TRANSFERS
-from tip.selection import KEEP_SCHEDULES, RULES, SCOPES, SELECTOR_PARAMS
+from tip.selection import KEEP_SCHEDULES, RULES, SCOPES, SELECTOR_PARAMS, SelectionParams
 from tip.signals import DIVERGENCES
 from tip.taxonomy import NORM_SCOPES
 from tip.wandb_logging import LOGGER_MODES
@@ -103,6 +103,13 @@ def parse_cell(cell: str) -> tuple[str, float]:
 def selector_node(rule: str) -> DictConfig:
     """What ``selector=<rule>`` composes: the rule's own file, conf/selector/<rule>.yaml."""
     return OmegaConf.load(CONF_DIR / "selector" / f"{rule}.yaml")
+
+
+def selection_of(run: SelectionParams, rule: str) -> SelectionParams:
+    """How a run of ``rule`` would select, beside the run that selected with ``run``: the same
+    shared settings, and the rule's own parameters (the run's rule: as it ran; any other: its
+    file's). The probe and the microscope compare rules with it."""
+    return run if rule == run.rule else run.for_rule(selector_node(rule))
 
 
 def apply_cell(cfg: DictConfig) -> None:

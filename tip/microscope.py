@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tip.checkpoint import write_atomic
-from tip.config import selector_node
+from tip.config import selection_of
 from tip.selection import RULES, SelectionParams, select
 from tip.signals import TokenSignals
 from tip.sweep_cells import read_jsonl
@@ -83,8 +83,7 @@ def compare_rules(cols: dict[str, list], meta: dict, keeps) -> dict[str, dict[st
     for rule in RULES:
         if any(name not in cols for name in RULES[rule].needs):
             continue
-        # the run's rule with its own knobs; another rule with those of its own file
-        params = run if rule == run.rule else run.for_rule(selector_node(rule))
+        params = selection_of(run, rule)
         out[rule] = {}
         for keep in keeps:
             flags = [False] * n

@@ -39,7 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tip.claims import by_batches
-from tip.config import CONF_DIR, ConfigError, check_config, require_conf_dir, selector_node
+from tip.config import CONF_DIR, ConfigError, check_config, require_conf_dir, selection_of
 from tip.errors import one_line_errors
 from tip.models import (
     final_logit_softcap,
@@ -177,9 +177,8 @@ def rule_params(cfg: DictConfig) -> dict[str, SelectionParams]:
     """Each of ``probe.rules`` as a run of it would select: the run's shared selection settings, the
     rule's own parameters (the configured selector's as configured, every other rule's from its
     own file)."""
-    return {rule: SelectionParams.of(cfg.selector if rule == cfg.selector.name
-                                     else selector_node(rule), cfg.selection)
-            for rule in cfg.probe.rules}
+    run = SelectionParams.of(cfg.selector, cfg.selection)
+    return {rule: selection_of(run, rule) for rule in cfg.probe.rules}
 
 
 def rule_mask(tokens: ProbedTokens, params: SelectionParams, keep: float,
