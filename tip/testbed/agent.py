@@ -68,13 +68,15 @@ EXTRA_CHARS = ['"', "\n", "_", "<", ">", "|", "/"]
 # an assistant message's tool_calls (if given as structured calls) are written as <tool_call> JSON
 # after its content.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m.role == 'tool' %}{% if loop.first or messages[loop.index0 - "
-    "1].role != 'tool' %}{{ '<|im_start|>user\\n' }}{% endif %}{{ '<tool_response>' + m.content + "
-    "'</tool_response>' }}{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ "
-    "'<|im_end|>\\n' }}{% endif %}{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content }}{% "
-    "for tc in m.tool_calls | default([]) %}{{ '<tool_call>' + ((tc.function if tc.function is "
-    "defined else tc) | tojson) + '</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% "
-    "endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user\\n' }}"
+    "{% endif %}{{ '<tool_response>' + m.content + '</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% else %}{{ '<|im_start|>' + m.role + '\\n' + m.content }}"
+    "{% for tc in m.tool_calls | default([]) %}"
+    "{{ '<tool_call>' + ((tc.function if tc.function is defined else tc) | tojson) + "
+    "'</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
