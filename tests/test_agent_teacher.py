@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip.env import TurnFormat
 from tip.tasks import call_text
-from tip.testbed.agent import ASSET_DIR
-from tip.testbed.agent_dagger import (
+from tip.testbed.agent.build import ASSET_DIR
+from tip.testbed.agent.dagger import (
     State,
     complete_head,
     expert_rest,
@@ -20,7 +20,7 @@ from tip.testbed.agent_dagger import (
     viable,
     well_formed_turn,
 )
-from tip.testbed.agent_dagger import (
+from tip.testbed.agent.dagger import (
     main as dagger_main,
 )
 

@@ -40,10 +40,10 @@ def test_a_claim_names_a_comparison_tip_can_decide():
 def test_every_results_document_speaks_the_one_vocabulary():
     """The sweep report, testbed v2 and the probe decide with tip.claims; each of their verdicts is one of its
     words (the probe's 'mixed' is now 'inconclusive')."""
-    from tip.probe import PREDICTIONS, verdicts
+    from tip.probe.predictions import PREDICTIONS, verdicts
     from tip.stats import difference
     from tip.sweep_claims import CLAIMS, verdict_words
-    from tip.testbed.v2_decide import verdict
+    from tip.testbed.cipher.decide import verdict
 
     assert all(isinstance(c, Claim) for c in CLAIMS)
     words = verdict_words([(c.comparison, difference({0: 0.5, 1: 0.6}, {0: 0.4, 1: 0.45})) for c in CLAIMS])

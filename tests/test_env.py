@@ -1,4 +1,4 @@
-"""Multi-turn tool-use rollouts (tip/env.py) and the embedded agentic task (tip/testbed/agent.py): tool-call
+"""Multi-turn tool-use rollouts (tip/env.py) and the embedded agentic task (tip/testbed/agent/build.py): tool-call
 parsing, the environment's turns, masks that keep every environment token out of signals, selection, quadrants and
 loss, teacher/student alignment across turns, both rollout backends, evaluation, and training from the command
 line."""
@@ -27,7 +27,7 @@ from tip.rollout import HFRollout, aligned_targets, hf_turns, with_prompts
 from tip.selection import select
 from tip.signals import logits_rows, token_signals
 from tip.taxonomy import quadrant_labels
-from tip.testbed.agent import (
+from tip.testbed.agent.build import (
     call_text,
     episode_tokens,
     sample_examples,
@@ -310,17 +310,18 @@ def test_the_students_errors_sit_where_the_task_says(tok, fmt):
 
 @pytest.mark.slow
 def test_the_build_command_writes_a_loadable_agentic_pair(tmp_path):
-    """``python -m tip.testbed.agent`` (a few steps here): both models load with the tool-call tokenizer and its
+    """``python -m tip.testbed.agent.build`` (a few steps here): both models load with the tool-call tokenizer and its
     chat template, and build.json records what was measured."""
     out = tmp_path / "pair"
-    done = subprocess.run([sys.executable, "-m", "tip.testbed.agent", "--out", str(out), "--steps-scale", "0.004"],
+    done = subprocess.run([sys.executable, "-m", "tip.testbed.agent.build", "--out", str(out),
+                           "--steps-scale", "0.004"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "build.json").read_text())
     assert report["init"] == "embedded://teacher" and report["spec"]["teacher_steps"] == 2
-    # then the teacher learns the student's states (tip.testbed.agent_dagger), the student kept as it is
+    # then the teacher learns the student's states (tip.testbed.agent.dagger), the student kept as it is
     student_weights = (out / "student" / "model.safetensors").read_bytes()
-    done = subprocess.run([sys.executable, "-m", "tip.testbed.agent_dagger", "--pair", str(out), "--steps-scale",
+    done = subprocess.run([sys.executable, "-m", "tip.testbed.agent.dagger", "--pair", str(out), "--steps-scale",
                            "0.004"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     off_path = json.loads((out / "build.json").read_text())["teacher_off_path"]

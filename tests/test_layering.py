@@ -77,6 +77,19 @@ def test_the_library_does_not_import_the_testbed():
     assert not {m: d for m, d in bad.items() if d}, "the testbed uses the library, not the reverse"
 
 
+def test_each_testbed_is_a_package_that_fits_through_the_shared_sft_loop():
+    """One subpackage per testbed; the tokenizer, model shape and pair files (tiny.py) and the
+    supervised-fitting loop (sft.py) exist once, beside them. The only other backward pass is the
+    cipher's OPD cell."""
+    testbed = PACKAGE / "testbed"
+    packages = {p.name for p in testbed.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == {"arith", "cipher", "agent"}
+    assert sorted(p.name for p in testbed.glob("*.py")) == ["__init__.py", "sft.py", "tiny.py"]
+    fitting = sorted(p.relative_to(testbed).as_posix() for p in testbed.rglob("*.py")
+                     if "backward()" in p.read_text(encoding="utf-8"))
+    assert fitting == ["cipher/opd.py", "sft.py"]
+
+
 @pytest.mark.parametrize("entry", ["tip.train"])
 def test_no_module_imports_the_entry_point(entry):
     users = sorted(m for m, deps in import_graph().items() if entry in deps)

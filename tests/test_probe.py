@@ -9,15 +9,14 @@ import torch
 from omegaconf import OmegaConf
 
 from tip.models import load_model, load_tokenizer
-from tip.probe import (
+from tip.probe.measure import (
     ProbedTokens,
-    cut_before_tail,
     probe_batch,
     probe_tokens,
     quadrant_masks,
     summed_gradient,
-    train_tail_only,
 )
+from tip.probe.tail import cut_before_tail, train_tail_only
 from tip.rollout import hf_generate
 from tip.signals import SIGNAL_ROWS, TokenSignals
 from tip.tasks import sample_problems
@@ -100,7 +99,7 @@ def hand_tokens(h, d):
 def test_per_token_alignments_equal_one_backward_per_token(pair_and_batches):
     """token_alignments (a double backward) gives <g_t, d> for every token at once: equal, token by token, to
     autograd's gradient of that token's loss alone."""
-    from tip.probe import token_alignments
+    from tip.probe.measure import token_alignments
 
     student, teacher, probed, _ = pair_and_batches
     params = train_tail_only(student, 1)
@@ -180,7 +179,7 @@ def test_the_probe_command_runs_on_the_embedded_pair(tmp_path):
 
 def test_probe_settings_are_checked():
     from tip.config import ConfigError
-    from tip.probe import check_probe
+    from tip.probe.run import check_probe
 
     with pytest.raises(ConfigError, match="probe.rules: 'q7' is not a rule"):
         check_probe(compose_config("probe.rules=[q7]"))
@@ -192,7 +191,7 @@ def test_probe_settings_are_checked():
 
 
 def test_the_predictions_are_decided_per_batch_as_pre_registered():
-    from tip.probe import verdicts
+    from tip.probe.predictions import verdicts
 
     def batch(phi, q3_share, es_q3):
         quads = {q: {"phi": v} for q, v in zip(("Q1", "Q2", "Q3", "Q4"), phi)}
@@ -216,7 +215,7 @@ def test_the_probe_selects_each_rule_as_a_run_of_it_would():
     """The probe compared rules with their knobs dropped (every rule at entropy_alpha 1 whatever the config said);
     it now builds the same SelectionParams a run builds: the configured rule's as configured, each other rule's from
     its own file."""
-    from tip.probe import rule_params
+    from tip.probe.measure import rule_params
     from tip.selection import SelectionParams
     from tip.step import StepSettings
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from tip.selection import RULES, keep_count, keeps_every_token, register_rule, select_tokens
+from tip.keep import keep_count
+from tip.selection import RULES, keeps_every_token, register_rule, select_tokens
 from tip.signals import TokenSignals
 
 ALL_RULES = sorted(RULES)
@@ -287,7 +288,7 @@ def test_the_batch_scopes_target_is_the_global_batchs_k_counted_once():
     """scope=batch over ranks keeps K = floor(rho * M) of the global batch; the target the step logs
     (kept_of_target) must be that K, not the sum of each rank's own floor (3 + 3 valid tokens at rho = .5: K = 3,
     where the ranks' own targets were 1 + 1)."""
-    from tip.selection import BatchGather, target_count
+    from tip.keep import BatchGather, target_count
 
     mask = torch.ones(1, 3, dtype=torch.bool)
     ranks = [BatchGather(lambda x: torch.cat([x, x]), rank) for rank in (0, 1)]  # two ranks of 3 tokens each

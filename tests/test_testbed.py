@@ -17,8 +17,10 @@ from tip.tasks import (
     solution_text,
     subtract_without_borrow,
 )
-from tip.testbed.build import build_tokenizer, sft_batch, student_samples
-from tip.testbed.build import main as build_main
+from tip.testbed.arith.build import main as build_main
+from tip.testbed.arith.build import student_samples
+from tip.testbed.sft import sft_batch
+from tip.testbed.tiny import build_tokenizer
 
 
 def test_train_and_test_splits_are_disjoint_and_seeded():
@@ -123,7 +125,7 @@ def test_the_shipped_pair_meets_the_testbed_criteria_on_signals():
     """docs/testbed.md, "The embedded testbed": every quadrant exists, Q3 holds the confident error, the two error
     types sit in the regions they were built for (measured on the untrained student's rollouts, before any rule is
     run)."""
-    from tip.testbed.criteria import criteria, markdown, measure
+    from tip.testbed.arith.criteria import criteria, markdown, measure
 
     m = measure(steps=8)
     rows = criteria(m)

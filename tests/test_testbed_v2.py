@@ -11,11 +11,12 @@ import torch
 
 from tip.signals import TokenSignals, log_probs
 from tip.stats import t_quantile
-from tip.testbed import v2, v2_decide
-from tip.testbed.build import build_tokenizer
-from tip.testbed.v2 import ERROR_KINDS, LENGTH, PARTS, Cipher, target_distributions
-from tip.testbed.v2_opd import BUDGET, Pair, cell_loss, heldout, kind_masks, train_cell
-from tip.testbed.v2_sweep import absolute_labels, check_grid, precision_recall, run
+from tip.testbed.cipher import build as v2
+from tip.testbed.cipher import decide as v2_decide
+from tip.testbed.cipher.build import ERROR_KINDS, LENGTH, PARTS, Cipher, target_distributions
+from tip.testbed.cipher.opd import BUDGET, Pair, cell_loss, heldout, kind_masks, train_cell
+from tip.testbed.cipher.sweep import absolute_labels, check_grid, precision_recall, run
+from tip.testbed.tiny import build_tokenizer
 
 
 def test_the_cipher_plants_each_part_and_splits_train_from_held_out():

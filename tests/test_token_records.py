@@ -5,9 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip.data import prompt_token_ids
+from tip.keep import keep_count
 from tip.microscope import compare_rules
 from tip.models import resolve_model_ref
-from tip.selection import keep_count, select_tokens
+from tip.selection import select_tokens
 from tip.signals import TokenSignals, log_probs, row_signals, top1_rows
 from tip.taxonomy import quadrant_labels
 from tip.token_records import COLUMNS, logged_steps, read_token_records, stats_of

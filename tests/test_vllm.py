@@ -100,7 +100,7 @@ def test_multi_turn_episodes_agree_with_hf_and_train(tmp_path):
     from tip.data import prompt_token_ids
     from tip.env import CalculatorEnv, EpisodeLimits, TurnFormat, episode_batch, run_episodes
     from tip.rollout import hf_turns
-    from tip.testbed.agent import sample_examples
+    from tip.testbed.agent.build import sample_examples
     from tip.vllm_worker import VllmWorker
 
     tok = load_tokenizer("embedded://agent_student")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tip.config import ConfigError, check_config
+from tip.keep import gumbel_threshold, keep_at
 from tip.losses import fused_divergence_sum, loss_denominator
 from tip.reference_loss import kept_token_divergence, opd_loss
-from tip.selection import SelectionParams, gumbel_threshold, keep_at, select
+from tip.selection import SelectionParams, select
 from tip.signals import TokenSignals, entropy, jsd, jsd_rows, log_probs, logits_rows, row_signals, token_signals
 from tip.sweep_cells import read_cell
 from tip.train import train
@@ -82,7 +83,7 @@ def test_gumbel_keys_are_not_truncated():
     """The keys were -log(-log u) with fp32 u clamped at 1 - 1e-7: none above 15.9, so a token whose log-weight lay
     more than 15.9 below the threshold (the lowest-entropy ones) could never be drawn. This seed's first million
     keys hold one of 17.2 (a key above 16.5 turns up about once per 15 million draws)."""
-    from tip.selection import _gumbel
+    from tip.keep import gumbel as _gumbel
 
     keys = _gumbel(torch.Size([1_000_000]), torch.Generator().manual_seed(5), "cpu")
     assert float(keys.max()) > 16.5

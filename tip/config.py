@@ -20,10 +20,11 @@ from tip.engine import GATHER_FOR_GENERATE, OPTIMIZERS, PRECISIONS
 from tip.env import ENVIRONMENTS, EpisodeLimits
 from tip.errors import UserError
 from tip.grading import GRADERS
+from tip.keep import KEEP_SCHEDULES, SCOPES
 from tip.losses import DENOMINATORS
 from tip.models import ATTENTION, missing_attention
 from tip.rollout import ROLLOUT_BACKENDS, WEIGHT_TRANSFERS
-from tip.selection import KEEP_SCHEDULES, RULES, SCOPES, SELECTOR_PARAMS, SelectionParams
+from tip.selection import RULES, SELECTOR_PARAMS, SelectionParams
 from tip.signals import DIVERGENCES
 from tip.taxonomy import NORM_SCOPES
 from tip.wandb_logging import LOGGER_MODES

@@ -21,12 +21,12 @@ from tip.signals import softcap
 EMBEDDED_SCHEME = "embedded://"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded_pair"
 EMBEDDED_MODELS = {  # embedded://NAME -> (its directory, the command that rebuilds it)
-    "teacher": (EMBEDDED_DIR / "teacher", "python -m tip.testbed.build"),
-    "student": (EMBEDDED_DIR / "student", "python -m tip.testbed.build"),
+    "teacher": (EMBEDDED_DIR / "teacher", "python -m tip.testbed.arith.build"),
+    "student": (EMBEDDED_DIR / "student", "python -m tip.testbed.arith.build"),
     "agent_teacher": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "teacher",
-                      "python -m tip.testbed.agent"),
+                      "python -m tip.testbed.agent.build"),
     "agent_student": (EMBEDDED_DIR.parent / "embedded_agent_pair" / "student",
-                      "python -m tip.testbed.agent"),
+                      "python -m tip.testbed.agent.build"),
 }
 
 

@@ -38,6 +38,7 @@ from tip.env import (
     engine_context_tokens,
     get_environment,
 )
+from tip.keep import keep_at
 from tip.models import (
     HiddenStatesLM,
     check_vocab,
@@ -48,7 +49,6 @@ from tip.models import (
     resolve_attention,
 )
 from tip.rollout import HFRollout, StepSeeds, prompt_seeds
-from tip.selection import keep_at
 from tip.signals import resolve_chunk_size
 from tip.step import StepInputs, StepSettings
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_max, all_reduce_sum
+from tip.keep import BatchGather
 from tip.losses import (
     FusedDivergence,
     fused_divergence_sum,
@@ -35,7 +36,6 @@ from tip.models import (
 )
 from tip.rollout import RolloutBatch, aligned_targets, with_prompts
 from tip.selection import (
-    BatchGather,
     Rule,
     Selection,
     SelectionParams,

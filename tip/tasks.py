@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 
 # The student's error types, in the order they appear in a solution, with the region of the taxonomy
-# each is built to occupy (tip/testbed/build.py drills them in).
+# each is built to occupy (tip/testbed/arith/build.py drills them in).
 ERROR_TYPES = {
     "carry": ("addition never carries, always and with confidence (Q3: low entropy, high "
               "divergence)"),

@@ -1,7 +1,6 @@
-"""Testbed v2: a pair where the Q3 claims can fail (issue 31). Its task, its build, its criteria.
+"""Testbed v2 (the cipher): a pair where the Q3 claims can fail (issue 31). Its task and its build.
 
-    python -m tip.testbed.v2 --seed 0         # one build (about a minute on 2 cores), cached
-    python -m tip.testbed.v2 --seed 0 --check # and its signal criteria on the untrained student
+    python -m tip.testbed.cipher.build --seed 0    # one build (about a minute on 2 cores), cached
 
 **The task** (``Cipher``): the prompt is 12 letters of ``a``-``p`` and ``=``; the answer writes each
 letter's code, in order, then end-of-sequence (``fbk=`` -> ``7q2``). Each answer position depends on
@@ -24,7 +23,7 @@ Prompt letters are drawn 20% confident, 20% inconsistent, 15% choice, 45% ordina
 Both models are trained towards explicit target distributions (soft-target cross-entropy): the
 teacher from scratch, with label smoothing 0.08 everywhere (its ordinary tokens keep about 0.6 nats
 of entropy, well above a drilled error's 0.1); the student from the teacher's weights, towards the
-same targets except at the planted letters. Differences from v1 (``tip.testbed.build``), and why:
+same targets except at the planted letters. Differences from v1 (``tip.testbed.arith``), and why:
 v1 planted one error token of each kind per rollout, which any divergence-aware rule keeps at any
 keep fraction, and its confident error (p = 0.995 at 0.09 nats of ordinary entropy) was never moved
 by any rule; v2 gives ordinary tokens more entropy so a p = 0.98 error is still the most confident
@@ -46,7 +45,8 @@ from pathlib import Path
 
 import torch
 
-from tip.testbed.build import ModelSpec, build_tokenizer, make_model, write_pair
+from tip.testbed.sft import adamw, fit
+from tip.testbed.tiny import ModelSpec, build_tokenizer, make_model, write_pair
 
 LETTERS = "abcdefghijklmnop"
 CODES = "0123456789qrstuvwxyz"
@@ -180,27 +180,24 @@ def answer_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids).logits[:, start:start + LENGTH + 1].float()
 
 
-def fit(model, cipher: Cipher, tok, steps: int, lr: float, seed: int, student: bool,
-        batch_size: int = 64, log_every: int = 200) -> None:
-    """Soft-target cross-entropy towards ``target_distributions``; AdamW, warm-up, cosine decay."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+def fit_targets(model, cipher: Cipher, tok, steps: int, lr: float, seed: int, student: bool,
+                batch_size: int = 64, log_every: int = 200) -> None:
+    """``sft.fit`` towards ``target_distributions`` (soft-target cross-entropy); AdamW, warm-up,
+    cosine decay."""
+    opt = adamw(model, lr)
     warmup = max(1, steps // 20)
+    # this build's own spelling of the cosine (pi * s / steps, not sft.warmup_cosine's
+    # pi * min(1, s / steps)): the two round differently, and builds stay bit-identical
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     prompts = cipher.prompts(steps * batch_size, seed, "train")
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         ids, target = target_distributions(
             cipher, tok, prompts[step * batch_size:(step + 1) * batch_size], student)
-        logp = answer_logits(model, ids).log_softmax(-1)
-        loss = -(target * logp).sum(-1).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if step % log_every == 0 or step == steps - 1:
-            print(f"  step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
-    model.eval()
+        return -(target * answer_logits(model, ids).log_softmax(-1)).sum(-1).mean()
+
+    fit(model, loss_at, steps, opt, sched, clip=1.0, log_every=log_every)
 
 
 @torch.no_grad()
@@ -238,14 +235,14 @@ def build(seed: int, out: Path | None = None, steps_scale: float = 1.0) -> Path:
     t0 = time.time()
     teacher = make_model(TEACHER_SPEC, len(tok), tok)
     print(f"build {seed}: training the teacher", flush=True)
-    fit(teacher, cipher, tok, teacher_steps, TEACHER_SPEC.lr, seed, student=False)
+    fit_targets(teacher, cipher, tok, teacher_steps, TEACHER_SPEC.lr, seed, student=False)
     report["teacher"] = {**asdict(TEACHER_SPEC), "steps": teacher_steps,
                          "train_seconds": round(time.time() - t0, 1),
                          "match": match_report(teacher, cipher, tok, student=False)}
     t0 = time.time()
     student = copy.deepcopy(teacher)
     print(f"build {seed}: deriving the student", flush=True)
-    fit(student, cipher, tok, student_steps, STUDENT_SPEC.lr, seed + 1000, student=True)
+    fit_targets(student, cipher, tok, student_steps, STUDENT_SPEC.lr, seed + 1000, student=True)
     report["student"] = {**asdict(STUDENT_SPEC), "steps": student_steps, "init": "teacher",
                          "train_seconds": round(time.time() - t0, 1),
                          "match": match_report(student, cipher, tok, student=True)}

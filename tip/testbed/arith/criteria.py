@@ -1,7 +1,7 @@
 """The embedded testbed's criteria, checked on signals before any rule is compared.
 
-    python -m tip.testbed.criteria            # the untrained student's rollouts, as the default run
-    draws them
+    python -m tip.testbed.arith.criteria   # on the untrained student's rollouts, drawn as the
+                                           # default run draws them
 
 On the untrained student's rollouts (the default run's sampling, batches of one training step,
 quadrants by the default thresholds of that step's batch):

@@ -1,11 +1,11 @@
 """Testbed v2's sweep: every build's criteria, every cell, then the pre-registered decisions.
 
-    python -m tip.testbed.v2_sweep                       # sweeps/testbed_v2/grid.yaml
-    python -m tip.testbed.v2_sweep --out DIR --builds 0 --seeds 0 --cells all@1.0,q3@0.1
+    python -m tip.testbed.cipher.sweep                       # sweeps/testbed_v2/grid.yaml
+    python -m tip.testbed.cipher.sweep --out DIR --builds 0 --seeds 0 --cells all@1.0,q3@0.1
 
 Writes ``<out>/cells.jsonl`` (one line per finished cell, appended as it finishes: a killed sweep
 resumes where it stopped), ``<out>/builds.json`` (each build's signal criteria and label
-precision/recall) and ``<out>/decisions.md`` (``tip.testbed.v2_decide``). Default out:
+precision/recall) and ``<out>/decisions.md`` (``tip.testbed.cipher.decide``). Default out:
 ``outputs/testbed_v2/<date_time>`` (never an existing directory's results).
 """
 
@@ -24,11 +24,12 @@ import yaml
 from tip.config import REPO_ROOT
 from tip.config import parse_cell as parse_run_cell
 from tip.engine import OPTIMIZERS
-from tip.selection import get_rule, select, validate_keep
+from tip.keep import validate_keep
+from tip.selection import get_rule, select
 from tip.signals import signals_from_logits
 from tip.taxonomy import quadrant_labels, quantile
-from tip.testbed.v2 import ERROR_KINDS, built
-from tip.testbed.v2_opd import BUDGET, Budget, Pair, heldout, sample_batch, train_cell
+from tip.testbed.cipher.build import ERROR_KINDS, built
+from tip.testbed.cipher.opd import BUDGET, Budget, Pair, heldout, sample_batch, train_cell
 
 GRID = REPO_ROOT / "sweeps" / "testbed_v2" / "grid.yaml"
 # The absolute quadrant thresholds (docs/testbed_v2.md): disagreeing where delta exceeds this many
@@ -197,7 +198,7 @@ def run(out: Path, builds: list[int], seeds: list[int], optimizers: list[str], c
         build_info[str(build)]["criteria"] = build_criteria(build_info[str(build)]["signals"],
                                                             ready)
         builds_path.write_text(json.dumps(build_info, indent=2) + "\n")
-    from tip.testbed.v2_decide import decide_file
+    from tip.testbed.cipher.decide import decide_file
 
     decide_file(out)
     print(f"sweep: {time.time() - t0:.0f}s; {out}/decisions.md", flush=True)

@@ -1,9 +1,9 @@
 """The agentic teacher, made a good teacher off its own path (issue 31, part 2), DAgger-style.
 
-    python -m tip.testbed.agent_dagger        # the shipped agent pair's teacher learns from the
-    student's states (a few minutes on 2 cores); its student is kept as it is
+    python -m tip.testbed.agent.dagger   # the shipped pair's teacher learns the student's states
+                                         # (a few minutes on 2 cores); the student is kept
 
-The first agentic teacher (``tip.testbed.agent``) saw only its own correct episodes. From the
+The first agentic teacher (``tip.testbed.agent.build``) saw only its own correct episodes. From the
 student's states (a head-sum before the call, a call of the head-sum's difference, an answer after
 one call) it wrote broken JSON, and all-token OPD taught the student that (docs/running.md,
 "Multi-turn tool use"). Here the teacher is trained further on a mix of its own episodes and the
@@ -249,7 +249,7 @@ def train_off_path(teacher, student, tok, spec: DaggerSpec, seed: int) -> dict:
     ``spec.rounds`` rounds of fresh states."""
     from tip.env import TurnFormat
     from tip.tasks import sample_operands
-    from tip.testbed.agent import AgentSpec, _fit, teacher_rows
+    from tip.testbed.agent.build import AgentSpec, fit_rows, teacher_rows
 
     fmt = TurnFormat(tok)
     total = spec.steps * spec.batch_size
@@ -269,7 +269,8 @@ def train_off_path(teacher, student, tok, spec: DaggerSpec, seed: int) -> dict:
         t1 = time.time()
         rows += teacher_rows(tok, fmt, total - len(rows), round_seed + 13)
         random.Random(f"dagger-{round_seed}").shuffle(rows)
-        _fit(teacher, tok, rows, spec.steps, spec.batch_size, spec.lr, agent_spec, drilled=False)
+        fit_rows(teacher, tok, rows, spec.steps, spec.batch_size, spec.lr, agent_spec,
+                 drilled=False)
         done["state_rows"] += len(states[:from_states])
         done["sampling_seconds"] += round(t1 - t0, 1)
         done["train_seconds"] += round(time.time() - t1, 1)
@@ -277,7 +278,7 @@ def train_off_path(teacher, student, tok, spec: DaggerSpec, seed: int) -> dict:
 
 
 def criteria(teacher, student, tok) -> dict:
-    from tip.testbed.agent import episode_accuracy
+    from tip.testbed.agent.build import episode_accuracy
 
     return {"off_path": off_path(teacher, student, tok),
             "teacher_heldout_greedy": episode_accuracy(teacher, tok)}
@@ -286,8 +287,8 @@ def criteria(teacher, student, tok) -> dict:
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tip.testbed.agent import ASSET_DIR
-    from tip.testbed.build import write_pair
+    from tip.testbed.agent.build import ASSET_DIR
+    from tip.testbed.tiny import write_pair
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", type=Path, default=ASSET_DIR, help="the agent pair to rewrite")
@@ -296,7 +297,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not (args.pair / "build.json").is_file():
         raise SystemExit(f"--pair {args.pair}: no agent pair there (no build.json); build one with "
-                         "python -m tip.testbed.agent --out <dir>")
+                         "python -m tip.testbed.agent.build --out <dir>")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tok = AutoTokenizer.from_pretrained(args.pair / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(args.pair / "teacher")

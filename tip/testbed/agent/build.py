@@ -1,8 +1,8 @@
 """The embedded agentic task: the arithmetic problems of ``tip.tasks`` solved with a calculator
 tool.
 
-    python -m tip.testbed.agent          # writes tip/assets/embedded_agent_pair (8 min, 2 cores)
-    python -m tip.testbed.agent_dagger   # then trains its teacher off its own path (6 min)
+    python -m tip.testbed.agent.build    # writes tip/assets/embedded_agent_pair (8 min, 2 cores)
+    python -m tip.testbed.agent.dagger   # then trains its teacher off its own path (6 min)
 
 A correct episode (the teacher's) calls ``calc`` twice and then answers; every call goes through the
 chat template as a Hermes/Qwen ``<tool_call>`` and the result comes back as a ``tool`` message::
@@ -26,9 +26,9 @@ The student's two errors, at known places (``ERRORS``):
 
 Both models start from the embedded arithmetic pair's teacher with the tokenizer extended by the
 tool-call tokens and a chat template; the teacher is fine-tuned on correct episodes, the student
-derived from it on its own (``tip.testbed.build``'s soft targets and drilled digits). The shipped
+derived from it on its own (``tip.testbed.sft``'s soft targets and drilled digits). The shipped
 teacher then also learned the student's states, so that it is a good teacher off its own path
-(``tip/testbed/agent_dagger.py``, the second command above). Training sequences are laid out exactly
+(``tip/testbed/agent/dagger.py``, the second command above). Training sequences are laid out exactly
 as rollouts are (``tip.env``): the student's tokens are learned, the environment's are context only.
 """
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import random
 import time
@@ -54,8 +53,9 @@ from tip.tasks import (
     sample_operands,
     teacher_turns,
 )
+from tip.testbed.sft import adamw, fit, sft_loss, warmup_cosine
 
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded_agent_pair"
+ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "embedded_agent_pair"
 ERRORS = {
     "no_tool": "adds in its head instead of calling calc, never carrying, with confidence (Q3)",
     "swap": "writes the subtraction's operands in either order, half and half (Q1)",
@@ -87,7 +87,7 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tip.testbed.build import CHARS, SPECIAL
+    from tip.testbed.tiny import CHARS, SPECIAL
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS + EXTRA_CHARS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -148,7 +148,7 @@ def episode_tokens(tok, fmt, problem: str,
 
 def batch_of(tok, rows) -> dict[str, torch.Tensor]:
     width = max(len(r[0]) for r in rows)
-    # On the host: the builder trains on CPU (tip.testbed.build).
+    # On the host: the builder trains on CPU (tip.testbed.sft).
     out = {k: torch.full((len(rows), width), v, device="cpu") for k, v in
            (("input_ids", tok.pad_token_id), ("labels", -100), ("alt", -100),
             ("attention_mask", 0))}
@@ -168,31 +168,21 @@ class AgentSpec:
     student_lr: float = 1e-3
     batch_size: int = 64
     swap_rate: float = 0.5  # share of the student's subtractions written with the operands swapped
-    carry_tail: float = 0.005  # as tip.testbed.build.StudentSpec
+    carry_tail: float = 0.005  # as tip.testbed.arith.build.StudentSpec
     drill_weight: float = 30.0
     smoothing: float = 0.01
 
 
-def _fit(model, tok, rows, steps, batch_size, lr, spec: AgentSpec, drilled: bool,
-         warmup: int = 20) -> None:
-    from tip.testbed.build import sft_loss
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup)
-        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        batch = batch_of(tok, rows[step * batch_size:(step + 1) * batch_size])
-        loss = sft_loss(model, batch, spec.smoothing, spec.carry_tail if drilled else 0.0,
-                        spec.drill_weight if drilled else 1.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  step {step:5d}  loss {loss.item():.4f}  {time.time() - t0:6.1f}s", flush=True)
-    model.eval()
+def fit_rows(model, tok, rows, steps, batch_size, lr, spec: AgentSpec, drilled: bool,
+             warmup: int = 20) -> None:
+    """``sft.fit`` on episode rows, ``batch_size`` a step; with ``drilled`` the student's drilled
+    digits keep ``spec.carry_tail`` at ``spec.drill_weight``."""
+    opt = adamw(model, lr)
+    sched = warmup_cosine(opt, steps, warmup)
+    carry_tail, drill_weight = (spec.carry_tail, spec.drill_weight) if drilled else (0.0, 1.0)
+    fit(model, lambda step: sft_loss(
+        model, batch_of(tok, rows[step * batch_size:(step + 1) * batch_size]), spec.smoothing,
+        carry_tail, drill_weight), steps, opt, sched, clip=1.0)
 
 
 def teacher_rows(tok, fmt, n: int, seed: int):
@@ -234,7 +224,7 @@ def build(out: Path = ASSET_DIR, seed: int = 0, spec: AgentSpec | None = None) -
 
     from tip.env import TurnFormat
     from tip.models import resolve_model_ref
-    from tip.testbed.build import save_pair
+    from tip.testbed.tiny import save_pair
 
     spec = spec or AgentSpec()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -253,13 +243,13 @@ def build(out: Path = ASSET_DIR, seed: int = 0, spec: AgentSpec | None = None) -
                     "init": "embedded://teacher"}
     print("fine-tuning the agent teacher on correct episodes", flush=True)
     t0 = time.time()
-    _fit(teacher, tok, teacher_rows(tok, fmt, spec.teacher_steps * spec.batch_size, seed),
+    fit_rows(teacher, tok, teacher_rows(tok, fmt, spec.teacher_steps * spec.batch_size, seed),
          spec.teacher_steps, spec.batch_size, spec.teacher_lr, spec, drilled=False)
     report["teacher"] = {"train_seconds": round(time.time() - t0, 1)}
     print("deriving the agent student", flush=True)
     t0 = time.time()
     student = copy.deepcopy(teacher)
-    _fit(student, tok, student_rows(tok, fmt, spec.student_steps * spec.batch_size, seed + 1,
+    fit_rows(student, tok, student_rows(tok, fmt, spec.student_steps * spec.batch_size, seed + 1,
                                     spec.swap_rate),
          spec.student_steps, spec.batch_size, spec.student_lr, spec, drilled=True)
     report["student"] = {"init": "teacher", "train_seconds": round(time.time() - t0, 1)}

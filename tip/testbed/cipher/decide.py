@@ -1,6 +1,6 @@
 """Testbed v2's pre-registered decisions (docs/testbed_v2.md), from a sweep's ``cells.jsonl``.
 
-    python -m tip.testbed.v2_decide outputs/testbed_v2/<date_time>
+    python -m tip.testbed.cipher.decide outputs/testbed_v2/<date_time>
 
 Every comparison is a paired difference d = metric(A) - metric(B) of two cells that share a build
 and a seed (the same training prompts and sampling seed). Each build's mean over seeds is one

@@ -1,5 +1,5 @@
 """On-policy distillation on a testbed-v2 pair, one cell at a time, with the metrics the v2 claims
-are decided on (``tip.testbed.v2_sweep`` runs the grid).
+are decided on (``tip.testbed.cipher.sweep`` runs the grid).
 
 A cell is (rule, keep, optimizer, build, seed). Each step: the student samples rollouts of the
 step's training prompts, the teacher scores them, the library's ``tip.signals`` and
@@ -35,7 +35,7 @@ from tip.models import load_model, load_tokenizer
 from tip.rollout import hf_generate
 from tip.selection import select
 from tip.signals import divergence, log_probs, signals_from_logits
-from tip.testbed.v2 import ERROR_KINDS, LENGTH, Cipher, load_cipher
+from tip.testbed.cipher.build import ERROR_KINDS, LENGTH, Cipher, load_cipher
 
 
 @dataclass(frozen=True)

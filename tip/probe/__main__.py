@@ -1,0 +1,3 @@
+from tip.probe.run import main
+
+main()

@@ -1,0 +1,2 @@
+"""The embedded agentic pair (``embedded://agent_*``, a calculator tool): its build and its
+DAgger-trained teacher (docs/running.md, "Multi-turn tool use")."""
