@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tip.distributed import DistInfo, all_gather_rows, all_reduce_sum
 from tip.selection import RULES, select, select_tokens
 from tip.signals import TokenSignals
-from tip.step import STEP_SUMS, reduce_step_sums
+from tip.step_metrics import STEP_SUMS, reduce_step_sums
 from tip.taxonomy import BatchStats, quadrant_labels
 
 CUDA = torch.device("cuda", 0)

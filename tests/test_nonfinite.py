@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tip.models import resolve_model_ref
-from tip.step import NonFiniteStep, nonfinite_signals
+from tip.step import nonfinite_signals
+from tip.step_metrics import NonFiniteStep
 from tip.train import train
 
 from support import compose_config, read_metrics

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tip.model_shape import SNAPSHOT_DIR, ModelShape, load_model_config, model_shape
 from tip.models import PairError, resolve_model_ref
-from tip.plan import GB, SNAPSHOT_DIR, ModelShape, RunShape, estimate, load_model_config, model_shape, plan_memory
+from tip.plan import GB, RunShape, estimate, plan_memory
 
 from support import ROOT
 

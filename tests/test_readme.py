@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from support import CONF_DIR, DATA_ROOT, ROOT, compose_config
 
 FRONT_PAGE = (ROOT / "README.md").read_text()
-GUIDES = sorted((ROOT / "docs").glob("*.md"))
+GUIDES = sorted((ROOT / "docs").rglob("*.md"))  # the guides and, under results/, the logs
 README = "\n".join([FRONT_PAGE, *(g.read_text() for g in GUIDES)])  # commands and keys, wherever they live
 
 
@@ -69,7 +69,7 @@ def test_the_readme_is_a_front_page_whose_links_exist():
     for name in ("## Set-up", "## File map", "## A five-minute tour", "## Guides", "## What tip shows",
                  "## The loop"):
         assert name in FRONT_PAGE
-    assert "(docs/results.md)" in FRONT_PAGE  # results live apart from the front page
+    assert "(docs/results/README.md)" in FRONT_PAGE  # results live apart from the front page
     assert re.search(r"```bash\nmake train .*\nmake test .*\n```", FRONT_PAGE), "the two set-up commands"
     for page, text in [(ROOT / "README.md", FRONT_PAGE), *((g, g.read_text()) for g in GUIDES)]:
         for target in re.findall(r"\]\(([^)#]+?\.(?:md|png))(?:#[^)]*)?\)", text):
@@ -145,3 +145,13 @@ def test_every_key_the_readme_names_exists(key):
         for part in full.split("."):
             assert part in node, f"README names {full}, which the config does not have"
             node = node[part]
+
+
+def test_docs_holds_the_guides_and_results_hold_the_logs():
+    """A newcomer reads docs/ in the README's order: every page there is a guide the README lists;
+    results and measurement logs live under docs/results/ (issue 38)."""
+    top = sorted(p.name for p in (ROOT / "docs").glob("*.md"))
+    assert [n for n in top if f"(docs/{n})" not in FRONT_PAGE] == []
+    assert not [n for n in top if "result" in n or "decision" in n or "measurement" in n]
+    logs = {p.name for p in (ROOT / "docs" / "results").glob("*.md")}
+    assert {"README.md", "measurements.md", "testbed_v1.md", "testbed_v2_decisions.md"} <= logs

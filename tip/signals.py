@@ -225,8 +225,8 @@ def top1_rows(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> torch.T
 
 CHUNK_BUDGET_MIB = {"cpu": 28, "cuda": 320}
 """``chunk_size=auto``: MiB of one chunk x V fp32 tensor (a chunk's loop holds about six). CPU: 28
-MiB, 48 rows at Qwen's 151,936 ids (why: docs/performance.md, chunk sizes). CUDA: 320 MiB, 552 rows
-at that vocabulary (the paper's chunk is 512)."""
+MiB, 48 rows at Qwen's 151,936 ids (why: docs/results/measurements.md, chunk size). CUDA: 320
+MiB, 552 rows at that vocabulary (the paper's chunk is 512)."""
 
 
 def resolve_chunk_size(setting: int | str, vocab: int, device: torch.device) -> int:

@@ -22,7 +22,7 @@ from tip.tasks import CONFIDENT_ERROR, INCONSISTENT_ERROR
 # has all) (``tip.claims.Claim``): "greater" (A above B), "close" (A within MARGIN of B); a cell is
 # (rule, keep); the metric names the problems compared: "" all of them, "@<tag>" those tagged so
 # (the embedded task's error types). The decision rule (verdict_words) was fixed in the commit
-# that added it, before the results it reads were produced (docs/testbed_results.md,
+# that added it, before the results it reads were produced (docs/results/testbed_v1.md,
 # "Pre-registration").
 MARGIN = 0.02
 """'close': equivalent within 2 points of accuracy (stated before the results)."""

@@ -44,7 +44,8 @@ from tip.rundir import (
     run_directory,
 )
 from tip.runlog import peak_memory_mb
-from tip.step import NonFiniteStep, StepResult, opd_step
+from tip.step import StepResult, opd_step
+from tip.step_metrics import NonFiniteStep
 from tip.token_records import write_token_records
 
 
