@@ -60,8 +60,8 @@ def test_close_is_an_equivalence_test_so_noise_no_longer_passes_it():
     same = {0: 0.6, 1: 0.6, 2: 0.6, 3: 0.6}
     noisy = {0: 0.40, 1: 0.80, 2: 0.45, 3: 0.75}  # mean 0.6, spread of 20 points
     tight = {0: 0.601, 1: 0.598, 2: 0.603, 3: 0.599}
-    assert verdict_words([("close", difference(noisy, same))]) == ["inconclusive"]
-    assert verdict_words([("close", difference(tight, same))]) == ["reproduced"]
+    assert verdict_words([("close", difference(noisy, same), 0.02)]) == ["inconclusive"]
+    assert verdict_words([("close", difference(tight, same), 0.02)]) == ["reproduced"]
     assert verdict_words([("close", None)]) == ["untestable"]
 
 
@@ -79,7 +79,8 @@ def test_shared_seeds_are_paired_and_many_claims_are_corrected_for():
     assert not unpaired.paired and unpaired.se > 0.03
     assert verdict_words([("greater", paired)]) == ["reproduced"]
     assert verdict_words([("greater", unpaired)]) == ["inconclusive"]
-    borderline = difference({0: 0.52, 1: 0.55, 2: 0.50, 3: 0.56}, {0: 0.50, 1: 0.50, 2: 0.50, 3: 0.51})
+    # one reading is a family of two tests (for and against it): p 0.008 alone is 0.016 after Holm
+    borderline = difference({0: 0.53, 1: 0.55, 2: 0.52, 3: 0.56}, {0: 0.50, 1: 0.50, 2: 0.50, 3: 0.51})
     assert verdict_words([("greater", borderline)]) == ["reproduced"]
     weak = difference({0: 0.5, 1: 0.6, 2: 0.4, 3: 0.5}, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5})
     assert verdict_words([("greater", borderline)] + [("greater", weak)] * 5)[0] == "inconclusive"
@@ -118,3 +119,56 @@ def test_a_cell_is_read_from_what_it_ran_and_a_folder_of_unrelated_runs_is_refus
     (tmp_path / "multirun.yaml").unlink()  # e.g. outputs/<date>: single runs side by side, not a sweep
     with pytest.raises(SystemExit, match="is not a sweep directory"):
         find_cells(tmp_path)
+
+
+def test_the_statistics_edge_cases():
+    """Issue 39: a constant paired difference is decided by its sign and size (it was dropped as
+    untestable); one seed each is untestable; 'differ' needs its minimum effect; secondary readings
+    do not dilute the primary family; 'close' scales with all-token's gain."""
+    from tip.claims import by_exact
+    from tip.stats import difference
+    from tip.sweep_claims import Reading, untestable, verdict_words
+
+    up = difference({0: 0.6, 1: 0.7, 2: 0.5}, {0: 0.5, 1: 0.6, 2: 0.4})  # +0.1 on every seed
+    assert up.paired and up.se == 0
+    assert untestable({0: 0.6, 1: 0.7, 2: 0.5}, {0: 0.5, 1: 0.6, 2: 0.4}) == ""
+    assert verdict_words([("greater", up)]) == ["reproduced"]
+    down = difference({0: 0.4, 1: 0.5}, {0: 0.5, 1: 0.6})
+    assert verdict_words([("greater", down)]) == ["not reproduced"]
+    assert verdict_words([("close", up, 0.2), ("close", up, 0.05)]) == ["reproduced", "not reproduced"]
+    assert by_exact("differ", 0.01, margin=0.02, min_effect=0.05) == "not reproduced"
+    assert untestable({0: 0.6}, {1: 0.4}) == "one seed, no spread"
+    # differ: significant, but below the minimum effect, is not a difference
+    small = difference({s: 0.501 + 0.0001 * s for s in range(8)}, {s: 0.5 for s in range(8)})
+    assert verdict_words([Reading("differ", small, margin=0.01, min_effect=0.05)]) == ["not reproduced"]
+    big = difference({s: 0.6 + 0.001 * (s % 2) for s in range(8)}, {s: 0.5 for s in range(8)})
+    assert verdict_words([Reading("differ", big, margin=0.01, min_effect=0.05)]) == ["reproduced"]
+    # a primary reading keeps its verdict however many secondary readings sit beside it
+    strong = difference({0: 0.53, 1: 0.55, 2: 0.52, 3: 0.56}, {0: 0.50, 1: 0.50, 2: 0.50, 3: 0.51})
+    weak = difference({0: 0.5, 1: 0.6, 2: 0.4, 3: 0.5}, {0: 0.5, 1: 0.5, 2: 0.5, 3: 0.5})
+    beside = [Reading("greater", weak, primary=False)] * 6
+    assert verdict_words([Reading("greater", strong)] + beside)[0] == "reproduced"
+    assert verdict_words([Reading("greater", strong, primary=False)] + beside)[0] == "inconclusive"
+
+
+def test_close_scales_with_all_tokens_gain(tmp_path):
+    """'close' is within 20% of all-token's gain over the untrained student: the same 3-point gap is
+    close where all-token gains 40 points and not where it gains 5; without an untrained cell it
+    cannot be read."""
+    def sweep(root, all_acc):
+        runs = {"untrained": [0.30] * 4, "all@1.0": [all_acc + 0.002 * s for s in range(4)],
+                "q3@0.1": [all_acc - 0.03 + 0.001 * (s % 2) for s in range(4)]}
+        for i, (cell, seeds) in enumerate(runs.items()):
+            for seed, acc in enumerate(seeds):
+                _cell(root, f"{i}{seed}", cell, seed, {"embedded/accuracy": acc})
+        md = claims_markdown(*aggregate(find_cells(root)))
+        return next(line for line in md.splitlines() if line.startswith("| Q3 at 10% close"))
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    wide = sweep(tmp_path / "a", 0.70)   # gain 40 points: margin 8
+    narrow = sweep(tmp_path / "b", 0.35)  # gain 5 points: margin 1
+    assert "| 8.1 |" in wide and wide.endswith("| reproduced |")
+    assert "| 1.1 |" in narrow and narrow.endswith("| not reproduced |")
+    rows, benchmarks = aggregate(find_cells(tmp_path / "a"))
+    md = claims_markdown([r for r in rows if r["rule"] != "untrained"], benchmarks)
+    assert "untestable (no all-token and untrained cells to scale the margin)" in md

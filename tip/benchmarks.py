@@ -265,6 +265,20 @@ def problem_records(bench: Benchmark, completions: dict[int, list[str]],
                **({"episodes": episodes[i]} if episodes else {})}
 
 
+def problem_scores(records: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """``{benchmark: {problem id: share of its samples graded correct}}`` from ``evaluate``'s
+    records: what a report needs to split a benchmark's problems (``tip.sweep_tuning``)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, rows in records.items():
+        scores = out.setdefault(name, {})
+        for r in rows:
+            key = str(r["id"])
+            while key in scores:  # a data file that repeats an id: each problem still counts
+                key += "'"
+            scores[key] = sum(r["correct"]) / max(len(r["correct"]), 1)
+    return out
+
+
 EPISODE_METRICS = ("with_tool_call", "tool_calls", "malformed_calls", "turns")
 """What a benchmark with an environment adds (``{name}/<metric>``): the share of episodes with a
 well-formed tool call, then well-formed calls, malformed calls and assistant turns per episode."""

@@ -7,6 +7,7 @@ of ``VERDICTS``, decided from the statistics of ``tip.stats`` by the rule its re
 registered before the results existed:
 
 - ``by_tests``: one-sided tests (and TOST for "close"), p-values already corrected (Holm);
+- ``by_exact``: a difference known without spread (the same paired difference on every seed);
 - ``by_interval``: a confidence interval of the difference (testbed v2: over builds);
 - ``by_batches``: the property on each independent batch (the probe);
 - ``combine``: a prediction made of several comparisons.
@@ -44,6 +45,7 @@ class Claim:
     margin: float = 0.0  # close: the equivalence margin; differ: |d| inside it is "no difference"
     min_effect: float = 0.0  # differ: the smallest |d| that counts as a difference
     name: str = ""
+    primary: bool = False  # one of the 2-3 claims its document declared primary
 
     def __post_init__(self):
         if self.comparison not in COMPARISONS:
@@ -55,6 +57,20 @@ def by_tests(p_for: float, p_against: float, alpha: float) -> str:
     """Reproduced when the test for the claim is significant at ``alpha``, not reproduced when the
     test against it is, else inconclusive (the p-values already corrected for the family)."""
     return REPRODUCED if p_for < alpha else NOT_REPRODUCED if p_against < alpha else INCONCLUSIVE
+
+
+def by_exact(comparison: str, d: float, margin: float = 0.0, min_effect: float = 0.0) -> str:
+    """From a difference known without spread (a paired difference equal on every seed): greater by
+    its sign, close by |d| against ``margin``, differ by |d| against ``min_effect`` and
+    ``margin``."""
+    if comparison == "greater":
+        return REPRODUCED if d > 0 else NOT_REPRODUCED
+    if comparison == "close":
+        return REPRODUCED if abs(d) < margin else NOT_REPRODUCED
+    if comparison == "differ":
+        return REPRODUCED if abs(d) >= max(min_effect, 1e-300) else \
+            NOT_REPRODUCED if abs(d) < margin else INCONCLUSIVE
+    raise ValueError(f"by_exact decides greater, close and differ, not {comparison!r}")
 
 
 def by_interval(comparison: str, lo: float, hi: float, margin: float = 0.0,

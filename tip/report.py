@@ -12,6 +12,10 @@ that differ only in their seed, and writes into ``<multirun dir>/report/``:
 - ``quadrant_kept_shares.png``: each quadrant's share of the kept tokens over training steps, one
   line per rule.
 
+A sweep over an lr grid (``train.lr=a,b,c``) also gets every cell at the shared lr and at its own
+lr, chosen on a dev half of the problems and reported on the test half (``tip.sweep_tuning``); the
+paper's claims are then decided on each cell at its own lr.
+
 When the cells logged to W&B (``logger=wandb``), the table and the plots are also logged to the
 sweep's W&B group. The report is derived data: running it again (e.g. after more cells finish)
 rewrites it.
@@ -35,6 +39,7 @@ from tip.sweep_cells import (
 )
 from tip.sweep_claims import claims_markdown
 from tip.sweep_plots import plot, plot_kept_shares
+from tip.sweep_tuning import tune, tuned_rows, tuning_markdown
 
 
 def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell], mode: str | None):
@@ -58,7 +63,8 @@ def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell]
     return run_dir
 
 
-def report(sweep_dir: Path, wandb_mode: str = "auto") -> Path:
+def report(sweep_dir: Path, wandb_mode: str = "auto", split_seed: int = 0,
+           shared_lr: float | None = None, tune_on: str | None = None) -> Path:
     """Write the report of ``sweep_dir`` into ``sweep_dir/report``; returns that folder."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
@@ -68,7 +74,17 @@ def report(sweep_dir: Path, wandb_mode: str = "auto") -> Path:
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     text = markdown(sweep_dir, rows, benchmarks, cells)
-    claims = claims_markdown(rows, benchmarks)
+    plain = [b for b in benchmarks if "@" not in b]
+    if tune_on is not None and tune_on not in plain:
+        raise SystemExit(f"--tune-on {tune_on}: not a benchmark of this sweep; it has "
+                         f"{', '.join(plain) or 'none'}")
+    tuning = tune(cells, tune_on or plain[0], split_seed, shared_lr) if plain else None
+    if tuning is None:
+        claims = claims_markdown(rows, benchmarks)
+    else:
+        claims = tuning_markdown(tuning) + claims_markdown(
+            tuned_rows(tuning, "own"), [tuning.benchmark],
+            note=f"each cell at its own lr, on the test half of {tuning.benchmark}")
     if claims:  # before the per-cell list
         head, sep, tail = text.partition("\n## Cells\n")
         text = head + claims + sep + tail
@@ -92,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                         help="auto: log to W&B when the cells did (logger=wandb), in their mode")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="an lr grid's dev/test halves of the problems (default 0)")
+    parser.add_argument("--shared-lr", type=float, default=None,
+                        help="the lr every cell shares in the shared-lr comparison (default: "
+                             "all-token's dev-best)")
+    parser.add_argument("--tune-on", default=None,
+                        help="the benchmark an lr grid is chosen and reported on (default: the "
+                             "first)")
     args = parser.parse_args(argv)
-    report(args.sweep_dir, args.wandb)
+    report(args.sweep_dir, args.wandb, args.split_seed, args.shared_lr, args.tune_on)
     return 0
 
 

@@ -50,6 +50,9 @@ class Cell:
     # step -> q* -> share of the kept tokens
     kept_shares: dict[int, dict[str, float]] = field(default_factory=dict)
     logger: dict = field(default_factory=dict)
+    lr: float | None = None  # train.lr as the cell ran
+    # benchmark -> problem id -> score after training (eval.json's after_problems)
+    problems: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -104,6 +107,13 @@ def _rule_and_keep(cfg: dict, overrides: dict[str, str]) -> tuple[str, float]:
     return rule, 1.0 if rule == "all" else keep
 
 
+def _lr_of(cfg: dict) -> float | None:
+    try:
+        return float((cfg.get("train") or {})["lr"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def read_cell(path: Path) -> Cell:
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides = (yaml.safe_load(overrides_file.read_text())
@@ -118,12 +128,14 @@ def read_cell(path: Path) -> Cell:
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     cell = Cell(path, overrides, status.get("status", "not started"), rule, keep,
                 int(seed) if seed is not None else None, variant, error=status.get("error", ""),
-                logger=cfg.get("logger") or {})
+                logger=cfg.get("logger") or {}, lr=_lr_of(cfg))
     if cell.status == "running":
         cell.status = "unfinished"  # killed, preempted without requeue, or still running
     evals = path / "eval.json"
     if cell.status == "completed" and evals.is_file():
-        after = json.loads(evals.read_text())["after"]
+        results = json.loads(evals.read_text())
+        after = results["after"]
+        cell.problems = results.get("after_problems", {})
         # "embedded/accuracy" -> "embedded"; "embedded/accuracy@carry" (problems tagged
         # carry) -> "embedded@carry"
         cell.accuracy = {k.split("/")[0] + k.split("/accuracy", 1)[1]: v for k, v in after.items()

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from tip.benchmarks import problem_scores
 from tip.checkpoint import load_training_checkpoint, save_training_checkpoint
 from tip.config import (
     CONF_DIR,
@@ -171,8 +172,12 @@ def log_step(run: OpenRun, parts: RunParts, dist: DistInfo, step: int, metrics: 
 
 
 def finish(cfg, parts: RunParts, run: OpenRun, dist: DistInfo, results: dict) -> dict:
-    """Evaluate after training, save the student (HF format) and write eval.json."""
-    results["after"] = parts.evaluate()
+    """Evaluate after training, save the student (HF format) and write eval.json (with each
+    problem's score, from which tip.report chooses a cell's lr on one half of the problems and
+    reports it on the other)."""
+    records: dict = {}
+    results["after"] = parts.evaluate(records)
+    results["after_problems"] = problem_scores(records)
     run.logger.log({"kind": "eval", "step": cfg.train.steps, "when": "after", **results["after"]})
     final_dir = run.dir / "checkpoints" / "final"
     if cfg.train.save_final and final_dir.exists():  # saved by an attempt that died just after
