@@ -39,7 +39,8 @@ def test_every_selector_trains(selector, tmp_path):
             assert r["kept_frac"] == 1.0
         else:  # k = max(1, floor(0.3 m)) per rollout: never more than 0.3, and close to it
             assert 0.15 < r["kept_frac"] <= 0.3 + 1e-9
-    assert set(results) == {"before", "after"}
+    assert set(results) == {"before", "after", "after_problems"}
+    assert len(results["after_problems"]["embedded"]) == results["after"]["embedded/n"]
     assert 0.0 <= results["after"]["embedded/accuracy"] <= 1.0
 
 
