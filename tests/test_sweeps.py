@@ -54,7 +54,8 @@ def test_every_sweep_file_lists_valid_cells_and_seeds(sweep):
         cfg = compose("config", overrides=[f"sweeps={sweep}", f"data_root={DATA_ROOT}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert sweep in cfg.hydra.sweep.dir  # the sweep directory (and W&B group) is named for the experiment
-    assert len(str(params.seed).split(",")) >= 3
+    # seeds 0-2 at least; an lr-grid sweep runs its grid at one seed, then seeds at each cell's lr
+    assert len(str(params.seed).split(",")) >= (1 if "train.lr" in params else 3)
     cells = str(params.cell).split(",")
     assert "all@1.0" in cells  # the all-token baseline the report draws as a reference line
     for cell in cells:
@@ -101,6 +102,27 @@ def test_every_paper_sweep_has_random_tokens_at_each_keep_it_uses(sweep):
     cells = str(cfg.hydra.sweeper.params.cell).split(",")
     keeps = {c.split("@")[1] for c in cells if "@" in c and not c.startswith(("all@", "random@"))}
     assert keeps and keeps <= {c.split("@")[1] for c in cells if c.startswith("random@")}
+
+
+def test_the_gpu_sweep_composes_states_its_rule_and_plans_its_memory():
+    """sweeps=gpu_central_claim (issue 39): an open pair, a per-cell lr grid at one seed, MATH-500 at
+    mean@4 and GSM8K, its decision rule in the file; tip.plan accepts its experiment."""
+    from tip.plan import estimate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["sweeps=gpu_central_claim", f"data_root={DATA_ROOT}"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(str(params.cell).split(",")) == {
+        "untrained", "all@1.0", "random@0.1", "entropy_sample@0.1", "q3@0.1", "soft_or@0.5",
+        "soft_or_bottom@0.5"}
+    assert len(str(params["train.lr"]).split(",")) == 4 and str(params.seed) == "0"
+    assert list(cfg.eval.benchmarks) == ["math500", "gsm8k"] and cfg.eval.samples == 4
+    assert cfg.pair.student == "Qwen/Qwen3-0.6B" and cfg.pair.teacher == "Qwen/Qwen3-1.7B"
+    text = (Path(CONF_DIR) / "sweeps" / "gpu_central_claim.yaml").read_text()
+    assert "Decision rule, fixed here before any run" in text and "P2 q3@0.1 above random@0.1" in text
+    plan, _ = estimate(["experiment=gpu_central_claim", f"data_root={DATA_ROOT}"], gpus=8)
+    assert 20e9 < plan.peak < 0.9 * 80e9  # vLLM's share, the step and the runtime fit an 80 GB GPU
 
 
 @pytest.mark.slow

@@ -150,6 +150,27 @@ def test_the_decision_rule_reproduces_refutes_and_abstains_as_registered():
     assert {d["verdict"] for d in v2_decide.decide(rows_with(reverse)) if d["prediction"] == "P1"} == {"reproduced"}
 
 
+def test_a_prediction_whose_premise_never_holds_is_untestable():
+    """P4 asks whether div-only and the Q3 score part on the confident error; where reverse and
+    forward KL rank the planted kinds the same on every build (as on the sweep of 2026-12-03), its
+    premise never holds and it is untestable, whatever its interval says (issue 39)."""
+    effect = {("q3@0.1", "confident"): -1.5, ("div_topk@0.1", "confident"): -1.0}
+    rows = rows_with(effect)  # div_topk clearly above: "differ" would be reproduced
+
+    def build(rkl, fkl):
+        return {"signals": {"kinds": {"confident": {"mean_rkl": rkl[0], "mean_fkl": fkl[0]},
+                                      "inconsistent": {"mean_rkl": rkl[1], "mean_fkl": fkl[1]}}}}
+
+    agree = {str(b): build((6.1, 3.2), (3.8, 1.0)) for b in range(4)}
+    one_disagrees = {**agree, "3": build((6.1, 3.2), (0.9, 1.0))}
+    p4 = lambda builds: next(d for d in v2_decide.decide(rows, "logp", builds)
+                             if d["prediction"] == "P4" and d["optimizer"] == "adamw")
+    assert p4(None)["verdict"] == "reproduced"
+    assert p4(agree)["verdict"] == "untestable" and p4(agree)["premise"] == "never holds"
+    assert p4(one_disagrees)["verdict"] == "reproduced"
+    assert "**untestable** (its premise never holds)" in v2_decide.markdown(rows, agree)
+
+
 def test_the_interval_is_the_t_interval_over_build_means():
     effect = {("q3@0.1", "confident"): 0.0, ("entropy_sample@0.1", "confident"): 0.0}
     rows = rows_with(effect, noise=0.0)
@@ -191,23 +212,27 @@ def test_heldout_metrics_against_a_direct_computation(small_pair):
     prompts = pair.cipher.prompts(6, 5, "test")
     student, tok = pair.fresh_student(), pair.tok
     got = heldout(pair, student, prompts)
-    logps = {k: [] for k in ERROR_KINDS}
-    hits = {k: [] for k in ERROR_KINDS}
+    # every planted kind, and (issue 39) every answer position: the whole task
+    logps = {k: [] for k in (*ERROR_KINDS, "all")}
+    hits = {k: [] for k in (*ERROR_KINDS, "all")}
     for prompt in prompts:  # one prompt at a time, one position at a time
         answer = pair.cipher.answer(prompt)
         for j, kind in enumerate(pair.cipher.kinds(prompt)[:LENGTH]):
-            if kind not in ERROR_KINDS:
-                continue
             ids = torch.tensor([tok.convert_tokens_to_ids(list(prompt + answer[:j]))])
-            logp = log_probs(student(input_ids=ids).logits[0, -1])
-            logps[kind].append(float(logp[tok.convert_tokens_to_ids(answer[j])]))
+            logp = float(log_probs(student(input_ids=ids).logits[0, -1])[
+                tok.convert_tokens_to_ids(answer[j])])
+            logps["all"].append(logp)
+            if kind in ERROR_KINDS:
+                logps[kind].append(logp)
         greedy = student.generate(input_ids=torch.tensor([tok.convert_tokens_to_ids(list(prompt))]),
                                   max_new_tokens=LENGTH, min_new_tokens=LENGTH, do_sample=False,
                                   pad_token_id=tok.pad_token_id)[0, LENGTH + 1:]
         for j, kind in enumerate(pair.cipher.kinds(prompt)[:LENGTH]):
+            hit = tok.convert_ids_to_tokens(int(greedy[j])) == answer[j]
+            hits["all"].append(hit)
             if kind in ERROR_KINDS:
-                hits[kind].append(tok.convert_ids_to_tokens(int(greedy[j])) == answer[j])
-    for kind in ERROR_KINDS:
+                hits[kind].append(hit)
+    for kind in (*ERROR_KINDS, "all"):
         assert got[f"logp@{kind}"] == pytest.approx(statistics.fmean(logps[kind]), abs=1e-4)
         assert got[f"greedy@{kind}"] == pytest.approx(statistics.fmean(hits[kind]))
 

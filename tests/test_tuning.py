@@ -71,3 +71,25 @@ def test_a_sweep_at_one_lr_has_no_tuning_section(tmp_path):
     assert tune(find_cells(tmp_path), "embedded") is None
     text = (report(tmp_path, wandb_mode="off") / "table.md").read_text()
     assert "own learning rate" not in text
+
+
+def test_seeds_run_later_at_each_cells_lr_join_the_grid(tmp_path):
+    """Phase 2 of a grid (more seeds, each cell at its chosen lr, in other sweep directories) is read
+    with phase 1 as one experiment (--with); a sweep whose cells each ran at one lr of their own
+    compares them as cells, not as variants."""
+    grid, later = tmp_path / "grid", tmp_path / "later"
+    grid.mkdir(), later.mkdir()
+    n = 0
+    for lr in (1e-5, 1e-4):
+        _cell(grid, str(n), "all@1.0", 0, lr, lambda p, lr=lr: 0.6 if lr == 1e-4 else 0.4)
+        _cell(grid, str(n + 1), "q3@0.1", 0, lr, lambda p, lr=lr: 0.3 if lr == 1e-4 else 0.5)
+        n += 2
+    for seed in (1, 2):  # each cell at its phase-1 choice
+        _cell(later, f"a{seed}", "all@1.0", seed, 1e-4, lambda p: 0.62)
+        _cell(later, f"q{seed}", "q3@0.1", seed, 1e-5, lambda p: 0.52)
+    assert {c.variant for c in find_cells(later)} == {""}
+    tuning = tune(find_cells(grid) + find_cells(later), "embedded")
+    q3 = next(t for t in tuning.cells if t.rule == "q3")
+    assert q3.chosen_lr == 1e-5 and q3.test_by_seed(1e-5) == {0: 0.5, 1: 0.52, 2: 0.52}
+    text = (report(grid, wandb_mode="off", also=[later]) / "table.md").read_text()
+    assert "| q3@0.1 |" in text and "| 1e-05 | 51.3 ± 1.2 |" in text

@@ -64,12 +64,17 @@ def log_to_wandb(sweep_dir: Path, out: Path, rows: list[dict], cells: list[Cell]
 
 
 def report(sweep_dir: Path, wandb_mode: str = "auto", split_seed: int = 0,
-           shared_lr: float | None = None, tune_on: str | None = None) -> Path:
-    """Write the report of ``sweep_dir`` into ``sweep_dir/report``; returns that folder."""
+           shared_lr: float | None = None, tune_on: str | None = None,
+           also: list[Path] = ()) -> Path:
+    """Write the report of ``sweep_dir`` into ``sweep_dir/report``; returns that folder. ``also``:
+    further sweeps of the same experiment read as one (e.g. seeds run later at each cell's chosen
+    lr)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SystemExit(f"no such sweep directory: {sweep_dir}")
     cells = find_cells(sweep_dir)
+    for more in also:
+        cells += find_cells(Path(more))
     rows, benchmarks = aggregate(cells)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
@@ -116,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-on", default=None,
                         help="the benchmark an lr grid is chosen and reported on (default: the "
                              "first)")
+    parser.add_argument("--with", dest="also", type=Path, nargs="+", default=[],
+                        help="further sweep directories of the same experiment, read as one")
     args = parser.parse_args(argv)
-    report(args.sweep_dir, args.wandb, args.split_seed, args.shared_lr, args.tune_on)
+    report(args.sweep_dir, args.wandb, args.split_seed, args.shared_lr, args.tune_on, args.also)
     return 0
 
 

@@ -180,6 +180,22 @@ def find_cells(sweep_dir: Path) -> list[Cell]:
     shared = set.intersection(*(set(c.variant.split(",")) for c in cells))
     for c in cells:
         c.variant = ",".join(o for o in c.variant.split(",") if o and o not in shared)
+    return own_lr_is_no_variant(cells)
+
+
+def own_lr_is_no_variant(cells: list[Cell]) -> list[Cell]:
+    """A cell run at one lr of its own (e.g. each at its lr chosen on a grid) is that cell, not a
+    variant: ``train.lr=...`` leaves its variant unless the sweep ran the cell at several lrs (a
+    grid, which ``tip.sweep_tuning`` reads)."""
+    def base(c: Cell) -> tuple:
+        return c.rule, c.keep, ",".join(o for o in c.variant.split(",")
+                                        if o and not o.startswith("train.lr="))
+    lrs: dict[tuple, set] = {}
+    for c in cells:
+        lrs.setdefault(base(c), set()).add(c.lr)
+    for c in cells:
+        if len(lrs[base(c)]) == 1:
+            c.variant = base(c)[2]
     return cells
 
 

@@ -16,6 +16,8 @@ builds (df = builds - 1), so the spread across builds is in the error bar. Metri
   untrained student: the rule recovers at least half of all-token OPD's gain.
 - A prediction of several comparisons is reproduced when all are, not reproduced when any is not,
   else inconclusive. No correction for multiple comparisons.
+- A prediction whose premise (``PREMISES``) holds on no build is untestable (issue 39, after the
+  sweep of 2026-12-03).
 
 Each prediction is decided under each optimizer; a claim about the tokens' signal holds when it is
 reproduced under both AdamW and SGD.
@@ -95,9 +97,30 @@ def verdict(test: str, lo: float, hi: float) -> str:
     return by_interval("differ" if test == "differ" else "greater", lo, hi, EQUIVALENCE_MARGIN)
 
 
-def decide(rows: list[dict], metric_prefix: str = "logp") -> list[dict]:
-    """Every prediction under every optimizer in ``rows``: its comparisons and verdict."""
+def divergences_disagree(build: dict) -> bool:
+    """P4's premise on one build (``builds.json``'s signals): reverse and forward KL rank the two
+    planted kinds differently, so that a divergence-only rule and the Q3 score could part on the
+    confident error."""
+    kinds = build["signals"]["kinds"]
+    reverse = kinds["confident"]["mean_rkl"] > kinds["inconsistent"]["mean_rkl"]
+    forward = kinds["confident"]["mean_fkl"] > kinds["inconsistent"]["mean_fkl"]
+    return reverse != forward
+
+
+PREMISES = {"P4": divergences_disagree}
+"""A prediction whose premise holds on no build is untestable there, whatever its comparisons say
+(added by issue 39, after the sweep of 2026-12-03: P4 was decided 'reproduced' on a 0.026-nat
+difference while its premise never occurred)."""
+
+
+def decide(rows: list[dict], metric_prefix: str = "logp",
+           builds: dict | None = None) -> list[dict]:
+    """Every prediction under every optimizer in ``rows``: its comparisons and verdict. With
+    ``builds`` (``builds.json``), a prediction whose premise (``PREMISES``) holds on no build is
+    untestable."""
     out = []
+    unmet = {name for name, premise in PREMISES.items()
+             if builds and not any(premise(b) for b in builds.values() if "signals" in b)}
     for optimizer in sorted({r["optimizer"] for r in rows if r["cell"] != "untrained"}):
         for name, statement, comparisons in PREDICTIONS:
             parts = []
@@ -112,9 +135,11 @@ def decide(rows: list[dict], metric_prefix: str = "logp") -> list[dict]:
                 parts.append({"test": test, "kind": kind, "a": a, "b": b, "mean": mean, "lo": lo,
                               "hi": hi, "builds": len(per_build),
                               "verdict": verdict(test, lo, hi)})
+            decided = combine([p["verdict"] for p in parts])
             out.append({"prediction": name, "statement": statement, "optimizer": optimizer,
                         "metric": metric_prefix, "comparisons": parts,
-                        "verdict": combine([p["verdict"] for p in parts])})
+                        "verdict": UNTESTABLE if name in unmet else decided,
+                        **({"premise": "never holds"} if name in unmet else {})})
     return out
 
 
@@ -133,7 +158,7 @@ def cell_table(rows: list[dict], optimizer: str, metric: str) -> dict[str, tuple
     return out
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], builds: dict | None = None) -> str:
     lines = ["# Testbed v2: decisions", ""]
     for metric_prefix, title in (("logp", "primary: held-out log-probability of the correct token "
                                   "(nats)"), ("greedy", "secondary: greedy accuracy")):
@@ -141,16 +166,17 @@ def markdown(rows: list[dict]) -> str:
                   "| prediction | optimizer | verdict | comparisons (mean [95% interval over "
                   "builds]) |",
                   "|---|---|---|---|"]
-        for d in decide(rows, metric_prefix):
+        for d in decide(rows, metric_prefix, builds):
             comps = "; ".join(
                 f"{c['test']} {c['kind']}: {c['a']}{' vs ' + c['b'] if c['b'] else ''} "
                 + (f"{c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] {c['verdict']}"
                    if c["builds"] else UNTESTABLE) for c in d["comparisons"])
+            premise = " (its premise never holds)" if "premise" in d else ""
             lines.append(f"| {d['prediction']} {d['statement']} | {d['optimizer']} | "
-                         f"**{d['verdict']}** | {comps} |")
+                         f"**{d['verdict']}**{premise} | {comps} |")
         lines.append("")
     for optimizer in sorted({r["optimizer"] for r in rows if r["cell"] != "untrained"}):
-        metrics = ["logp@confident", "logp@inconsistent", "greedy@confident",
+        metrics = ["logp@confident", "logp@inconsistent", "logp@all", "greedy@confident",
                    "greedy@inconsistent", "recall@confident", "recall@inconsistent", "kept_share"]
         tables = {m: cell_table([r for r in rows if m in r], optimizer, m) for m in metrics}
         lines += [f"## Cells, {optimizer} (mean over builds +- 95% half-width)", "",
@@ -165,10 +191,12 @@ def markdown(rows: list[dict]) -> str:
 
 def decide_file(out: Path) -> Path:
     rows = [json.loads(x) for x in (out / "cells.jsonl").read_text().splitlines()]
+    builds_path = out / "builds.json"
+    builds = json.loads(builds_path.read_text()) if builds_path.is_file() else None
     (out / "decisions.json").write_text(json.dumps(
-        {m: decide(rows, m) for m in ("logp", "greedy")}, indent=2) + "\n")
+        {m: decide(rows, m, builds) for m in ("logp", "greedy")}, indent=2) + "\n")
     path = out / "decisions.md"
-    path.write_text(markdown(rows) + "\n")
+    path.write_text(markdown(rows, builds) + "\n")
     return path
 
 

@@ -116,7 +116,9 @@ def sample_batch(pair: Pair, student, part: list[str], budget: Budget):
 @torch.no_grad()
 def heldout(pair: Pair, model, prompts: list[str]) -> dict[str, float]:
     """The primary (teacher-forced log-probability) and secondary (greedy accuracy) metrics per
-    error kind."""
+    error kind, and over every answer position (``@all``: the whole task, where a rule that
+    concentrates its step on one kind may lose elsewhere; a choice letter's code is the one
+    ``Cipher.answer`` writes, which both models give about half)."""
     tok, cipher = pair.tok, pair.cipher
     ids = torch.tensor([tok.convert_tokens_to_ids(list(p + cipher.answer(p))) + [tok.eos_token_id]
                         for p in prompts], device="cpu")
@@ -133,6 +135,8 @@ def heldout(pair: Pair, model, prompts: list[str]) -> dict[str, float]:
                           device="cpu")
         out[f"logp@{kind}"] = float(logp_right[at].mean())
         out[f"greedy@{kind}"] = float((greedy == right)[at].float().mean())
+    out["logp@all"] = float(logp_right.mean())
+    out["greedy@all"] = float((greedy == right).float().mean())
     return out
 
 
