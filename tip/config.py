@@ -421,6 +421,23 @@ def check_site_dir(local: Path = CONF_DIR / "local") -> None:
             raise ConfigError(f"{path} is not read by any config; the site files are {read}")
 
 
+def check_weight_sync(ro, device_type: str) -> None:
+    """rollout=vllm on GPUs: the socket transfer cannot follow a level-2 sleep. It loads with
+    ``model.load_weights`` directly, bypassing vLLM's layerwise reload and
+    ``process_weights_after_loading`` (which a level-2 sleep, having discarded the weights, needs),
+    and pins a whole model of host memory per rank."""
+    on_gpu = device_type == "cuda"
+    transfer = ro.weight_transfer if ro.weight_transfer != "auto" else \
+        ("ipc" if on_gpu else "socket")
+    sleeps = ro.sleep if ro.sleep != "auto" else on_gpu
+    if on_gpu and transfer == "socket" and sleeps and ro.sleep_level == 2:
+        raise ConfigError("rollout.weight_transfer=socket is not allowed with "
+                          "rollout.sleep_level=2 on GPUs: after a level-2 sleep the weights must "
+                          "come through vLLM's weight transfer API; use "
+                          "rollout.weight_transfer=ipc (auto on GPUs), rollout.sleep_level=1 or "
+                          "rollout.sleep=false")
+
+
 def check_runnable(cfg: DictConfig) -> None:
     """What this machine must have for the config, checked without loading anything: the precision
     on this device, vLLM for rollout=vllm, the pair's models at their paths."""
@@ -433,6 +450,7 @@ def check_runnable(cfg: DictConfig) -> None:
         _need(False, "precision", cfg.precision, "DeepSpeed has no fp16 on the CPU; here use "
               "auto (fp32), fp32 or bf16")
     if cfg.rollout.backend == "vllm":
+        check_weight_sync(cfg.rollout, "cuda" if torch.cuda.is_available() else "cpu")
         why = missing_vllm(cfg.rollout.get("vllm_python"))
         _need(not why, "rollout", "vllm", why + "; on CPU, `make vllm-env` builds .venv-vllm, then "
               "rollout.vllm_python=.venv-vllm/bin/python (or TIP_VLLM_PYTHON); on GPUs, pip "

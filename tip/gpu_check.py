@@ -277,6 +277,24 @@ def part_env() -> dict[str, str]:
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
 
+KNOWN_FAILURES = {
+    "pidfd_getfd": "cause: a CUDA IPC handle of memory from an expandable segment (the receiving "
+                   "process needs ptrace rights on the trainer: Yama ptrace_scope=1, unprivileged "
+                   "containers refuse it; pytorch#165685). tip shares only its staging buffer, "
+                   "allocated outside expandable segments: check that PYTORCH_CUDA_ALLOC_CONF is "
+                   "not set to expandable_segments:True by hand, or use "
+                   "rollout.weight_transfer=socket",
+}
+"""Errors a GPU box is known to hit, each with its cause and fix, added to a failing part's
+output."""
+
+
+def explain(output: str) -> str:
+    """``output`` with the cause and fix of every known failure it shows."""
+    found = [f"\n  {key}: {why}" for key, why in KNOWN_FAILURES.items() if key in output]
+    return output + "".join(found)
+
+
 def run_part(part: Part, on_cpu: bool, timeout_s: int, accelerator: str) -> tuple[str, str]:
     reason = skip_reason(part, on_cpu, accelerator)
     if reason:
@@ -295,8 +313,8 @@ def run_part(part: Part, on_cpu: bool, timeout_s: int, accelerator: str) -> tupl
         return "FAIL", f"no result in {timeout_s} s"
     took = f"{time.time() - start:.0f} s"
     if proc.returncode != 0:
-        return ("FAIL",
-                f"exit {proc.returncode} after {took}:\n" + (proc.stdout + proc.stderr)[-2000:])
+        return ("FAIL", explain(f"exit {proc.returncode} after {took}:\n"
+                                + (proc.stdout + proc.stderr)[-2000:]))
     problem = verify(part, out)
     return ("FAIL", problem) if problem else ("PASS", took + real_model_report(part, out))
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,245 +52,36 @@ from tip.config import CONF_DIR, apply_cell, check_config, require_conf_dir
 from tip.engine import resolve_precision
 from tip.env import rollout_tokens
 from tip.errors import UserError
+from tip.memory_plan import (
+    FIT_FRACTION,
+    GB,
+    PHASES,
+    Plan,
+    RunShape,
+    driver_total,
+    dtype_name,
+    plan_memory,
+)
 from tip.model_shape import ModelShape, model_shape
 from tip.models import PairError, resolve_attention, resolve_model_ref
 from tip.signals import resolve_chunk_size
 
-LOGIT_CHUNK_COPIES = 11.25
-"""Peak of the fused loss's chunk loop in chunk x V fp32 tensors (logits, both log-probabilities,
-the divergence's intermediates and its gradient; the measurement: docs/results/measurements.md)."""
-CUDA_RUNTIME_GB = 2.0
-"""CUDA context, NCCL communicators and cuBLAS workspaces per GPU: not in any config (typically 1-3
-GB)."""
-VLLM_PROCESS_GB = 1.0
-"""The vLLM worker's process beside the trainer's: its CUDA context and the buffers a level-1 sleep
-keeps (its weights go to the host, its KV cache is freed), held awake or asleep."""
-FIT_FRACTION = 0.9
 # the paper's maximum prompt length (Table 9), where the prompts cannot be measured
 PAPER_PROMPT_TOKENS = 2048
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000}
-GB = 1e9
-# what a step does one after another, on the resident state
-PHASES = ("scoring", "gradient", "rollout", "evaluation")
-
-
-@dataclass(frozen=True)
-class Item:
-    phase: str  # resident | one of PHASES | runtime
-    what: str
-    bytes: float
-    host: bool = False  # offloaded to CPU memory: reported, not counted per GPU
-
-
-@dataclass(frozen=True)
-class Plan:
-    items: list[Item]
-    notes: list[str]
-
-    def phase_bytes(self, phase: str) -> float:
-        return sum(i.bytes for i in self.items if i.phase == phase and not i.host)
-
-    @property
-    def peak_phase(self) -> str:
-        return max(PHASES, key=self.phase_bytes)
-
-    @property
-    def peak(self) -> float:
-        return (self.phase_bytes("resident") + self.phase_bytes(self.peak_phase)
-                + self.phase_bytes("runtime"))
-
-
-@dataclass(frozen=True)
-class RunShape:
-    """The sizes of a run that the memory depends on, from its config and the number of GPUs."""
-
-    gpus: int
-    stage: int
-    offload_optimizer: bool
-    offload_param: bool
-    gather_for_generate: bool
-    prompt_tokens: int
-    response_tokens: int
-    rollouts_per_rank: int
-    micro: int
-    chunk: int
-    checkpointing: bool
-    backend: str
-    vllm_fraction: float
-    vllm_sleeps: bool  # outside rollouts and evaluations vLLM frees its KV cache and its weights
-    rollout_seqs: int
-    eval_seqs: int
-    eval_response_tokens: int
-    reduce_bucket: int
-    prefetch_bucket: int
-    # transformers' attention kernels (tip.models.resolve_attention): sdpa and eager build a boolean
-    # T x T mask per row of a forward (packed rows are no wider than the longest rollout, so the
-    # worst case is the padded one); FlashAttention builds none
-    attention: str = "sdpa"
-    # 1: a sleeping engine's weights wait in host memory; 2: discarded (re-sent by the next sync)
-    vllm_sleep_level: int = 2
-    prefix_caching: bool = True
-    prompts_per_rank: int = 1
-
-
-def plan_memory(run: RunShape, student: ModelShape, teacher: ModelShape | None, gpu_bytes: float,
-                on_cuda: bool) -> Plan:
-    """Per-GPU bytes of each part of a run (module docstring). ``teacher`` None: the live
-    self-teacher."""
-    items = (resident_items(run, student, teacher) + step_items(run, student, teacher)
-             + generation_items(run, student, gpu_bytes))
-    if on_cuda:
-        items.append(Item("runtime", "CUDA context, NCCL, cuBLAS (fixed)", CUDA_RUNTIME_GB * GB))
-        if run.backend == "vllm":
-            items.append(Item("runtime", "vLLM worker's process: its CUDA context (any phase)",
-                              VLLM_PROCESS_GB * GB))
-    notes = []
-    if run.backend == "vllm" and on_cuda:
-        notes = vllm_kv_notes(run, student, gpu_bytes)
-        if run.vllm_sleeps:  # the engine's phases: resident + its reservation + runtime
-            fixed = sum(i.bytes for i in items if i.phase in ("resident", "runtime") and not i.host)
-            most = max(0.0, (FIT_FRACTION * gpu_bytes - fixed) / gpu_bytes)
-            notes.append(f"rollout.gpu_memory_utilization up to {most:.2f} keeps the rollout and "
-                         f"evaluation phases within {FIT_FRACTION:.0%} of the GPU")
-    if any(i.host for i in items):
-        host = sum(i.bytes for i in items if i.host)
-        notes.append(f"offloaded to CPU memory: {host / GB:.1f} GB per GPU (x{run.gpus} per node "
-                     f"of {run.gpus} GPUs)")
-    return Plan(items, notes)
-
-
-def resident_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -> list[Item]:
-    """Weights, gradients and optimizer state: held through the run."""
-    n, b = run.gpus, student.weight_bytes
-    p = student.params
-    shard = n if run.stage == 3 else 1
-    items = [Item("resident", f"student weights ({_dtype_name(b)}{_share(shard)})", b * p / shard,
-                  run.offload_param)]
-    grad_share = n if run.stage >= 2 else 1
-    # ZeRO accumulates gradients in fp32 (tip.engine.deepspeed_config)
-    grad_bytes = b if run.stage == 0 else 4
-    items.append(Item("resident",
-                      f"student gradients ({_dtype_name(grad_bytes)}{_share(grad_share)})",
-                      grad_bytes * p / grad_share, run.offload_optimizer))
-    if run.stage == 0:  # the torch optimizer on the fp32 weights: AdamW's two moments
-        items.append(Item("resident", "optimizer state (AdamW m, v in fp32)", 8 * p))
-    else:  # ZeRO keeps an fp32 master copy beside the two moments, partitioned from stage 1
-        items.append(Item("resident", f"optimizer state (fp32 master, AdamW m, v{_share(n)})",
-                          12 * p / n, run.offload_optimizer))
-    if teacher is not None:
-        items.append(Item("resident", f"teacher weights ({_dtype_name(b)}{_share(shard)})",
-                          teacher.weight_bytes * teacher.params / shard))
-    return items
-
-
-def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -> list[Item]:
-    """What the scoring and the gradient passes hold on top of the resident state."""
-    b, p = student.weight_bytes, student.params
-    seq = run.prompt_tokens + run.response_tokens
-    tokens = run.micro * seq
-    frozen = teacher or student
-    per_token = (student.checkpointed_activations_per_token if run.checkpointing
-                 else student.activations_per_token)
-    activations = Item("", f"student activations ({run.micro} x {seq:,} tokens, checkpointing "
-                       f"{'on' if run.checkpointing else 'off'})", per_token * tokens)
-    mask = Item("", f"attention mask ({run.attention}: {run.micro} x {seq:,}^2 bool)",
-                0.0 if run.attention.startswith("flash") else run.micro * seq ** 2)
-    held = Item("", f"teacher hidden states, signals ({run.rollouts_per_rank} rollouts)",
-                run.rollouts_per_rank * seq * (frozen.hidden * frozen.weight_bytes + 16))
-    rows = min(run.chunk, tokens)  # a chunk never holds more rows than the micro-batch has
-    chunk_loop = LOGIT_CHUNK_COPIES * rows * student.vocab * 4
-    zero3 = []
-    if run.stage == 3:
-        working = (2 * student.largest_layer
-                   + min(run.prefetch_bucket, p)) * b + min(run.reduce_bucket, p) * b
-        heads = student.head * b + (frozen.head * frozen.weight_bytes if teacher is not None else 0)
-        zero3 = [Item("", "ZeRO-3 gathered layers, prefetch and reduce buckets", working),
-                 Item("", "output layers gathered for the signals and the loss", heads)]
-    # Scoring: the teacher (and, with several micro-batches, the student without gradient) runs one
-    # micro-batch at a time; with one micro-batch the student's gradient forward has already
-    # run (its activations are held).
-    one_forward = run.micro >= run.rollouts_per_rank
-    scoring = ([activations, mask] if one_forward else []) + [
-        Item("", "teacher forward (a layer's working set)", frozen.forward_per_token * tokens),
-        mask, held, Item("", f"signal chunks ({rows} x {student.vocab:,} fp32)", chunk_loop),
-        *zero3]
-    if not mask.bytes:
-        scoring = [i for i in scoring if i is not mask]
-    loss = Item("", f"loss chunks ({rows} x {student.vocab:,} fp32), output layer's fp32 gradient",
-                chunk_loop + 4 * student.head)
-    gradient = [activations, *([mask] if mask.bytes else []), held, loss, *zero3]
-    return [Item("scoring", i.what, i.bytes) for i in scoring] + [Item("gradient", i.what, i.bytes)
-                                                                  for i in gradient]
-
-
-def generation_items(run: RunShape, student: ModelShape, gpu_bytes: float) -> list[Item]:
-    """Rollouts and evaluation: with rollout=vllm both through the engine (its reservation, held in
-    those phases only when it sleeps); with rollout=hf through HF generate (the student gathered
-    whole at ZeRO-3, and its KV cache)."""
-    b, p, items = student.weight_bytes, student.params, []
-    seq = run.prompt_tokens + run.response_tokens
-    shard = run.gpus if run.stage == 3 else 1
-    gathered = b * p * (1 - 1 / shard) if run.stage == 3 and run.gather_for_generate else 0.0
-    if run.backend == "vllm":
-        reservation = run.vllm_fraction * gpu_bytes
-        what = f"vLLM: gpu_memory_utilization {run.vllm_fraction:g} of the GPU"
-        if not run.vllm_sleeps:  # awake all the time
-            return [Item("resident", what + " (rollout.sleep off: held through the step)",
-                         reservation)]
-        items = [Item(phase, what, reservation) for phase in ("rollout", "evaluation")]
-        if run.vllm_sleep_level == 1:
-            items.append(Item("resident", "vLLM's weights while it sleeps (level 1)", b * p,
-                              host=True))
-        return items
-    if gathered:
-        items.append(Item("rollout", "student gathered for HF generate", gathered))
-    items.append(Item("rollout", f"KV cache ({run.rollout_seqs} x {seq:,} tokens)",
-                      student.kv_per_token * run.rollout_seqs * seq))
-    eval_seq = run.prompt_tokens + run.eval_response_tokens
-    if gathered:
-        items.append(Item("evaluation", "student gathered for HF generate", gathered))
-    items.append(Item("evaluation", f"KV cache ({run.eval_seqs} x {eval_seq:,} tokens)",
-                      student.kv_per_token * run.eval_seqs * eval_seq))
-    return items
-
-
-VLLM_OVERHEAD_GB = 1.5
-"""What vLLM's reservation holds beside the weights and the KV cache (its profiled activations
-and sampler buffers; CUDA graphs at most a few hundred MB more)."""
-
-
-def vllm_kv_notes(run: RunShape, student: ModelShape, gpu_bytes: float) -> list[str]:
-    """The engine's KV cache against a rollout's worst case (every response at full length; with
-    prefix caching a prompt's n samples share its blocks), and the largest reservation that fits."""
-    kv = run.vllm_fraction * gpu_bytes - student.weight_bytes * student.params \
-        - VLLM_OVERHEAD_GB * GB
-    capacity = max(0, int(kv // student.kv_per_token))
-    prompts = run.prompts_per_rank if run.prefix_caching else run.rollouts_per_rank
-    worst = prompts * run.prompt_tokens + run.rollouts_per_rank * run.response_tokens
-    verdict = "enough" if capacity >= worst else \
-        "short: vLLM preempts and recomputes sequences, stretching the longest rollout"
-    return [f"vLLM KV cache: about {capacity:,} tokens for a rollout's worst case of {worst:,} "
-            f"({run.rollouts_per_rank} rollouts, prefix caching "
-            f"{'on' if run.prefix_caching else 'off'}): {verdict}"]
-
-
-def _dtype_name(width: int) -> str:
-    return {2: "bf16", 4: "fp32"}.get(width, f"{width} bytes")
 
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
-def _share(parts: int) -> str:
-    return f", 1/{parts}" if parts > 1 else ""
-
-
 def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape,
-              prompt_tokens: int) -> RunShape:
+              prompt_tokens: int, gpus_per_node: int = 8) -> RunShape:
     """The run's sizes as a run derives them (``tip.parts.RunSizes``; chunk, ZeRO settings, vLLM's
-    sleep)."""
+    sleep, hpZ, the weight sync's staging buffer)."""
+    from tip.engine import hpz_partition_size
     from tip.parts import RunSizes, vllm_speed_settings
+    from tip.vllm_worker import STAGING_BYTES
 
     sizes = RunSizes.of(cfg, gpus, what="GPUs")
     rollouts = sizes.rollouts_per_rank
@@ -319,6 +109,11 @@ def run_shape(cfg, gpus: int, device: torch.device, student: ModelShape,
         prefetch_bucket=int(zero.get("stage3_prefetch_bucket_size",
                                      DEEPSPEED_DEFAULTS["stage3_prefetch_bucket_size"])),
         attention=resolve_attention(cfg.model.attn_implementation, device.type),
+        hpz=hpz_partition_size(cfg.engine.get("hpz_partition_size", 1), gpus, gpus_per_node)
+        if cfg.engine.stage == 3 else 1,
+        staging_bytes=max(float(cfg.rollout.get("sync_bucket_mb", 0)) * 2**20 or STAGING_BYTES,
+                          student.head * student.weight_bytes)
+        if vllm.get("weight_transfer") == "ipc" else 0.0,
     )
 
 
@@ -358,13 +153,14 @@ def render(plan: Plan, header: list[str], gpu_bytes: float | None) -> str:
     lines.append(f"  {'peak':<11}{peak:<58}{plan.peak / scale:>8.2f}")
     if gpu_bytes:
         fits = plan.peak <= FIT_FRACTION * gpu_bytes
-        share = f"{FIT_FRACTION:.0%} of {gpu_bytes / GB:g} GB"
+        share = f"{FIT_FRACTION:.0%} of the driver's {gpu_bytes / GB:.1f} GB"
         lines.append(f"  {'fits':<11}{share:<58}{'yes' if fits else 'NO':>8}")
     return "\n".join(lines + [f"  note: {n}" for n in plan.notes])
 
 
 def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: float = 80.0,
-             prompt_tokens: int | None = None) -> tuple[Plan, list[str]]:
+             prompt_tokens: int | None = None,
+             gpus_per_node: int = 8) -> tuple[Plan, list[str]]:
     """The plan of ``python -m tip.train <overrides>`` on ``gpus`` ranks, and the lines that
     describe its inputs."""
     from hydra import compose, initialize_config_dir
@@ -383,11 +179,11 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
     prompt_note = "--prompt-tokens"
     if prompt_tokens is None:
         prompt_tokens, prompt_note = longest_prompt(cfg)
-    run = run_shape(cfg, gpus, dev, student, prompt_tokens)
-    plan = plan_memory(run, student, teacher, gpu_gb * GB, dev.type == "cuda")
+    run = run_shape(cfg, gpus, dev, student, prompt_tokens, gpus_per_node)
+    plan = plan_memory(run, student, teacher, driver_total(gpu_gb), dev.type == "cuda")
     ranks = f"{gpus} GPU{'s' if gpus > 1 else ''}" if dev.type == "cuda" else \
         f"{gpus} CPU process{'es' if gpus > 1 else ''}"
-    header = [f"tip.plan {' '.join(overrides)}: {ranks}, {_dtype_name(dtype.itemsize)}, "
+    header = [f"tip.plan {' '.join(overrides)}: {ranks}, {dtype_name(dtype.itemsize)}, "
               f"ZeRO-{run.stage}, rollout={run.backend}"]
     for role, shape in (("student", student), ("teacher", teacher)):
         if shape is None:
@@ -413,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tip.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--gpus", type=int, default=8, help="GPUs (ranks) the run uses (default 8)")
     ap.add_argument("--gpu-gb", type=float, default=80.0,
-                    help="memory of one GPU in GB (default 80)")
+                    help="a GPU's nominal memory (default 80: an H100-80GB, whose driver reports "
+                         "about 85.0e9 B)")
+    ap.add_argument("--gpus-per-node", type=int, default=8,
+                    help="GPUs per node: a run over more spans nodes (hpZ; default 8)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="where the run trains (cpu: fp32 under precision=auto, no CUDA runtime)")
     ap.add_argument("--prompt-tokens", type=int, default=None,
@@ -428,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                  "(80 for an H100-80GB)")
     if args.prompt_tokens is not None and args.prompt_tokens < 1:
         ap.error(f"--prompt-tokens={args.prompt_tokens} is not allowed: at least 1")
-    plan, header = estimate(args.overrides, args.gpus, args.device, args.gpu_gb, args.prompt_tokens)
-    print(render(plan, header, args.gpu_gb * GB if args.device == "cuda" else None))
+    if args.gpus_per_node < 1:
+        ap.error(f"--gpus-per-node={args.gpus_per_node} is not allowed: at least 1")
+    plan, header = estimate(args.overrides, args.gpus, args.device, args.gpu_gb, args.prompt_tokens,
+                            args.gpus_per_node)
+    print(render(plan, header, driver_total(args.gpu_gb) if args.device == "cuda" else None))
     return 0
 
 

@@ -171,8 +171,9 @@ class EngineServer:
         self.llm.collective_rpc("start_weight_update")
 
     def ipc_update(self, update_info: dict) -> None:
-        """One bucket: ``IPCWeightTransferUpdateInfo``'s fields (names, dtype_names, shapes,
-        ipc_handles), built by ``tip.vllm_worker.ipc_update_info``."""
+        """One bucket: packed ``IPCWeightTransferUpdateInfo``'s fields (names, dtype_names, shapes,
+        tensor_sizes, the staging buffer's handle), built by
+        ``tip.vllm_worker.packed_update_info``."""
         self.llm.collective_rpc("update_weights", args=(update_info,))
 
     def finish_ipc_update(self) -> None:
@@ -206,8 +207,9 @@ def main() -> None:
                   enable_prefix_caching=bool(args.prefix_caching),
                   gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                   **({"weight_transfer_config": {"backend": "ipc"}} if ipc else {}))
-        if ipc:  # no rendezvous for IPC: this only records the wire format (not packed)
-            llm.collective_rpc("init_weight_transfer_engine", args=({"packed": False},))
+        if ipc:  # no rendezvous for IPC: this only records the wire format, packed (one staging
+            # buffer per sync, imported once: vllm.distributed.weight_transfer.packed_tensor)
+            llm.collective_rpc("init_weight_transfer_engine", args=({"packed": True},))
         server = EngineServer(llm, args.sleep, SamplingParams)
     except Exception as err:  # tell the trainer why, then exit
         send(conn, ("error", f"{type(err).__name__}: {err}"))

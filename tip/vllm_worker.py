@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -84,21 +84,73 @@ def weight_buckets(module, bucket_bytes: int):
         yield bucket
 
 
-def ipc_update_info(bucket, gpu_uuid: str, share=None) -> tuple[dict, list[torch.Tensor]]:
-    """One bucket of whole parameters as vLLM's ``IPCWeightTransferUpdateInfo`` fields: names,
-    dtype names, shapes, and for each tensor its CUDA IPC handle keyed by the GPU's UUID (the args
-    of ``torch.multiprocessing.reductions.reduce_tensor``, which vLLM's
-    ``IPCWeightTransferEngine.receive_weights`` rebuilds with ``rebuild_cuda_tensor`` on the
-    engine's device), and the tensors shared, which must outlive the engine's copy (vLLM's own
-    trainer side keeps them the same way). ``share`` stands in for ``reduce_tensor`` where CUDA is
-    absent."""
-    if share is None:
-        from torch.multiprocessing.reductions import reduce_tensor as share
-    tensors = [(name, param.data.detach().contiguous()) for name, param in bucket]
-    return {"names": [n for n, _ in tensors],
-            "dtype_names": [str(t.dtype).split(".")[-1] for _, t in tensors],
-            "shapes": [list(t.shape) for _, t in tensors],
-            "ipc_handles": [{gpu_uuid: share(t)[1]} for _, t in tensors]}, [t for _, t in tensors]
+STAGING_BYTES = 2**30
+"""The packed IPC transfer's staging buffer: vLLM's own default (1 GiB,
+``vllm.distributed.weight_transfer.packed_tensor.DEFAULT_PACKED_BUFFER_SIZE_BYTES``), or the largest
+parameter where that is bigger (Llama-70B's embedding is 2.1 GB in bf16)."""
+
+
+@contextmanager
+def no_expandable_segments(set_settings=None):
+    """While inside, new CUDA allocations come from ordinary (not expandable) segments. Sharing a
+    block of an expandable segment makes the receiving process call ``pidfd_getfd`` on the trainer,
+    which Yama ptrace_scope=1 and unprivileged containers refuse (pytorch#165685), and vLLM warns it
+    is slow; vLLM's cumem pool switches the same setting off for its own allocations. Only when tip
+    turned expandable segments on (``tip.distributed.ALLOCATOR_SETTINGS``): a user's own settings
+    are left alone. ``set_settings`` stands in for ``torch.cuda.memory._set_allocator_settings``."""
+    from tip.distributed import ALLOCATOR_MARK, ALLOCATOR_SETTINGS
+
+    switch = bool(os.environ.get(ALLOCATOR_MARK)) and "expandable_segments:True" in \
+        ALLOCATOR_SETTINGS
+    set_settings = set_settings or torch.cuda.memory._set_allocator_settings
+    if switch:
+        set_settings("expandable_segments:False")
+    try:
+        yield
+    finally:
+        if switch:
+            set_settings("expandable_segments:True")
+
+
+def packed_buckets(module, capacity: int):
+    """``module``'s named parameters in buckets whose whole sizes (a ZeRO-3 shard's ``ds_numel``)
+    add up to at most ``capacity`` bytes: each bucket is one packed transfer."""
+    bucket, size = [], 0
+    for name, param in module.named_parameters():
+        nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+        if bucket and size + nbytes > capacity:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def staging_bytes(module, bucket_bytes: int) -> int:
+    largest = max(getattr(p, "ds_numel", p.numel()) * p.element_size()
+                  for p in module.parameters())
+    return max(bucket_bytes or STAGING_BYTES, largest)
+
+
+def packed_update_info(bucket, buffer: torch.Tensor, gpu_uuid: str, handle) -> dict:
+    """Copy one bucket of whole parameters into the staging ``buffer``, back to back, and describe
+    it as vLLM's packed ``IPCWeightTransferUpdateInfo``: names, dtype names, shapes, each tensor's
+    size in bytes, and one handle (the buffer's, shared once) keyed by the GPU's UUID. vLLM's
+    ``packed_ipc_producer`` lays a chunk out the same way."""
+    names, dtypes, shapes, sizes, offset = [], [], [], [], 0
+    for name, param in bucket:
+        flat = param.data.detach().contiguous().view(-1).view(torch.uint8)
+        buffer[offset:offset + flat.numel()].copy_(flat)
+        names.append(name)
+        dtypes.append(str(param.dtype).split(".")[-1])
+        shapes.append(list(param.shape))
+        sizes.append(flat.numel())
+        offset += flat.numel()
+    if buffer.device.type == "cuda":
+        torch.cuda.current_stream().synchronize()  # the engine reads a fully written buffer
+    return {"names": names, "dtype_names": dtypes, "shapes": shapes, "tensor_sizes": sizes,
+            "ipc_handles": {gpu_uuid: handle}}
 
 
 def cuda_device_uuid() -> str:
@@ -142,6 +194,8 @@ class VllmWorker:
         # the trainer's memory just before each wake-up since the last take_wake_log()
         self.wake_log: list[dict] = []
         self.sync_bucket_bytes = int(sync_bucket_mb * 2**20)
+        # ipc: the staging buffer shared with the engine, and its handle (made on the first sync)
+        self._staging: tuple[torch.Tensor, object] | None = None
         # pinned host copies of GPU parameters, reused every sync
         self._pinned: dict[str, torch.Tensor] = {}
         authkey = secrets.token_bytes(16)
@@ -165,6 +219,9 @@ class VllmWorker:
                str(sleep_level), "--weight-transfer", weight_transfer, "--prefix-caching",
                str(int(prefix_caching))]
         self._log = self.log_path.open("w")
+        # vLLM profiles the free memory when it starts and refuses below its reservation: the
+        # trainer's cached blocks go back to the driver first (tightest for Llama-70B's teacher)
+        self.start_memory = release_cached_memory()
         try:
             self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         except FileNotFoundError as err:
@@ -277,37 +334,55 @@ class VllmWorker:
                 "rollout/free_mb_at_wake": min(e["free_mb"] for e in log)}
 
     @torch.no_grad()
-    def load_weights(self, module) -> int:
+    def load_weights(self, module, share=None) -> int:
         """Send every parameter of ``module`` (HF names) to the engine; returns how many. Under
-        ZeRO-3 each is gathered alone (``sync_bucket_mb`` 0, the default: docs/performance.md,
-        "Weight sync") or with the others of its bucket of about that size, sent, and released
-        before the next: the whole model is never gathered at once.
+        ZeRO-3 the parameters of one bucket are gathered together, sent and released before the
+        next: the whole model is never gathered at once.
 
-        ``weight_transfer``: ``ipc`` shares each gathered GPU tensor with the engine on the same
-        GPU through a CUDA IPC handle (vLLM's weight transfer API, backend "ipc"), and the engine
-        copies it into its own weights before the gather is released (each request is answered
-        after the copy); ``socket`` copies each to the host (from a GPU into a reused pinned
-        buffer) and pickles it to the engine: the CPU path."""
+        ``weight_transfer``: ``ipc`` packs each bucket (at most the staging buffer's size, 1 GiB by
+        default or ``sync_bucket_mb``) into one staging buffer on the trainer's GPU, shared once
+        with the engine through a CUDA IPC handle (vLLM's weight transfer API, backend ipc, packed
+        mode: one import and one device synchronize per bucket, so a 4B student in bf16 takes
+        about 8); the buffer comes from an ordinary allocator segment (``no_expandable_segments``).
+        ``socket`` copies each parameter to the host (from a GPU into a reused pinned buffer) and
+        pickles it to the engine, ``sync_bucket_mb`` at a time (0: one parameter per message): the
+        CPU path. ``share`` stands in for ``reduce_tensor`` where CUDA is absent."""
         self._before_wake()  # the first message wakes a sleeping engine's weights
         count, ipc = 0, self.weight_transfer == "ipc"
         if ipc:
+            buffer, handle = self._staging_buffer(module, share)
             self._call("start_ipc_update")
-        for bucket in weight_buckets(module, self.sync_bucket_bytes):
+            buckets = packed_buckets(module, buffer.numel())
+        else:
+            buckets = weight_buckets(module, self.sync_bucket_bytes)
+        for bucket in buckets:
             with _gathered(*(p for _, p in bucket)):
-                if ipc:  # the shared tensors stay referenced until the engine has copied them
-                    info, shared = ipc_update_info(bucket, cuda_device_uuid())
-                    self._call("ipc_update", info)
-                    del shared
+                if ipc:  # the engine has copied the buffer when the call returns
+                    gpu = cuda_device_uuid() if buffer.device.type == "cuda" else "cpu"
+                    self._call("ipc_update", packed_update_info(bucket, buffer, gpu, handle))
                 else:
                     self._call("load_weights", [(n, self._to_host(n, p.data)) for n, p in bucket])
             count += len(bucket)
         if ipc:
             self._call("finish_ipc_update")
-            torch.cuda.ipc_collect()  # the engine has let go of every handle
         else:
             self._call("weights_done")
         self.weights_lost = False
         return count
+
+    def _staging_buffer(self, module, share=None) -> tuple[torch.Tensor, object]:
+        """The packed transfer's buffer, allocated on the first sync outside expandable segments
+        and shared once (its handle is reused by every bucket of every sync, as vLLM's
+        ``packed_ipc_producer`` reuses its buffer)."""
+        if self._staging is None:
+            if share is None:
+                from torch.multiprocessing.reductions import reduce_tensor as share
+            device = next(module.parameters()).device
+            with no_expandable_segments(None if device.type == "cuda" else (lambda s: None)):
+                buffer = torch.empty(staging_bytes(module, self.sync_bucket_bytes),
+                                     dtype=torch.uint8, device=device)
+            self._staging = buffer, share(buffer)[1]
+        return self._staging
 
     def _to_host(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "cuda":
