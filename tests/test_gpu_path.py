@@ -519,3 +519,28 @@ def test_the_socket_transfer_is_refused_after_a_level_2_sleep_on_gpus():
     check_weight_sync(compose_config("rollout=vllm").rollout, "cuda")  # auto: ipc on GPUs
     check_weight_sync(compose_config("rollout=vllm", "rollout.weight_transfer=socket",
                                      "rollout.sleep_level=1").rollout, "cuda")
+
+
+def test_evaluation_through_the_engine_keeps_the_batch_on_vllms_batched_sampler():
+    """Issue 40: every evaluation request carried its own seed, which vLLM samples row by row in Python at every
+    decode step; evaluation now sends none (the engine's own seed, the run's, makes it reproducible), while
+    rollouts keep their per-prompt seeds."""
+    from tip.benchmarks import Sampling
+    from tip.vllm_rollout import EngineSampler
+
+    class RecordingWorker:
+        def __init__(self):
+            self.seeds = []
+
+        def generate(self, tokenizer, prompt_ids, seeds=None, **_):
+            self.seeds.append(seeds)
+            return RolloutBatch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
+                                torch.zeros(1, 1, dtype=torch.bool), [1], [0])
+
+    worker = RecordingWorker()
+    sampler = EngineSampler(worker, tokenizer=None, model=None)
+    sampling = Sampling(samples=4, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8, batch_size=8, seed=3)
+    sampler.samples([[1, 2], [3]], 4, sampling, seeds=[11, 12])
+    with sampler.turns(sampling) as turn:
+        turn([[1]], [13], 8)
+    assert worker.seeds == [None, None]

@@ -64,8 +64,8 @@ class Sampling:
     max_new_tokens: int = 64
     batch_size: int = 16
     max_seqs_per_generate: int | None = None
-    # problem i of benchmark b draws its samples from seed_of(seed, b, i) (+ j for sample j) where
-    # the engine takes seeds (vLLM); transformers' generate draws from the global stream
+    # transformers' generate draws from the global stream seeded by the run; a vLLM engine takes no
+    # per-problem seed in evaluation (its batched sampler, seeded at its start: EngineSampler)
     seed: int = 0
 
 

@@ -71,9 +71,15 @@ class VllmRollout:
 
 class EngineSampler:
     """A benchmark's generation through a vLLM engine (``tip.benchmarks.Sampler``): each rank's
-    problems in one request, each problem's n samples from its own seed (sample j from seed + j),
-    the engine awake from the first request to ``done()``. ``model``: where the end-of-sequence ids
-    are read (its ``generation_config``), as for rollouts."""
+    problems in one request, the engine awake from the first request to ``done()``. ``model``:
+    where the end-of-sequence ids are read (its ``generation_config``), as for rollouts.
+
+    Evaluation requests carry no per-prompt seed: a request with its own seed is sampled row by row
+    in Python at every decode step (about 1,000 running sequences a rank on MATH-500), one without
+    stays on vLLM's batched sampler. The samples are reproducible through the engine's own seed
+    (the run's ``seed``, given at its start; rollouts, which keep per-prompt seeds, do not draw from
+    it): the same run, with the same requests in the same order, samples the same. Unlike a
+    rollout, a problem's samples then depend on the batch it was in."""
 
     lockstep = False  # each rank's engine is its own: no rank waits for another's requests
 
@@ -84,7 +90,7 @@ class EngineSampler:
         return self.engine.generate(self.tokenizer, prompt_ids, n=n,
                                     temperature=sampling.temperature, top_p=sampling.top_p,
                                     top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
-                                    seeds=seeds, model=self.model, sleep_after=False)
+                                    seeds=None, model=self.model, sleep_after=False)
 
     @contextmanager
     def turns(self, sampling):
@@ -92,7 +98,7 @@ class EngineSampler:
             return self.engine.generate(self.tokenizer, contexts, n=1,
                                         temperature=sampling.temperature, top_p=sampling.top_p,
                                         top_k=sampling.top_k, max_new_tokens=max_new_tokens,
-                                        seeds=seeds, model=self.model,
+                                        seeds=None, model=self.model,
                                         sleep_after=False).responses()
 
         yield generate_turn
