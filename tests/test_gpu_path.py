@@ -544,3 +544,7 @@ def test_evaluation_through_the_engine_keeps_the_batch_on_vllms_batched_sampler(
     with sampler.turns(sampling) as turn:
         turn([[1]], [13], 8)
     assert worker.seeds == [None, None]
+    # a rollout's episodes keep one seed per context
+    with EngineSampler(worker, tokenizer=None, model=None, seeded=True).turns(sampling) as turn:
+        turn([[1]], [13], 8)
+    assert worker.seeds[-1] == [13]

@@ -42,7 +42,8 @@ class VllmRollout:
         awake from the first round to the last."""
         self.resend_lost_weights()
         try:  # (the rollout settings carry the sampling fields EngineSampler.turns reads)
-            with EngineSampler(self.engine, self.tokenizer, self.student).turns(self.cfg) as turn:
+            with EngineSampler(self.engine, self.tokenizer, self.student,
+                               seeded=True).turns(self.cfg) as turn:
                 yield turn
         finally:
             self.engine.sleep()
@@ -83,8 +84,9 @@ class EngineSampler:
 
     lockstep = False  # each rank's engine is its own: no rank waits for another's requests
 
-    def __init__(self, engine: VllmWorker, tokenizer, model):
-        self.engine, self.tokenizer, self.model = engine, tokenizer, model
+    def __init__(self, engine: VllmWorker, tokenizer, model, seeded: bool = False):
+        # seeded: each context its own seed (a rollout's episodes); evaluation: none
+        self.engine, self.tokenizer, self.model, self.seeded = engine, tokenizer, model, seeded
 
     def samples(self, prompt_ids: list[list[int]], n: int, sampling, seeds: list[int]):
         return self.engine.generate(self.tokenizer, prompt_ids, n=n,
@@ -98,7 +100,7 @@ class EngineSampler:
             return self.engine.generate(self.tokenizer, contexts, n=1,
                                         temperature=sampling.temperature, top_p=sampling.top_p,
                                         top_k=sampling.top_k, max_new_tokens=max_new_tokens,
-                                        seeds=None, model=self.model,
+                                        seeds=seeds if self.seeded else None, model=self.model,
                                         sleep_after=False).responses()
 
         yield generate_turn
