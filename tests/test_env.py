@@ -153,6 +153,36 @@ def test_environment_tokens_are_masked_and_episodes_end_cleanly_on_garbage_and_l
     assert ep.end == "max_episode_tokens" and len(ep.tokens) <= 60
 
 
+def test_an_engines_log_probabilities_follow_the_student_tokens_of_an_episode(tok, fmt):
+    """Issue 40: multi-turn rollouts carried no sampler log-probabilities, so rollout/logp_gap (the check that the
+    engine samples from the trained weights) never ran for them. A turn with the engine's log-probabilities
+    (SampledTurn) puts them at the student's tokens of the batch, 0 at the environment's; a generator without them
+    (transformers' generate) leaves the batch without any."""
+    from tip.env import SampledTurn
+
+    examples = sample_examples(2, 0)
+    prompts = prompt_ids(tok, examples)
+    plain, _ = scripted(tok, fmt, [call_text("1+1"), "\\boxed{2}"])
+
+    def with_logps(contexts, seeds, max_new_tokens):
+        return [SampledTurn(t, [-0.5 - 0.01 * j for j in range(len(t))])
+                for t in plain(contexts, seeds, max_new_tokens)]
+
+    limits = EpisodeLimits(max_turns=2, max_turn_tokens=64, max_tool_response_tokens=16, max_episode_tokens=400)
+    episodes = run_episodes(with_logps, CalculatorEnv(), fmt, limits, examples, prompts, 1, [0, 1])
+    batch = episode_batch(episodes, tok.pad_token_id)
+    assert batch.sampler_logp is not None
+    for i, ep in enumerate(episodes):
+        start = batch.prompt_lengths[i]
+        row = batch.sampler_logp[i, start:start + len(ep.tokens)]
+        student = torch.tensor(ep.mask)
+        assert (row[student] < 0).all() and (row[~student] == 0).all()
+        assert row[student][0].item() == pytest.approx(-0.5)  # each turn's first token
+    plain, _ = scripted(tok, fmt, [call_text("1+1"), "\\boxed{2}"])
+    without = run_episodes(plain, CalculatorEnv(), fmt, limits, examples, prompts, 1, [0, 1])
+    assert episode_batch(without, tok.pad_token_id).sampler_logp is None
+
+
 def test_masks_keep_every_tool_token_out_of_signals_selection_quadrants_and_loss(tok, fmt):
     """Real episodes of the shipped student, scored against the teacher: every masked position is a token the
     environment wrote, and no such position has a signal, is selected, gets a quadrant or enters the loss."""

@@ -532,10 +532,11 @@ def test_evaluation_through_the_engine_keeps_the_batch_on_vllms_batched_sampler(
         def __init__(self):
             self.seeds = []
 
-        def generate(self, tokenizer, prompt_ids, seeds=None, **_):
+        def generate(self, tokenizer, prompt_ids, seeds=None, logprobs=False, **_):
             self.seeds.append(seeds)
-            return RolloutBatch(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
-                                torch.zeros(1, 1, dtype=torch.bool), [1], [0])
+            ids = torch.tensor([[5, 6, 7]])
+            return RolloutBatch(ids, torch.ones(1, 3), torch.tensor([[False, True, True]]), [1], [0],
+                                sampler_logp=torch.tensor([[0.0, -0.1, -0.2]]) if logprobs else None)
 
     worker = RecordingWorker()
     sampler = EngineSampler(worker, tokenizer=None, model=None)
@@ -544,7 +545,8 @@ def test_evaluation_through_the_engine_keeps_the_batch_on_vllms_batched_sampler(
     with sampler.turns(sampling) as turn:
         turn([[1]], [13], 8)
     assert worker.seeds == [None, None]
-    # a rollout's episodes keep one seed per context
+    # a rollout's episodes keep one seed per context, and their turns the engine's log-probabilities
     with EngineSampler(worker, tokenizer=None, model=None, seeded=True).turns(sampling) as turn:
-        turn([[1]], [13], 8)
+        (sampled,) = turn([[1]], [13], 8)
     assert worker.seeds[-1] == [13]
+    assert list(sampled) == [6, 7] and sampled.logps == pytest.approx([-0.1, -0.2])

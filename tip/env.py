@@ -223,6 +223,9 @@ class Episode:
     malformed_calls: int = 0
     end: str = ""  # answered | max_turns | max_episode_tokens
     score: float = 0.0
+    # the engine's log-probability of each token of ``tokens`` (0 at the environment's); None
+    # where the turn generator gives none (transformers' generate)
+    logps: list[float] | None = field(default_factory=list)
 
     def student_ids(self) -> list[int]:
         return [t for t, m in zip(self.tokens, self.mask) if m]
@@ -230,7 +233,15 @@ class Episode:
 
 TurnGenerator = Callable[[list[list[int]], list[int], int], list[list[int]]]
 """(contexts, one seed per context, max_new_tokens) -> each context's sampled turn, cut after its
-first stop token."""
+first stop token; a ``SampledTurn`` where the engine also gives each token's log-probability."""
+
+
+class SampledTurn(list):
+    """A turn's token ids with the engine's log-probability of each (``logps``)."""
+
+    def __init__(self, tokens: list[int], logps: list[float]):
+        super().__init__(tokens)
+        self.logps = list(logps)
 
 
 def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat,
@@ -256,10 +267,12 @@ def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat
         by_episode = {id(e): out for e, out in zip(batch, outs)}
         still = []
         for ep in running:
-            out = by_episode[id(ep)]
-            out = out[:limits.max_episode_tokens - len(ep.tokens)]
+            sampled = by_episode[id(ep)]
+            out = list(sampled)[:limits.max_episode_tokens - len(ep.tokens)]
             ep.tokens += out
             ep.mask += [True] * len(out)
+            logps = getattr(sampled, "logps", None)
+            ep.logps = None if logps is None or ep.logps is None else ep.logps + logps[:len(out)]
             ep.turns += 1
             calls = parse_tool_calls(tok.decode(out, skip_special_tokens=False))
             if not calls:
@@ -285,6 +298,8 @@ def run_episodes(generate_turn: TurnGenerator, env: Environment, fmt: TurnFormat
                 continue
             ep.tokens += env_ids
             ep.mask += [False] * len(env_ids)
+            if ep.logps is not None:
+                ep.logps += [0.0] * len(env_ids)
             still.append(ep)
         running = still
     for ep in episodes:
@@ -359,6 +374,9 @@ class MultiTurnRollout:
 
 
 def episode_batch(episodes: Sequence[Episode], pad_id: int) -> RolloutBatch:
+    """The episodes as a rollout batch; with the engine's log-probabilities of the student's tokens
+    where every episode has them (``rollout/logp_gap`` then covers multi-turn rollouts too)."""
+    logps = None if any(e.logps is None for e in episodes) else [e.logps for e in episodes]
     return pack([e.prompt for e in episodes], [e.tokens for e in episodes],
                 [e.example_index for e in episodes], pad_id, [e.mask for e in episodes],
-                [float(x) for x in episode_sums(episodes)])
+                [float(x) for x in episode_sums(episodes)], sampler_logps=logps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from tip.env import SampledTurn
 from tip.rollout import RolloutBatch
 from tip.vllm_worker import VllmWorker
 
@@ -97,11 +98,15 @@ class EngineSampler:
     @contextmanager
     def turns(self, sampling):
         def generate_turn(contexts, seeds, max_new_tokens):
-            return self.engine.generate(self.tokenizer, contexts, n=1,
-                                        temperature=sampling.temperature, top_p=sampling.top_p,
-                                        top_k=sampling.top_k, max_new_tokens=max_new_tokens,
-                                        seeds=seeds if self.seeded else None, model=self.model,
-                                        sleep_after=False).responses()
+            batch = self.engine.generate(self.tokenizer, contexts, n=1,
+                                         temperature=sampling.temperature, top_p=sampling.top_p,
+                                         top_k=sampling.top_k, max_new_tokens=max_new_tokens,
+                                         seeds=seeds if self.seeded else None, model=self.model,
+                                         sleep_after=False, logprobs=self.seeded)
+            if batch.sampler_logp is None:
+                return batch.responses()
+            return [SampledTurn(r, batch.sampler_logp[i, start:start + len(r)].tolist())
+                    for i, (r, start) in enumerate(zip(batch.responses(), batch.prompt_lengths))]
 
         yield generate_turn
 
