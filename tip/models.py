@@ -163,11 +163,19 @@ def load_model(ref: str, dtype: torch.dtype, what: str, attn_implementation: str
 
 ATTENTION = {  # model.attn_implementation -> (the module it needs, its pip name), or None
     "auto": None, "sdpa": None, "eager": None,
+    "flex_attention": ("torch.nn.attention.flex_attention", "torch 2.5 or later"),
     "flash_attention_2": ("flash_attn", "flash-attn"),
     "flash_attention_3": ("flash_attn_interface", "flash-attn-3 (flash-attention's hopper/ build)"),
 }
-"""model.attn_implementation: transformers' attention kernels. auto: flash_attention_2 on CUDA
-where flash-attn is installed, else sdpa (torch's scaled_dot_product_attention)."""
+"""model.attn_implementation: transformers' attention kernels. auto: on CUDA flash_attention_2
+where flash-attn is installed (``pip install flash-attn --no-build-isolation``; make gpu-check
+says whether it is), else flex_attention (torch's, no package; transformers supports it for Qwen3,
+Qwen2 and Llama), never a dense T x T mask for packed rows; sdpa elsewhere."""
+def packs_in_one_row(kernel: str) -> bool:
+    """Whether ``kernel`` attends within each packed sequence of one row (FlashAttention's
+    variable-length kernels; flex's block mask from the position ids): then a micro-batch's
+    sequences go in one row, and no T x T mask is built."""
+    return kernel.startswith("flash") or kernel == "flex_attention"
 
 
 def missing_attention(value: str, device_type: str) -> str:
@@ -186,9 +194,10 @@ def resolve_attention(value: str, device_type: str) -> str:
     """The transformers ``attn_implementation`` that ``model.attn_implementation`` names here."""
     if value != "auto":
         return value
-    if device_type == "cuda" and not missing_attention("flash_attention_2", device_type):
-        return "flash_attention_2"
-    return "sdpa"
+    if device_type != "cuda":
+        return "sdpa"
+    return "flash_attention_2" if not missing_attention("flash_attention_2", device_type) else \
+        "flex_attention"
 
 
 def output_width(model) -> int:
@@ -235,11 +244,14 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if not packed:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
-    rows = pack_rows(input_ids, attention_mask,
-                     one_row=model.config._attn_implementation.startswith("flash"))
+    kernel = model.config._attn_implementation
+    rows = pack_rows(input_ids, attention_mask, one_row=packs_in_one_row(kernel))
+    # FlashAttention: the sequences' boundaries once per micro-batch (each layer would otherwise
+    # derive them from the position ids again, with a host synchronisation)
+    varlen = rows.varlen_kwargs() if kernel.startswith("flash") else {}
     # (use_cache=False matters: with a cache, transformers does not look for packed sequences)
-    flat = decoder(input_ids=rows.input_ids, position_ids=rows.position_ids,
-                   use_cache=False).last_hidden_state
+    flat = decoder(input_ids=rows.input_ids, position_ids=rows.position_ids, use_cache=False,
+                   **varlen).last_hidden_state
     out = flat.new_zeros(*input_ids.shape, flat.shape[-1])
     out[attention_mask.bool()] = flat.reshape(-1, flat.shape[-1])[rows.index]
     return out
@@ -250,6 +262,19 @@ class PackedRows:
     input_ids: torch.Tensor  # (R, W)
     position_ids: torch.Tensor  # (R, W): 0, 1, ... from each sequence's start
     index: torch.Tensor  # (N,): where each real token of the padded rows went, in R x W
+    lengths: tuple[int, ...] = ()  # each row's sequences' lengths, in row order (one_row: all)
+
+    def varlen_kwargs(self) -> dict:
+        """transformers' ``FlashAttentionKwargs`` of one packed row: the cumulative sequence
+        lengths (int32, on the ids' device) and the longest, as FlashAttention's variable-length
+        kernel takes them (``cu_seq_lens_q/k``, ``max_length_q/k``)."""
+        cu = [0]
+        for n in self.lengths:
+            cu.append(cu[-1] + n)
+        cu_seq = torch.tensor(cu, dtype=torch.int32, device="cpu").to(self.input_ids.device)
+        longest = max(self.lengths)
+        return {"cu_seq_lens_q": cu_seq, "cu_seq_lens_k": cu_seq, "max_length_q": longest,
+                "max_length_k": longest}
 
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -291,7 +316,8 @@ def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        for i, n in enumerate(lengths)]).to(input_ids.device)
     ids = input_ids.new_zeros(len(rows) * width)
     ids[index] = input_ids[attention_mask.bool()]
-    return PackedRows(ids.view(len(rows), width), positions.to(input_ids.device), index)
+    order = tuple(lengths[i] for members in rows for i in members)
+    return PackedRows(ids.view(len(rows), width), positions.to(input_ids.device), index, order)
 
 
 class HiddenStatesLM(torch.nn.Module):

@@ -196,7 +196,7 @@ def estimate(overrides: list[str], gpus: int, device: str = "cuda", gpu_gb: floa
     asked = cfg.model.attn_implementation
     header.append(f"  attention: {run.attention} (model.attn_implementation={asked}"
                   + ("; flash-attn is not installed here: where it is, auto means "
-                     "flash_attention_2, with no mask)" if asked == "auto"
+                     "flash_attention_2; neither builds a T x T mask)" if asked == "auto"
                      and not run.attention.startswith("flash") else ")"))
     header.append(f"  per rank: {run.rollouts_per_rank} rollouts of up to {run.prompt_tokens:,} + "
                   f"{run.response_tokens:,} tokens (prompt: {prompt_note}); micro-batch "
