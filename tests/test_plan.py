@@ -117,7 +117,7 @@ def test_zero_stages_partition_what_they_should():
     offloaded = plan_memory(_run(offload_optimizer=True), student, teacher, 80 * GB, on_cuda=True)
     assert _item(offloaded, "resident", "optimizer state").host
     # ZeRO-3's fp32 reduce bucket stays on the GPU for the run (issue 40)
-    bucket = 4 * min(_run().reduce_bucket, p)
+    bucket = 4 * _run().reduce_bucket  # its whole size, whatever the model (DeepSpeed allocates it so)
     assert offloaded.phase_bytes("resident") == pytest.approx(2 * p / 8 + 2 * teacher.params / 8 + bucket)
     assert any("offloaded to CPU memory" in n for n in offloaded.notes)
 
@@ -255,3 +255,39 @@ def test_the_docs_memory_tables_are_the_codes():
     assert (ROOT / "docs" / "paper_plans.md").read_text() == page
     gpus = (ROOT / "docs" / "gpus.md").read_text()
     assert gpus.split(TABLE_START)[1].split(TABLE_END)[0].strip() == table
+
+
+@pytest.mark.slow
+def test_the_plans_hpz_and_reduce_bucket_terms_are_what_deepspeed_allocates(tmp_path):
+    """Four gloo processes stand in for 2 nodes of 2 GPUs (engine.hpz_partition_size=2): each rank's hpZ secondary
+    partitions of the student and the teacher, and ZeRO-3's reduce bucket, as DeepSpeed allocates them, against the
+    plan's terms (issue 40)."""
+    import json
+
+    from tip.memory_plan import RunShape, resident_items
+    from tip.model_shape import model_shape
+
+    from support import DATA_ROOT, torchrun
+
+    out = tmp_path / "hpz.json"
+    overrides = ["experiment=smoke", "engine=zero3", "engine.hpz_partition_size=2", "logger=none",
+                 f"data_root={DATA_ROOT}", "+engine.deepspeed.zero_optimization.reduce_bucket_size=1000000"]
+    proc = torchrun(4, str(ROOT / "tests" / "hpz_memory.py"), str(out), *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    student, teacher = model_shape("embedded://student", torch.float32), model_shape("embedded://teacher",
+                                                                                    torch.float32)
+    run = RunShape(gpus=4, stage=3, offload_optimizer=False, offload_param=False, gather_for_generate=True,
+                   prompt_tokens=16, response_tokens=16, rollouts_per_rank=2, micro=2, chunk=64,
+                   checkpointing=False, backend="hf", vllm_fraction=0.0, vllm_sleeps=False, rollout_seqs=2,
+                   eval_seqs=2, eval_response_tokens=16, reduce_bucket=1_000_000, prefetch_bucket=50_000_000,
+                   hpz=2)
+    plan = {i.what: i.bytes for i in resident_items(run, student, teacher)}
+    for r in ranks:
+        assert r["student_params"] == student.params and r["teacher_params"] == teacher.params
+        # DeepSpeed rounds each parameter's partition up: within a few percent of numel / hpz
+        assert r["student_secondary"] == pytest.approx(plan["student hpZ secondary partition (fp32, 1/2)"],
+                                                       rel=0.05)
+        assert r["teacher_secondary"] == pytest.approx(plan["teacher hpZ secondary partition (fp32, 1/2)"],
+                                                       rel=0.05)
+        assert r["reduce_bucket"] == plan["ZeRO-3 reduce bucket (fp32, held through the run)"]

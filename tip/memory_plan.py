@@ -157,7 +157,7 @@ def resident_items(run: RunShape, student: ModelShape, teacher: ModelShape | Non
                               f"1/{run.hpz})", teacher.weight_bytes * teacher.params / run.hpz))
     if run.stage == 3:  # allocated once for the run, in fp32 (tip sets fp32 communication)
         items.append(Item("resident", "ZeRO-3 reduce bucket (fp32, held through the run)",
-                          4 * min(run.reduce_bucket, p)))
+                          4 * run.reduce_bucket))
     if run.staging_bytes:
         items.append(Item("resident", "weight-sync staging buffer (packed CUDA IPC)",
                           run.staging_bytes))
