@@ -185,7 +185,9 @@ def test_a_sweep_file_is_a_multirun_without_m_from_any_working_directory(tmp_pat
     assert all(json.loads((sweep / n / "status.json").read_text())["status"] == "completed" for n in "01")
 
 
-@pytest.mark.parametrize("launcher", ["basic", pytest.param("parallel", marks=pytest.mark.slow)])
+# slow (48 s): test-fast keeps under 5 minutes; a multirun and its report also run in the slow lr-grid test
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_a_2x2_multirun_and_its_report(launcher, tmp_path):
     sweep = tmp_path / "sweep"
     proc = multirun(*FAST, "logger=none", "cell=all@1.0,q3@0.2", "seed=0,1", f"hydra/launcher={launcher}",

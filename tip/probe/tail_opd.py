@@ -131,7 +131,7 @@ def reference_batch(tokenizer, prompt_ids: list[list[int]], solutions: list[str]
     att = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     response = torch.zeros((len(rows), width), dtype=torch.bool, device="cpu")
     for i, (row, prompt) in enumerate(zip(rows, prompt_ids)):
-        ids[i, :len(row)] = torch.tensor(row)
+        ids[i, :len(row)] = torch.tensor(row, device="cpu")
         att[i, :len(row)] = 1
         response[i, len(prompt):len(row)] = True
     return RolloutBatch(ids, att, response, [len(p) for p in prompt_ids], list(range(len(rows))))
@@ -306,7 +306,8 @@ def run_tail_opd(cfg: DictConfig, run_dir: Path) -> dict:
     if any(not e.solution for e in examples[:1]):
         raise ConfigError(f"{cfg.data.name!r} has no reference solutions (the secondary metric)")
     torch.manual_seed(cfg.seed)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.randperm(len(examples), device="cpu",
+                           generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
     chosen_examples = [examples[i] for i in order[:per_batch * t.batches].tolist()]
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
     prompts = training_prompt_ids(cfg, tokenizer, chosen_examples)
