@@ -63,6 +63,7 @@ def test_vllm_context_is_derived_from_the_data_or_refused_when_too_short():
         vllm_max_model_len(cfg, longest_requests(cfg, tok, examples, benchmarks))
 
 
+@pytest.mark.slow  # seconds-long: test-fast keeps under 5 minutes
 def test_quantile_takes_more_values_than_torch_quantile():
     """norm_scope=batch over a global batch of 8 GPUs x 16 rollouts x 16k tokens passes 2^24 values."""
     x = torch.rand(2**24 + 3, generator=torch.Generator().manual_seed(0))

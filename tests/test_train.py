@@ -79,6 +79,7 @@ def mean_reverse_kl(student, teacher, batch) -> float:
     return float(signals_from_logits(s, t, mask).reverse_kl[mask].mean())
 
 
+@pytest.mark.slow  # seconds-long: test-fast keeps under 5 minutes
 def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     tok = load_tokenizer("embedded://student")
     student0 = load_model("embedded://student", torch.float32, "student")
@@ -97,6 +98,7 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
+@pytest.mark.slow  # seconds-long: test-fast keeps under 5 minutes
 def test_gradient_accumulation_gives_the_gradient_of_one_batch(tmp_path):
     """ZeRO-3 counts accumulation micro-steps inside engine.forward; a training forward that bypasses it makes the
     second micro-batch overwrite the first's gradients (a bug this test caught). Same step, same tokens: the

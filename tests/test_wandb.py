@@ -22,6 +22,7 @@ def run_file(run_dir):
     return path
 
 
+@pytest.mark.slow  # seconds-long: test-fast keeps under 5 minutes
 def test_without_an_api_key_the_run_is_offline_and_holds_metrics_and_config(tmp_path, no_wandb_key):
     cfg = compose_config("experiment=smoke", "logger=wandb", "selector=q3", "keep=0.2", "train.save_final=false")
     train(cfg, tmp_path / "run")
