@@ -103,7 +103,7 @@ def test_self_privileged_training_runs(weights, tmp_path):
                          "teacher.refresh_every=1", "teacher.context_template='{solution};{problem}'", "train.steps=2",
                          "logger=none", "train.save_final=false")
     results = train(cfg, tmp_path / "run")
-    assert set(results) == {"before", "after"}
+    assert set(results) == {"before", "after", "after_problems"}
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"step": 2' in text and '"mean_delta"' in text
 
