@@ -39,6 +39,12 @@ def half_accuracy(cell: Cell, benchmark: str, half: str, split_seed: int) -> flo
     return statistics.fmean(scores) if scores else None
 
 
+def dev_best(score_by_lr: dict[float, float]) -> float:
+    """The lr with the largest dev score; ties: the smaller lr."""
+    best = max(score_by_lr.values())
+    return min(lr for lr, score in score_by_lr.items() if score == best)
+
+
 def base_variant(variant: str) -> str:
     """The cell's variant without its lr: what names it across the grid."""
     return ",".join(o for o in variant.split(",") if o and not o.startswith(f"{LR_KEY}="))
@@ -100,8 +106,7 @@ def tune(cells: list[Cell], benchmark: str, split_seed: int = 0,
     for key, tc in groups.items():
         tc.dev = {lr: statistics.fmean(v) for lr, v in sorted(dev_by_lr.get(key, {}).items())}
         if tc.dev and tc.rule != "untrained":
-            best = max(tc.dev.values())
-            tc.chosen_lr = min(lr for lr, v in tc.dev.items() if v == best)
+            tc.chosen_lr = dev_best(tc.dev)
     all_token = groups.get(("all", 1.0, ""))
     if shared_lr is not None:
         shared_from = "named by --shared-lr"

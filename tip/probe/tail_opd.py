@@ -41,7 +41,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tip.claims import UNTESTABLE, Claim, by_exact, by_tests
+from tip.claims import Claim
 from tip.config import CONF_DIR, ConfigError, check_config, parse_cell, require_conf_dir
 from tip.errors import one_line_errors
 from tip.losses import loss_denominator, normalised_loss
@@ -52,7 +52,9 @@ from tip.probe.tail import tail_parameters, train_tail_only
 from tip.rollout import RolloutBatch
 from tip.selection import select
 from tip.signals import SIGNAL_ROWS, TokenSignals, divergence, log_probs, row_signals, softcap
-from tip.stats import difference, holm, p_greater, p_less
+from tip.stats import difference
+from tip.sweep_claims import Reading, verdict_words
+from tip.sweep_tuning import dev_best
 from tip.taxonomy import BatchStats
 
 ROWS = 256  # output-layer rows at a time where no gradient is needed (memory)
@@ -222,14 +224,14 @@ CLAIMS = [
 ]
 """Pre-registered (docs/probe.md): "A keeps at least m of B" is read on d_b = R_A,b - m * R_B,b,
 R the half-B reverse-KL reduction of batch b at each cell's own lr (``margin`` holds m)."""
-ALPHA = 0.05
 
 
 def decide(chosen: dict[str, dict], grid: list[float]) -> list[dict]:
-    """Each claim's verdict from the cells' half-B reductions per batch (``chosen[cell]["b"]``).
-    The three claims' one-sided tests for and against form one Holm family at ALPHA; a difference
-    equal on every batch is decided by its sign. A claim is untestable when all-token's lr sits at
-    an end of the grid (the grid did not bracket its optimum) or a cell is missing."""
+    """Each claim's verdict from the cells' half-B reductions per batch (``chosen[cell]["b"]``),
+    by the report's rule (``tip.sweep_claims.verdict_words``): the three claims are primary, so
+    their one-sided tests for and against form one Holm family at 0.05; a difference equal on every
+    batch is decided by its sign. A claim is untestable when all-token's lr sits at an end of the
+    grid (the grid did not bracket its optimum) or a cell is missing."""
     readings = []
     edge = chosen.get("all@1", {}).get("lr") in (grid[0], grid[-1])
     for claim in CLAIMS:
@@ -241,17 +243,9 @@ def decide(chosen: dict[str, dict], grid: list[float]) -> list[dict]:
         d = {i: ra - claim.margin * rb
              for i, (ra, rb) in enumerate(zip(chosen[a]["b"], chosen[b]["b"]))}
         readings.append((claim, difference(d, dict.fromkeys(d, 0.0)), ""))
-    tested = [i for i, (_, diff, _) in enumerate(readings) if diff is not None and diff.se > 0]
-    p = holm([q for i in tested for q in (p_greater(readings[i][1]), p_less(readings[i][1]))])
+    verdicts = verdict_words([Reading("greater", diff, primary=True) for _, diff, _ in readings])
     out = []
-    for i, (claim, diff, why) in enumerate(readings):
-        if diff is None:
-            verdict = UNTESTABLE
-        elif diff.se == 0:
-            verdict = by_exact("greater", diff.d)
-        else:
-            j = tested.index(i)
-            verdict = by_tests(p[2 * j], p[2 * j + 1], ALPHA)
+    for (claim, diff, why), verdict in zip(readings, verdicts):
         out.append({"claim": claim.name, "statement": claim.statement, "verdict": verdict,
                     "why": why, "d": None if diff is None else diff.d,
                     "se": None if diff is None else diff.se})
@@ -265,8 +259,7 @@ def choose(results: list[dict], grid: list[float]) -> dict[str, dict]:
     for cell in dict.fromkeys(r["cell"] for r in results):
         by_lr = {lr: [r for r in results if r["cell"] == cell and r["lr"] == lr] for lr in grid}
         mean_a = {lr: statistics.fmean(r["a"] for r in rs) for lr, rs in by_lr.items() if rs}
-        best = max(mean_a.values())
-        lr = min(x for x, v in mean_a.items() if v == best)
+        lr = dev_best(mean_a)
         rows = sorted(by_lr[lr], key=lambda r: r["batch"])
         out[cell] = {"lr": lr, "a_by_lr": mean_a, "b": [r["b"] for r in rows],
                      "nll_b": [r["nll_b"] for r in rows]}
