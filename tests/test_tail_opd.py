@@ -111,3 +111,20 @@ def test_bad_settings_are_refused_by_name():
     cfg = compose_config("probe.tail_opd.lrs=[1e-4]")
     with pytest.raises(ConfigError, match="2 or more"):
         check_settings(cfg.probe.tail_opd)
+
+
+def test_a_half_b_problem_without_a_reference_is_refused_by_its_id_before_any_model_loads(tmp_path):
+    """The check looked at the data's first problem only; a half-B problem without a solution would have failed
+    deep in the tokenizer after both models loaded. Here only the first problem has one."""
+    from tip.config import ConfigError
+    from tip.probe.tail_opd import run_tail_opd
+
+    rows = [{"id": f"p{i}", "problem": f"{i}+1=", "answer": str(i + 1),
+             **({"solution": f"{i}+1={i + 1}"} if i == 0 else {})} for i in range(20)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose_config("data=gsm8k", f"data.source.path={data}", "probe.tail_opd.batches=2",
+                         "probe.tail_opd.train_prompts=2", "probe.tail_opd.heldout_prompts=4")
+    with pytest.raises(ConfigError, match=r"example 'p\d+' has no reference solution"):
+        run_tail_opd(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

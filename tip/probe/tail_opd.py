@@ -296,12 +296,17 @@ def run_tail_opd(cfg: DictConfig, run_dir: Path) -> dict:
     if len(examples) < per_batch * t.batches:
         raise ConfigError(f"tail_opd needs {per_batch * t.batches} training problems, the data "
                           f"has {len(examples)}")
-    if any(not e.solution for e in examples[:1]):
-        raise ConfigError(f"{cfg.data.name!r} has no reference solutions (the secondary metric)")
     torch.manual_seed(cfg.seed)
     order = torch.randperm(len(examples), device="cpu",
                            generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
     chosen_examples = [examples[i] for i in order[:per_batch * t.batches].tolist()]
+    half_b = [e for b in range(t.batches)
+              for e in chosen_examples[b * per_batch + t.train_prompts + t.heldout_prompts:
+                                       (b + 1) * per_batch]]
+    missing = next((e for e in half_b if not e.solution), None)
+    if missing is not None:  # every half-B problem's reference is scored (the secondary metric)
+        raise ConfigError(f"{cfg.data.name!r} example {missing.id!r} has no reference solution: "
+                          "tail_opd scores half B's references; use data with solutions (gsm8k)")
     tokenizer = load_tokenizer(cfg.pair.tokenizer or cfg.pair.student)
     prompts = training_prompt_ids(cfg, tokenizer, chosen_examples)
     student = load_model(cfg.pair.student, torch.float32, "student", "sdpa").eval()

@@ -36,13 +36,15 @@ def sft_batch(tok, samples: list[Sample]) -> dict[str, torch.Tensor]:
         labels.append([-100] * len(prompt) + answer)
         alts.append([-100] * len(prompt) + alt)
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    lab = torch.full((len(rows), width), -100)
-    alt_t = torch.full((len(rows), width), -100)
-    att = torch.zeros((len(rows), width), dtype=torch.long)
+    # on the host: the builds train on CPU
+    ids = torch.full((len(rows), width), tok.pad_token_id, device="cpu")
+    lab = torch.full((len(rows), width), -100, device="cpu")
+    alt_t = torch.full((len(rows), width), -100, device="cpu")
+    att = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, (r, lb, al) in enumerate(zip(rows, labels, alts)):
         ids[i, : len(r)], lab[i, : len(lb)], alt_t[i, : len(al)], att[i, : len(r)] = (
-            torch.tensor(r), torch.tensor(lb), torch.tensor(al), 1)
+            torch.tensor(r, device="cpu"), torch.tensor(lb, device="cpu"),
+            torch.tensor(al, device="cpu"), 1)
     return {"input_ids": ids, "attention_mask": att, "labels": lab, "alt": alt_t}
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from tip.signals import log_probs
+
 CALL = "<tool_call>"
 
 
@@ -30,8 +32,8 @@ def first_decision_logp(model, tokenizer, prompts: list[list[int]]) -> list[floa
     call = tokenizer.convert_tokens_to_ids(CALL)
     out = []
     for ids in prompts:
-        logits = model(input_ids=torch.tensor([ids], device="cpu")).logits[0, -1].float()
-        out.append(float(logits.log_softmax(-1)[call]))
+        logits = model(input_ids=torch.tensor([ids], device="cpu")).logits[0, -1]
+        out.append(float(log_probs(logits)[call]))
     return out
 
 
